@@ -1,0 +1,98 @@
+"""Tiny random models and a small WordPiece tokenizer, built in the tests (no hub)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the of and to in a is was for on as with by he at from his an were are which this be or has "
+    "had not but first one their its new after who they have her she two been other when there all "
+    "during into school time may years more most only over city some world would where later up "
+    "such used many can state about national out known university united then made"
+).split()
+
+
+def vocab_tokens() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + ".,;:'\"!?()-")
+    pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
+    return specials + chars + pieces + WORDS
+
+
+def save_tokenizer(folder) -> str:
+    from transformers import BertTokenizer
+
+    folder = Path(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab_tokens()) + "\n")
+    tok = BertTokenizer.from_pretrained(str(folder), model_max_length=64)
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+VOCAB_SIZE = len(vocab_tokens())
+
+
+def make_config(kind: str, **overrides):
+    from transformers import BertConfig, DistilBertConfig, ElectraConfig
+
+    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=64, pad_token_id=0)
+    if kind.startswith("bert"):
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **common)
+    elif kind.startswith("distilbert"):
+        cfg = DistilBertConfig(dim=32, n_layers=4, n_heads=4, hidden_dim=64, dropout=0.1,
+                               attention_dropout=0.1, **common)
+    elif kind == "electra_disc":
+        cfg = ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, **common)
+    elif kind == "electra_gen":
+        cfg = ElectraConfig(embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, **common)
+    else:
+        raise ValueError(kind)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_model(kind: str, seed: int = 0, **overrides):
+    """A tiny random model of ``kind``; non-trivial LayerNorm and bias values so copies are checkable."""
+    from transformers import (BertForMaskedLM, BertModel, DistilBertForMaskedLM, ElectraForMaskedLM,
+                              ElectraForPreTraining)
+
+    cls = {"bert_mlm": BertForMaskedLM, "bert_base": BertModel, "distilbert_mlm": DistilBertForMaskedLM,
+           "electra_disc": ElectraForPreTraining, "electra_gen": ElectraForMaskedLM}[kind]
+    torch.manual_seed(seed)
+    model = cls(make_config(kind, **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_model(kind: str, folder, tokenizer_dir: str | None = None, seed: int = 0, **overrides) -> str:
+    model = build_model(kind, seed=seed, **overrides)
+    model.save_pretrained(str(folder))
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(folder))
+    return str(folder)
+
+
+def random_batch(batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4):
+    """Token ids with [CLS] ... [SEP] and right padding on every row but the first."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB_SIZE, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    ids[:, 0] = 2
+    for row in range(batch):
+        length = seq - (pad_last * row // max(batch - 1, 1))
+        ids[row, length - 1] = 3
+        ids[row, length:] = 0
+        mask[row, length:] = 0
+    return ids, mask
