@@ -1,0 +1,248 @@
+"""Student initialisation by layer selection.
+
+A student of ``len(layers)`` layers gets the teacher's embeddings, the selected
+teacher layers (1-based, in order) and the teacher's whole prediction head, with
+an explicit parameter mapping per (teacher family, student family) pair. Every
+student parameter is accounted for: copied from a named teacher tensor, or listed
+in ``InitReport.not_copied`` (only possible when the teacher has no such part).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, DistilBertConfig
+
+from .errors import UsageError
+from .io import atomic_dir, atomic_write_json, check_output_dir
+from .layers import parse_layers
+from .models import FAMILIES, check_model_path, family_of, load_model, num_layers, role_of
+
+STUDENT_TYPES = tuple(FAMILIES)
+SUPPORTED_PAIRS = {("bert", "bert"), ("bert", "distilbert"), ("distilbert", "distilbert"), ("electra", "electra")}
+INIT_RECORD = "student_init.json"  # written beside the weights: the layer selection the loss map defaults to
+
+
+@dataclass
+class InitReport:
+    teacher: str
+    teacher_class: str
+    student_class: str
+    layers: list[int]
+    copied: dict[str, str] = field(default_factory=dict)  # student key -> teacher source description
+    not_copied: list[str] = field(default_factory=list)
+
+
+# --- which student, with which config ---------------------------------------------------------
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def check_pair(teacher_family: str, student_type: str) -> None:
+    if student_type not in STUDENT_TYPES:
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
+    if (teacher_family, student_type) not in SUPPORTED_PAIRS:
+        pairs = ", ".join(f"{a}->{b}" for a, b in sorted(SUPPORTED_PAIRS))
+        raise UsageError(
+            f"a {teacher_family} teacher cannot be mapped to {_a(student_type)} {student_type} student: "
+            f"supported pairs are {pairs}"
+        )
+
+
+def student_config(teacher_config, n_layers: int, student_type: str):
+    """The teacher's config with the layer count changed, and nothing training-only left in it."""
+    family = family_of(teacher_config)
+    if student_type == family.name:
+        config = copy.deepcopy(teacher_config)
+        setattr(config, family.num_layers_field, n_layers)
+    else:  # bert -> distilbert: the equivalent DistilBERT fields
+        c = teacher_config
+        if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise UsageError(f"a BERT teacher with {c.position_embedding_type!r} position embeddings cannot become a DistilBERT student")
+        if c.hidden_act not in ("gelu", "relu"):
+            raise UsageError(f"teacher activation {c.hidden_act!r} has no DistilBERT equivalent (gelu or relu): use --student-type bert")
+        if abs(c.layer_norm_eps - 1e-12) > 1e-15:
+            raise UsageError(f"teacher layer_norm_eps={c.layer_norm_eps} but DistilBERT fixes 1e-12: use --student-type bert")
+        config = DistilBertConfig(
+            vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, sinusoidal_pos_embds=False,
+            n_layers=n_layers, n_heads=c.num_attention_heads, dim=c.hidden_size, hidden_dim=c.intermediate_size,
+            dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob, activation=c.hidden_act,
+            initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
+            tie_word_embeddings=getattr(c, "tie_word_embeddings", True),
+        )
+    config.output_hidden_states = False
+    config.output_attentions = False
+    config.architectures = None
+    return config
+
+
+# --- the parameter mapping --------------------------------------------------------------------
+
+Source = Callable[[dict], torch.Tensor]
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
+
+
+_BERT_TO_DISTILBERT = [
+    # (student key pattern, teacher key template); {i} is the student layer, {j} the teacher layer
+    (r"embeddings\.word_embeddings\.weight", "embeddings.word_embeddings.weight"),
+    (r"embeddings\.LayerNorm\.(weight|bias)", "embeddings.LayerNorm.{0}"),
+    (r"transformer\.layer\.(\d+)\.attention\.q_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.query.{1}"),
+    (r"transformer\.layer\.(\d+)\.attention\.k_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.key.{1}"),
+    (r"transformer\.layer\.(\d+)\.attention\.v_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.value.{1}"),
+    (r"transformer\.layer\.(\d+)\.attention\.out_lin\.(weight|bias)", "encoder.layer.{j}.attention.output.dense.{1}"),
+    (r"transformer\.layer\.(\d+)\.sa_layer_norm\.(weight|bias)", "encoder.layer.{j}.attention.output.LayerNorm.{1}"),
+    (r"transformer\.layer\.(\d+)\.ffn\.lin1\.(weight|bias)", "encoder.layer.{j}.intermediate.dense.{1}"),
+    (r"transformer\.layer\.(\d+)\.ffn\.lin2\.(weight|bias)", "encoder.layer.{j}.output.dense.{1}"),
+    (r"transformer\.layer\.(\d+)\.output_layer_norm\.(weight|bias)", "encoder.layer.{j}.output.LayerNorm.{1}"),
+    (r"vocab_transform\.(weight|bias)", "cls.predictions.transform.dense.{0}"),
+    (r"vocab_layer_norm\.(weight|bias)", "cls.predictions.transform.LayerNorm.{0}"),
+    (r"vocab_projector\.weight", "embeddings.word_embeddings.weight"),
+    (r"vocab_projector\.bias", "cls.predictions.bias"),
+]
+
+
+def weight_sources(teacher_family: str, student_family: str, student_keys, layers: list[int]) -> dict[str, tuple[str, Source]]:
+    """Map each (prefix-stripped) student key to ``(description, fn(teacher_state) -> tensor)``.
+
+    Keys are relative to the base model (``bert.``/``distilbert.``/``electra.`` removed);
+    keys with no source are absent from the result.
+    """
+    sources: dict[str, tuple[str, Source]] = {}
+    for key in student_keys:
+        if teacher_family == student_family:
+            m = re.match(r"((?:encoder|transformer)\.layer\.)(\d+)\.(.*)", key)
+            src = f"{m[1]}{layers[int(m[2])] - 1}.{m[3]}" if m else key
+            sources[key] = (src, lambda t, src=src: t[src])
+            continue
+        if key == "embeddings.position_embeddings.weight":
+            # DistilBERT has no token types: fold type 0 into positions so single-segment inputs are unchanged
+            desc = "embeddings.position_embeddings.weight + embeddings.token_type_embeddings.weight[0]"
+            sources[key] = (desc, lambda t: t["embeddings.position_embeddings.weight"]
+                            + t["embeddings.token_type_embeddings.weight"][0])
+            continue
+        for pattern, template in _BERT_TO_DISTILBERT:
+            m = re.fullmatch(pattern, key)
+            if m:
+                groups = m.groups()
+                if "{j}" in template:
+                    src = template.format(*groups, j=layers[int(groups[0])] - 1)
+                else:
+                    src = template.format(*groups)
+                sources[key] = (src, lambda t, src=src: t[src])
+                break
+    return sources
+
+
+def build_student(teacher, layers, student_type: str | None = None, teacher_name: str = "") -> tuple[torch.nn.Module, InitReport]:
+    """Build an initialised student (in memory) from a loaded ``teacher``.
+
+    ``layers`` are 1-based teacher layers; student layer i is a copy of teacher
+    layer ``layers[i-1]``. ``student_type`` defaults to the teacher's family.
+    """
+    t_family = family_of(teacher)
+    student_type = student_type or t_family.name
+    check_pair(t_family.name, student_type)
+    layers = parse_layers(layers, num_layers(teacher), what="teacher")
+    role = role_of(teacher)
+    s_cls = FAMILIES[student_type].classes[role]
+    config = student_config(teacher.config, len(layers), student_type)
+    config._attn_implementation = teacher.config._attn_implementation
+    torch.manual_seed(0)  # whatever is not copied is initialised reproducibly
+    student = s_cls(config)
+
+    t_prefix, s_prefix = teacher.base_model_prefix, student.base_model_prefix
+    t_state = {_strip(k, t_prefix): v for k, v in teacher.state_dict().items()}
+    s_state = student.state_dict()
+    stripped = {_strip(k, s_prefix): k for k in s_state}
+    sources = weight_sources(t_family.name, student_type, stripped, layers)
+    report = InitReport(teacher_name or getattr(teacher, "name_or_path", ""), type(teacher).__name__,
+                        s_cls.__name__, layers)
+    with torch.no_grad():
+        for short, full in stripped.items():
+            if short not in sources:
+                report.not_copied.append(full)
+                continue
+            desc, fn = sources[short]
+            try:
+                value = fn(t_state)
+            except KeyError:
+                report.not_copied.append(full)
+                continue
+            if value.shape != s_state[full].shape:
+                raise AssertionError(f"shape mismatch copying {desc} -> {full}: {tuple(value.shape)} vs {tuple(s_state[full].shape)}")
+            s_state[full].copy_(value)
+            report.copied[full] = desc
+    student.tie_weights()
+    student.eval()
+    return student, report
+
+
+# --- the saved folder -------------------------------------------------------------------------
+
+def model_card(report: InitReport, student_type: str) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [distillation, layer-selection]", "---", "",
+        f"# {len(report.layers)}-layer {student_type} student of `{report.teacher}`", "",
+        "Initialised by layer selection with the `distill` toolkit; not yet distilled.", "",
+        f"- teacher: `{report.teacher}` ({report.teacher_class})",
+        f"- teacher layers copied (1-based): {','.join(map(str, report.layers))}",
+        f"- student class: {report.student_class}",
+        "- copied: embeddings, the selected layers, and the teacher's prediction head where it has one",
+    ]
+    if report.not_copied:
+        lines.append(f"- randomly initialised (the teacher has no such part): {', '.join(report.not_copied)}")
+    lines += ["", "```python", "from transformers import AutoModel", f"model = AutoModel.from_pretrained(\"<this folder>\")",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def init_student(teacher: str, layers, output: str, student_type: str | None = None, overwrite: bool = False) -> InitReport:
+    """Write an initialised student folder: config, model.safetensors, tokenizer, README card.
+
+    ``teacher`` is a hub id or a local folder. Nothing is written if anything fails.
+    """
+    check_output_dir(output, overwrite)
+    if student_type is not None and student_type not in STUDENT_TYPES:
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
+    # every check that needs only the config runs before the (possibly slow) weight load
+    check_model_path(teacher, "teacher")
+    config = AutoConfig.from_pretrained(teacher)
+    check_pair(family_of(config).name, student_type or family_of(config).name)
+    parse_layers(layers, num_layers(config), what="teacher")
+    teacher_model = load_model(teacher, what="teacher")
+    student_type = student_type or family_of(teacher_model).name
+    student, report = build_student(teacher_model, layers, student_type, teacher_name=teacher)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"teacher {teacher!r} has no loadable tokenizer ({err.__class__.__name__}): "
+                         "save the tokenizer in the teacher folder") from None
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "README.md").write_text(model_card(report, student_type), encoding="utf-8")
+        atomic_write_json(Path(tmp) / INIT_RECORD, {
+            "teacher": teacher, "teacher_class": report.teacher_class, "student_type": student_type,
+            "layers": report.layers, "not_copied": report.not_copied,
+        })
+    return report
+
+
+def read_init_record(folder: str) -> dict | None:
+    """The layer selection a student folder was initialised with, if it was made by this toolkit."""
+    path = Path(folder) / INIT_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+__all__ = ["build_student", "init_student", "read_init_record", "student_config", "weight_sources",
+           "InitReport", "STUDENT_TYPES"]

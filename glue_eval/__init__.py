@@ -1,0 +1,1 @@
+"""GLUE fine-tuning, grid runs, metrics and reports for distilled students."""

@@ -1,0 +1,210 @@
+"""Student initialisation by layer selection: exact copies, loadable folders, clear errors."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForPreTraining,
+                          AutoModelForSequenceClassification, AutoTokenizer, BertModel)
+
+from distill.cli import init_main
+from distill.models import load_model
+from distill.student import build_student, init_student
+from tests import tiny
+
+
+def _outputs(model, ids, mask):
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    logits = getattr(out, "logits", None)
+    return out.hidden_states, logits
+
+
+@pytest.mark.parametrize("teacher_fixture,student_type", [
+    ("bert_mlm_dir", "bert"),
+    ("bert_mlm_dir", "distilbert"),
+    ("distilbert_mlm_dir", "distilbert"),
+    ("electra_disc_dir", "electra"),
+    ("electra_gen_dir", "electra"),
+])
+def test_student_from_all_layers_reproduces_teacher(request, tmp_path, teacher_fixture, student_type):
+    teacher_dir = request.getfixturevalue(teacher_fixture)
+    n = AutoConfig.from_pretrained(teacher_dir)
+    n = getattr(n, "num_hidden_layers", None) or n.n_layers
+    init_student(teacher_dir, list(range(1, n + 1)), str(tmp_path / "s"), student_type)
+    teacher = load_model(teacher_dir)
+    student = load_model(str(tmp_path / "s"), what="student")
+    ids, mask = tiny.random_batch(batch=3, seq=14, pad_last=5)
+    t_hidden, t_logits = _outputs(teacher, ids, mask)
+    s_hidden, s_logits = _outputs(student, ids, mask)
+    real = mask.bool()
+    assert len(s_hidden) == len(t_hidden) == n + 1
+    for s, t in zip(s_hidden, t_hidden):
+        torch.testing.assert_close(s[real], t[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_logits[real], t_logits[real], rtol=1e-5, atol=1e-5)
+
+
+def _params(module):
+    return dict(module.named_parameters())
+
+
+def test_bert_subset_copies_each_selected_layer(bert_mlm_dir):
+    teacher = load_model(bert_mlm_dir)
+    student, report = build_student(teacher, [1, 3, 4], "bert")
+    assert student.config.num_hidden_layers == 3
+    for i, t_layer in enumerate([1, 3, 4]):
+        s_p, t_p = _params(student.bert.encoder.layer[i]), _params(teacher.bert.encoder.layer[t_layer - 1])
+        assert s_p.keys() == t_p.keys()
+        for k in s_p:
+            assert torch.equal(s_p[k], t_p[k]), (i, k)
+    for k, v in _params(teacher.bert.embeddings).items():
+        assert torch.equal(_params(student.bert.embeddings)[k], v)
+    for k, v in _params(teacher.cls).items():
+        assert torch.equal(_params(student.cls)[k], v), k
+    assert report.not_copied == []
+
+
+def test_bert_to_distilbert_subset_uses_the_documented_mapping(bert_mlm_dir):
+    teacher = load_model(bert_mlm_dir)
+    student, report = build_student(teacher, [2, 4], "distilbert")
+    tb, sd = teacher.bert, student.distilbert
+    # written out by hand, independent of the mapping table in distill.student
+    for i, j in [(0, 1), (1, 3)]:
+        t, s = tb.encoder.layer[j], sd.transformer.layer[i]
+        pairs = [(s.attention.q_lin, t.attention.self.query), (s.attention.k_lin, t.attention.self.key),
+                 (s.attention.v_lin, t.attention.self.value), (s.attention.out_lin, t.attention.output.dense),
+                 (s.sa_layer_norm, t.attention.output.LayerNorm), (s.ffn.lin1, t.intermediate.dense),
+                 (s.ffn.lin2, t.output.dense), (s.output_layer_norm, t.output.LayerNorm)]
+        for sm, tm in pairs:
+            assert torch.equal(sm.weight, tm.weight) and torch.equal(sm.bias, tm.bias)
+    emb = tb.embeddings
+    assert torch.equal(sd.embeddings.word_embeddings.weight, emb.word_embeddings.weight)
+    assert torch.equal(sd.embeddings.position_embeddings.weight,
+                       emb.position_embeddings.weight + emb.token_type_embeddings.weight[0])
+    assert torch.equal(sd.embeddings.LayerNorm.weight, emb.LayerNorm.weight)
+    head = teacher.cls.predictions
+    assert torch.equal(student.vocab_transform.weight, head.transform.dense.weight)
+    assert torch.equal(student.vocab_layer_norm.bias, head.transform.LayerNorm.bias)
+    assert torch.equal(student.vocab_projector.bias, head.bias)
+    # the decoder stays tied to the word embeddings, as DistilBertForMaskedLM expects
+    assert student.vocab_projector.weight.data_ptr() == sd.embeddings.word_embeddings.weight.data_ptr()
+    assert report.not_copied == []
+
+
+def test_saved_folder_loads_with_auto_classes(bert_mlm_dir, electra_disc_dir, tmp_path):
+    out = tmp_path / "bert"
+    init_student(bert_mlm_dir, "1,3", str(out), "distilbert")
+    for auto in (AutoModelForMaskedLM, AutoModelForSequenceClassification):
+        model = auto.from_pretrained(out)
+        assert model.config.model_type == "distilbert" and model.config.n_layers == 2
+    assert AutoTokenizer.from_pretrained(out)("the city").input_ids[0] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert not config.get("output_hidden_states") and not config.get("output_attentions")
+    card = (out / "README.md").read_text()
+    assert bert_mlm_dir in card and "1,3" in card
+    assert json.loads((out / "student_init.json").read_text())["layers"] == [1, 3]
+
+    out = tmp_path / "electra"
+    init_student(electra_disc_dir, "2,4", str(out))
+    assert type(AutoModelForPreTraining.from_pretrained(out)).__name__ == "ElectraForPreTraining"
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_real_minilm_teacher_layers_2_4_6(tmp_path):
+    from distill.assets import minilm_dir
+
+    teacher_dir = minilm_dir()
+    report = init_student(teacher_dir, "2,4,6", str(tmp_path / "s"))
+    assert report.layers == [2, 4, 6] and report.student_class == "BertModel"
+    student = BertModel.from_pretrained(tmp_path / "s")
+    teacher = BertModel.from_pretrained(teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "s")
+    batch = tok(["Distillation keeps most of the teacher.", "A short one."], padding=True, return_tensors="pt")
+    # the teacher with only layers 2,4,6 left in place, run by hand
+    teacher.encoder.layer = torch.nn.ModuleList([teacher.encoder.layer[i] for i in (1, 3, 5)])
+    teacher.config.num_hidden_layers = 3
+    with torch.no_grad():
+        expect = teacher(**batch).last_hidden_state
+        got = student.eval()(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expect[real], rtol=1e-5, atol=1e-5)
+
+
+def test_help_is_readable():
+    exe = shutil.which("distill-init")
+    assert exe, "the distill-init console script is not installed: run the README's install command"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("--teacher", "--layers", "--student-type", "--output", "1-based", "1,5,8,12"):
+        assert word in out.stdout
+
+
+def _bad(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        init_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("layers,needle", [
+    ("0,1", "1-based"),
+    ("1,5", "the teacher has 4 layers"),
+    ("2,2", "not strictly increasing"),
+    ("3,1", "not strictly increasing"),
+    ("", "empty"),
+    ("1,x", "integers"),
+])
+def test_bad_layer_lists_are_one_clear_line(capsys, tmp_path, bert_mlm_dir, layers, needle):
+    out = tmp_path / "s"
+    err = _bad(capsys, ["--teacher", bert_mlm_dir, "--layers", layers, "--output", str(out)])
+    assert needle in err
+    assert not out.exists()
+
+
+def test_unknown_student_type(capsys, tmp_path, bert_mlm_dir):
+    err = _bad(capsys, ["--teacher", bert_mlm_dir, "--layers", "1", "--student-type", "gpt2",
+                        "--output", str(tmp_path / "s")])
+    assert "gpt2" in err and "distilbert" in err
+
+
+@pytest.mark.parametrize("teacher_fixture,student_type", [("distilbert_mlm_dir", "bert"), ("electra_disc_dir", "distilbert"),
+                                                          ("bert_mlm_dir", "electra")])
+def test_unmappable_pair(request, capsys, tmp_path, teacher_fixture, student_type):
+    err = _bad(capsys, ["--teacher", request.getfixturevalue(teacher_fixture), "--layers", "1",
+                        "--student-type", student_type, "--output", str(tmp_path / "s")])
+    assert "cannot be mapped" in err and student_type in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_non_empty_output_needs_overwrite(capsys, tmp_path, bert_mlm_dir):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = _bad(capsys, ["--teacher", bert_mlm_dir, "--layers", "1,2", "--output", str(out)])
+    assert "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    assert init_main(["--teacher", bert_mlm_dir, "--layers", "1,2", "--output", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_missing_teacher_path(capsys, tmp_path):
+    err = _bad(capsys, ["--teacher", str(tmp_path / "nope"), "--layers", "1", "--output", str(tmp_path / "s")])
+    assert "does not exist" in err and "nope" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_nothing_half_written_when_a_step_fails(tmp_path, bert_mlm_dir, monkeypatch):
+    import distill.student as student_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(student_mod, "model_card", broken)
+    with pytest.raises(RuntimeError):
+        init_student(bert_mlm_dir, "1,2", str(tmp_path / "s"))
+    assert list(Path(tmp_path).iterdir()) == []
