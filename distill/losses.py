@@ -1,0 +1,414 @@
+"""Distillation losses: pure functions of tensors, averaged over the positions a mask keeps.
+
+Conventions shared by every function here (the objective and the docs rely on them):
+
+- ``mask`` is the attention mask ``[B, S]`` (nonzero = real token). ``None`` keeps
+  every position, which is what already-gathered inputs (``[N, vocab]`` logits from
+  :func:`distill.models.extract`) and sequence-level logits ``[B, classes]`` use.
+- Inputs are promoted to at least float32 inside each function and autocast is
+  switched off, so a loss never runs in fp16/bf16 (float64 stays float64, which
+  lets tests and ``gradcheck`` run exactly).
+- Positions the mask drops are removed by selection or ``torch.where`` before any
+  arithmetic, never multiplied by 0: padding that holds inf/NaN changes neither a
+  loss nor its gradient.
+- A loss over zero kept positions is 0 (not NaN), so a batch with no masked token
+  does not poison the step.
+- Soft-target terms (:func:`soft_cross_entropy`, :func:`kl_divergence`,
+  :func:`rtd_kl`) are a mean over kept positions multiplied by ``T**2`` (Hinton),
+  which keeps their gradient scale independent of the temperature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "soft_cross_entropy",
+    "kl_divergence",
+    "mlm_loss",
+    "hard_cross_entropy",
+    "cosine_loss",
+    "hidden_mse",
+    "attention_mse",
+    "attention_kl",
+    "value_relation_kl",
+    "logits_mse",
+    "rtd_loss",
+    "rtd_kl",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _full_precision(fn):
+    """Run ``fn`` with autocast off on every device its tensor arguments live on.
+
+    Under autocast a matmul (value relations, projections) would silently run in
+    fp16/bf16 even on float32 inputs; losses must not.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)}
+        with contextlib.ExitStack() as stack:
+            for device in sorted(devices):
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is (never fp16/bf16)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _mean(x: Tensor) -> Tensor:
+    """Mean of all elements; 0 (still attached to the graph) for an empty tensor."""
+    return x.sum() / max(x.numel(), 1)
+
+
+def _check_temperature(temperature: float) -> float:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature {temperature!r} must be a finite number > 0")
+    return float(temperature)
+
+
+def _check_same_shape(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: student shape {tuple(a.shape)} != teacher shape {tuple(b.shape)}")
+
+
+def _kept_rows(x: Tensor, mask: Tensor | None, event_dims: int) -> Tensor:
+    """The entries of ``x`` at kept positions, widened: ``[N, *event]``.
+
+    ``x`` is ``[*positions, *event]`` where ``event`` is the last ``event_dims``
+    dimensions (vocab, hidden or none); ``mask`` must have shape ``positions``.
+    """
+    event = x.shape[x.dim() - event_dims:] if event_dims else ()
+    if mask is None:
+        return _wide(x.reshape(-1, *event))
+    lead = x.shape[: x.dim() - event_dims]
+    if tuple(mask.shape) != tuple(lead):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the positions {tuple(lead)} "
+            f"of an input of shape {tuple(x.shape)}"
+        )
+    return _wide(x[mask.to(device=x.device, dtype=torch.bool)])
+
+
+def _kept_pair(student: Tensor, teacher: Tensor, mask: Tensor | None, event_dims: int, what: str):
+    _check_same_shape(student, teacher, what)
+    return _kept_rows(student, mask, event_dims), _kept_rows(teacher, mask, event_dims)
+
+
+def _token_mask(mask: Tensor | None, batch: int, seq: int, device) -> Tensor:
+    """Bool ``[B, S]`` mask (all True for ``None``)."""
+    if mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if tuple(mask.shape) != (batch, seq):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, seq) = {(batch, seq)}")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _masked_log_softmax(scores: Tensor, valid: Tensor) -> Tensor:
+    """log-softmax over the ``valid`` entries of the last dim; 0 at invalid entries.
+
+    Filling with the dtype's most negative finite value (not -inf) keeps every
+    intermediate finite, so even an all-invalid row yields no NaN forward or backward.
+    """
+    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+    log_p = filled - filled.logsumexp(dim=-1, keepdim=True)
+    return log_p.masked_fill(~valid, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# output (logit) terms
+
+
+@_full_precision
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """Soft-target cross-entropy ``T^2 * mean_kept( -sum_v p_t(v) log p_s(v) )``, ``p = softmax(z / T)``.
+
+    The ``L_ce`` term of the DistilBERT paper. It equals :func:`kl_divergence` plus the
+    teacher's tempered entropy (times ``T^2``), so it does not go to 0 when the student
+    matches the teacher; its gradient w.r.t. the student is the same as the KL's.
+
+    Args:
+        student_logits, teacher_logits: ``[B, S, V]`` with ``mask`` ``[B, S]``, or
+            ``[N, V]`` (gathered rows) / ``[B, classes]`` with ``mask=None``.
+        temperature: ``T > 0``.
+        mask: nonzero where a position counts.
+
+    Returns:
+        scalar, nats times ``T^2``.
+    """
+    t = _check_temperature(temperature)
+    s, te = _kept_pair(student_logits, teacher_logits, mask, 1, "soft_cross_entropy")
+    log_p_s = F.log_softmax(s / t, dim=-1)
+    p_t = F.softmax(te / t, dim=-1)
+    return _mean(-(p_t * log_p_s).sum(dim=-1)) * t**2
+
+
+@_full_precision
+def kl_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """``T^2 * mean_kept( KL(p_t || p_s) )`` with ``p = softmax(z / T)``.
+
+    What DistilBERT's code computes for its "ce" term (``KLDivLoss(batchmean) * T^2``).
+    Shapes as :func:`soft_cross_entropy`. Returns a scalar, nats times ``T^2``; 0 iff the
+    tempered distributions agree at every kept position.
+    """
+    t = _check_temperature(temperature)
+    s, te = _kept_pair(student_logits, teacher_logits, mask, 1, "kl_divergence")
+    log_p_s = F.log_softmax(s / t, dim=-1)
+    log_p_t = F.log_softmax(te / t, dim=-1)
+    # exp(log p) * (difference of finite logs): no 0 * log 0 anywhere.
+    return _mean((log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)) * t**2
+
+
+@_full_precision
+def mlm_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Masked-LM cross-entropy against the original tokens, mean over predicted positions.
+
+    Args:
+        student_logits: ``[B, S, V]`` with ``labels`` ``[B, S]``, or gathered ``[N, V]``
+            with ``labels`` ``[N]``.
+        labels: token ids; ``-100`` where the position is not a prediction target.
+
+    Returns:
+        scalar, nats per predicted token (0 if no position is a target).
+    """
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"mlm_loss: logits {tuple(student_logits.shape)} do not match labels {tuple(labels.shape)}"
+        )
+    keep = labels != -100
+    rows = _kept_rows(student_logits, keep, 1)
+    return F.cross_entropy(rows, labels[keep].long(), reduction="sum") / max(rows.shape[0], 1)
+
+
+@_full_precision
+def hard_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Task loss against gold labels, as transformers' sequence-classification heads define it.
+
+    Args:
+        logits: ``[B, classes]``; with one column (``[B, 1]``) the task is regression.
+        labels: ``[B]`` class ids (``-100`` = ignore), or float targets for regression.
+
+    Returns:
+        scalar: mean cross-entropy in nats over non-ignored rows, or for regression the
+        mean squared error between ``logits[:, 0]`` and ``labels``.
+    """
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"hard_cross_entropy: expected logits [B, classes] and labels [B], got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if logits.shape[1] == 1:
+        prediction = _wide(logits[:, 0])
+        return _mean((prediction - labels.to(prediction.dtype)) ** 2)
+    keep = labels != -100
+    rows = _wide(logits[keep])
+    return F.cross_entropy(rows, labels[keep].long(), reduction="sum") / max(rows.shape[0], 1)
+
+
+@_full_precision
+def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between raw logits, mean over kept positions and logit entries.
+
+    Args:
+        student_logits, teacher_logits: ``[B, S, V]`` with ``mask`` ``[B, S]``; or with
+            ``mask=None`` any equal shapes (``[N, V]``, ``[N]``, ``[B, classes]``).
+
+    Returns:
+        scalar, squared logit units.
+    """
+    _check_same_shape(student_logits, teacher_logits, "logits_mse")
+    # [B, S, V] logits under a [B, S] mask keep rows of V; [B, S] ELECTRA logits keep scalars.
+    event = 0 if mask is None else student_logits.dim() - mask.dim()
+    s, t = _kept_pair(student_logits, teacher_logits, mask, event, "logits_mse")
+    return _mean((s - t) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# representation terms
+
+
+@_full_precision
+def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean_kept(1 - cos(h_s, h_t))`` per position (DistilBERT's ``L_cos``).
+
+    Args:
+        student_hidden, teacher_hidden: ``[B, S, H]`` (same ``H``: project first if the
+            widths differ) with ``mask`` ``[B, S]``, or ``[N, H]`` with ``mask=None``.
+
+    Returns:
+        scalar in ``[0, 2]``.
+    """
+    s, t = _kept_pair(student_hidden, teacher_hidden, mask, 1, "cosine_loss")
+    return _mean(1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8))
+
+
+@_full_precision
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over kept positions and hidden features (TinyBERT's hidden/embedding loss).
+
+    Args:
+        student_hidden, teacher_hidden: ``[B, S, H]`` with ``mask`` ``[B, S]``, or ``[N, H]``.
+
+    Returns:
+        scalar, squared activation units (mean, not sum, over ``H``).
+    """
+    s, t = _kept_pair(student_hidden, teacher_hidden, mask, 1, "hidden_mse")
+    return _mean((s - t) ** 2)
+
+
+def _check_attention(student: Tensor, teacher: Tensor, what: str) -> None:
+    _check_same_shape(student, teacher, what)
+    if student.dim() != 4 or student.shape[-1] != student.shape[-2]:
+        raise ValueError(f"{what}: expected [B, heads, S, S] attention, got {tuple(student.shape)}")
+
+
+@_full_precision
+def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between attention probabilities over valid entries.
+
+    An entry (query i, key j) is valid when both tokens are real; padded query rows and
+    padded key columns never count (the anchor code counted them).
+
+    Args:
+        student_attn, teacher_attn: ``[B, heads, S, S]`` probabilities (pre-dropout).
+        mask: ``[B, S]``.
+
+    Returns:
+        scalar, squared probability units, mean over valid entries and heads.
+    """
+    _check_attention(student_attn, teacher_attn, "attention_mse")
+    b, h, seq, _ = student_attn.shape
+    m = _token_mask(mask, b, seq, student_attn.device)
+    valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
+    return _mean((_wide(student_attn[valid]) - _wide(teacher_attn[valid])) ** 2)
+
+
+@_full_precision
+def attention_kl(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``KL(a_t || a_s)`` per query row, summed over valid keys, mean over valid rows and heads.
+
+    The MiniLM / attention-transfer form. Rows are not renormalised over valid keys:
+    transformers already gives padded keys probability 0.
+
+    Args:
+        student_attn, teacher_attn: ``[B, heads, S, S]`` probabilities (pre-dropout).
+        mask: ``[B, S]``.
+
+    Returns:
+        scalar, nats per query row. Student probabilities are clamped at the smallest
+        normal float so an underflowed 0 gives a large finite loss instead of inf.
+    """
+    _check_attention(student_attn, teacher_attn, "attention_kl")
+    b, h, seq, _ = student_attn.shape
+    m = _token_mask(mask, b, seq, student_attn.device)
+    valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
+    # where() (not * 0) so garbage in padding cannot turn into NaN, forward or backward.
+    a_s = torch.where(valid, _wide(student_attn), 0.0)
+    a_t = torch.where(valid, _wide(teacher_attn), 0.0)
+    a_s = a_s.clamp_min(torch.finfo(a_s.dtype).tiny)
+    per_entry = torch.xlogy(a_t, a_t) - torch.xlogy(a_t, a_s)  # 0 where a_t == 0
+    per_row = per_entry.sum(dim=-1)  # [B, h, S]
+    return _mean(per_row[m[:, None, :].expand(b, h, seq)])
+
+
+@_full_precision
+def value_relation_kl(student_values: Tensor, teacher_values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MiniLM's value-relation loss: ``KL(R_t || R_s)`` per head and query row.
+
+    ``R = softmax(V V^T / sqrt(d))`` over valid keys, with ``d`` each model's own head
+    dimension, so student and teacher may differ in head size but not in head count.
+
+    Args:
+        student_values: ``[B, heads, S, d_s]`` value vectors of one student layer.
+        teacher_values: ``[B, heads, S, d_t]``.
+        mask: ``[B, S]``.
+
+    Returns:
+        scalar, nats per query row, mean over valid query rows and heads.
+    """
+    if student_values.dim() != 4 or teacher_values.dim() != 4 or student_values.shape[:3] != teacher_values.shape[:3]:
+        raise ValueError(
+            "value_relation_kl: expected [B, heads, S, d] values with equal B, heads and S, got "
+            f"{tuple(student_values.shape)} and {tuple(teacher_values.shape)}"
+        )
+    b, h, seq, _ = student_values.shape
+    m = _token_mask(mask, b, seq, student_values.device)
+    pos = m[:, None, :, None]
+    key_valid = m[:, None, None, :].expand(b, h, seq, seq)
+
+    def relation_log_probs(v: Tensor) -> Tensor:
+        v = torch.where(pos, _wide(v), 0.0)  # padded rows become 0: finite scores everywhere
+        scores = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+        return _masked_log_softmax(scores, key_valid)
+
+    log_r_s = relation_log_probs(student_values)
+    log_r_t = relation_log_probs(teacher_values)
+    per_entry = torch.where(key_valid, log_r_t.exp() * (log_r_t - log_r_s), 0.0)
+    per_row = per_entry.sum(dim=-1)  # [B, h, S]
+    return _mean(per_row[m[:, None, :].expand(b, h, seq)])
+
+
+# ---------------------------------------------------------------------------------------------
+# ELECTRA discriminator terms (one logit per token: "this token was replaced")
+
+
+@_full_precision
+def rtd_loss(student_logits: Tensor, replaced_labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Replaced-token-detection loss: binary cross-entropy with logits, mean over real tokens.
+
+    Args:
+        student_logits: ``[B, S]`` with ``mask`` ``[B, S]``, or gathered ``[N]``.
+        replaced_labels: same shape, 1 where the generator replaced the token.
+
+    Returns:
+        scalar, nats per token.
+    """
+    if student_logits.shape != replaced_labels.shape:
+        raise ValueError(
+            f"rtd_loss: logits {tuple(student_logits.shape)} do not match labels {tuple(replaced_labels.shape)}"
+        )
+    z = _kept_rows(student_logits, mask, 0)
+    y = _kept_rows(replaced_labels, mask, 0).to(z.dtype)
+    return F.binary_cross_entropy_with_logits(z, y, reduction="sum") / max(z.numel(), 1)
+
+
+@_full_precision
+def rtd_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """Binary ``KL(q_t || q_s)`` per token with ``q = sigmoid(z / T)``, mean over real tokens, times ``T^2``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, S]`` with ``mask`` ``[B, S]``, or gathered ``[N]``.
+        temperature: ``T > 0``.
+
+    Returns:
+        scalar, nats per token times ``T^2``.
+    """
+    t = _check_temperature(temperature)
+    s, te = _kept_pair(student_logits, teacher_logits, mask, 0, "rtd_kl")
+    a, b = s / t, te / t
+    # log q and log(1 - q) as logsigmoid(+-z): finite for any finite logit.
+    per_token = torch.sigmoid(b) * (F.logsigmoid(b) - F.logsigmoid(a)) + torch.sigmoid(-b) * (
+        F.logsigmoid(-b) - F.logsigmoid(-a)
+    )
+    return _mean(per_token) * t**2
