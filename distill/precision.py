@@ -35,6 +35,7 @@ One training step, whatever the mode::
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -238,6 +239,11 @@ class Precision:
         if self.requested != self.mode:
             text += f" [asked for {self.requested}; fp16 is a CUDA mode, so bf16 on this CPU]"
         return text
+
+    @property
+    def scales_loss(self) -> bool:
+        """True when backward() scales the loss (fp16 O1/O2): overflows are then skipped steps, not errors."""
+        return self.scaler is not None or self.backend == "apex"
 
     @property
     def loss_scale(self) -> float:
@@ -471,6 +477,17 @@ class Precision:
             value = value.detach()
             out[name] = value.float() if value.is_floating_point() else value.clone()
         return out
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """A model with fp32 weights for ``save_pretrained``: ``model`` itself when it already holds fp32
+        weights, else an fp32 copy (O2: the master weights; O3: the fp16 weights widened)."""
+        floating = [t for t in model.state_dict().values() if t.is_floating_point()]
+        if all(t.dtype == torch.float32 for t in floating):
+            return model
+        state = self.fp32_state_dict(model)
+        export = copy.deepcopy(model).float()
+        export.load_state_dict(state)
+        return export
 
     # ------------------------------------------------------------------ O2 helpers
     def _copy_masters_to_model(self) -> None:

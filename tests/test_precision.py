@@ -243,7 +243,7 @@ def test_o1_autocasts_matmuls_to_fp16_keeps_fp32_weights_and_scales_the_loss():
     prec.backward(out.float().pow(2).mean())
     ref(x).pow(2).mean().backward()
     scale = prec.loss_scale
-    assert scale == 2.0**16
+    assert scale == 2.0**16 and prec.scales_loss
     for p, r in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad / scale, r.grad, atol=1e-3, rtol=1e-2)  # grads arrive scaled
     before = [p.detach().clone() for p in model.parameters()]
@@ -278,7 +278,7 @@ def test_fp32_is_plain_training():
     model = nn.Linear(4, 2)
     with prec.autocast():
         assert model(torch.randn(3, 4)).dtype == torch.float32
-    assert prec.loss_scale == 1.0 and prec.description.startswith("fp32")
+    assert prec.loss_scale == 1.0 and not prec.scales_loss and prec.description.startswith("fp32")
 
 
 def test_o3_is_refused_without_force_and_names_the_way_out():
@@ -515,7 +515,7 @@ def test_a_weight_changed_after_make_optimizer_resets_its_master_with_a_warning(
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))  # not reverted
 
 
-def test_fp32_state_dict_exports_the_master_weights():
+def test_export_takes_the_fp32_master_weights():
     model = tiny_bert()
     prec = make()
     prec.prepare(model)
@@ -532,6 +532,13 @@ def test_fp32_state_dict_exports_the_master_weights():
     assert all(v.dtype == torch.float32 for k, v in state.items() if v.is_floating_point())
     assert torch.equal(state["cls.predictions.decoder.weight"], state["bert.embeddings.word_embeddings.weight"])
     assert params["bert.embeddings.LayerNorm.weight"].dtype == torch.float32
+
+    export = prec.export_model(model)
+    assert export is not model and model.bert.embeddings.word_embeddings.weight.dtype == torch.float16
+    assert all(torch.equal(export.state_dict()[k], v) for k, v in state.items())
+    assert export.cls.predictions.decoder.weight is export.bert.embeddings.word_embeddings.weight  # still tied
+    fp32_model = nn.Linear(2, 2)
+    assert make(level="O1").export_model(fp32_model) is fp32_model  # already fp32: no copy
 
 
 def test_prepared_model_can_be_wrapped_in_ddp(tmp_path):
