@@ -54,3 +54,18 @@ def init_main(argv=None) -> int:
     if report.not_copied:
         print(f"note: not in the teacher, left randomly initialised: {', '.join(report.not_copied)}", file=sys.stderr)
     return 0
+
+
+@cli_entry
+def train_main(argv=None) -> int:
+    from .config import parse_config
+
+    cfg = parse_config(argv)
+    from .train import TrainingError, train  # heavy imports after --help and config checks
+
+    try:
+        train(cfg)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,197 @@
+"""The distillation recipe: one dataclass, one JSON file per experiment, any field overridable.
+
+``distill-train --config student_configs/X.json --learning_rate 3e-4`` reads the JSON,
+then applies ``--field value`` overrides (the field names are the JSON keys, as in
+transformers' examples). The resolved recipe is saved next to the student as
+``distill_config.json``: the complete record of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ArgumentParser, UsageError
+
+DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
+DEMO_CORPUS = "offline:wikipedia-extract"
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DistillConfig:
+    # --- models ---
+    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
+    student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
+    student_layers: list[int] = _f([2, 4, 6], "1-based teacher layers the student is built from; also the default loss layer map")
+    student_type: str | None = _f(None, "bert, distilbert or electra (default: the teacher's family)")
+    # --- objective ---
+    weights: dict[str, float] = _f({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, "loss term -> weight, e.g. {\"ce\": 5, \"mlm\": 2, \"cos\": 1}")
+    temperature: float = _f(2.0, "softmax temperature of the soft-target terms (ce, kl, rtd_kl); they are multiplied by T^2")
+    layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
+    restrict_ce_to_mask: bool = _f(False, "compute ce/kl on masked positions only (default: every real token)")
+    projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
+    # --- ELECTRA ---
+    generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
+    train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
+    generator_weight: float = _f(1.0, "weight of the generator's MLM loss when train_generator is on")
+    # --- data ---
+    corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>], a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
+    block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included")
+    data_mode: str = _f("pack", "pack (fixed blocks, no padding) or group (one paragraph per sequence, batched by length)")
+    cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)")
+    num_proc: int = _f(1, "processes for tokenisation")
+    max_documents: int | None = _f(None, "use only the first N documents of the corpus (quick runs)")
+    mlm_probability: float = _f(0.15, "fraction of tokens that are prediction targets")
+    mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing")
+    # --- optimisation (defaults: the DistilBERT recipe) ---
+    learning_rate: float = _f(5e-4, "peak AdamW learning rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.98, "AdamW beta2")
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up, then linear decay to 0")
+    max_grad_norm: float = _f(5.0, "gradient-norm clip (0 disables)")
+    per_device_batch_size: int = _f(32, "sequences per GPU per micro-step")
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step")
+    num_epochs: float = _f(3.0, "passes over the corpus")
+    max_steps: int = _f(-1, "stop after this many optimiser steps (overrides num_epochs when > 0)")
+    seed: int = _f(56, "seed of data order, masking and initialisation")
+    # --- precision ---
+    precision: str = _f("fp32", "fp32, bf16 or fp16")
+    fp16_opt_level: str = _f("O2", "apex-style opt level for fp16: O1 (autocast), O2 (fp16 weights, fp32 norms and master weights) or O3 (pure fp16, needs force_o3)")
+    force_o3: bool = _f(False, "allow fp16 O3 (pure fp16; it does not train well)")
+    amp_backend: str = _f("native", "native (torch.amp) or apex (only if NVIDIA apex with apex.amp is importable)")
+    # --- run ---
+    output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go")
+    overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: only at the end)")
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints")
+    logging_steps: int = _f(10, "log every N optimiser steps")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
+    progress: bool = _f(True, "draw a progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def _parse_value(name: str, raw: Any):
+    """Turn a JSON value or a command-line string into the field's type."""
+    f = FIELDS[name]
+    ftype = str(f.type)
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and "None" in ftype):
+        return None
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if ftype.startswith(("dict", "list[list")):
+            return json.loads(raw)
+        if ftype.startswith("list[int]"):
+            return json.loads(raw) if raw.strip().startswith("[") else [int(x) for x in raw.split(",") if x.strip()]
+        if ftype.startswith("bool"):
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(raw)
+        if ftype.startswith("int"):
+            return int(raw)
+        if ftype.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise UsageError(f"--{name} {raw!r} is not a valid {ftype}") from None
+    return raw
+
+
+def _check_types(cfg: DistillConfig) -> None:
+    for name, f in FIELDS.items():
+        value, ftype = getattr(cfg, name), str(f.type)
+        if value is None:
+            if "None" not in ftype:
+                raise UsageError(f"{name} may not be null")
+            continue
+        base = ftype.split("[")[0].split(" |")[0]
+        expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}[base]
+        if base in ("int", "float") and isinstance(value, bool) or not isinstance(value, expected):
+            raise UsageError(f"{name}={value!r} should be {ftype}")
+    if cfg.data_mode not in ("pack", "group"):
+        raise UsageError(f"data_mode={cfg.data_mode!r}: choose pack or group")
+    for name in ("per_device_batch_size", "gradient_accumulation_steps", "block_size", "num_proc"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name}={getattr(cfg, name)} must be at least 1")
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"config file {path!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must hold a JSON object of fields")
+    unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("_"))
+    if unknown:
+        raise UsageError(f"config file {path!r} has unknown field(s) {', '.join(unknown)}: see distill-train --help for the fields")
+    return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document recipes
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="distill-train",
+        description="Distil a student from a teacher. With no arguments: the offline demo (MiniLM teacher, "
+                    "Wikipedia extract, 3-layer student, cos + hid_mse + att_mse).",
+        epilog="Every field can be set in the --config JSON (same names) and overridden here.\n"
+               "examples:\n"
+               "  distill-train                                      # the offline demo\n"
+               "  distill-train --config student_configs/bert_4l_1-5-8-12.json --output_dir runs/bert4l\n"
+               "  torchrun --nproc_per_node 4 -m distill.cli --config student_configs/bert_4l_1-5-8-12.json\n",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(dest=name, default=None, metavar=str(f.type).split(" |")[0].upper().replace(" ", ""),
+                      help=f"{f.metadata['help']} (default: {json.dumps(default)})")
+        if str(f.type) == "bool":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        p.add_argument(f"--{name}", **kwargs)
+    return p
+
+
+def parse_config(argv=None) -> DistillConfig:
+    """Defaults <- --config JSON <- command-line overrides."""
+    args = build_parser().parse_args(argv)
+    values = load_config_file(args.config) if args.config else {}
+    for name in FIELDS:
+        raw = getattr(args, name)
+        if raw is not None:
+            values[name] = raw
+    return make_config(values)
+
+
+def make_config(values: dict) -> DistillConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"unknown field(s) {', '.join(unknown)}")
+    cfg = DistillConfig(**{k: _parse_value(k, v) for k, v in values.items()})
+    if isinstance(cfg.weights, dict):
+        cfg.weights = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                       for k, v in cfg.weights.items()}
+    if isinstance(cfg.temperature, int):
+        cfg.temperature = float(cfg.temperature)
+    _check_types(cfg)
+    return cfg

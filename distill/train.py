@@ -1,0 +1,455 @@
+"""The distillation loop, top to bottom: setup, data, forward, loss, backward, step, log, checkpoint.
+
+Determinism by construction: optimiser step ``k`` uses the global batch
+``order(epoch)[k*G:(k+1)*G]`` (G = per-device batch x accumulation x world size),
+cut into chunks of ``per_device_batch_size``; process ``rank`` takes chunk
+``micro * world + rank`` at micro-step ``micro``, and chunk ``c`` is masked with a
+generator seeded from ``(seed, step, c)``. So the data a step sees depends only on the
+step number: resuming needs no sampler state, and N processes see exactly what one
+process sees with N times the accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import __version__
+from .assets import minilm_dir, wiki_extract_path
+from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
+from .errors import UsageError
+from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
+from .models import extract, family_of, load_model, set_attention_dropout
+from .student import INIT_RECORD, build_student, read_init_record
+
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); what was last good has been saved."""
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Read torchrun's environment; one process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def resolve_teacher(name: str) -> str:
+    return minilm_dir() if name == DEMO_TEACHER else name
+
+
+def resolve_corpus(name: str) -> str:
+    return wiki_extract_path() if name == DEMO_CORPUS else name
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the step module: everything with gradients, so DDP sees one forward ----------------------
+
+class StudentStep(nn.Module):
+    """Student (+ objective projections) forward and loss for one micro-batch.
+
+    Wrapped in DistributedDataParallel as a whole, so the projections' gradients are
+    synchronised too. The teacher is held outside the module tree (frozen, never
+    synchronised) and runs under ``no_grad``.
+    """
+
+    def __init__(self, student: nn.Module, objective: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and DDP
+
+    def forward(self, batch: dict):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
+        return self.objective(student_out, teacher_out, batch)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def train(cfg: DistillConfig) -> str:
+    """Run a distillation described by ``cfg``; return the folder holding the student."""
+    from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from .batches import make_batches
+    from .objective import Objective
+    from .precision import Precision
+
+    env = setup_distributed(cfg.device)
+    out = Path(cfg.output_dir)
+    if not cfg.resume:
+        check_output_dir(out, cfg.overwrite_output_dir)
+    elif not latest_checkpoint(out):
+        raise UsageError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; start without --resume")
+
+    # models and objective: configs first, so every config error comes before a weight load
+    teacher_path = resolve_teacher(cfg.teacher)
+    from .models import check_model_path
+
+    check_model_path(teacher_path, "teacher")
+    teacher_config = AutoConfig.from_pretrained(teacher_path)
+    layers, student_config = student_plan(cfg, teacher_config)
+    objective = Objective.from_config(
+        cfg.weights, temperature=cfg.temperature, student_config=student_config, teacher_config=teacher_config,
+        student_layers=layers, layer_map=cfg.layer_map, restrict_ce_to_mask=cfg.restrict_ce_to_mask,
+        projection=cfg.projection,
+    )
+    precision = Precision.from_config(cfg.precision, cfg.fp16_opt_level, device=env.device, force_o3=cfg.force_o3,
+                                      amp_backend=cfg.amp_backend)
+    set_seed(cfg.seed)
+    teacher = load_model(teacher_path, eager=objective.needs_attention, what="teacher").to(env.device).eval()
+    teacher.requires_grad_(False)
+    if cfg.student:
+        student = load_model(cfg.student, eager=objective.needs_attention, what="student")
+    else:
+        student, _ = build_student(teacher, layers, cfg.student_type, teacher_name=cfg.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    if cfg.student and os.path.exists(os.path.join(cfg.student, "tokenizer_config.json")):
+        from .data import check_same_tokenizer
+
+        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.student))
+    student.to(env.device).train()
+    if objective.needs_attention:
+        set_attention_dropout(student, 0.0)  # attention terms compare pre-dropout probabilities
+    objective.to(env.device)
+
+    batches = make_batches(cfg, resolve_corpus(cfg.corpus), tokenizer, teacher, objective, env, student)
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * env.world
+    steps_per_epoch = batches.num_sequences // global_batch
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"the corpus gives {batches.num_sequences} sequences, fewer than one global batch of {global_batch} "
+            "(per_device_batch_size x gradient_accumulation_steps x processes): lower them or add text")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
+
+    student = precision.prepare(student)
+    step_module = StudentStep(student, objective, teacher)
+    optimizer = precision.make_optimizer(param_groups(step_module, cfg.weight_decay), torch.optim.AdamW,
+                                         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         eps=cfg.adam_epsilon)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model = step_module
+    if env.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True)
+
+    start_step, stats = 0, RunStats()
+    if cfg.resume:
+        start_step, stats = load_checkpoint(latest_checkpoint(out), step_module, optimizer, scheduler, precision, env)
+    else:
+        torch.manual_seed(cfg.seed + env.rank)  # dropout differs per process, as in any DDP run
+    if env.main:
+        (out / LOGS).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "distill_config.json", cfg.to_dict())
+    logger = Logger(out / LOGS, env.main and cfg.progress, total_steps, start_step) if env.main else None
+    if env.main:
+        print(f"distilling {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M-parameter student from "
+              f"{cfg.teacher} on {env.world} x {env.device.type}, {precision.description}; {total_steps} steps of "
+              f"{global_batch} x {cfg.block_size} tokens; terms {objective.describe()}", file=sys.stderr)
+
+    window = Window()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            chunk = micro * env.world + env.rank
+            batch = batches.chunk(step, chunk)
+            sync = micro == cfg.gradient_accumulation_steps - 1
+            with (model.no_sync() if env.world > 1 and not sync else nullcontext()):
+                with precision.autocast():
+                    loss, terms = model(batch)
+                precision.backward(loss / cfg.gradient_accumulation_steps)
+            losses.append(loss.detach())
+            window.add(loss.detach(), terms, int(batch["attention_mask"].sum()))
+        if not precision.scales_loss and not torch.isfinite(torch.stack(losses)).all():
+            # the weights are still those of the last finished step: save them, then stop
+            save_checkpoint(out, step, step_module, optimizer, scheduler, precision, stats, cfg, env)
+            raise TrainingError(
+                f"loss is {[float(x) for x in losses]} at step {step + 1} ({window.last_terms()}): saved step {step} to "
+                f"{out / CHECKPOINTS}; lower learning_rate or check the data, then --resume")
+        result = precision.step(optimizer, cfg.max_grad_norm)
+        if not result.skipped:
+            scheduler.step()
+        stats.skipped += int(result.skipped)
+        stats.tokens += window.tokens_since_step * env.world
+        window.step_done(time.perf_counter() - t0)
+        done = step + 1
+        if logger and (done % cfg.logging_steps == 0 or done == total_steps):
+            record = window.flush(env, done, scheduler.get_last_lr()[0], result, stats)
+            logger.log(done, record)
+        elif env.world > 1 and (done % cfg.logging_steps == 0 or done == total_steps):
+            window.flush(env, done, scheduler.get_last_lr()[0], result, stats)  # every rank joins the all-reduce
+        if logger:
+            logger.tick(window.last_loss, window.tokens_per_s)
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            save_checkpoint(out, done, step_module, optimizer, scheduler, precision, stats, cfg, env)
+    if logger:
+        logger.close()
+    if env.main:
+        save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
+                     batches.describe())
+        print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
+    if env.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return str(out)
+
+
+def student_plan(cfg: DistillConfig, teacher_config):
+    """The teacher layers the student comes from, and the student's config."""
+    from transformers import AutoConfig
+
+    from .layers import parse_layers
+    from .models import FAMILIES, num_layers, role_from_architectures
+    from .student import check_pair, student_config
+
+    if cfg.student:
+        from .models import check_model_path
+
+        check_model_path(cfg.student, "student")
+        record = read_init_record(cfg.student)
+        layers = record["layers"] if record else cfg.student_layers
+        s_config = AutoConfig.from_pretrained(cfg.student)
+        if num_layers(s_config) != len(layers):
+            raise UsageError(
+                f"student {cfg.student!r} has {num_layers(s_config)} layers but the layer list {layers} has "
+                f"{len(layers)}: set student_layers to the teacher layers it was built from ({INIT_RECORD} is missing)")
+        return parse_layers(layers, num_layers(teacher_config)), s_config
+    layers = parse_layers(cfg.student_layers, num_layers(teacher_config), what="teacher")
+    student_type = cfg.student_type or family_of(teacher_config).name
+    check_pair(family_of(teacher_config).name, student_type)
+    s_config = student_config(teacher_config, len(layers), student_type)
+    # the class build_student will make, so the objective can check the student's head from the config
+    s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)].__name__]
+    return layers, s_config
+
+
+def param_groups(module: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# --- statistics and logging -------------------------------------------------------------------
+
+@dataclass
+class RunStats:
+    skipped: int = 0
+    tokens: int = 0
+    last_terms: dict | None = None
+
+
+class Window:
+    """Sums of the loss and terms since the last log, kept on the device (no per-step sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.tokens = 0
+        self.tokens_since_step = 0
+        self.seconds = 0.0
+        self.last_loss = float("nan")
+        self.tokens_per_s = 0.0
+        self._last_terms: dict = {}
+
+    def add(self, loss, terms, tokens):
+        for k, v in {"loss": loss, **terms}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.count += 1
+        self.tokens += tokens
+        self.tokens_since_step += tokens
+        self._last_terms = terms
+
+    def last_terms(self) -> str:
+        return ", ".join(f"{k}={float(v):.4g}" for k, v in self._last_terms.items())
+
+    def step_done(self, seconds: float):
+        self.seconds += seconds
+        self.tokens_per_s = self.tokens_since_step / max(seconds, 1e-9)
+        self.last_loss = float(self.sums["loss"] / max(self.count, 1)) if self.count else float("nan")
+        self.tokens_since_step = 0
+
+    def flush(self, env: Dist, step, lr, result, stats: RunStats) -> dict:
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        tokens = torch.tensor([float(self.tokens), self.seconds], device=values.device)
+        if env.world > 1:
+            dist.all_reduce(values)
+            values /= env.world
+            dist.all_reduce(tokens)
+        record = {k: float(v) for k, v in zip(keys, values.tolist())}
+        record.update(step=step, lr=lr, loss_scale=result.scale, skipped_steps=stats.skipped,
+                      grad_norm=result.grad_norm, tokens_per_s=float(tokens[0]) / max(float(tokens[1]) / env.world, 1e-9),
+                      tokens_seen=stats.tokens)
+        stats.last_terms = {k: record[k] for k in keys}
+        self.sums, self.count, self.tokens, self.seconds = {}, 0, 0, 0.0
+        return record
+
+
+class Logger:
+    """Progress bar, TensorBoard and a JSONL file; only the main process has one."""
+
+    def __init__(self, folder: Path, progress: bool, total: int, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.jsonl = open(folder / "train_log.jsonl", "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(folder / "tensorboard"))
+        self.bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, record: dict):
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def tick(self, loss: float, tokens_per_s: float):
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        self.tb.close()
+        self.jsonl.close()
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folder = Path(out) / CHECKPOINTS
+    found = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, precision, stats, cfg, env: Dist):
+    """Everything needed to continue exactly, in one file written atomically (temp + rename)."""
+    rng = [None] * env.world
+    if env.world > 1:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    if not env.main:
+        return
+    folder = Path(out) / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "rng": rng,
+        "stats": {"skipped": stats.skipped, "tokens": stats.tokens}, "config": cfg.to_dict(), "version": __version__,
+    }
+    path = folder / f"step-{step:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("step-*.pt"))[:-max(cfg.save_total_limit, 1)]:
+        old.unlink()
+
+
+def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, env: Dist):
+    state = torch.load(path, map_location=env.device, weights_only=False)
+    step_module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    precision.load_state_dict(state["precision"])
+    rngs = state["rng"]
+    set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+    stats = RunStats(skipped=state["stats"]["skipped"], tokens=state["stats"]["tokens"])
+    if env.main:
+        print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+    return state["step"], stats
+
+
+# --- the saved student ------------------------------------------------------------------------
+
+def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc):
+    """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last."""
+    from .card import training_card
+
+    export = precision.export_model(student)  # O2 trains fp16 weights: export the fp32 masters
+    tmp = Path(out) / ".student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export.config.output_hidden_states = False
+    export.config.output_attentions = False
+    export.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(
+        training_card(cfg, layers, objective, stats, steps, env.world, env.device.type, precision.description,
+                      type(export).__name__, data_desc), encoding="utf-8")
+    atomic_write_json(tmp / INIT_RECORD, {"teacher": cfg.teacher, "student_type": family_of(export).name,
+                                          "layers": list(layers), "distilled": True})
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in names:
+        os.chmod(tmp / name, default_file_mode())
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:  # config last: a folder with it is whole
+        os.replace(tmp / name, Path(out) / name)
+    tmp.rmdir()
+    atomic_write_text(Path(out) / LOGS / "final_terms.json", json.dumps(stats.last_terms or {}, indent=2) + "\n")

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# bert-base-uncased layers 1,5,8,12 -> 4-layer DistilBERT on wikitext-103: 5*ce + 2*mlm + 1*cos, fp16 O2.
+# usage: scripts/distill_bert_4l.sh [NUM_GPUS=1] [OUTPUT_DIR=runs/distill_bert_4l] [more distill-train --field value overrides]
+# Recipe (every field documented in the README): student_configs/bert_4l_1-5-8-12.json
+set -euo pipefail
+GPUS=${1:-1}
+OUT=${2:-runs/distill_bert_4l}
+shift $(( $# < 2 ? $# : 2 ))
+HERE="$(cd "$(dirname "$0")" && pwd)"
+exec torchrun --standalone --nproc_per_node "$GPUS" --no-python \
+  distill-train --config "$HERE/../student_configs/bert_4l_1-5-8-12.json" --output_dir "$OUT" "$@"
