@@ -862,6 +862,9 @@ def collate(batch, pad_id: int) -> dict[str, torch.Tensor]:
     if not seqs:
         raise UsageError("cannot collate an empty batch")
     lengths = [len(s) for s in seqs]
+    if min(lengths) == max(lengths):  # packed blocks: one array copy, no padding
+        ids = torch.as_tensor(np.asarray([np.asarray(s) for s in seqs]), dtype=torch.long).reshape(len(seqs), -1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ids = torch.full((len(seqs), max(lengths)), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), max(lengths)), dtype=torch.long)
     for row, (seq, n) in enumerate(zip(seqs, lengths)):
