@@ -229,8 +229,9 @@ def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     """Mean squared error between raw logits, mean over kept positions and logit entries.
 
     Args:
-        student_logits, teacher_logits: ``[B, S, V]`` with ``mask`` ``[B, S]``; or with
-            ``mask=None`` any equal shapes (``[N, V]``, ``[N]``, ``[B, classes]``).
+        student_logits, teacher_logits: ``[B, S, V]`` (masked LM) or ``[B, S]`` (ELECTRA
+            discriminator) with ``mask`` ``[B, S]``; or with ``mask=None`` any equal
+            shapes (gathered ``[N, V]`` / ``[N]``, sequence-level ``[B, classes]``).
 
     Returns:
         scalar, squared logit units.

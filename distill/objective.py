@@ -1,0 +1,651 @@
+"""The distillation objective: config weights + layer maps -> one scalar and a dict of named terms.
+
+A term is one entry of :data:`TERMS`: the feature it compares (logits, hidden states,
+attentions, value vectors), the loss function from :mod:`distill.losses`, which layer
+pairs it uses and which heads it needs. :class:`Objective` reads the entries for the
+terms a config weights above zero and derives from them
+
+- what each model must produce (:meth:`Objective.requests`, :meth:`Objective.extract_kwargs`),
+  so a term with weight 0 costs nothing: its tensors are never asked for;
+- where prediction heads must run (:meth:`Objective.positions`);
+- the learned width projections (parameters of this module: they train with the
+  student and go into the training checkpoint, never into the saved student).
+
+Layer maps are 1-based, ``0`` is the embedding output. By default student layer ``i``
+is compared with teacher layer ``student_layers[i-1]``: the list the student was
+initialised from, so the weight copy and the loss map cannot disagree.
+
+What the training loop does with it::
+
+    objective = Objective.from_config(weights, 2.0, student_config=student, teacher_config=teacher,
+                                      student_layers=[1, 5, 8, 12])
+    if objective.needs_attention:               # attention terms compare pre-dropout probabilities
+        set_attention_dropout(student, 0.0)
+    optimizer = AdamW([*student.parameters(), *objective.parameters()], ...)
+    ...
+    with torch.no_grad():                       # teacher in eval mode
+        t = extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
+    s = extract(student, ids, mask, **objective.extract_kwargs(batch, "student"))
+    loss, terms = objective(s, t, batch)         # terms: {"ce": tensor, "mlm": tensor, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import losses
+from .errors import UsageError
+from .layers import attention_index, check_layer_map, hidden_index, parse_layers
+from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
+
+# Where a model's prediction head must run (``Request.logits``):
+REAL = "real"  # every real (non-padding) token
+MASKED = "masked"  # only MLM prediction targets (mlm_labels != -100)
+SEQUENCE = "sequence"  # one row per example from a task head, [B, classes]; the caller fills Features.logits
+
+ROLES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One registry entry: everything the objective needs to know about a loss term.
+
+    feature: what it compares: "logits", "hidden", "attentions" or "values".
+    loss: for logits ``loss(objective, student_logits, teacher_logits_or_None, batch)``;
+        otherwise a :mod:`distill.losses` function ``loss(student, teacher, mask)``.
+    teacher: whether the teacher's feature is needed (False for terms against labels).
+    layers: for layered features, which pairs: "map" (the layer map), "last"
+        (student last <-> teacher last) or "embeddings" (0 <-> 0).
+    logits_at: where the student's head must run: "soft" (real tokens, or masked
+        positions with ``restrict_ce_to_mask``), REAL, MASKED or SEQUENCE.
+    student_heads / teacher_heads: heads ("mlm", "rtd") the model must carry for the
+        term at token level; None = any.
+    sequence_level / token_level: whether the term exists in task (sequence-classification)
+        and in pre-training (token) distillation.
+    projects: hidden states may go through a learned student->teacher width projection.
+    formula: one line for logs, docs and error messages.
+    """
+
+    feature: str
+    loss: Callable
+    formula: str
+    teacher: bool = True
+    layers: str | None = None
+    logits_at: str | None = None
+    student_heads: frozenset | None = None
+    teacher_heads: frozenset | None = None
+    token_level: bool = True
+    sequence_level: bool = True
+    projects: bool = False
+
+
+def _gather(objective: "Objective", batch: Mapping, key: str) -> Tensor:
+    """``batch[key]`` ``[B, S]`` at the student's logit positions, in ``positions.nonzero()`` order."""
+    return _batch_value(batch, key)[objective.positions(batch, "student")]
+
+
+def _batch_value(batch: Mapping, key: str) -> Tensor:
+    if key not in batch:
+        raise UsageError(f"the batch has no {key!r}: the active loss terms need it (batch keys: {', '.join(batch)})")
+    return batch[key]
+
+
+_MLM = frozenset({"mlm"})
+_RTD = frozenset({"rtd"})
+
+TERMS: dict[str, TermSpec] = {
+    "ce": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.soft_cross_entropy(zs, zt, o.temperature),
+        "T^2 * -sum p_t log p_s (soft-target cross-entropy)",
+        logits_at="soft", student_heads=_MLM, teacher_heads=_MLM,
+    ),
+    "kl": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.kl_divergence(zs, zt, o.temperature),
+        "T^2 * KL(p_t || p_s)",
+        logits_at="soft", student_heads=_MLM, teacher_heads=_MLM,
+    ),
+    "out_mse": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.logits_mse(zs, zt),
+        "mean (z_s - z_t)^2 over logits",
+        logits_at="soft", student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD,
+    ),
+    "mlm": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.mlm_loss(zs, _gather(o, b, "mlm_labels")),
+        "cross-entropy against the masked tokens",
+        teacher=False, logits_at=MASKED, student_heads=_MLM, sequence_level=False,
+    ),
+    "hard_ce": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.hard_cross_entropy(zs, _batch_value(b, "labels")),
+        "cross-entropy against task labels (MSE for 1-column regression)",
+        teacher=False, logits_at=SEQUENCE, token_level=False,
+    ),
+    "rtd": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.rtd_loss(zs, _gather(o, b, "replaced_labels")),
+        "binary cross-entropy against replaced-token labels",
+        teacher=False, logits_at=REAL, student_heads=_RTD, sequence_level=False,
+    ),
+    "rtd_kl": TermSpec(
+        "logits", lambda o, zs, zt, b: losses.rtd_kl(zs, zt, o.temperature),
+        "T^2 * binary KL(sigmoid(z_t/T) || sigmoid(z_s/T))",
+        logits_at=REAL, student_heads=_RTD, teacher_heads=_RTD, sequence_level=False,
+    ),
+    "cos": TermSpec("hidden", losses.cosine_loss, "1 - cos(h_s, h_t), last layers", layers="last", projects=True),
+    "hid_mse": TermSpec("hidden", losses.hidden_mse, "mean (h_s - h_t)^2, mapped layers", layers="map", projects=True),
+    "emb_mse": TermSpec("hidden", losses.hidden_mse, "mean (e_s - e_t)^2, embedding outputs", layers="embeddings",
+                        projects=True),
+    "att_mse": TermSpec("attentions", losses.attention_mse, "mean (a_s - a_t)^2, mapped layers", layers="map"),
+    "att_kl": TermSpec("attentions", losses.attention_kl, "KL(a_t || a_s) per query row, mapped layers",
+                       layers="map"),
+    "val_kl": TermSpec("values", losses.value_relation_kl, "KL of softmax(V V^T / sqrt d) relations, last layers",
+                       layers="last"),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one model must produce, in :func:`distill.models.extract` terms.
+
+    hidden / attentions / value_layers: as ``extract``'s arguments (value layers 1-based).
+    logits: where the prediction head must run: None (nowhere), ``"real"`` (every real
+        token), ``"masked"`` (MLM targets only) or ``"sequence"`` (a task head's
+        ``[B, classes]``, produced by the caller). :meth:`Objective.positions` turns the
+        first three into the ``positions`` mask for ``extract``.
+    """
+
+    hidden: bool = False
+    attentions: bool = False
+    value_layers: tuple[int, ...] = ()
+    logits: str | None = None
+
+
+def _no_autocast(batch: Mapping):
+    """Switch autocast off on the batch's devices: projections and losses run in full precision."""
+    stack = contextlib.ExitStack()
+    for device in sorted({v.device.type for v in batch.values() if isinstance(v, Tensor)}):
+        stack.enter_context(torch.autocast(device_type=device, enabled=False))
+    return stack
+
+
+class Objective(nn.Module):
+    """Weighted sum of registered loss terms; parameters are the learned width projections.
+
+    Build it with :meth:`from_config`. Calling it returns ``(total, terms)``: the scalar
+    to backpropagate and ``{config key: unweighted term value}`` (detached, float32)
+    for logs, with ``total == sum(weights[k] * terms[k])``.
+
+    Layered terms (hid_mse, att_mse, att_kl over the layer map) are the *mean* over their
+    layer pairs, so a term's scale does not grow with the number of layers (TinyBERT sums).
+    """
+
+    def __init__(
+        self,
+        *,
+        weights: dict[str, float],
+        temperature: float,
+        layer_pairs: dict[str, tuple[tuple[int, int], ...]],
+        logits_at: dict[str, str | None],
+        projections: dict[str, tuple[int, int]],
+        sequence_level: bool,
+        restrict_ce_to_mask: bool,
+        record: dict,
+    ):
+        super().__init__()
+        self.weights = dict(weights)
+        self.temperature = float(temperature)
+        self.layer_pairs = dict(layer_pairs)
+        self.sequence_level = sequence_level
+        self.restrict_ce_to_mask = restrict_ce_to_mask
+        self._logits_at = dict(logits_at)
+        self._record = dict(record)
+        # One projection per term (TinyBERT shares W_h across hidden layers the same way):
+        # student width -> teacher width, applied to the student's hidden states.
+        self.projections = nn.ModuleDict({name: nn.Linear(w_in, w_out) for name, (w_in, w_out) in projections.items()})
+        self._requests = {role: self._request_for(role) for role in ROLES}
+
+    # -------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_config(
+        cls,
+        weights: Mapping[str, float],
+        temperature: float = 2.0,
+        *,
+        student_config,
+        teacher_config,
+        student_layers: Sequence[int] | str | None = None,
+        layer_map: Sequence[Sequence[int]] | None = None,
+        restrict_ce_to_mask: bool = False,
+        projection: bool = False,
+        sequence_level: bool = False,
+    ) -> "Objective":
+        """Validate a config and build the objective. Every bad value is a one-line :class:`UsageError`.
+
+        Args:
+            weights: term key -> weight >= 0, e.g. ``{"ce": 5, "mlm": 2, "cos": 1}``;
+                keys are those of :data:`TERMS`. Zero-weight terms are dropped.
+            temperature: T > 0 of the soft-target terms (ce, kl, rtd_kl).
+            student_config, teacher_config: transformers configs, or the models themselves
+                (pass the model when its config has no ``architectures`` yet, e.g. a student
+                built in memory: the head is then read from the model class).
+            student_layers: the 1-based teacher layers the student was initialised from
+                (student layer i <-> teacher layer ``student_layers[i-1]``); the default
+                layer map for hid_mse / att_mse / att_kl.
+            layer_map: explicit ``[[student_layer, teacher_layer], ...]`` overriding the
+                default map (1-based; 0 = embedding output, used by hidden terms only).
+            restrict_ce_to_mask: soft logit terms (ce, kl, out_mse) only at MLM targets
+                instead of every real token (DistilBERT's ``--restrict_ce_to_mask``).
+            projection: allow a learned linear projection student width -> teacher width
+                for the hidden terms (cos, hid_mse, emb_mse). Created only when the widths
+                differ; without it a width mismatch is an error.
+            sequence_level: task distillation: logits are ``[B, classes]`` from
+                sequence-classification heads that the caller runs (``Features.logits``
+                filled by the caller, positions None). Enables hard_ce; disables mlm/rtd terms.
+        """
+        active = _check_weights(weights)
+        temperature = _check_temperature(temperature)
+        specs = {name: TERMS[name] for name in active}
+        level = "sequence" if sequence_level else "token"
+        for name, spec in specs.items():
+            if not (spec.sequence_level if sequence_level else spec.token_level):
+                hint = (
+                    "use it for masked-LM / ELECTRA pre-training distillation (sequence_level=False)"
+                    if sequence_level
+                    else "it is the task-label loss of sequence-classification distillation: pass sequence_level=True"
+                )
+                raise UsageError(f"term {name!r} does not exist at {level} level: {hint}")
+        if restrict_ce_to_mask and (sequence_level or any(n in specs for n in ("rtd", "rtd_kl"))):
+            raise UsageError(
+                "restrict_ce_to_mask=True applies to masked-LM token distillation only: "
+                "set it to false for sequence-level or ELECTRA objectives"
+            )
+
+        student_cfg, teacher_cfg = _config(student_config), _config(teacher_config)
+        family_of(student_cfg), family_of(teacher_cfg)  # unsupported model types fail here, clearly
+        if not sequence_level:  # at sequence level the caller runs its own task heads
+            _check_heads(specs, student_config, teacher_config)
+        _check_outputs(specs, student_cfg, teacher_cfg, sequence_level)
+
+        n_student, n_teacher = num_layers(student_cfg), num_layers(teacher_cfg)
+        if student_layers is not None:
+            student_layers = parse_layers(student_layers, n_teacher, "teacher")
+            if len(student_layers) != n_student:
+                raise UsageError(
+                    f"student_layers {','.join(map(str, student_layers))} name {len(student_layers)} teacher layers "
+                    f"but the student has {n_student}: give one teacher layer per student layer"
+                )
+        pairs_map = _layer_map(layer_map, student_layers, n_student, n_teacher, specs)
+
+        layer_pairs: dict[str, tuple[tuple[int, int], ...]] = {}
+        for name, spec in specs.items():
+            if spec.layers == "last":
+                layer_pairs[name] = ((n_student, n_teacher),)
+            elif spec.layers == "embeddings":
+                layer_pairs[name] = ((0, 0),)
+            elif spec.layers == "map":
+                # Attention and value vectors exist for layers 1..L only; 0 (embeddings) is a hidden-state index.
+                pairs = pairs_map if spec.feature == "hidden" else tuple((s, t) for s, t in pairs_map if s and t)
+                if not pairs:
+                    raise UsageError(
+                        f"term {name!r}: the layer map has no pair of transformer layers (>= 1) to compare; "
+                        "layer 0 is the embedding output, which has no attention"
+                    )
+                layer_pairs[name] = pairs
+
+        projections = _check_shapes(specs, student_cfg, teacher_cfg, projection)
+        record = {
+            "weights": dict(active),
+            "temperature": temperature,
+            "student_layers": list(student_layers) if student_layers is not None else None,
+            "layer_map": [list(p) for p in pairs_map] if pairs_map else None,
+            "restrict_ce_to_mask": bool(restrict_ce_to_mask),
+            "projection": bool(projection),
+            "sequence_level": bool(sequence_level),
+        }
+        return cls(
+            weights=active,
+            temperature=temperature,
+            layer_pairs=layer_pairs,
+            logits_at=_logits_at(specs, restrict_ce_to_mask, sequence_level),
+            projections=projections,
+            sequence_level=bool(sequence_level),
+            restrict_ce_to_mask=bool(restrict_ce_to_mask),
+            record=record,
+        )
+
+    def _request_for(self, role: str) -> Request:
+        specs = [(name, TERMS[name]) for name in self.weights]
+        if role == "teacher":
+            specs = [(n, s) for n, s in specs if s.teacher]
+        index = 0 if role == "student" else 1
+        value_layers = sorted({pair[index] for n, s in specs if s.feature == "values" for pair in self.layer_pairs[n]})
+        return Request(
+            hidden=any(s.feature == "hidden" for _, s in specs),
+            attentions=any(s.feature == "attentions" for _, s in specs),
+            value_layers=tuple(value_layers),
+            logits=self._logits_at[role],
+        )
+
+    # -------------------------------------------------------------------------------------
+    # what the loop asks
+
+    @property
+    def needs_attention(self) -> bool:
+        """True while an attention term is on: the loop must then call
+        ``distill.models.set_attention_dropout(student, 0.0)`` so the student's returned
+        attention probabilities are the pre-dropout ones the terms compare."""
+        return self._requests["student"].attentions
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False when no active term reads the teacher (e.g. ``{"mlm": 1}``): the loop may skip its forward."""
+        return self._requests["teacher"] != Request()
+
+    def requests(self) -> dict[str, Request]:
+        """``{"student": Request, "teacher": Request}``: what each model must produce."""
+        return dict(self._requests)
+
+    def positions(self, batch: Mapping, role: str) -> Tensor | None:
+        """Bool ``[B, S]``: where ``role``'s prediction head must run, for ``extract(positions=...)``.
+
+        None when the role needs no token logits (or at sequence level). The gathered
+        logits come back in ``positions.nonzero()`` order; labels are gathered the same way.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role {role!r}: expected 'student' or 'teacher'")
+        where = self._logits_at[role]
+        if where is None or where == SEQUENCE:
+            return None
+        real = _batch_value(batch, "attention_mask").bool()
+        if where == REAL:
+            return real
+        return (_batch_value(batch, "mlm_labels") != -100) & real
+
+    def extract_kwargs(self, batch: Mapping, role: str) -> dict:
+        """Keyword arguments for ``distill.models.extract(model, input_ids, attention_mask, **kwargs)``."""
+        request = self._requests[role]
+        return {
+            "hidden": request.hidden,
+            "attentions": request.attentions,
+            "value_layers": request.value_layers,
+            "positions": self.positions(batch, role),
+        }
+
+    def to_dict(self) -> dict:
+        """The resolved settings (active weights, layer map, ...) as a JSON-able record for logs and model cards."""
+        return dict(self._record)
+
+    def describe(self) -> str:
+        """E.g. ``"5*ce(T=2) + 2*mlm + 1*cos[s4=t12]"``: weights, temperature and layer pairs in one line."""
+        parts = []
+        for name, weight in self.weights.items():
+            part = f"{weight:g}*{name}"
+            if name in ("ce", "kl", "rtd_kl"):
+                part += f"(T={self.temperature:g})"
+            if name in self.layer_pairs:
+                part += "[" + ",".join(f"s{s}=t{t}" for s, t in self.layer_pairs[name]) + "]"
+            parts.append(part)
+        return " + ".join(parts)
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+    # -------------------------------------------------------------------------------------
+    # the loss
+
+    def forward(self, student: Features, teacher: Features, batch: Mapping) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total, terms)`` for one batch.
+
+        Args:
+            student, teacher: :class:`distill.models.Features` extracted with
+                :meth:`extract_kwargs` (teacher under ``torch.no_grad()`` in eval mode).
+            batch: ``input_ids``, ``attention_mask`` ``[B, S]``; ``mlm_labels`` ``[B, S]``
+                (-100 = not a target) for mlm / masked positions; ``replaced_labels`` ``[B, S]``
+                for rtd; ``labels`` ``[B]`` for hard_ce.
+
+        Returns:
+            total: float32 scalar, ``sum(weights[k] * terms[k])``, to backpropagate.
+            terms: config key -> detached float32 scalar (unweighted), for logs.
+        """
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        with _no_autocast(batch):
+            for name, weight in self.weights.items():
+                value = self._term(name, student, teacher, batch)
+                terms[name] = value.detach()
+                total = weight * value if total is None else total + weight * value
+        return total, terms
+
+    def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
+        spec = TERMS[name]
+        if spec.feature == "logits":
+            zs = self._logits(student, "student", batch, name)
+            zt = self._logits(teacher, "teacher", batch, name) if spec.teacher else None
+            return spec.loss(self, zs, zt, batch)
+        mask = _batch_value(batch, "attention_mask").bool()
+        values = []
+        for s, t in self.layer_pairs[name]:
+            if spec.feature == "hidden":
+                hs = _feature(student, "hidden_states", "student", name)[hidden_index(s)]
+                ht = _feature(teacher, "hidden_states", "teacher", name)[hidden_index(t)]
+                values.append(spec.loss(self._project(name, hs, mask), ht, mask))
+            elif spec.feature == "attentions":
+                a_s = _feature(student, "attentions", "student", name)[attention_index(s)]
+                a_t = _feature(teacher, "attentions", "teacher", name)[attention_index(t)]
+                values.append(spec.loss(a_s, a_t, mask))
+            elif spec.feature == "values":
+                values.append(spec.loss(_value(student, s, "student", name), _value(teacher, t, "teacher", name), mask))
+            else:
+                raise AssertionError(f"term {name!r}: unknown feature {spec.feature!r}")
+        return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+    def _project(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
+        if name not in self.projections:
+            return hidden
+        proj = self.projections[name]
+        # Zero the padding first: inf/NaN garbage there would make the weight gradient NaN.
+        x = torch.where(mask[..., None], hidden, 0).float()
+        return nn.functional.linear(x, proj.weight.float(), proj.bias.float())
+
+    def _logits(self, features: Features, role: str, batch: Mapping, name: str) -> Tensor:
+        logits = features.logits
+        if logits is None:
+            raise UsageError(
+                f"term {name!r} needs the {role}'s logits but its Features have none: extract with "
+                f"objective.extract_kwargs(batch, {role!r}) from a model with a prediction head"
+            )
+        if self.sequence_level:
+            rows = _batch_value(batch, "attention_mask").shape[0]
+            what = "one row per example ([B, classes] from the task head)"
+        else:
+            rows = int(self.positions(batch, role).sum())
+            what = f"one row per position in objective.positions(batch, {role!r})"
+        if logits.shape[0] != rows:
+            raise UsageError(f"term {name!r}: the {role}'s logits have {logits.shape[0]} rows, expected {rows}: {what}")
+        return logits
+
+
+# -----------------------------------------------------------------------------------------
+# validation helpers (each raises one UsageError line naming the value and the fix)
+
+
+def _check_weights(weights) -> dict[str, float]:
+    if not isinstance(weights, Mapping) or not weights:
+        raise UsageError(
+            f"loss weights {weights!r} must be a non-empty mapping of term -> weight, "
+            'e.g. {"ce": 5, "mlm": 2, "cos": 1}'
+        )
+    active = {}
+    for name, weight in weights.items():
+        if name not in TERMS:
+            raise UsageError(f"unknown loss term {name!r}: valid terms are {', '.join(TERMS)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UsageError(f"weight of {name!r} is {weight!r}: give a finite number >= 0")
+        if weight < 0:
+            raise UsageError(f"weight of {name!r} is {weight}: weights must be >= 0 (0 turns a term off)")
+        if weight > 0:
+            active[name] = float(weight)
+    if not active:
+        raise UsageError(f"all loss weights are zero ({weights!r}): give at least one term a weight > 0")
+    return active
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise UsageError(f"temperature {temperature!r} must be a number > 0 (DistilBERT uses 2.0)")
+    return float(temperature)
+
+
+def _config(config_or_model):
+    return config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
+
+
+def _head(config_or_model) -> tuple[str | None, str]:
+    """(role or None if unknown, class name for messages) of a model or config."""
+    if isinstance(config_or_model, nn.Module):
+        try:
+            return role_of(config_or_model), type(config_or_model).__name__
+        except UsageError:  # a class outside the families' roles (e.g. a classifier): it has no head we know
+            return "other", type(config_or_model).__name__
+    architectures = getattr(config_or_model, "architectures", None)
+    if not architectures:
+        return None, getattr(config_or_model, "model_type", "model")
+    return role_from_architectures(config_or_model), architectures[0]
+
+
+_HEAD_NAMES = {"mlm": "a masked-LM head", "rtd": "an ELECTRA discriminator head"}
+
+
+def _check_heads(specs: dict[str, TermSpec], student, teacher) -> None:
+    if not any(s.student_heads or s.teacher_heads for s in specs.values()):
+        return
+    heads = {"student": _head(student), "teacher": _head(teacher)}
+    for name, spec in specs.items():
+        for who, allowed in (("student", spec.student_heads), ("teacher", spec.teacher_heads)):
+            role, cls_name = heads[who]
+            if allowed is None or role is None or role in allowed:
+                continue
+            need = " or ".join(_HEAD_NAMES[r] for r in sorted(allowed))
+            if cls_name.endswith("ForSequenceClassification"):
+                hint = "for task distillation between classification heads pass sequence_level=True"
+            elif role == "rtd" and "mlm" in allowed:
+                hint = 'an ELECTRA discriminator is distilled with "rtd" / "rtd_kl" (and representation terms)'
+            elif "mlm" in allowed:
+                hint = 'distil its representations instead, e.g. weights {"cos": 1, "hid_mse": 1, "att_mse": 1}'
+            else:
+                hint = "load the ELECTRA discriminator (ElectraForPreTraining)"
+            raise UsageError(f"term {name!r} needs {need} on the {who}, but the {who} ({cls_name}) has none: {hint}")
+        if name == "out_mse":
+            (rs, cs), (rt, ct) = heads["student"], heads["teacher"]
+            if rs is not None and rt is not None and rs != rt:
+                raise UsageError(
+                    f"term 'out_mse' compares logits of the same head: the student is a {cs}, the teacher a {ct}"
+                )
+
+
+def _check_outputs(specs: dict[str, TermSpec], student_cfg, teacher_cfg, sequence_level: bool) -> None:
+    """Logit-comparing terms need the same output space: vocabulary, or task labels at sequence level."""
+    compares = [n for n, s in specs.items() if s.feature == "logits" and s.teacher]
+    if not compares:
+        return
+    field, fix = ("num_labels", "give both models the task's label count") if sequence_level else (
+        "vocab_size", "give the student the teacher's tokenizer and vocabulary")
+    vs, vt = getattr(student_cfg, field, None), getattr(teacher_cfg, field, None)
+    if vs != vt:
+        raise UsageError(
+            f"term {compares[0]!r} compares the two models' outputs, but the student's {field} is {vs} "
+            f"and the teacher's {vt}: {fix}"
+        )
+
+
+def _layer_map(layer_map, student_layers, n_student: int, n_teacher: int, specs) -> tuple[tuple[int, int], ...]:
+    """The (student, teacher) pairs of the intermediate terms: explicit map, else from student_layers."""
+    if layer_map is not None:
+        pairs = []
+        for entry in layer_map:
+            if (
+                not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in entry)
+            ):
+                raise UsageError(
+                    f"layer map entry {entry!r} is not a [student_layer, teacher_layer] pair of integers, e.g. [4, 12]"
+                )
+            pairs.append((entry[0], entry[1]))
+        if not pairs:
+            raise UsageError("the layer map is empty: give [student_layer, teacher_layer] pairs, e.g. [[1, 3], [2, 6]]")
+        check_layer_map(pairs, n_student, n_teacher)
+        return tuple(pairs)
+    if student_layers is not None:
+        return tuple((i, t) for i, t in enumerate(student_layers, start=1))
+    mapped = [n for n, s in specs.items() if s.layers == "map"]
+    if mapped:
+        raise UsageError(
+            f"term {mapped[0]!r} compares intermediate layers but no layer map was given: pass student_layers "
+            "(the teacher layers the student was built from, e.g. 1,5,8,12) or layer_map"
+        )
+    return ()
+
+
+def _check_shapes(specs: dict[str, TermSpec], student_cfg, teacher_cfg, projection: bool) -> dict[str, tuple[int, int]]:
+    """Width and head-count compatibility; returns the projections to create (term -> (in, out))."""
+    ws, wt = hidden_size(student_cfg), hidden_size(teacher_cfg)
+    hs, ht = num_heads(student_cfg), num_heads(teacher_cfg)
+    projections = {}
+    for name, spec in specs.items():
+        if spec.feature == "hidden" and ws != wt:
+            if not projection:
+                raise UsageError(
+                    f"term {name!r} compares hidden states but the student is {ws} wide and the teacher {wt}: "
+                    "set projection: true to learn a linear map (trained with the student, not saved with it), "
+                    "or drop the term"
+                )
+            projections[name] = (ws, wt)
+        if spec.feature in ("attentions", "values") and hs != ht:
+            raise UsageError(
+                f"term {name!r} compares attention heads one to one, but the student has {hs} heads and the "
+                f"teacher {ht}: give the student {ht} heads or drop the term"
+            )
+    return projections
+
+
+def _logits_at(specs: dict[str, TermSpec], restrict_ce_to_mask: bool, sequence_level: bool) -> dict[str, str | None]:
+    """Where each role's head must run. Positions cover every active logit term's needs:
+    masked targets are a subset of real tokens, so one gather serves ce and mlm together."""
+    out: dict[str, str | None] = {}
+    for role in ROLES:
+        wanted = set()
+        for spec in specs.values():
+            if spec.feature != "logits" or (role == "teacher" and not spec.teacher):
+                continue
+            where = spec.logits_at
+            if where == "soft":
+                where = MASKED if restrict_ce_to_mask else REAL
+            wanted.add(SEQUENCE if sequence_level else where)
+        out[role] = SEQUENCE if SEQUENCE in wanted else REAL if REAL in wanted else MASKED if MASKED in wanted else None
+    return out
+
+
+def _feature(features: Features, attr: str, role: str, name: str):
+    value = getattr(features, attr)
+    if value is None:
+        raise UsageError(
+            f"term {name!r} needs the {role}'s {attr} but its Features have none: "
+            f"extract with objective.extract_kwargs(batch, {role!r})"
+        )
+    return value
+
+
+def _value(features: Features, layer: int, role: str, name: str) -> Tensor:
+    if layer not in features.values:
+        raise UsageError(
+            f"term {name!r} needs the {role}'s value vectors of layer {layer}: "
+            f"extract with objective.extract_kwargs(batch, {role!r})"
+        )
+    return features.values[layer]
