@@ -123,6 +123,6 @@ def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=N
         return Batches(dataset, **common)
     if tokenizer.mask_token_id is None:
         raise UsageError("the tokenizer has no [MASK] token, which masked-LM terms need")
-    counts = token_counts(dataset, len(tokenizer))
+    counts = token_counts(dataset, max(len(tokenizer), teacher.config.vocab_size))
     weights = masking_weights(counts, tokenizer.all_special_ids, cfg.mask_smoothing)
     return MaskedLMBatches(dataset, weights, tokenizer.mask_token_id, len(tokenizer), cfg.mlm_probability, **common)

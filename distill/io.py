@@ -41,14 +41,14 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
     """An existing non-empty output folder is refused unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"output {str(path)!r} exists and is a file: give a folder path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(
-            f"output folder {str(path)!r} exists and is not empty: choose another folder or pass --overwrite"
+            f"output folder {str(path)!r} exists and is not empty: choose another folder or pass {flag}"
         )
 
 

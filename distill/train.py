@@ -36,6 +36,7 @@ from .models import extract, family_of, load_model, set_attention_dropout
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 LOGS = "logs"
 
 
@@ -111,21 +112,30 @@ class StudentStep(nn.Module):
 
     Wrapped in DistributedDataParallel as a whole, so the projections' gradients are
     synchronised too. The teacher is held outside the module tree (frozen, never
-    synchronised) and runs under ``no_grad``.
+    synchronised) and runs under ``no_grad``. ``generator``: an ELECTRA generator that
+    trains (:class:`distill.electra.GeneratorStep`): it corrupts the batch here, and its
+    MLM loss (term ``gen_mlm``) joins the total, so DDP, the optimiser and checkpoints see it.
     """
 
-    def __init__(self, student: nn.Module, objective: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, objective: nn.Module, teacher: nn.Module, generator=None):
         super().__init__()
         self.student = student
         self.objective = objective
+        self.generator = generator
         self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and DDP
 
     def forward(self, batch: dict):
+        gen_loss = None
+        if self.generator is not None:
+            batch, gen_loss = self.generator(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.no_grad():
             teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
         student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
-        return self.objective(student_out, teacher_out, batch)
+        loss, terms = self.objective(student_out, teacher_out, batch)
+        if gen_loss is not None:
+            loss, terms = loss + self.generator.weight * gen_loss, {**terms, "gen_mlm": gen_loss.detach()}
+        return loss, terms
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ def train(cfg: DistillConfig) -> str:
     env = setup_distributed(cfg.device)
     out = Path(cfg.output_dir)
     if not cfg.resume:
-        check_output_dir(out, cfg.overwrite_output_dir)
+        check_output_dir(out, cfg.overwrite_output_dir, "--overwrite_output_dir (or --resume to continue)")
     elif not latest_checkpoint(out):
         raise UsageError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; start without --resume")
 
@@ -151,6 +161,9 @@ def train(cfg: DistillConfig) -> str:
 
     check_model_path(teacher_path, "teacher")
     teacher_config = AutoConfig.from_pretrained(teacher_path)
+    from .electra import check_recipe
+
+    check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
     layers, student_config = student_plan(cfg, teacher_config)
     objective = Objective.from_config(
         cfg.weights, temperature=cfg.temperature, student_config=student_config, teacher_config=teacher_config,
@@ -167,7 +180,7 @@ def train(cfg: DistillConfig) -> str:
     else:
         student, _ = build_student(teacher, layers, cfg.student_type, teacher_name=cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    if cfg.student and os.path.exists(os.path.join(cfg.student, "tokenizer_config.json")):
+    if cfg.student and any(os.path.exists(os.path.join(cfg.student, f)) for f in TOKENIZER_FILES):
         from .data import check_same_tokenizer
 
         check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.student))
@@ -186,7 +199,10 @@ def train(cfg: DistillConfig) -> str:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
 
     student = precision.prepare(student)
-    step_module = StudentStep(student, objective, teacher)
+    generator = getattr(batches, "trained_generator", None)  # ELECTRA with train_generator
+    if generator is not None:
+        precision.prepare(generator)
+    step_module = StudentStep(student, objective, teacher, generator)
     optimizer = precision.make_optimizer(param_groups(step_module, cfg.weight_decay), torch.optim.AdamW,
                                          lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                          eps=cfg.adam_epsilon)
@@ -253,6 +269,10 @@ def train(cfg: DistillConfig) -> str:
         save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
                      batches.describe())
         print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
+        if generator is not None:
+            from .electra import save_generator
+
+            print(f"trained generator saved to {save_generator(out, generator, precision, tokenizer)}", file=sys.stderr)
     if env.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ def vocab_tokens() -> list[str]:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = list(string.ascii_lowercase + string.digits + ".,;:'\"!?()-")
     pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
-    return specials + chars + pieces + WORDS
+    return list(dict.fromkeys(specials + chars + pieces + WORDS))  # "a" is a letter and a word: one id
 
 
 def save_tokenizer(folder) -> str:

@@ -1,0 +1,232 @@
+"""The training loop: it learns, resumes exactly, runs on 2 processes as on 1, and refuses bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from distill.cli import train_main
+from distill.config import make_config, parse_config
+from distill.train import train
+from tests import tiny
+
+DISTILBERT_RECIPE = {"ce": 5.0, "mlm": 2.0, "cos": 1.0, "att_mse": 1.0}
+
+
+def write_corpus(path: Path, lines: int = 300, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    text = "\n".join(" ".join(rng.choice(tiny.WORDS) for _ in range(rng.randint(5, 25))) + " ."
+                     for _ in range(lines))
+    path.write_text(text + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def quiet_teacher(tmp_path_factory, vocab_dir):
+    """A tiny BertForMaskedLM without dropout, so runs on 1 and 2 processes can be compared exactly."""
+    return tiny.save_model("bert_mlm", tmp_path_factory.mktemp("quiet"), vocab_dir, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+
+
+def run_config(teacher, corpus, out, tmp_path, **overrides):
+    values = dict(teacher=teacher, corpus=corpus, output_dir=str(out), cache_dir=str(tmp_path / "cache"),
+                  student_layers=[1, 3], student_type="bert", weights=DISTILBERT_RECIPE, block_size=32,
+                  per_device_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, max_steps=6,
+                  precision="fp32", save_steps=0, logging_steps=1, progress=False, device="cpu")
+    values.update(overrides)
+    return values
+
+
+def cli_args(values: dict) -> list[str]:
+    args = []
+    for k, v in values.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)]
+    return args
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_lowers_the_objective_and_saves_a_loadable_student(bert_mlm_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(run_config(bert_mlm_dir, corpus, out, tmp_path, max_steps=30, logging_steps=5,
+                                 student_type="distilbert")))
+    log = read_log(out)
+    for term in DISTILBERT_RECIPE:
+        assert term in log[-1] and all(term in r for r in log)
+    # ce carries the teacher's (constant) tempered entropy, so judge learning by the distances;
+    # att_mse starts near 0 (the student's layers are copies) and may rise while the others fall
+    assert log[-1]["cos"] < 0.8 * log[0]["cos"] and log[-1]["mlm"] < log[0]["mlm"]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert {"lr", "loss_scale", "skipped_steps", "tokens_per_s", "grad_norm"} <= set(log[-1])
+    assert any((out / "logs" / "tensorboard").iterdir())
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "distilbert" and config["n_layers"] == 2
+    assert not config.get("output_hidden_states") and not config.get("output_attentions")
+    assert AutoModelForMaskedLM.from_pretrained(out).config.n_layers == 2
+    AutoModelForSequenceClassification.from_pretrained(out)
+    card = (out / "README.md").read_text()
+    for needle in (bert_mlm_dir, "1,3", "5*ce", "2*mlm", "1*cos", "fp32", "30 optimiser steps"):
+        assert needle in card, needle
+    recipe = json.loads((out / "distill_config.json").read_text())
+    assert recipe["weights"] == DISTILBERT_RECIPE and recipe["max_steps"] == 30
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(quiet_teacher, corpus, tmp_path):
+    base = run_config(quiet_teacher, corpus, tmp_path / "one", tmp_path, max_steps=4, per_device_batch_size=3)
+    train(make_config({**base, "gradient_accumulation_steps": 2}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = {**base, "output_dir": str(tmp_path / "two")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           shutil.which("distill-train")] + cli_args(two)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    start = weights(quiet_teacher)
+    moved = 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(one[key], start.get(key, torch.zeros(0))))
+    assert moved > 10  # the runs trained: most tensors left their initial values
+    assert read_log(tmp_path / "one")[-1]["loss"] == pytest.approx(read_log(tmp_path / "two")[-1]["loss"], rel=1e-5)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus, tmp_path):
+    # dropout stays on: the RNG state is part of the checkpoint
+    base = run_config(bert_mlm_dir, corpus, tmp_path / "whole", tmp_path, max_steps=60, save_steps=10,
+                      logging_steps=10, per_device_batch_size=4)
+    train(make_config(base))
+    killed = {**base, "output_dir": str(tmp_path / "killed")}
+    cmd = [shutil.which("distill-train")] + cli_args(killed)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = tmp_path / "killed" / "checkpoints" / "step-00000020.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run ended before it was killed"
+    assert train_main(cli_args({**killed, "resume": True})) == 0
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "nan"
+    values = run_config(bert_mlm_dir, corpus, out, tmp_path, learning_rate=1e12, max_grad_norm=0.0, max_steps=30,
+                        weights={"mlm": 1.0, "hid_mse": 1.0}, warmup_ratio=0.0)
+    assert train_main(cli_args(values)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is") and "--resume" in err
+    saved = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert saved, "the last good state was not saved"
+    state = torch.load(saved[-1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_without_arguments_the_config_is_the_offline_demo():
+    cfg = parse_config([])
+    demo = json.loads((Path(__file__).parent.parent / "student_configs" / "demo_minilm_3l.json").read_text())
+    assert cfg.teacher == demo["teacher"] and cfg.corpus == demo["corpus"]
+    assert cfg.student_layers == demo["student_layers"] == [2, 4, 6]
+    assert cfg.weights == demo["weights"]
+
+
+def test_demo_pipeline_runs_on_the_real_teacher_and_corpus(tmp_path):
+    out = tmp_path / "demo"
+    assert train_main(["--config", str(Path(__file__).parent.parent / "student_configs" / "demo_minilm_3l.json"),
+                       "--output_dir", str(out), "--max_steps", "2", "--max_documents", "6", "--per_device_batch_size",
+                       "4", "--cache_dir", str(tmp_path / "cache"), "--progress", "false"]) == 0
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3
+    batch = AutoTokenizer.from_pretrained(out)(["Wikipedia is an encyclopedia."], return_tensors="pt")
+    assert model(**batch).last_hidden_state.shape[-1] == 384
+
+
+# --- bad input: one line, exit 2, nothing written ---------------------------------------------
+
+def _bad(capsys, values, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_main(cli_args(values))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert not Path(values["output_dir"]).exists()
+    return err
+
+
+def test_missing_corpus(capsys, bert_mlm_dir, tmp_path):
+    err = _bad(capsys, run_config(bert_mlm_dir, str(tmp_path / "nope.txt"), tmp_path / "o", tmp_path), tmp_path)
+    assert "nope.txt" in err
+
+
+def test_corpus_without_text(capsys, bert_mlm_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    err = _bad(capsys, run_config(bert_mlm_dir, str(empty), tmp_path / "o", tmp_path), tmp_path)
+    assert "empty.txt" in err and "text" in err
+
+
+def test_block_size_beyond_position_limit(capsys, bert_mlm_dir, corpus, tmp_path):
+    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, block_size=100), tmp_path)
+    assert "100" in err and "64" in err
+
+
+def test_layer_map_that_does_not_fit(capsys, bert_mlm_dir, corpus, tmp_path):
+    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, layer_map=[[1, 1], [3, 4]]), tmp_path)
+    assert "3" in err and "student" in err
+
+
+def test_student_tokenizer_differs_from_teacher(capsys, bert_mlm_dir, corpus, tmp_path):
+    from distill.student import init_student
+
+    student = tmp_path / "student"
+    init_student(bert_mlm_dir, "1,3", str(student))
+    vocab = (student / "vocab.txt")
+    lines = tiny.vocab_tokens()
+    lines[1], lines[2] = lines[2], lines[1]  # [CLS] gets another id
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (student / name).unlink(missing_ok=True)
+    vocab.write_text("\n".join(lines) + "\n")
+    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, student=str(student)), tmp_path)
+    assert "tokenizer" in err
+
+
+def test_ce_with_a_teacher_without_mlm_head(capsys, bert_base_dir, corpus, tmp_path):
+    err = _bad(capsys, run_config(bert_base_dir, corpus, tmp_path / "o", tmp_path, weights={"ce": 1.0}), tmp_path)
+    assert "head" in err
+
+
+def test_existing_output_needs_overwrite_or_resume(capsys, bert_mlm_dir, corpus, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    with pytest.raises(SystemExit):
+        train_main(cli_args(run_config(bert_mlm_dir, corpus, out, tmp_path)))
+    assert "--overwrite_output_dir" in capsys.readouterr().err and (out / "x").read_text() == "keep"
