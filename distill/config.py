@@ -158,7 +158,7 @@ def build_parser() -> ArgumentParser:
                "examples:\n"
                "  distill-train                                      # the offline demo\n"
                "  distill-train --config student_configs/bert_4l_1-5-8-12.json --output_dir runs/bert4l\n"
-               "  torchrun --nproc_per_node 4 -m distill.cli --config student_configs/bert_4l_1-5-8-12.json\n",
+               "  torchrun --nproc_per_node 4 --no-python distill-train --config student_configs/bert_4l_1-5-8-12.json\n",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")
