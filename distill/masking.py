@@ -27,7 +27,9 @@ def masking_weights(counts, special_ids: Iterable[int], smoothing: float = 0.7) 
     """
     counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
     if counts.dim() != 1 or counts.numel() == 0:
-        raise UsageError(f"token counts must be a non-empty 1-D array over the vocabulary, got shape {tuple(counts.shape)}")
+        raise UsageError(
+            f"token counts must be a non-empty 1-D array over the vocabulary, got shape {tuple(counts.shape)}"
+        )
     if smoothing < 0:
         raise UsageError(f"masking smoothing {smoothing} is negative: use 0 (uniform) to 1; DistilBERT used 0.7")
     weights = counts.clamp(min=1.0).pow(-float(smoothing))

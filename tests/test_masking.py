@@ -194,7 +194,8 @@ def test_the_same_generator_seed_gives_the_same_masking():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     g = gen(5)  # masking is redone per batch: the generator moves on
-    first, second = mask_tokens(ids, mask, uniform_weights(), MASK, V, g), mask_tokens(ids, mask, uniform_weights(), MASK, V, g)
+    first = mask_tokens(ids, mask, uniform_weights(), MASK, V, g)
+    second = mask_tokens(ids, mask, uniform_weights(), MASK, V, g)
     assert not torch.equal(first[1], second[1])
 
 
