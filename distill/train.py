@@ -32,7 +32,7 @@ from .assets import minilm_dir, wiki_extract_path
 from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
-from .models import extract, family_of, load_model, set_attention_dropout
+from .models import Features, extract, family_of, load_model, set_attention_dropout
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
@@ -129,8 +129,10 @@ class StudentStep(nn.Module):
         if self.generator is not None:
             batch, gen_loss = self.generator(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        with torch.no_grad():
-            teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        teacher_out = Features()
+        if self.objective.needs_teacher:  # e.g. an mlm-only objective asks nothing of the teacher
+            with torch.no_grad():
+                teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
         student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
         loss, terms = self.objective(student_out, teacher_out, batch)
         if gen_loss is not None:
