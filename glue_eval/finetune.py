@@ -1,0 +1,258 @@
+"""One fine-tuning run with transformers' ``Trainer``: train split in, dev metrics (and test predictions) out.
+
+Arguments are ``TrainingArguments`` (the names users know: ``--learning_rate``,
+``--per_device_train_batch_size``, ``--fp16`` ...) with a few defaults changed
+for grids, plus :class:`GlueArguments` for what Trainer has no name for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import TrainingArguments
+
+# Trainer and the Auto classes are imported where used: importing Trainer takes seconds, and a
+# bad argument should be reported before that.
+
+from distill.errors import UsageError
+
+from .metrics import compute_metrics, task_score
+from .tasks import Task
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json")
+
+
+@dataclass
+class GlueArguments:
+    """What the run needs beyond Trainer's own arguments."""
+
+    model: str | None = field(default=None, metadata={"help": "Model folder or hub id to fine-tune."})
+    task: str | None = field(default=None, metadata={
+        "help": "CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, 'all', a comma list, or a task spec .json."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Local GLUE folder (original TSV download or hub-layout parquet/CSV). Default: the hub, nyu-mll/glue."})
+    grid: str | None = field(default=None, metadata={
+        "help": "Grid spec JSON (tasks x learning rates x batch sizes x seeds), or 'default' for the seed report's."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder or id, if the model has none."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated (tokens)."})
+    predict_test: bool = field(default=False, metadata={
+        "help": "Also write test-set predictions in GLUE's submission format (<TASK>.tsv)."})
+    save_model: bool = field(default=False, metadata={
+        "help": "Save the fine-tuned model and tokenizer in <cell>/model (e.g. a teacher for --teacher)."})
+    skip_bad_rows: bool = field(default=False, metadata={
+        "help": "Drop TSV rows with the wrong column count (counted on stderr) instead of stopping."})
+    teacher: str | None = field(default=None, metadata={
+        "help": "A fine-tuned teacher folder: adds distillation terms while fine-tuning (TinyBERT's 2nd stage)."})
+    distill_weights: str = field(default='{"kl": 1.0, "hard_ce": 1.0}', metadata={
+        "help": "JSON weights of the --teacher terms: kl, ce, out_mse, hard_ce, hid_mse, emb_mse, cos, att_mse, "
+                "att_kl."})
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the kl/ce terms (multiplied by T^2)."})
+    student_layers: str | None = field(default=None, metadata={
+        "help": "Teacher layers the student was built from, e.g. 1,5,8,12: the layer map of hid_mse/att_mse/att_kl."})
+
+
+@dataclass
+class GlueTrainingArguments(TrainingArguments):
+    """TrainingArguments with grid-friendly defaults; every Trainer flag still works."""
+
+    # A grid of 162 runs must not leave 162 sets of checkpoints behind; --save_model keeps the final one.
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch, best)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N update steps."})
+
+
+def check_model_dir(model: str, tokenizer: str | None) -> None:
+    """A local model folder must hold a config and, unless --tokenizer is given, a tokenizer."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise UsageError(f"model folder {model!r} has no config.json: give a transformers model folder")
+        if tokenizer is None and not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
+            raise UsageError(
+                f"model folder {model!r} has no tokenizer (no tokenizer.json, vocab.txt, ...): save it there with "
+                "tokenizer.save_pretrained(folder), or pass --tokenizer NAME_OR_FOLDER"
+            )
+    elif model.startswith((".", "/", "~")) or os.path.exists(model):
+        raise UsageError(f"model {model!r} does not exist: give a model folder or a hub id")
+
+
+def load_tokenizer(model: str, tokenizer: str | None):
+    from transformers import AutoTokenizer
+
+    name = tokenizer or model
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - any failure here is the user's folder or id
+        raise UsageError(f"could not load a tokenizer from {name!r}: {type(err).__name__}: {err}") from None
+
+
+def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int) -> dict:
+    """Split -> dataset of ``input_ids``/``attention_mask``(/``token_type_ids``), ``label``, ``idx``."""
+
+    def encode(batch):
+        return tokenizer(*[batch[f] for f in task.text_fields], truncation=True, max_length=max_seq_length)
+
+    return {name: ds.map(encode, batched=True, remove_columns=list(task.text_fields), desc=f"tokenize {name}")
+            for name, ds in splits.items()}
+
+
+def load_classifier(path: str, task: Task, eager: bool = False):
+    """``AutoModelForSequenceClassification`` with the task's head (a fresh head if the checkpoint has another).
+
+    ``eager=True`` selects eager attention, the only kind that returns attention probabilities.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    labels = task.labels or ("score",)
+    config = AutoConfig.from_pretrained(
+        path, num_labels=task.num_labels, id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if task.is_regression else "single_label_classification",
+    )
+    # A model fine-tuned on another task (MNLI -> RTE) gets a new head rather than an error.
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True,
+                                                              **kwargs)
+
+
+def check_vocabulary(tokenizer, model, name: str) -> None:
+    """Token ids past the embedding table fail deep inside torch; say which folder disagrees instead."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but {name!r} has {rows} embedding rows: "
+            "use the tokenizer the model was trained with"
+        )
+
+
+def _logits(predictions):
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: GlueArguments) -> dict:
+    """Fine-tune ``glue.model`` on ``data["train"]``, evaluate on every dev split.
+
+    data: split -> tokenized dataset (:func:`tokenize`).
+    args: the cell's TrainingArguments (learning rate, batch, seed, ``output_dir`` = the cell folder).
+    Returns the result record: metrics per dev split (fractions), the task score per split and
+    overall, and the split model selection uses. Writes test predictions and the model only if asked.
+    """
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    eager = False
+    if glue.teacher:
+        from .distillation import needs_attention, parse_weights
+
+        eager = needs_attention(parse_weights(glue.distill_weights, task))
+    set_seed(args.seed)  # before the model: the new classifier head is drawn from this seed
+    model = load_classifier(glue.model, task, eager=eager)
+    check_vocabulary(tokenizer, model, glue.model)
+    strip = ["idx"]
+    train = data["train"].remove_columns(strip)
+    dev = {s: data[s].remove_columns(strip) for s in task.dev_splits}
+    if args.load_best_model_at_end and len(dev) > 1:
+        metric = (args.metric_for_best_model or task.metrics[0]).removeprefix("eval_")
+        if not any(metric.startswith(s) for s in dev):
+            # Checkpoint selection over several dev splits must name one: the task's selection split
+            # (MNLI: matched), never a pool of both, so mismatched stays a check on the choice.
+            args.metric_for_best_model = f"eval_{task.selection_split}_{metric}"
+    trainer_cls, extra = Trainer, {}
+    if glue.teacher:
+        from .distillation import DistillationTrainer, distillation_kwargs
+
+        trainer_cls, extra = DistillationTrainer, distillation_kwargs(glue, task, model)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev if len(dev) > 1 else next(iter(dev.values())),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: compute_metrics(task, _logits(p.predictions), p.label_ids),
+        **extra,
+    )
+    train_out = trainer.train()
+    metrics = {}
+    for split, ds in dev.items():
+        out = trainer.predict(ds, metric_key_prefix=f"eval_{split}")
+        metrics[split] = compute_metrics(task, _logits(out.predictions), out.label_ids)
+    scores = {split: task_score(m) for split, m in metrics.items()}
+    record = {
+        "task": task.name,
+        "dev": metrics,
+        "score_by_split": scores,
+        # The task's one number for the GLUE average: MNLI counts m and mm by their mean.
+        "score": float(np.mean(list(scores.values()))),
+        "selection_split": task.selection_split,
+        "selection_score": scores[task.selection_split],
+        "train": {
+            "examples": len(train),
+            "steps": train_out.global_step,
+            "loss": train_out.training_loss,
+            "runtime_s": round(train_out.metrics.get("train_runtime", 0.0), 2),
+            "device": str(args.device),
+        },
+    }
+    if glue.predict_test:
+        record["test_predictions"] = write_submission(trainer, task, data, os.path.join(args.output_dir, "submission"))
+    if glue.save_model:
+        trainer.save_model(os.path.join(args.output_dir, "model"))
+        record["model_dir"] = "model"
+    return record
+
+
+def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
+    """GLUE server files: ``index<TAB>prediction`` per test row, class names as GLUE's TSVs spell them."""
+    from .grid import atomic_write_text
+
+    written = []
+    for split, filename in task.test_splits.items():
+        ds = data[split]
+        index = ds["idx"]
+        out = trainer.predict(ds.remove_columns(["idx", "label"]))
+        logits = _logits(out.predictions)
+        if task.is_regression:
+            preds = [f"{x:.3f}" for x in np.asarray(logits).reshape(len(ds), -1)[:, 0]]
+        else:
+            preds = [task.tsv_labels[i] for i in np.asarray(logits).argmax(-1)]
+        lines = ["index\tprediction"] + [f"{i}\t{p}" for i, p in zip(index, preds)]
+        atomic_write_text(os.path.join(folder, filename), "\n".join(lines) + "\n")
+        written.append(os.path.join("submission", filename))
+    return written
+
+
+def precision_check(args: TrainingArguments) -> None:
+    """fp16 is a CUDA mode: on a CPU it crawls or fails deep inside torch, so say so up front."""
+    if args.fp16 and not torch.cuda.is_available():
+        raise UsageError("--fp16 needs a CUDA GPU and none is visible: drop it, or on a CPU use --bf16 --use_cpu")
+
+
+def describe(glue: GlueArguments, args: TrainingArguments) -> dict:
+    """The settings that define a cell; a finished cell is reused only if these match."""
+    weights = json.loads(glue.distill_weights) if glue.teacher else None
+    return {
+        "model": glue.model,
+        "tokenizer": glue.tokenizer,
+        "data_dir": glue.data_dir,
+        "max_seq_length": glue.max_seq_length,
+        "learning_rate": args.learning_rate,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "seed": args.seed,
+        "fp16": args.fp16,
+        "bf16": args.bf16,
+        "teacher": glue.teacher,
+        "distill_weights": weights,
+        "temperature": glue.temperature if glue.teacher else None,
+        "student_layers": glue.student_layers if glue.teacher else None,
+    }

@@ -1,0 +1,176 @@
+"""Grid runs: tasks x learning rates x batch sizes x seeds, one result file per cell, resumable.
+
+Layout of an output folder (a single run is a grid of one cell)::
+
+    OUT/<task>/lr5e-05_bs32_seed1/result.json   one finished cell (written last, atomically)
+    OUT/results.jsonl                           every finished cell, one JSON object per line
+
+A cell whose ``result.json`` exists is skipped, so a killed grid resumes where
+it stopped; a cell killed mid-run has no result file and is run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+
+from distill.errors import UsageError
+
+from .data import check_sources, load_splits, splits_needed
+from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
+                       tokenize)
+from .tasks import Task, resolve_tasks
+
+# The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
+# over the same draws in every cell and a rerun reproduces it; the seed report did not publish its own.
+DEFAULT_GRID = {
+    "tasks": "all",
+    "learning_rate": [1e-5, 5e-5, 1e-4],
+    "per_device_train_batch_size": [16, 32],
+    "seed": [1, 2, 3],
+    "num_train_epochs": 3,
+}
+AXES = ("learning_rate", "per_device_train_batch_size", "seed")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def cell_name(learning_rate: float, batch_size: int, seed: int) -> str:
+    return f"lr{learning_rate:g}_bs{batch_size}_seed{seed}"
+
+
+def load_grid(spec: str) -> dict:
+    """``"default"`` or a JSON file: axes as lists, any other TrainingArguments field as one value."""
+    if spec == "default":
+        return dict(DEFAULT_GRID)
+    if not os.path.isfile(spec):
+        raise UsageError(f"grid file {spec!r} does not exist: give a JSON file or 'default'")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            grid = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"grid file {spec!r} is not valid JSON ({err})") from None
+    if not isinstance(grid, dict):
+        raise UsageError(f"grid file {spec!r} must hold a JSON object")
+    allowed = {f.name for f in dataclasses.fields(GlueTrainingArguments)} | {"tasks", "max_seq_length"}
+    for key, value in grid.items():
+        if key not in allowed:
+            raise UsageError(f"grid file {spec!r}: {key!r} is not a TrainingArguments field (nor 'tasks')")
+        if key in AXES and not (isinstance(value, list) and value):
+            raise UsageError(f"grid file {spec!r}: {key} must be a non-empty list, e.g. [1e-5, 5e-5]")
+    return grid
+
+
+def plan(grid: dict, args: GlueTrainingArguments, glue: GlueArguments):
+    """(tasks, cells, base args) of a grid dict; axes missing from the grid come from the command line."""
+    tasks = resolve_tasks(glue.task if glue.task else _as_spec(grid.get("tasks")))
+    fixed = {k: v for k, v in grid.items() if k not in (*AXES, "tasks", "max_seq_length")}
+    try:
+        base = dataclasses.replace(args, **fixed)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"grid settings {fixed}: {err}") from None
+    if "max_seq_length" in grid:
+        glue = dataclasses.replace(glue, max_seq_length=int(grid["max_seq_length"]))
+    axes = [grid.get(a, [getattr(args, a)]) for a in AXES]
+    cells = [(float(lr), int(bs), int(seed)) for lr in axes[0] for bs in axes[1] for seed in axes[2]]
+    return tasks, cells, base, glue
+
+
+def _as_spec(tasks) -> str:
+    if tasks is None:
+        raise UsageError("no task: pass --task NAME (or 'all'), or list 'tasks' in the grid file")
+    return tasks if isinstance(tasks, str) else ",".join(tasks)
+
+
+def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str) -> list[dict]:
+    """Run every (task, cell) without a result yet; return all finished records of this grid."""
+    check_model_dir(glue.model, glue.tokenizer)
+    for task in tasks:
+        check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
+    todo = {}
+    for task in tasks:
+        for lr, bs, seed in cells:
+            cell_args = dataclasses.replace(args, learning_rate=lr, per_device_train_batch_size=bs, seed=seed,
+                                            output_dir=os.path.join(out, task.name, cell_name(lr, bs, seed)))
+            if not _done(cell_args.output_dir, describe(glue, cell_args)):
+                todo.setdefault(task.name, []).append(cell_args)
+    # Read (and so check) every task's files before training anything: a bad row in the last task
+    # should stop the grid now, not after hours of work on the others.
+    raw = {t.name: load_splits(t, splits_needed(t, glue.predict_test), glue.data_dir, glue.skip_bad_rows)
+           for t in tasks if t.name in todo}
+    tokenizer = load_tokenizer(glue.model, glue.tokenizer) if todo else None
+    total, n = sum(len(v) for v in todo.values()), 0
+    for task in tasks:
+        if task.name not in todo:
+            continue
+        data = tokenize(task, raw.pop(task.name), tokenizer, glue.max_seq_length)
+        for cell_args in todo[task.name]:
+            n += 1
+            print(f"[{n}/{total}] {task.name} {os.path.basename(cell_args.output_dir)}", file=sys.stderr)
+            record = finetune(task, data, tokenizer, cell_args, glue)
+            write_result(cell_args.output_dir, record, describe(glue, cell_args))
+            write_results_jsonl(out)
+    write_results_jsonl(out)
+    records = []
+    for task in tasks:
+        for lr, bs, seed in cells:
+            with open(os.path.join(out, task.name, cell_name(lr, bs, seed), "result.json"), encoding="utf-8") as f:
+                records.append(json.load(f))
+    return records
+
+
+def _done(cell_dir: str, settings: dict) -> bool:
+    path = os.path.join(cell_dir, "result.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f).get("settings", {})
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        k = diff[0]
+        raise UsageError(
+            f"{cell_dir} already holds a result with other settings ({k}: {old.get(k)!r} there, "
+            f"{settings.get(k)!r} now): use another --output_dir, or delete that cell folder to redo it"
+        )
+    return True
+
+
+def write_result(cell_dir: str, record: dict, settings: dict) -> None:
+    import torch
+    import transformers
+
+    record = {"cell": os.path.basename(cell_dir), **record, "settings": settings,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    atomic_write_text(os.path.join(cell_dir, "result.json"), json.dumps(record, indent=2) + "\n")
+
+
+def read_results(out: str) -> list[dict]:
+    """Every finished cell under ``out`` (any grid, any task), sorted by task and cell."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(out, "*", "*", "result.json"))):
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+    return records
+
+
+def write_results_jsonl(out: str) -> None:
+    lines = [json.dumps(r, sort_keys=True) for r in read_results(out)]
+    atomic_write_text(os.path.join(out, "results.jsonl"), "".join(line + "\n" for line in lines))

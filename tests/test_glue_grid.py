@@ -1,0 +1,124 @@
+"""A 2 x 2 grid on a tiny model: completes, resumes after a kill without redoing cells, and reports."""
+
+import json
+
+import pytest
+
+import glue_eval.grid as grid_module
+from glue_eval.cli import main
+from glue_eval.samples import write_glue_sample
+
+GLUE_NAMES = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
+
+
+@pytest.fixture(scope="module")
+def finished_grid(bert_mlm_dir, tmp_path_factory):
+    """Run the grid once with a kill after two cells, then resume it; record what each run did."""
+    root = tmp_path_factory.mktemp("grid")
+    data = write_glue_sample(str(root / "glue"), "tsv", tasks=["mnli", "stsb"], sizes=(16, 8, 6))
+    spec = {"tasks": ["mnli", "STS-B"], "learning_rate": [1e-4, 1e-3], "per_device_train_batch_size": [8, 16],
+            "seed": [7], "num_train_epochs": 1}
+    (root / "grid.json").write_text(json.dumps(spec))
+    out = root / "out"
+    argv = ["--model", bert_mlm_dir, "--grid", str(root / "grid.json"), "--data_dir", data, "--output_dir", str(out),
+            "--use_cpu", "--predict_test", "--disable_tqdm", "true"]
+
+    calls = []
+    real = grid_module.finetune
+
+    def counting(task, data, tokenizer, args, glue, kill_at=None):
+        calls.append(args.output_dir)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # killed in the middle of the third cell
+        return real(task, data, tokenizer, args, glue)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(grid_module, "finetune", lambda *a: counting(*a, kill_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    first = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    first_calls = list(calls)
+
+    calls.clear()
+    mp.setattr(grid_module, "finetune", lambda *a: counting(*a))
+    assert main(argv) == 0
+    resumed_calls = list(calls)
+    calls.clear()
+    assert main(argv) == 0  # everything done: nothing runs
+    mp.undo()
+    return {"out": out, "argv": argv, "first": first, "first_calls": first_calls, "resumed_calls": resumed_calls,
+            "rerun_calls": list(calls)}
+
+
+def test_a_killed_grid_resumes_without_redoing_finished_cells(finished_grid):
+    first, out = finished_grid["first"], finished_grid["out"]
+    assert len(first) == 2 and len(finished_grid["first_calls"]) == 3
+    resumed = finished_grid["resumed_calls"]
+    assert len(resumed) == 6  # 8 cells - 2 finished; the killed one is redone
+    assert not {str(p.parent) for p in first} & set(resumed)
+    assert finished_grid["first_calls"][2] in resumed
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # finished files untouched
+    assert finished_grid["rerun_calls"] == []
+    assert len(list(out.rglob("result.json"))) == 8
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_results_jsonl_has_one_record_per_cell_with_mnli_splits_kept_apart(finished_grid):
+    lines = (finished_grid["out"] / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 8
+    cells = {(r["task"], r["settings"]["learning_rate"], r["settings"]["per_device_train_batch_size"]) for r in records}
+    assert len(cells) == 8
+    for r in records:
+        if r["task"] == "mnli":
+            assert set(r["dev"]) == {"validation_matched", "validation_mismatched"}
+            assert r["selection_split"] == "validation_matched"
+            assert r["selection_score"] == r["score_by_split"]["validation_matched"]
+        else:
+            assert set(r["dev"]["validation"]) == {"pearson", "spearmanr"}
+
+
+def test_test_predictions_are_in_glue_submission_format(finished_grid):
+    cell = finished_grid["out"] / "mnli" / "lr0.0001_bs8_seed7" / "submission"
+    for name in ("MNLI-m.tsv", "MNLI-mm.tsv"):
+        lines = (cell / name).read_text().splitlines()
+        assert lines[0] == "index\tprediction" and len(lines) == 7
+        assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(6)]
+        assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "neutral", "contradiction"}
+    stsb = (finished_grid["out"] / "stsb" / "lr0.001_bs16_seed7" / "submission" / "STS-B.tsv").read_text()
+    float(stsb.splitlines()[1].split("\t")[1])
+
+
+def test_a_finished_cell_is_not_reused_under_other_settings(finished_grid, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(finished_grid["argv"] + ["--max_seq_length", "32"])
+    assert info.value.code == 2
+    assert "other settings (max_seq_length: 128 there, 32 now)" in capsys.readouterr().err
+
+
+def test_the_report_has_every_task_the_glue_score_and_a_valid_png(finished_grid, capsys):
+    out = finished_grid["out"]
+    assert main(["report", str(out), "--teacher_results", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    for name in GLUE_NAMES:
+        assert f"| {name} |" in md
+    assert "**GLUE score** (2 of 9 tasks)" in md
+    assert "chosen on the dev split it is reported on" in md and "MNLI runs are chosen on matched dev" in md
+    assert "teacher best" in md and "DistilBERT (6L)" in md
+    mnli_row = next(line for line in md.splitlines() if line.startswith("| MNLI |"))
+    assert mnli_row.count("/") >= 3  # m/mm for the student's best, median, and the references
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib import image
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+    assert image.imread(str(png)).ndim == 3
+
+
+def test_report_of_an_empty_folder_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path)])
+    assert info.value.code == 2
+    assert "no results in" in capsys.readouterr().err
