@@ -1,0 +1,112 @@
+"""Real learning on a local task spec: a tiny model finds a keyword, and a student learns it from a teacher alone."""
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from distill.errors import UsageError
+from glue_eval.cli import main
+from glue_eval.distillation import parse_weights
+from glue_eval.tasks import get_task
+from tests import tiny
+
+KEYWORD = "city"
+TRAIN = ["--use_cpu", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--num_train_epochs", "3",
+         "--warmup_steps", "0.1", "--disable_tqdm", "true"]
+
+
+def _rows(n, rng):
+    """Label 'yes' iff the keyword occurs; short texts of other words, the keyword anywhere."""
+    words = [w for w in tiny.WORDS if w != KEYWORD]
+    rows = []
+    for i in range(n):
+        text = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+        if i % 2:
+            text.insert(rng.randint(0, len(text)), KEYWORD)
+        rows.append((" ".join(text), "yes" if i % 2 else "no"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def keyword_task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keyword")
+    rng = random.Random(0)
+    train, dev = _rows(160, rng), _rows(100, rng)
+    with open(folder / "train.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *train])
+    # The same texts with labels drawn at random: only a teacher can teach this set anything.
+    with open(folder / "train_noise.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *[(t, rng.choice(["no", "yes"])) for t, _ in train]])
+    with open(folder / "dev.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t, "label": y}) + "\n" for t, y in dev)
+    spec = {"name": "has_city", "train": "train.csv", "dev": "dev.jsonl", "text_columns": ["text"],
+            "label_column": "label", "labels": ["no", "yes"], "metric": "accuracy"}
+    (folder / "task.json").write_text(json.dumps(spec))
+    (folder / "noise.json").write_text(json.dumps({**spec, "train": "train_noise.csv"}))
+    return folder
+
+
+def _result(out: Path) -> dict:
+    (path,) = out.rglob("result.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def teacher(keyword_task, bert_mlm_dir):
+    out = keyword_task / "teacher_run"
+    main(["--model", bert_mlm_dir, "--task", str(keyword_task / "task.json"), "--output_dir", str(out),
+          "--seed", "0", "--save_model", *TRAIN])
+    return out
+
+
+def test_a_tiny_model_learns_a_keyword_task_well_above_chance(teacher):
+    record = _result(teacher)
+    assert record["task"] == "has_city" and record["train"]["examples"] == 160
+    assert record["dev"]["validation"]["accuracy"] > 0.8  # chance is 0.5 (balanced dev set)
+    assert (teacher / "has_city" / record["cell"] / "model" / "config.json").is_file()
+
+
+def test_a_student_learns_from_the_teacher_alone_on_randomly_labelled_data(teacher, keyword_task, vocab_dir):
+    student = tiny.save_model("bert_mlm", keyword_task / "student", vocab_dir, seed=1)
+    teacher_model = next(teacher.rglob("model"))
+    out = keyword_task / "distilled"
+    main(["--model", student, "--task", str(keyword_task / "noise.json"), "--output_dir", str(out), "--seed", "0",
+          "--teacher", str(teacher_model), "--distill_weights", '{"kl": 1.0}', "--temperature", "2", *TRAIN])
+    record = _result(out)
+    assert record["settings"]["distill_weights"] == {"kl": 1.0} and record["settings"]["temperature"] == 2.0
+    # The train labels are noise, so what the student knows came through the kl term.
+    assert record["dev"]["validation"]["accuracy"] > 0.8
+
+
+def test_intermediate_terms_run_with_the_layer_map(teacher, keyword_task, bert_mlm_dir):
+    out = keyword_task / "intermediate"
+    weights = '{"kl": 1.0, "hard_ce": 1.0, "hid_mse": 1.0, "att_mse": 1.0}'
+    main(["--model", bert_mlm_dir, "--task", str(keyword_task / "task.json"), "--output_dir", str(out),
+          "--teacher", str(next(teacher.rglob("model"))), "--distill_weights", weights, "--student_layers", "1,2,3,4",
+          "--use_cpu", "--max_steps", "2", "--disable_tqdm", "true"])
+    assert _result(out)["settings"]["student_layers"] == "1,2,3,4"
+
+
+def test_distillation_settings_that_cannot_work_are_refused():
+    with pytest.raises(UsageError, match="regression"):
+        parse_weights('{"kl": 1.0}', get_task("stsb"))
+    with pytest.raises(UsageError, match="not a task-distillation term"):
+        parse_weights('{"mlm": 1.0}')
+    with pytest.raises(UsageError, match="not JSON"):
+        parse_weights("kl=1")
+
+
+def test_a_teacher_with_another_label_set_is_refused(keyword_task, vocab_dir, capsys):
+    from transformers import BertForSequenceClassification
+
+    three_way = BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=3))
+    three_way.save_pretrained(str(keyword_task / "mnli_teacher"))
+    with pytest.raises(SystemExit) as info:
+        main(["--model", tiny.save_model("bert_mlm", keyword_task / "s2", vocab_dir), "--task",
+              str(keyword_task / "task.json"), "--output_dir", str(keyword_task / "refused"),
+              "--teacher", str(keyword_task / "mnli_teacher"), *TRAIN])
+    assert info.value.code == 2
+    assert "has 3 outputs but has_city needs 2" in capsys.readouterr().err
