@@ -1,6 +1,11 @@
 """A 2 x 2 grid on a tiny model: completes, resumes after a kill without redoing cells, and reports."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +127,21 @@ def test_report_of_an_empty_folder_is_one_clear_error(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert info.value.code == 2
     assert "no results in" in capsys.readouterr().err
+
+
+def test_the_grid_script_runs_the_grid_then_the_report(bert_mlm_dir, tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TASKS": "rte", "GRID": str(tmp_path / "grid.json")}
+    if shutil.which("glue-eval", path=env["PATH"]) is None:
+        pytest.skip("the glue-eval console script is not installed (pip install -e .)")
+    (tmp_path / "grid.json").write_text(json.dumps({"learning_rate": [1e-3], "per_device_train_batch_size": [8],
+                                                    "seed": [1, 2], "max_steps": 1}))
+    data = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["rte"], sizes=(8, 4, 4))
+    script = Path(__file__).parents[1] / "scripts" / "glue_grid.sh"
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(script), bert_mlm_dir, str(out), "--data_dir", data, "--use_cpu",
+                           "--teacher_results", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert "| RTE |" in (out / "report.md").read_text() and (out / "report.png").is_file()
