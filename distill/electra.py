@@ -254,8 +254,9 @@ class ElectraBatches(Batches):
             raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the models' vocabulary only {vocab}")
         specials = tokenizer.all_special_ids
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        return cls(dataset, generator, uniform_weights(vocab, specials), sampling_allowed(vocab, len(tokenizer), specials),
-                   tokenizer.mask_token_id, cfg.mlm_probability, cfg.train_generator, cfg.generator_weight,
+        return cls(dataset, generator, uniform_weights(vocab, specials),
+                   sampling_allowed(vocab, len(tokenizer), specials), tokenizer.mask_token_id, cfg.mlm_probability,
+                   cfg.train_generator, cfg.generator_weight,
                    autocast_dtype=dtype if env.device.type == "cuda" else None, **common)
 
     @property
