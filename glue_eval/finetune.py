@@ -190,6 +190,8 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
         "score": float(np.mean(list(scores.values()))),
         "selection_split": task.selection_split,
         "selection_score": scores[task.selection_split],
+        # --load_best_model_at_end picks the checkpoint on dev too: the report says so.
+        "checkpoint_selection": args.metric_for_best_model if args.load_best_model_at_end else None,
         "train": {
             "examples": len(train),
             "steps": train_out.global_step,

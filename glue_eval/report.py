@@ -118,7 +118,7 @@ def build_report(out: str, teacher_dir: str | None = None) -> tuple[str, str]:
 
 def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_dir: str | None) -> str:
     models = sorted({r["settings"]["model"] for r in records})
-    head = ["task", "metric", "best on dev", "median over seeds", "lr", "batch", "seeds"]
+    head = ["task", "metric", "best on dev", "median over seeds", "lr", "batch", "seed", "seeds"]
     if teacher:
         head += ["teacher best", "teacher median"]
     head += list(REFERENCES)
@@ -131,9 +131,9 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
         if s:
             cfg = s["best"]["settings"]
             row += [_fmt(s["best_values"]), _fmt(s["median_values"]), f"{cfg['learning_rate']:g}",
-                    str(cfg["per_device_train_batch_size"]), str(s["seeds"])]
+                    str(cfg["per_device_train_batch_size"]), str(cfg["seed"]), str(s["seeds"])]
         else:
-            row += ["not run", "—", "—", "—", "—"]
+            row += ["not run", "—", "—", "—", "—", "—"]
         if teacher:
             t = teacher.get(name)
             row += [_fmt(t["best_values"]), _fmt(t["median_values"])] if t else ["—", "—"]
@@ -144,7 +144,7 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
     row = [f"**GLUE score** ({k} of 9 tasks)", "mean of task scores"]
     if k:
         row += [_fmt(statistics.mean(student[t]["best_score"] for t in glue_present)),
-                _fmt(statistics.mean(student[t]["median_score"] for t in glue_present)), "", "", ""]
+                _fmt(statistics.mean(student[t]["median_score"] for t in glue_present)), "", "", "", ""]
         if teacher:
             have = all(t in teacher for t in glue_present)
             row += [_fmt(statistics.mean(teacher[t]["best_score"] for t in glue_present)) if have else "—",
@@ -176,6 +176,10 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
     ]
     if teacher_dir:
         lines += ["", f"Teacher results: {os.path.basename(os.path.abspath(teacher_dir))}."]
+    chose_checkpoint = sorted({r["checkpoint_selection"] for r in records if r.get("checkpoint_selection")})
+    if chose_checkpoint:
+        lines += ["", f"Some runs also chose their checkpoint on dev (--load_best_model_at_end on "
+                      f"{', '.join(chose_checkpoint)}): their dev numbers are selected twice over."]
     lines += ["", "![dev score per learning rate and batch size](report.png)", "", "## Every cell", "",
               "Median (min–max) task score over seeds, percent.", "",
               "| task | lr | batch | runs | median | min–max |", "|---|---|---|---|---|---|"]
