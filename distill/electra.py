@@ -35,7 +35,7 @@ from . import losses
 from .batches import Batches, chunk_generator
 from .errors import UsageError
 from .masking import IGNORE_INDEX, mask_tokens, masking_weights
-from .models import check_model_path, extract, load_model, role_from_architectures, role_of
+from .models import extract, load_config, load_model, role_from_architectures, role_of
 
 MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay
 RTD_TERMS = ("rtd", "rtd_kl")
@@ -148,10 +148,7 @@ def check_recipe(cfg, teacher_config) -> None:
     if isinstance(cfg.generator_weight, bool) or not isinstance(cfg.generator_weight, (int, float)) \
             or not math.isfinite(cfg.generator_weight) or cfg.generator_weight < 0:
         raise UsageError(f"generator_weight={cfg.generator_weight!r} must be a finite number >= 0")
-    from transformers import AutoConfig
-
-    check_model_path(cfg.generator, "generator")
-    check_generator(AutoConfig.from_pretrained(cfg.generator), teacher_config, cfg.generator)
+    check_generator(load_config(cfg.generator, "generator"), teacher_config, cfg.generator)
 
 
 def check_discriminator(config_or_model, name: str = "the teacher") -> None:

@@ -101,14 +101,26 @@ def check_model_path(name_or_path: str, what: str = "teacher") -> None:
         raise UsageError(f"{what} {name_or_path!r} does not exist: give a model folder or a hub id")
 
 
+def load_config(name_or_path: str, what: str = "teacher"):
+    """``AutoConfig.from_pretrained`` with one clear line when a path is missing or a hub id unreachable."""
+    check_model_path(name_or_path, what)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"cannot load the {what} {name_or_path!r} ({first[:160]}): check the hub id and the network, "
+            "or give a local folder saved with save_pretrained"
+        ) from None
+
+
 def load_model(name_or_path: str, role: str | None = None, eager: bool = False, what: str = "teacher", **kwargs):
     """Load a teacher (or student) with the head its checkpoint has (or ``role``).
 
     ``eager=True`` selects eager attention, the only implementation that returns
     attention probabilities (with sdpa, ``output_attentions`` yields nothing).
     """
-    check_model_path(name_or_path, what)
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = load_config(name_or_path, what)
     family = family_of(config)
     role = role or role_from_architectures(config)
     if role not in family.classes:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, DistilBertConfig
+from transformers import AutoTokenizer, DistilBertConfig
 
 from .errors import UsageError
 from .io import atomic_dir, atomic_write_json, check_output_dir
 from .layers import parse_layers
-from .models import FAMILIES, check_model_path, family_of, load_model, num_layers, role_of
+from .models import FAMILIES, family_of, load_config, load_model, num_layers, role_of
 
 STUDENT_TYPES = tuple(FAMILIES)
 SUPPORTED_PAIRS = {("bert", "bert"), ("bert", "distilbert"), ("distilbert", "distilbert"), ("electra", "electra")}
@@ -201,7 +201,7 @@ def model_card(report: InitReport, student_type: str) -> str:
     ]
     if report.not_copied:
         lines.append(f"- randomly initialised (the teacher has no such part): {', '.join(report.not_copied)}")
-    lines += ["", "```python", "from transformers import AutoModel", f"model = AutoModel.from_pretrained(\"<this folder>\")",
+    lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
               "```", ""]
     return "\n".join(lines)
 
@@ -215,8 +215,7 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     if student_type is not None and student_type not in STUDENT_TYPES:
         raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
     # every check that needs only the config runs before the (possibly slow) weight load
-    check_model_path(teacher, "teacher")
-    config = AutoConfig.from_pretrained(teacher)
+    config = load_config(teacher, "teacher")
     check_pair(family_of(config).name, student_type or family_of(config).name)
     parse_layers(layers, num_layers(config), what="teacher")
     teacher_model = load_model(teacher, what="teacher")

@@ -32,7 +32,7 @@ from .assets import minilm_dir, wiki_extract_path
 from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
-from .models import Features, extract, family_of, load_model, set_attention_dropout
+from .models import Features, extract, family_of, load_config, load_model, set_attention_dropout
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
@@ -144,7 +144,7 @@ class StudentStep(nn.Module):
 
 def train(cfg: DistillConfig) -> str:
     """Run a distillation described by ``cfg``; return the folder holding the student."""
-    from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     from .batches import make_batches
     from .objective import Objective
@@ -159,10 +159,7 @@ def train(cfg: DistillConfig) -> str:
 
     # models and objective: configs first, so every config error comes before a weight load
     teacher_path = resolve_teacher(cfg.teacher)
-    from .models import check_model_path
-
-    check_model_path(teacher_path, "teacher")
-    teacher_config = AutoConfig.from_pretrained(teacher_path)
+    teacher_config = load_config(teacher_path, "teacher")
     from .electra import check_recipe
 
     check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
@@ -205,6 +202,8 @@ def train(cfg: DistillConfig) -> str:
     if generator is not None:
         precision.prepare(generator)
     step_module = StudentStep(student, objective, teacher, generator)
+    if env.world > 1:
+        freeze_unused(step_module, batches.chunk(0, 0), precision)
     optimizer = precision.make_optimizer(param_groups(step_module, cfg.weight_decay), torch.optim.AdamW,
                                          lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                          eps=cfg.adam_epsilon)
@@ -213,7 +212,7 @@ def train(cfg: DistillConfig) -> str:
     if env.world > 1:
         model = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True)
+            broadcast_buffers=False)
 
     start_step, stats = 0, RunStats()
     if cfg.resume:
@@ -283,19 +282,14 @@ def train(cfg: DistillConfig) -> str:
 
 def student_plan(cfg: DistillConfig, teacher_config):
     """The teacher layers the student comes from, and the student's config."""
-    from transformers import AutoConfig
-
     from .layers import parse_layers
     from .models import FAMILIES, num_layers, role_from_architectures
     from .student import check_pair, student_config
 
     if cfg.student:
-        from .models import check_model_path
-
-        check_model_path(cfg.student, "student")
+        s_config = load_config(cfg.student, "student")
         record = read_init_record(cfg.student)
         layers = record["layers"] if record else cfg.student_layers
-        s_config = AutoConfig.from_pretrained(cfg.student)
         if num_layers(s_config) != len(layers):
             raise UsageError(
                 f"student {cfg.student!r} has {num_layers(s_config)} layers but the layer list {layers} has "
@@ -308,6 +302,24 @@ def student_plan(cfg: DistillConfig, teacher_config):
     # the class build_student will make, so the objective can check the student's head from the config
     s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)].__name__]
     return layers, s_config
+
+
+def freeze_unused(step_module: nn.Module, batch: dict, precision) -> list[str]:
+    """Freeze parameters the objective never reaches (e.g. BERT's pooler, or a head no term uses).
+
+    One probe forward/backward finds them. Frozen, they need no optimiser state and DDP
+    can run without ``find_unused_parameters`` (a graph walk every step). The probe runs
+    before the run seeds its RNGs (or loads them on resume), so it changes no result.
+    """
+    with precision.autocast():
+        loss, _ = step_module(batch)
+    loss.float().backward()
+    unused = [name for name, p in step_module.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in step_module.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
 
 
 def param_groups(module: nn.Module, weight_decay: float):

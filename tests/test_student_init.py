@@ -208,3 +208,10 @@ def test_nothing_half_written_when_a_step_fails(tmp_path, bert_mlm_dir, monkeypa
     with pytest.raises(RuntimeError):
         init_student(bert_mlm_dir, "1,2", str(tmp_path / "s"))
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_unreachable_hub_id_is_one_clear_line(capsys, tmp_path):
+    # offline (HF_HUB_OFFLINE=1), a hub id cannot be fetched: say so instead of a traceback
+    err = _bad(capsys, ["--teacher", "no-such-org/no-such-model", "--layers", "1", "--output", str(tmp_path / "s")])
+    assert "no-such-org/no-such-model" in err and "hub id" in err
+    assert not (tmp_path / "s").exists()
