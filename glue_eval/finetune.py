@@ -210,7 +210,7 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
 
 def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
     """GLUE server files: ``index<TAB>prediction`` per test row, class names as GLUE's TSVs spell them."""
-    from .grid import atomic_write_text
+    from distill.io import atomic_write_text
 
     written = []
     for split, filename in task.test_splits.items():

@@ -11,15 +11,14 @@ it stopped; a cell killed mid-run has no result file and is run again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
 import os
 import sys
-import tempfile
 
 from distill.errors import UsageError
+from distill.io import atomic_write_text  # temp file + os.replace: a reader never sees half a result
 
 from .data import check_sources, load_splits, splits_needed
 from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
@@ -36,21 +35,6 @@ DEFAULT_GRID = {
     "num_train_epochs": 3,
 }
 AXES = ("learning_rate", "per_device_train_batch_size", "seed")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def cell_name(learning_rate: float, batch_size: int, seed: int) -> str:

@@ -14,8 +14,9 @@ import tempfile
 from collections import defaultdict
 
 from distill.errors import UsageError
+from distill.io import atomic_write_text
 
-from .grid import atomic_write_text, read_results
+from .grid import read_results
 from .metrics import task_score
 from .tasks import GLUE_ORDER, GLUE_TASKS
 
