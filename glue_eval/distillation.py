@@ -14,10 +14,11 @@ import math
 from collections import defaultdict
 
 import torch
-from transformers import AutoModelForSequenceClassification, Trainer
+from transformers import AutoModelForSequenceClassification
 
 from distill.errors import UsageError
 
+from .finetune import glue_trainer_class
 from .tasks import Task
 
 # Terms read from a classification model's own outputs (logits, hidden_states, attentions).
@@ -103,7 +104,7 @@ def distillation_kwargs(glue, task: Task, student) -> dict:
     return {"teacher": teacher, "objective": objective}
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(glue_trainer_class()):
     """``Trainer`` whose training loss is ``objective(student, teacher)``; evaluation stays the task loss.
 
     The objective's learned width projections (if any) train with the student in an

@@ -67,6 +67,22 @@ class GlueTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=50, metadata={"help": "Log every N update steps."})
 
 
+def glue_trainer_class():
+    """``Trainer`` told that the loss it gets is a per-batch mean.
+
+    transformers 5 skips dividing the loss by the gradient-accumulation steps for every model whose forward
+    takes ``**kwargs`` (BERT's does), assuming the model normalised by ``num_items_in_batch``; the
+    sequence-classification heads do not, so without this ``--gradient_accumulation_steps 2`` doubles the loss
+    and the gradient (and changes what ``--max_grad_norm`` clips).
+    """
+    from transformers import Trainer
+
+    class GlueTrainer(Trainer):
+        loss_is_scaled_for_ga = False
+
+    return GlueTrainer
+
+
 def check_model_dir(model: str, tokenizer: str | None) -> None:
     """A local model folder must hold a config and, unless --tokenizer is given, a tokenizer."""
     if os.path.isdir(model):
@@ -142,7 +158,7 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
     Returns the result record: metrics per dev split (fractions), the task score per split and
     overall, and the split model selection uses. Writes test predictions and the model only if asked.
     """
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+    from transformers import DataCollatorWithPadding, set_seed
 
     eager = False
     if glue.teacher:
@@ -161,7 +177,7 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
             # Checkpoint selection over several dev splits must name one: the task's selection split
             # (MNLI: matched), never a pool of both, so mismatched stays a check on the choice.
             args.metric_for_best_model = f"eval_{task.selection_split}_{metric}"
-    trainer_cls, extra = Trainer, {}
+    trainer_cls, extra = glue_trainer_class(), {}
     if glue.teacher:
         from .distillation import DistillationTrainer, distillation_kwargs
 

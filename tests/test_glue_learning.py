@@ -90,6 +90,18 @@ def test_intermediate_terms_run_with_the_layer_map(teacher, keyword_task, bert_m
     assert _result(out)["settings"]["student_layers"] == "1,2,3,4"
 
 
+def test_gradient_accumulation_keeps_the_loss_scale(keyword_task, bert_mlm_dir):
+    losses = {}
+    for batch, steps in ((8, 1), (4, 2)):  # the same 8 examples per update, in one batch or two
+        out = keyword_task / f"ga{steps}"
+        main(["--model", bert_mlm_dir, "--task", str(keyword_task / "task.json"), "--output_dir", str(out),
+              "--use_cpu", "--max_steps", "1", "--per_device_train_batch_size", str(batch),
+              "--gradient_accumulation_steps", str(steps), "--seed", "0", "--disable_tqdm", "true"])
+        losses[steps] = _result(out)["train"]["loss"]
+    # An untrained binary classifier's loss is about ln 2 either way; not twice that with two micro-batches.
+    assert losses[2] == pytest.approx(losses[1], rel=0.2)
+
+
 def test_distillation_settings_that_cannot_work_are_refused():
     with pytest.raises(UsageError, match="regression"):
         parse_weights('{"kl": 1.0}', get_task("stsb"))
