@@ -54,8 +54,11 @@ def load_grid(spec: str) -> dict:
         raise UsageError(f"grid file {spec!r} is not valid JSON ({err})") from None
     if not isinstance(grid, dict):
         raise UsageError(f"grid file {spec!r} must hold a JSON object")
-    allowed = {f.name for f in dataclasses.fields(GlueTrainingArguments)} | {"tasks", "max_seq_length"}
+    allowed = {f.name for f in dataclasses.fields(GlueTrainingArguments)} - {"output_dir"}
+    allowed |= {"tasks", "max_seq_length"}
     for key, value in grid.items():
+        if key == "output_dir":
+            raise UsageError(f"grid file {spec!r}: give the output folder on the command line (--output_dir)")
         if key not in allowed:
             raise UsageError(f"grid file {spec!r}: {key!r} is not a TrainingArguments field (nor 'tasks')")
         if key in AXES and not (isinstance(value, list) and value):
