@@ -125,7 +125,8 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
     head += list(REFERENCES)
     rows = []
     glue_present = [t for t in GLUE_ORDER if t in student]
-    for name in [*GLUE_ORDER, *sorted(t for t in student if t not in GLUE_TASKS)]:
+    local = sorted(t for t in student if t not in GLUE_TASKS)
+    for name in [*GLUE_ORDER, *local]:
         s = student.get(name)
         display, metric = _task_info(name, [s["best"]] if s else [])
         row = [display, metric]
@@ -153,7 +154,7 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
         row += [_fmt(statistics.mean(_ref_score(ref[t]) for t in glue_present)) for ref in REFERENCES.values()]
     else:
         row += ["—"] * (len(head) - 2)
-    rows.append(row)
+    rows.insert(len(GLUE_ORDER), row)  # under the GLUE tasks, above local tasks
 
     lines = [
         f"# GLUE dev results: {os.path.basename(os.path.abspath(out))}",
