@@ -114,7 +114,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(quiet_teacher, corpu
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus, tmp_path):
     # dropout stays on: the RNG state is part of the checkpoint
-    base = run_config(bert_mlm_dir, corpus, tmp_path / "whole", tmp_path, max_steps=60, save_steps=10,
+    base = run_config(bert_mlm_dir, corpus, tmp_path / "whole", tmp_path, max_steps=80, save_steps=10,
                       logging_steps=10, per_device_batch_size=4)
     train(make_config(base))
     killed = {**base, "output_dir": str(tmp_path / "killed")}
