@@ -242,7 +242,7 @@ def train(cfg: DistillConfig) -> str:
                 precision.backward(loss / cfg.gradient_accumulation_steps)
             losses.append(loss.detach())
             window.add(loss.detach(), terms, int(batch["attention_mask"].sum()))
-        if not precision.scales_loss and not torch.isfinite(torch.stack(losses)).all():
+        if not precision.scales_loss and not all_finite(torch.stack(losses), env):
             # the weights are still those of the last finished step: save them, then stop
             save_checkpoint(out, step, step_module, optimizer, scheduler, precision, stats, cfg, env)
             raise TrainingError(
@@ -302,6 +302,14 @@ def student_plan(cfg: DistillConfig, teacher_config):
     # the class build_student will make, so the objective can check the student's head from the config
     s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)].__name__]
     return layers, s_config
+
+
+def all_finite(values: torch.Tensor, env: Dist) -> bool:
+    """True when every process's losses are finite (all processes stop together, or none does)."""
+    bad = (~torch.isfinite(values)).any().float()
+    if env.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
 
 
 def freeze_unused(step_module: nn.Module, batch: dict, precision) -> list[str]:
