@@ -1,0 +1,604 @@
+"""The distillation study: does task-agnostic distillation help a 3-layer student, which initialisation wins,
+and is attention transfer robust to the initialisation? Real teacher, real corpus, real tasks, offline.
+
+Run from the repository root::
+
+    python bench/prepare_study_data.py          # once: fetch the packages, write the splits, build the L3 model
+    python bench/study.py --quick               # < 15 min on 2 CPU cores: tiny subsets, 1 seed, short distillation
+    python bench/study.py                       # the full study (the budget is 2 h on 2 CPU cores)
+
+    # the same with hub models and GLUE, where they can be had:
+    python bench/study.py --teacher bert-base-uncased --tasks sst2,mrpc --data_dir GLUE_DIR \
+        --inits 1,5,8,12 2,4,6,8,10,12 --reference none --work_dir runs/study-bert --out runs/study-bert/study
+
+Rows (the model list is a parameter): the teacher fine-tuned; for each initialisation (teacher
+layers, ``--inits``) a student (a) fine-tuned without distillation and (b..) fine-tuned after
+task-agnostic distillation with each objective of ``--objectives``; a randomly initialised
+student of the same shape (floor); and ``--reference`` (default: the real paraphrase-MiniLM-L3-v2,
+converted by prepare_study_data.py) as an outside student. Columns: dev score per task
+(mean and standard deviation over ``--seeds``), their average, percent of the teacher's average,
+parameters, and inference speed-up over the teacher (examples/s, batch 32 and batch 1, seq 128,
+the same threads, fp32, interleaved repeats).
+
+Every finished piece is cached under ``--work_dir`` (distilled students, fine-tuning cells through
+glue-eval's grid, speed figures): a rerun skips what is done, a killed run continues. Fine-tuning
+runs seed by seed (every row with seed 1, then every row with seed 2, ...), so a run stopped early
+still gives a whole table with fewer seeds. ``--report_only`` writes the table from what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+from prepare_study_data import L3_NAME, default_cache_dir  # noqa: E402
+
+OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
+              "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
+              "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
+LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
+
+FULL = dict(seeds="1,2,3", distill_steps=150, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
+QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160)
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (< 15 min)")
+    p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="hub id, folder, or the offline MiniLM")
+    p.add_argument("--tasks", default=",".join(LOCAL_TASKS),
+                   help="comma list: polarity, uncertainty, bbc (prepared local tasks), GLUE names, or task spec .json")
+    p.add_argument("--data_dir", default=None, help="local GLUE folder for GLUE task names (default: the hub)")
+    p.add_argument("--inits", nargs="+", default=["2,4,6", "1,2,3", "4,5,6"], help="teacher layers of each student init")
+    p.add_argument("--objectives", default="none,cos,att_mse,hid_mse+att_mse",
+                   help=f"comma list of {', '.join(OBJECTIVES)} ('none': fine-tuned without distillation)")
+    p.add_argument("--reference", default="auto",
+                   help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
+                        "teacher is the offline MiniLM; 'none' to skip")
+    p.add_argument("--no_random", action="store_true", help="skip the randomly initialised floor")
+    p.add_argument("--seeds", default=None, help="fine-tuning seeds, comma list (full: 1,2,3; quick: 1)")
+    p.add_argument("--corpus", default="offline:wikipedia-extract", help="distillation corpus (distill-train's corpus)")
+    p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 150)")
+    p.add_argument("--distill_batch", type=int, default=None, help="sequences of 128 tokens per step (full 16)")
+    p.add_argument("--distill_lr", type=float, default=1e-4, help="distillation peak learning rate")
+    p.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (full 2)")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="fine-tuning learning rate (all rows)")
+    p.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch size")
+    p.add_argument("--max_seq_length", type=int, default=64, help="fine-tuning and evaluation truncation (tokens)")
+    p.add_argument("--max_train", type=int, default=None, help="use the first N training examples of each task (full 1000, quick 160; 0: all)")
+    p.add_argument("--max_dev", type=int, default=None, help="use the first N dev examples of each task")
+    p.add_argument("--precision", default="auto", help="bf16, fp32 or auto (bf16 where the CPU has bf16 instructions)")
+    p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
+    p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
+    p.add_argument("--out", default="docs/study", help="writes OUT.md, OUT.png and OUT.json")
+    p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
+    p.add_argument("--skip_speed", action="store_true", help="do not measure inference speed")
+    ns = p.parse_args(argv)
+    preset = QUICK if ns.quick else FULL
+    for k, v in preset.items():
+        if getattr(ns, k) is None:
+            setattr(ns, k, v)
+    ns.seed_list = [int(s) for s in str(ns.seeds).split(",") if s.strip()]
+    ns.objective_list = [o.strip() for o in ns.objectives.split(",") if o.strip()]
+    for o in ns.objective_list:
+        if o not in OBJECTIVES:
+            p.error(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
+    ns.cache_dir = ns.cache_dir or default_cache_dir()
+    ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
+    return ns
+
+
+def bf16_ok() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --- the pieces -------------------------------------------------------------------------------
+
+def teacher_path(ns) -> str:
+    from distill.train import resolve_teacher
+
+    return resolve_teacher(ns.teacher)
+
+
+def resolve_task_specs(ns) -> list:
+    """Task objects; prepared local names map to their spec files; quick/max_* cut subsets into work_dir."""
+    from glue_eval.tasks import get_task
+
+    tasks = []
+    for name in [t.strip() for t in ns.tasks.split(",") if t.strip()]:
+        if name in LOCAL_TASKS:
+            spec = os.path.join(ns.cache_dir, "data", name, f"{name}.json")
+            if not os.path.isfile(spec):
+                sys.exit(f"task {name}: {spec} is missing: run python bench/prepare_study_data.py first")
+            name = spec
+        task = get_task(name)
+        if ns.max_train or ns.max_dev:
+            task = subset_task(task, ns)
+        tasks.append(task)
+    return tasks
+
+
+def subset_task(task, ns):
+    """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir."""
+    import csv
+
+    from glue_eval.data import load_splits
+    from glue_eval.tasks import load_task_spec
+
+    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}")
+    spec_path = os.path.join(folder, f"{task.name}.json")
+    if not os.path.isfile(spec_path):
+        os.makedirs(folder, exist_ok=True)
+        splits = load_splits(task, ["train", task.selection_split], ns.data_dir)
+        for split, limit, fname in (("train", ns.max_train, "train.csv"), (task.selection_split, ns.max_dev, "dev.csv")):
+            ds = splits[split]
+            ds = ds.select(range(min(limit, len(ds)))) if limit else ds
+            with open(os.path.join(folder, fname), "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                w.writerow([*task.text_fields, "label"])
+                for row in ds:
+                    label = row["label"] if task.is_regression else task.labels[row["label"]]
+                    w.writerow([*(row[c] for c in task.text_fields), label])
+        spec = {"name": task.name, "train": "train.csv", "dev": "dev.csv", "text_columns": list(task.text_fields),
+                "label_column": "label", "metric": list(task.metrics)}
+        spec.update({"regression": True} if task.is_regression else {"labels": list(task.labels)})
+        with open(spec_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(spec, f, indent=2)
+        os.replace(spec_path + ".tmp", spec_path)
+    return load_task_spec(spec_path)
+
+
+def init_name(layers: str) -> str:
+    return "L" + layers.replace(",", "-")
+
+
+def make_rows(ns) -> list[dict]:
+    """Every model of the study: name, label, kind, how to get its folder."""
+    rows = [{"name": "teacher", "label": f"teacher ({ns.teacher.split(':')[-1]})", "kind": "teacher"}]
+    for layers in ns.inits:
+        for obj in ns.objective_list:
+            label = f"3L {layers}: " + ("fine-tuned only" if obj == "none" else f"distilled, {obj}")
+            if len(layers.split(",")) != 3:
+                label = f"{len(layers.split(','))}L" + label[2:]
+            rows.append({"name": f"{init_name(layers)}_{obj}", "label": label, "kind": "student",
+                         "layers": layers, "objective": obj})
+    extra = []
+    n = len(ns.inits[0].split(","))
+    if not ns.no_random:
+        extra.append({"name": "random", "label": f"{n}L random init (floor)", "kind": "random", "layers": ns.inits[0]})
+    ref = ns.reference
+    if ref == "auto":
+        ref = os.path.join(ns.cache_dir, "models", L3_NAME) if ns.teacher == "offline:all-MiniLM-L6-v2" else "none"
+    if ref != "none":
+        extra.append({"name": "reference", "label": f"{os.path.basename(ref.rstrip('/'))} (outside reference)",
+                     "kind": "reference", "path": ref})
+    rows[1:1] = extra  # cheap rows (no distillation) right after the teacher
+    return rows
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_folder(row: dict, ns) -> str:
+    if row["kind"] == "teacher":
+        return teacher_path(ns)
+    if row["kind"] == "reference":
+        return row["path"]
+    name = row["name"]
+    if row["kind"] == "student" and row["objective"] != "none":  # the distillation settings are part of the key
+        name += f"_s{ns.distill_steps}b{ns.distill_batch}lr{ns.distill_lr:g}"
+    return os.path.join(ns.work_dir, "models", name)
+
+
+def prepare_model(row: dict, ns) -> tuple[str, float]:
+    """Make the row's model folder if needed; return (folder, seconds spent now)."""
+    folder = model_folder(row, ns)
+    if row["kind"] in ("teacher", "reference") or os.path.isfile(os.path.join(folder, "config.json")):
+        return folder, 0.0
+    t0 = time.perf_counter()
+    if row["kind"] == "random":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(teacher_path(ns))
+        config.num_hidden_layers = len(row["layers"].split(","))
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+        tmp = folder + ".tmp"
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(teacher_path(ns)).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    elif row["objective"] == "none":
+        from distill.student import init_student
+
+        init_student(teacher_path(ns), [int(x) for x in row["layers"].split(",")], folder, overwrite=True)
+    else:
+        distil(row, folder, ns)
+    return folder, time.perf_counter() - t0
+
+
+def distil(row: dict, folder: str, ns) -> None:
+    from distill.config import make_config
+    from distill.train import latest_checkpoint, train
+
+    resume = latest_checkpoint(Path(folder)) is not None
+    cfg = make_config({
+        "teacher": ns.teacher, "student_layers": [int(x) for x in row["layers"].split(",")],
+        "weights": OBJECTIVES[row["objective"]], "corpus": ns.corpus, "block_size": 128, "data_mode": "pack",
+        "learning_rate": ns.distill_lr, "warmup_ratio": 0.05, "per_device_batch_size": ns.distill_batch,
+        "max_steps": ns.distill_steps, "precision": ns.train_precision, "save_steps": 100, "save_total_limit": 1,
+        "logging_steps": 25, "seed": 56, "output_dir": folder, "overwrite_output_dir": not resume,
+        "resume": resume, "progress": False, "device": "cpu" if not torch.cuda.is_available() else "auto",
+    })
+    log(f"distilling {row['name']}: {ns.distill_steps} steps of {ns.distill_batch} x 128, {ns.train_precision}")
+    train(cfg)
+
+
+def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
+    """Fine-tune one model on every task with one seed, through glue-eval's grid (cached per cell)."""
+    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
+    from glue_eval.grid import run_grid
+
+    out = os.path.join(ns.work_dir, "finetune", row["name"])
+    glue = GlueArguments(model=folder, data_dir=ns.data_dir, max_seq_length=ns.max_seq_length)
+    args = GlueTrainingArguments(
+        output_dir=out, num_train_epochs=ns.epochs, learning_rate=ns.learning_rate,
+        per_device_train_batch_size=ns.batch_size, warmup_steps=0.1, weight_decay=0.01, seed=seed,
+        bf16=ns.train_precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to=[],
+        disable_tqdm=True, logging_strategy="no", eval_strategy="no", save_strategy="no")
+    records = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, glue, out)
+        spent = time.perf_counter() - t0
+        if spent > 5:
+            log(f"  {row['name']} {task.name} seed {seed}: {100 * rec['score']:.2f} ({spent:.0f} s)")
+        records.append(rec)
+    return records
+
+
+# --- speed and size ---------------------------------------------------------------------------
+
+def count_params(folder: str) -> dict:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder)
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embeddings."))
+    return {"total": total, "non_embedding": total - emb}
+
+
+def measure_speed(teacher: str, student: str, quick: bool) -> dict:
+    """examples/s of the bare encoders (fp32, eval, no_grad, seq 128), batch 32 and 1, interleaved repeats."""
+    from transformers import AutoModel
+
+    models = {"teacher": AutoModel.from_pretrained(teacher).eval(), "student": AutoModel.from_pretrained(student).eval()}
+    result = {"threads": torch.get_num_threads(), "seq": 128, "dtype": "fp32"}
+    for batch, iters, reps in ((32, 2 if quick else 3, 3 if quick else 7), (1, 10 if quick else 30, 3 if quick else 7)):
+        ids = torch.randint(1000, 29000, (batch, 128), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        times = {k: [] for k in models}
+        with torch.inference_mode():
+            for m in models.values():
+                m(input_ids=ids, attention_mask=mask)  # warm-up
+            for _ in range(reps):
+                for k, m in models.items():
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        m(input_ids=ids, attention_mask=mask)
+                    times[k].append((time.perf_counter() - t0) / iters)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[f"batch{batch}"] = {
+            "teacher_examples_per_s": batch / med["teacher"], "student_examples_per_s": batch / med["student"],
+            "speedup_median": med["teacher"] / med["student"],
+            # the fastest repeat of each is the least disturbed by other processes on the machine
+            "speedup_best": min(times["teacher"]) / min(times["student"]), "repeats": reps, "iters": iters}
+    return result
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def summarise(rows, tasks, results, seeds) -> list[dict]:
+    """Per row: per-task mean/std over the seeds done, average, retained."""
+    out = []
+    for row in rows:
+        per_task, complete_seeds = {}, []
+        for seed in seeds:
+            recs = results.get((row["name"], seed))
+            if recs and all(t.name in recs for t in tasks):
+                complete_seeds.append(seed)
+        for t in tasks:
+            vals = [100 * results[(row["name"], s)][t.name] for s in complete_seeds]
+            per_task[t.name] = vals
+        avgs = [statistics.mean(100 * results[(row["name"], s)][t.name] for t in tasks) for s in complete_seeds]
+        out.append({**{k: v for k, v in row.items() if k != "path"}, "seeds": complete_seeds, "scores": per_task,
+                    "avg_by_seed": avgs, "avg": statistics.mean(avgs) if avgs else None,
+                    "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0})
+    teacher = next((r for r in out if r["kind"] == "teacher"), None)
+    for r in out:
+        r["retained"] = 100 * r["avg"] / teacher["avg"] if teacher and teacher["avg"] and r["avg"] is not None else None
+        r["retained_std"] = (100 * r["avg_std"] / teacher["avg"]) if r["retained"] is not None else None
+    return out
+
+
+def fmt(vals) -> str:
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def findings(summary, speed, ns) -> list[str]:
+    by = {r["name"]: r for r in summary}
+    done = [r for r in summary if r["avg"] is not None]
+    if not any(r["kind"] == "teacher" for r in done):
+        return ["The teacher has no finished cells yet: no comparison possible."]
+    lines = []
+    objs = [o for o in ns.objective_list if o != "none"]
+    # does distillation help, per initialisation
+    for layers in ns.inits:
+        base = by.get(f"{init_name(layers)}_none")
+        if not base or base["avg"] is None:
+            continue
+        parts = []
+        for o in objs:
+            r = by.get(f"{init_name(layers)}_{o}")
+            if r and r["avg"] is not None:
+                parts.append(f"{o} {r['retained'] - base['retained']:+.1f}")
+        if parts:
+            lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained; "
+                         f"fine-tuned only: {base['retained']:.1f}%): " + ", ".join(parts) + ".")
+    # which initialisation wins
+    best_by_init = {}
+    for layers in ns.inits:
+        cands = [by.get(f"{init_name(layers)}_{o}") for o in ns.objective_list]
+        cands = [c for c in cands if c and c["avg"] is not None]
+        if cands:
+            best_by_init[layers] = max(cands, key=lambda c: c["avg"])
+    if best_by_init:
+        order = sorted(best_by_init.items(), key=lambda kv: -kv[1]["avg"])
+        lines.append("Best row per initialisation: " + "; ".join(
+            f"layers {k}: {v['retained']:.1f}% (" + v["label"].split(": ", 1)[1] + ")" for k, v in order) + ".")
+        for o in ns.objective_list:
+            vals = {k: by.get(f"{init_name(k)}_{o}") for k in ns.inits}
+            vals = {k: v for k, v in vals.items() if v and v["avg"] is not None}
+            if len(vals) > 1:
+                lo, hi = min(v["retained"] for v in vals.values()), max(v["retained"] for v in vals.values())
+                lines.append(f"Spread across initialisations with {o if o != 'none' else 'fine-tuning only'}: "
+                             f"{hi - lo:.1f} points (" + ", ".join(f"{k}: {v['retained']:.1f}%" for k, v in vals.items()) + ").")
+    distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
+    if distilled:
+        best = max(distilled, key=lambda r: r["avg"])
+        sp = speed.get("batch32", {}).get("speedup_median") if speed else None
+        sp1 = speed.get("batch1", {}).get("speedup_median") if speed else None
+        target = best["retained"] >= 98.0 and (sp or 0) >= 1.9
+        lines.append(f"Target (best distilled student >= 98% of the teacher at >= 1.9x): best is {best['label']} at "
+                     f"{best['retained']:.1f}% ± {best['retained_std']:.1f}"
+                     + (f", {sp:.2f}x at batch 32 and {sp1:.2f}x at batch 1" if sp else "")
+                     + (": met." if target else ": not met."))
+    for r in done:
+        if r["kind"] in ("random", "reference"):
+            lines.append(f"{r['label']}: {r['retained']:.1f}% of the teacher's average.")
+    return lines
+
+
+def write_report(ns, rows, tasks, results, speed, params, timings, command) -> None:
+    import transformers
+
+    summary = summarise(rows, tasks, results, ns.seed_list)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
+    sp1 = speed.get("batch1", {}).get("speedup_median") if speed else None
+    mode = "QUICK MODE (tiny subsets, 1 seed, short distillation: a smoke test of the pipeline, not a result)" \
+        if ns.quick else "full run"
+    seeds_done = sorted({s for r in summary for s in r["seeds"]})
+    incomplete = [r["label"] for r in summary if len(r["seeds"]) < len(ns.seed_list)]
+    lines = [
+        "# Distillation study: 3-layer students of all-MiniLM-L6-v2" if ns.teacher == "offline:all-MiniLM-L6-v2"
+        else f"# Distillation study: students of {ns.teacher}",
+        "",
+        f"**{mode}.** Generated by `bench/study.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        "```",
+        "python bench/prepare_study_data.py",
+        command,
+        "```",
+        "",
+        f"- Machine: 2 CPU cores (x86-64, AVX-512 with bf16), no GPU; {torch.get_num_threads()} torch threads"
+        if not torch.cuda.is_available() else f"- Machine: {torch.cuda.get_device_name(0)}",
+        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}",
+        f"- Teacher: `{ns.teacher}`; tasks: {', '.join(t.name for t in tasks)}"
+        + (f" (first {ns.max_train} examples of each train split" if ns.max_train else " (whole train splits")
+        + (f", first {ns.max_dev} of each dev split)" if ns.max_dev else ", whole dev splits)")
+        + f"; fine-tuning: lr {ns.learning_rate:g}, batch {ns.batch_size}, {ns.epochs:g} epochs, warm-up 10%, "
+          f"weight decay 0.01, max_seq_length {ns.max_seq_length}, {ns.train_precision}; seeds "
+          f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
+        f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x 128 tokens of `{ns.corpus}`, "
+        f"{ns.train_precision}, AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
+        f"student layer i matched to teacher layer init[i] for hid_mse/att_mse",
+        f"- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
+        + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
+           f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1" if speed else ": not measured"),
+        "",
+    ]
+    if incomplete:
+        lines += [f"Rows with fewer seeds than asked (the run stopped before them): {', '.join(incomplete)}.", ""]
+    head = ["model", *[t.name for t in tasks], "average", "% of teacher", "params (M)", "speed-up b32", "speed-up b1"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        p = params.get(r["name"])
+        is_teacher = r["kind"] == "teacher"
+        cells = [r["label"], *[fmt(r["scores"][t.name]) for t in tasks],
+                 fmt(r["avg_by_seed"]),
+                 "–" if r["retained"] is None else (f"{r['retained']:.1f}" + (f" ± {r['retained_std']:.1f}"
+                                                                               if len(r["seeds"]) > 1 else "")),
+                 f"{p['total'] / 1e6:.1f}" if p else "–",
+                 "1.00" if is_teacher else (f"{sp32:.2f}" if sp32 else "–"),
+                 "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Scores are dev accuracy (%), mean ± standard deviation over the seeds; the average is per seed, "
+              "then over seeds. Every student row has the same architecture, so one speed-up applies to all of them.",
+              "", "## Findings (computed from the table)", ""]
+    if ns.quick:
+        lines += ["Quick mode fine-tunes on 160 examples for one epoch (5 steps): scores sit near chance and the "
+                  "lines below only show that every piece of the pipeline ran. Do not read them as results.", ""]
+    lines += [f"- {x}" for x in findings(summary, speed, ns)]
+    lines += ["", "![study](study.png)" if out.name == "study" else f"![study]({out.name}.png)", ""]
+    Path(str(out) + ".md").write_text("\n".join(lines), encoding="utf-8")
+    Path(str(out) + ".json").write_text(json.dumps({
+        "mode": "quick" if ns.quick else "full", "command": command,
+        "settings": {k: v for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "machine": "2 CPU cores (x86-64, AVX-512 with bf16), no GPU" if not torch.cuda.is_available() else "cuda",
+        "rows": summary, "speed": speed, "params": params, "timings_s": timings,
+    }, indent=2, default=str) + "\n", encoding="utf-8")
+    plot(summary, Path(str(out) + ".png"), ns, mode)
+    log(f"wrote {out}.md, {out}.png, {out}.json")
+
+
+def plot(summary, path: Path, ns, mode: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in summary if r["retained"] is not None]
+    colors = {"none": "#999999", "cos": "#4c72b0", "att_mse": "#dd8452", "hid_mse+att_mse": "#55a868",
+              "cos+hid_mse+att_mse": "#8172b3"}
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(done) + 1.6))
+    y = list(range(len(done)))[::-1]
+    for yi, r in zip(y, done):
+        c = colors.get(r.get("objective"), "#222222" if r["kind"] == "teacher" else "#c44e52")
+        ax.barh(yi, r["retained"], xerr=r["retained_std"] if len(r["seeds"]) > 1 else None, color=c,
+                capsize=3, height=0.7)
+        ax.text(r["retained"] + 0.3, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["label"] for r in done], fontsize=8)
+    lo = min([r["retained"] for r in done] + [90.0])
+    ax.set_xlim(max(0.0, lo - 5), 105)
+    ax.axvline(100, color="black", lw=0.8)
+    ax.axvline(98, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds); dashed: the 98% target")
+    ax.set_title(("[quick mode] " if ns.quick else "") + "3-layer students of all-MiniLM-L6-v2: "
+                 "fine-tuned only (grey), distilled with cos (blue), att_mse (orange), hid_mse+att_mse (green)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def load_state(ns) -> dict:
+    path = os.path.join(ns.work_dir, "state.json")
+    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+
+
+def save_state(ns, state: dict) -> None:
+    os.makedirs(ns.work_dir, exist_ok=True)
+    path = os.path.join(ns.work_dir, "state.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def collect_results(rows, tasks, ns) -> dict:
+    """(row name, seed) -> {task: score} from the finished glue-eval cells."""
+    from glue_eval.grid import cell_name
+
+    results = {}
+    for row in rows:
+        for seed in ns.seed_list:
+            for t in tasks:
+                path = os.path.join(ns.work_dir, "finetune", row["name"], t.name,
+                                    cell_name(ns.learning_rate, ns.batch_size, seed), "result.json")
+                if os.path.isfile(path):
+                    results.setdefault((row["name"], seed), {})[t.name] = json.load(open(path))["score"]
+    return results
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("STUDY_THREADS", torch.get_num_threads())))
+    ns.train_precision = ("bf16" if bf16_ok() else "fp32") if ns.precision == "auto" else ns.precision
+    command = "python bench/study.py " + " ".join(
+        a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command.strip()
+    tasks = resolve_task_specs(ns)
+    rows = make_rows(ns)
+    state = load_state(ns)
+    timings = state.setdefault("timings", {})
+    if not ns.report_only:
+        # 1. speed and size: one architecture for all students, so the first student folder serves
+        first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
+        if not ns.skip_speed and "speed" not in state and first:
+            prepare_model(first, ns)
+            log("measuring inference speed")
+            state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
+            save_state(ns, state)
+        # 2. seed by seed, row by row: a model folder is made (distilled) when first needed, then fine-tuned
+        # on every task; a run stopped early leaves whole rows of the first seed(s)
+        for seed in ns.seed_list:
+            for row in rows:
+                folder, spent = prepare_model(row, ns)
+                if spent:
+                    timings[f"prepare {row['name']}"] = round(spent, 1)
+                    save_state(ns, state)
+                t0 = time.perf_counter()
+                finetune_cells(row, folder, tasks, seed, ns)
+                spent = time.perf_counter() - t0
+                if spent > 5:
+                    timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
+                    save_state(ns, state)
+                write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
+                             params_of(rows, ns, state), timings, command)
+    write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
+                 timings, command)
+    save_state(ns, state)
+    return 0
+
+
+def params_of(rows, ns, state) -> dict:
+    params = state.setdefault("params", {})
+    for row in rows:
+        folder = model_folder(row, ns)
+        if row["name"] not in params and os.path.isfile(os.path.join(folder, "config.json")):
+            params[row["name"]] = count_params(folder)
+    return params
+
+
+if __name__ == "__main__":
+    sys.exit(main())
