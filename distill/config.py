@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArgumentParser, UsageError
+from .io import read_json_object
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
@@ -134,15 +134,7 @@ def _check_types(cfg: DistillConfig) -> None:
 
 
 def load_config_file(path: str) -> dict:
-    if not os.path.exists(path):
-        raise UsageError(f"config file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"config file {path!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path!r} must hold a JSON object of fields")
+    data = read_json_object(path, "config file", "give a recipe such as student_configs/demo_minilm_3l.json")
     unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("_"))
     if unknown:
         raise UsageError(f"config file {path!r} has unknown field(s) {', '.join(unknown)}: see distill-train --help for the fields")

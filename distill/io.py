@@ -41,6 +41,21 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, what: str, hint: str = "") -> dict:
+    """A JSON file that must hold an object; one clear UsageError for a missing file, bad JSON or a non-object."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist{': ' + hint if hint else ''}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{what} {path!r} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path!r} must hold a JSON object")
+    return data
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
     """An existing non-empty output folder is refused unless ``overwrite``."""
     path = Path(path)

@@ -18,7 +18,7 @@ import os
 import sys
 
 from distill.errors import UsageError
-from distill.io import atomic_write_text  # temp file + os.replace: a reader never sees half a result
+from distill.io import atomic_write_text, read_json_object  # temp file + os.replace: a reader never sees half a result
 
 from .data import check_sources, load_splits, splits_needed
 from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
@@ -45,15 +45,7 @@ def load_grid(spec: str) -> dict:
     """``"default"`` or a JSON file: axes as lists, any other TrainingArguments field as one value."""
     if spec == "default":
         return dict(DEFAULT_GRID)
-    if not os.path.isfile(spec):
-        raise UsageError(f"grid file {spec!r} does not exist: give a JSON file or 'default'")
-    try:
-        with open(spec, encoding="utf-8") as f:
-            grid = json.load(f)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"grid file {spec!r} is not valid JSON ({err})") from None
-    if not isinstance(grid, dict):
-        raise UsageError(f"grid file {spec!r} must hold a JSON object")
+    grid = read_json_object(spec, "grid file", "give a JSON file or 'default'")
     allowed = {f.name for f in dataclasses.fields(GlueTrainingArguments)} - {"output_dir"}
     allowed |= {"tasks", "max_seq_length"}
     for key, value in grid.items():

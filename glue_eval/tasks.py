@@ -12,11 +12,11 @@ the original file names (``dev.tsv``, ``dev_matched.tsv`` ...).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from distill.errors import UsageError
+from distill.io import read_json_object
 
 from .metrics import METRICS
 
@@ -181,16 +181,8 @@ def load_task_spec(path: str) -> Task:
     "text_columns": ["sentence"], "label_column": "label", "labels": ["neg", "pos"],
     "metric": "accuracy"}``; ``"regression": true`` instead of ``labels`` for scores.
     """
-    if not os.path.isfile(path):
-        raise UsageError(f"task spec {path!r} does not exist: give a JSON file describing the task")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"task spec {path!r} is not valid JSON ({err})") from None
+    spec = read_json_object(path, "task spec", "give a JSON file describing the task")
     where = f"task spec {path!r}"
-    if not isinstance(spec, dict):
-        raise UsageError(f"{where} must be a JSON object")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise UsageError(f"{where} has unknown keys {sorted(unknown)}: allowed keys are {sorted(SPEC_KEYS)}")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer, ElectraForMaskedLM,
                           ElectraForPreTraining)
 
@@ -100,15 +99,7 @@ def specials(tokenizer_dir) -> torch.Tensor:
     return torch.tensor(AutoTokenizer.from_pretrained(tokenizer_dir).all_special_ids)
 
 
-def cli_args(values: dict) -> list[str]:
-    args = []
-    for k, v in values.items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)]
-    return args
-
-
-def weights(folder) -> dict:
-    return load_file(str(Path(folder) / "model.safetensors"))
+cli_args, weights = tiny.cli_args, tiny.saved_weights
 
 
 # --- corruption ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from distill.cli import train_main
@@ -52,15 +51,7 @@ def run_config(teacher, corpus, out, tmp_path, **overrides):
     return values
 
 
-def cli_args(values: dict) -> list[str]:
-    args = []
-    for k, v in values.items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)]
-    return args
-
-
-def weights(folder) -> dict:
-    return load_file(str(Path(folder) / "model.safetensors"))
+cli_args, weights = tiny.cli_args, tiny.saved_weights
 
 
 def read_log(out) -> list[dict]:

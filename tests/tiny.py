@@ -96,3 +96,20 @@ def random_batch(batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4
         ids[row, length:] = 0
         mask[row, length:] = 0
     return ids, mask
+
+
+def cli_args(values: dict) -> list[str]:
+    """``{"max_steps": 3, "weights": {...}}`` -> ``["--max_steps", "3", "--weights", '{...}']``."""
+    import json
+
+    args = []
+    for k, v in values.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)]
+    return args
+
+
+def saved_weights(folder) -> dict:
+    """The tensors of ``folder/model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
