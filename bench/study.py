@@ -572,7 +572,7 @@ def main(argv=None) -> int:
         # 2. seed by seed, row by row: a model folder is made (distilled) when first needed, then fine-tuned
         # on every task; a run stopped early leaves whole rows of the first seed(s)
         for seed in ns.seed_list:
-            for row in rows:
+            for row in execution_order(rows, ns):
                 folder, spent = prepare_model(row, ns)
                 if spent:
                     timings[f"prepare {row['name']}"] = round(spent, 1)
@@ -589,6 +589,28 @@ def main(argv=None) -> int:
                  timings, command)
     save_state(ns, state)
     return 0
+
+
+def execution_order(rows, ns) -> list[dict]:
+    """Within a seed, the rows that answer the study's questions soonest come first (a stopped run then still
+    answers them): teacher; the first initialisation's rows (does distillation help, which objective);
+    every other initialisation with fine-tuning only and with att_mse (is attention transfer robust to it);
+    the floor and the outside reference; then the rest. The table keeps the logical order."""
+    first = ns.inits[0]
+
+    def key(item):
+        i, row = item
+        if row["kind"] == "teacher":
+            return (0, i)
+        if row["kind"] == "student" and row["layers"] == first:
+            return (1, i)
+        if row["kind"] == "student" and row["objective"] in ("none", "att_mse"):
+            return (2, i)
+        if row["kind"] in ("random", "reference"):
+            return (3, i)
+        return (4, i)
+
+    return [row for _, row in sorted(enumerate(rows), key=key)]
 
 
 def params_of(rows, ns, state) -> dict:
