@@ -1,0 +1,904 @@
+"""The speed report: distillation step, data preparation and student inference, as ratios.
+
+Run from the repository root::
+
+    python bench/speed.py --quick                       # < 5 min on a 2-core CPU
+    python bench/speed.py --out docs/speed.json         # the full report (~15 min there)
+    python bench/speed.py --smoke                       # every code path on tiny models, seconds
+
+Three measurements, each a median of repeated runs. The compared variants run
+interleaved, one round after another (A B C, C B A, ...), so load from other
+processes hits all alike; a ratio is the median over rounds of the ratio within a
+round (the ratio of the medians and of the CPU times are in the JSON too).
+On a CPU, ``--threads auto`` uses torch's default thread count on an idle machine and
+1 thread when the load average says other processes hold the cores. On a CUDA device
+the distillation step runs in fp32, bf16, fp16 O1 and fp16 O2; on a CPU in fp32 (and
+bf16 in the full report); the named ratios are the fp32 ones.
+
+1. **Distillation step** (DistilBERT objective ``5*ce + 2*mlm + 1*cos``, T=2): a
+   BertForMaskedLM teacher of BERT-base shape (12 x 768, random weights), a 4-layer
+   student built by ``distill.student.build_student`` from teacher layers 1,5,8,12,
+   batch ``B x 128`` of packed blocks masked by ``distill.masking``. One step is
+   forward, loss, backward and an AdamW step through ``distill.precision.Precision``.
+   Variants:
+
+   - ``engine_masked`` / ``engine_full``: ``distill.train.StudentStep`` (teacher
+     ``extract`` under no_grad, student ``extract``, ``Objective``) with
+     ``restrict_ce_to_mask`` True / False. Masked: vocabulary heads only at the 15%
+     MLM targets; full: at every real token (packed blocks have no padding).
+   - ``plain_masked`` / ``plain_full``: the same loss written the obvious way, as the
+     DistilBERT research code did: both models called with
+     ``output_hidden_states=True``, full ``[B, S, V]`` logits from both, ce as
+     ``F.kl_div(batchmean)`` on ``masked_select``-ed rows (MLM targets / real
+     tokens), mlm as ``F.cross_entropy`` over all ``B*S`` rows with ignore_index,
+     cos as ``F.cosine_embedding_loss`` on the real tokens' last hidden states.
+   - ``floor_masked`` / ``floor_full``: the engine's work minus the objective:
+     teacher ``extract`` + student ``extract`` with exactly the outputs the
+     objective asks for (hidden states, heads at the same positions), then a trivial
+     loss (mean of the student's logits + mean of its last hidden state), backward
+     and step. ``engine / floor`` is the cost of the objective itself.
+   - ``floor_student``: student forward/backward alone (no teacher, no head,
+     trivial mean of the last hidden state) and step: the least a step can do.
+
+   The full report also times the pieces of a step apart (teacher encoder, heads,
+   loss, backward, optimizer): what dominates each variant.
+
+2. **Data preparation**: ``distill.data.load_corpus_blocks`` (fresh cache folder each
+   repetition, 128-token packed blocks) against a line-by-line ``tokenizer.encode``
+   loop with the same MiniLM tokenizer over the same paragraphs (then the same
+   packing in numpy and ``np.save``). Both read the same text file: the clean
+   paragraphs of the real Wikipedia extract, one per line. Each repetition runs in a
+   fresh subprocess so peak memory (VmHWM above the post-import baseline) is its own.
+   Also reported: the pipeline from the raw MediaWiki dump (markup cleaning
+   included), the cached re-load, and the loop with transformers' pure-Python
+   ``BertTokenizerLegacy`` (the tokenizer the DistilBERT scripts used).
+
+3. **Inference**: BertModel 12 x 768 (teacher) against 4- and 6-layer students
+   (layers 1,5,8,12 and 2,4,6,8,10,12), eval, no_grad, seq 128, batch 32 (8 in
+   quick mode) and 1, same threads.
+
+The last lines printed are the ratios, ``name: value``, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
+TEMPERATURE = 2.0
+SEQ = 128
+STUDENT_LAYERS = [1, 5, 8, 12]
+STUDENT6_LAYERS = [2, 4, 6, 8, 10, 12]
+RATIO_NAMES = ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
+               "prep_vs_loop", "student4_vs_teacher_inference")
+TARGETS = {"distill_step_vs_plain_masked": (">=", 1.3), "distill_step_vs_plain_full": (">=", 1.0),
+           "distill_step_over_floor": ("<=", 1.15), "prep_vs_loop": (">=", 10.0),
+           "student4_vs_teacher_inference": (">=", 2.8)}
+
+# Quick: the named ratios only, lean enough for < 5 min on 2 shared cores. Full: everything.
+QUICK = dict(batch=4, repeats=3, warmup=0, precisions_cpu=("fp32",), extra_floors=False, breakdown_repeats=0,
+             prep_repeats=2, prep_cached=False, prep_scale=1, dump_repeats=0, legacy_paragraphs=300,
+             infer_batch=8, infer_repeats=3, infer_repeats_batch1=5)
+FULL = dict(batch=8, repeats=5, warmup=0, precisions_cpu=("fp32", "bf16"), extra_floors=True, breakdown_repeats=2,
+            prep_repeats=4, prep_cached=True, prep_scale=4, dump_repeats=1, legacy_paragraphs=1000,
+            infer_batch=32, infer_repeats=4, infer_repeats_batch1=12)
+CUDA_PRECISIONS = ("fp32", "bf16", "fp16 O1", "fp16 O2")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Wall time of a callable, synchronising the device first and last."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def __call__(self, fn) -> tuple[float, float, dict | None]:
+        """(wall seconds, process CPU seconds, the phase times ``fn`` returned, if any)."""
+        t0, c0 = self.now(), time.process_time()
+        phases = fn()
+        return self.now() - t0, time.process_time() - c0, phases
+
+
+def interleaved(variants: dict, repeats: int, warmup: int, clock: Clock) -> dict[str, list[tuple]]:
+    """One untimed run of the first variant and ``warmup`` untimed rounds of all, then ``repeats``
+    timed rounds, each running every variant once, in reversed order every other round
+    (A B C, C B A, ...) so slow drifts in the load hit all variants alike. Returns clock()
+    results per variant, in round order."""
+    next(iter(variants.values()))()
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    runs = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            runs[name].append(clock(variants[name]))
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1][0]:.2f}s" for n in names))
+    return runs
+
+
+def paired_ratio(runs: dict, num: str, den: str) -> dict:
+    """``num / den`` as the median over rounds of the within-round ratio (the two ran back to back,
+    so load that changes between rounds cancels), with the ratio of the medians beside it."""
+    per_round = [a[0] / b[0] for a, b in zip(runs[num], runs[den])]
+    med = statistics.median(r[0] for r in runs[num]) / statistics.median(r[0] for r in runs[den])
+    cpu = statistics.median(r[1] for r in runs[num]) / max(statistics.median(r[1] for r in runs[den]), 1e-12)
+    return {"value": statistics.median(per_round), "ratio_of_medians": med, "cpu_time_ratio_of_medians": cpu,
+            "per_round": [round(x, 3) for x in per_round]}
+
+
+def summary(runs: list, tokens: int | None = None) -> dict:
+    """Median (the figure), min, max and every run's wall time; CPU time and phases when recorded."""
+    walls = [r[0] if isinstance(r, tuple) else r for r in runs]
+    med = statistics.median(walls)
+    out = {"median_s": med, "min_s": min(walls), "max_s": max(walls), "runs_s": [round(x, 4) for x in walls]}
+    if runs and isinstance(runs[0], tuple):
+        out["cpu_median_s"] = statistics.median(r[1] for r in runs)
+        if runs[0][2]:
+            out["phases_median_s"] = {k: statistics.median(r[2][k] for r in runs) for k in runs[0][2]}
+    if tokens is not None:
+        out["tokens"] = tokens
+        out["tokens_per_s"] = tokens / med
+    return out
+
+
+# --------------------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import datasets
+        import tokenizers
+        import transformers
+
+        info.update(transformers=transformers.__version__, datasets=datasets.__version__,
+                    tokenizers=tokenizers.__version__)
+    except ImportError:
+        pass
+    from distill import __version__
+    from distill.precision import CPU_BF16_FLAGS, read_cpu_flags
+
+    info["distill"] = __version__
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    flags = read_cpu_flags() or frozenset()
+    info["cpu_bf16"] = sorted(set(CPU_BF16_FLAGS) & flags)
+    info["avx512"] = "avx512f" in flags
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------------------- 1. distillation step
+
+
+# BERT-base. --smoke shrinks the width (not the layer count: students take layers 1,5,8,12) to check
+# every code path, fp16 O1/O2 included (allowed on a CPU for that), in seconds.
+SHAPE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
+SMOKE = {"shape": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64), "allow_cpu_fp16": False}
+
+
+def teacher_config(**overrides):
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, num_hidden_layers=12, max_position_embeddings=512,
+                        **{**SHAPE, **overrides})
+    config.architectures = ["BertForMaskedLM"]
+    return config
+
+
+def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
+    """Packed blocks ``[CLS] ... [SEP]`` (no padding) masked DistilBERT's way by ``distill.masking``."""
+    from distill.masking import mask_tokens, masking_weights
+
+    g = torch.Generator().manual_seed(seed)
+    # Zipf-like token frequencies, so the count^-0.7 weights are not uniform
+    ranks = torch.arange(1, vocab - 999 + 1, dtype=torch.float64)
+    probs = (1.0 / ranks) / (1.0 / ranks).sum()
+    ids = 999 + torch.multinomial(probs, batch * SEQ, replacement=True, generator=g).view(batch, SEQ)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    counts = torch.bincount(ids.flatten(), minlength=vocab)
+    weights = masking_weights(counts, special_ids=[0, 100, 101, 102, 103])
+    masked, labels = mask_tokens(ids, mask, weights, 103, vocab, g)
+    return {"input_ids": masked, "attention_mask": mask, "mlm_labels": labels}
+
+
+def plain_loss(student, teacher, batch: dict, restrict_ce_to_mask: bool):
+    """The DistilBERT research code's step (distiller.py), written inline: full logits everywhere."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return plain_objective(s_out.logits, t_out.logits, s_out.hidden_states[-1], t_out.hidden_states[-1], batch,
+                           restrict_ce_to_mask)
+
+
+def plain_objective(s_logits, t_logits, s_h, t_h, batch: dict, restrict_ce_to_mask: bool):
+    """DistilBERT's loss as its code wrote it: masked_select, KLDivLoss(batchmean), CrossEntropyLoss,
+    CosineEmbeddingLoss, on ``[B, S, V]`` logits and ``[B, S, H]`` last hidden states."""
+    mask, labels = batch["attention_mask"], batch["mlm_labels"]
+    vocab = s_logits.size(-1)
+    sel = (labels > -1) if restrict_ce_to_mask else mask.bool()
+    sel = sel.unsqueeze(-1).expand_as(s_logits)
+    s_sel = torch.masked_select(s_logits, sel).view(-1, vocab)
+    t_sel = torch.masked_select(t_logits, sel).view(-1, vocab)
+    loss_ce = F.kl_div(F.log_softmax(s_sel / TEMPERATURE, dim=-1), F.softmax(t_sel / TEMPERATURE, dim=-1),
+                       reduction="batchmean") * TEMPERATURE ** 2
+    loss_mlm = F.cross_entropy(s_logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
+    dim = s_h.size(-1)
+    hmask = mask.bool().unsqueeze(-1).expand_as(s_h)
+    s_h = torch.masked_select(s_h, hmask).view(-1, dim)
+    t_h = torch.masked_select(t_h, hmask).view(-1, dim)
+    loss_cos = F.cosine_embedding_loss(s_h, t_h, s_h.new_ones(s_h.size(0)), reduction="mean")
+    return WEIGHTS["ce"] * loss_ce + WEIGHTS["mlm"] * loss_mlm + WEIGHTS["cos"] * loss_cos
+
+
+def floor_loss(student, teacher, objective, batch: dict):
+    """The engine's forward work with a trivial loss in place of the objective."""
+    from distill.models import extract
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
+    s = extract(student, ids, mask, **objective.extract_kwargs(batch, "student"))
+    return s.logits.float().mean() + s.hidden_states[-1].float().mean()
+
+
+def student_only_loss(student, batch: dict):
+    out = student.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.last_hidden_state.float().mean()
+
+
+def parse_precision(name: str) -> tuple[str, str]:
+    return ("fp16", name.split()[1]) if name.startswith("fp16") else (name, "O2")
+
+
+def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> dict:
+    from distill.objective import Objective
+    from distill.precision import Precision
+    from distill.student import build_student
+    from distill.train import StudentStep
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(teacher_config()).to(device).eval()
+    teacher.requires_grad_(False)
+    student0, _ = build_student(teacher, STUDENT_LAYERS)
+    objectives = {
+        v: Objective.from_config(WEIGHTS, TEMPERATURE, student_config=student0, teacher_config=teacher,
+                                 student_layers=STUDENT_LAYERS, restrict_ce_to_mask=(v == "masked")).to(device)
+        for v in ("masked", "full")
+    }
+    batch = {k: v.to(device) for k, v in make_batch(cfg["batch"], teacher.config.vocab_size).items()}
+    tokens = int(batch["attention_mask"].sum())
+    results = {"batch": cfg["batch"], "seq": SEQ, "tokens_per_step": tokens,
+               "masked_positions": int((batch["mlm_labels"] != -100).sum()), "precisions": {}}
+    for name in precisions:
+        prec_name, level = parse_precision(name)
+        log(f"distillation step, {name}, batch {cfg['batch']} x {SEQ}")
+        prec = Precision.from_config(prec_name, level, device=device, allow_cpu_fp16=SMOKE["allow_cpu_fp16"])
+        if prec.mode != name:
+            log(f"  skipped: {name} runs as {prec.mode} on {device.type}")
+            continue
+        student = copy.deepcopy(student0).to(device).train()
+        student = prec.prepare(student)
+        optimizer = prec.make_optimizer([p for p in student.parameters() if p.requires_grad], torch.optim.AdamW,
+                                        lr=1e-6, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+        engines = {v: StudentStep(student, objectives[v], teacher) for v in objectives}
+
+        def run(loss_fn):
+            def step():
+                t0 = clock.now()
+                with prec.autocast():
+                    loss = loss_fn()
+                t1 = clock.now()
+                prec.backward(loss)
+                t2 = clock.now()
+                prec.step(optimizer, 5.0)
+                t3 = clock.now()
+                return {"forward_loss": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+            return step
+
+        variants = {
+            "plain_masked": run(lambda: plain_loss(student, teacher, batch, True)),
+            "engine_masked": run(lambda: engines["masked"](batch)[0]),
+            "floor_masked": run(lambda: floor_loss(student, teacher, objectives["masked"], batch)),
+            "plain_full": run(lambda: plain_loss(student, teacher, batch, False)),
+            "engine_full": run(lambda: engines["full"](batch)[0]),
+        }
+        if cfg["extra_floors"] and name == precisions[0]:  # the other precisions: the compared variants only
+            variants["floor_full"] = run(lambda: floor_loss(student, teacher, objectives["full"], batch))
+            variants["floor_student"] = run(lambda: student_only_loss(student, batch))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = interleaved(variants, cfg["repeats"], cfg["warmup"], clock)
+        entry = {"description": prec.description, "variants": {n: summary(t, tokens) for n, t in times.items()}}
+        if device.type == "cuda":
+            entry["peak_gpu_memory_gb_all_variants"] = torch.cuda.max_memory_allocated(device) / 2**30
+        pairs = {"plain_over_engine_masked": ("plain_masked", "engine_masked"),
+                 "plain_over_engine_full": ("plain_full", "engine_full"),
+                 "engine_over_floor_masked": ("engine_masked", "floor_masked"),
+                 "engine_over_floor_full": ("engine_full", "floor_full"),
+                 "engine_masked_over_floor_student": ("engine_masked", "floor_student"),
+                 "engine_full_over_engine_masked": ("engine_full", "engine_masked")}
+        entry["ratio_details"] = {k: paired_ratio(times, a, b) for k, (a, b) in pairs.items()
+                                  if a in times and b in times}
+        entry["ratios"] = {k: v["value"] for k, v in entry["ratio_details"].items()}
+        results["precisions"][name] = entry
+    return results
+
+
+def _setup(cfg: dict, device: torch.device, precision: str):
+    from distill.objective import Objective
+    from distill.precision import Precision
+    from distill.student import build_student
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(teacher_config()).to(device).eval()
+    teacher.requires_grad_(False)
+    student, _ = build_student(teacher, STUDENT_LAYERS)
+    student.to(device).train()
+    objectives = {v: Objective.from_config(WEIGHTS, TEMPERATURE, student_config=student, teacher_config=teacher,
+                                           student_layers=STUDENT_LAYERS, restrict_ce_to_mask=(v == "masked"))
+                  for v in ("masked", "full")}
+    batch = {k: v.to(device) for k, v in make_batch(cfg["batch"], teacher.config.vocab_size).items()}
+    prec_name, level = parse_precision(precision)
+    prec = Precision.from_config(prec_name, level, device=device, allow_cpu_fp16=SMOKE["allow_cpu_fp16"])
+    student = prec.prepare(student)
+    optimizer = prec.make_optimizer(list(student.parameters()), torch.optim.AdamW, lr=1e-6)
+    return teacher, student, objectives, batch, prec, optimizer
+
+
+PIECES = ("teacher encoder", "teacher head", "student encoder fwd", "student head fwd", "loss fwd",
+          "loss+head bwd", "student encoder bwd", "optimizer")
+
+
+def breakdown(cfg: dict, device: torch.device, precision: str, repeats: int, clock: Clock) -> dict:
+    """Where a step's time goes: the step cut into pieces, each timed on its own (median of runs).
+
+    Same work as ``extract`` + objective (engine) or the plain step, split at the final hidden
+    state: the head and loss run on a detached copy, so their backward is timed apart from the
+    encoder's. Kinds: engine_masked, engine_full, plain_full.
+    """
+    from distill.models import Features
+
+    teacher, student, objectives, batch, prec, optimizer = _setup(cfg, device, precision)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def piecewise(kind: str) -> dict:
+        t = {}
+        mark = clock.now()
+
+        def tick(name):
+            nonlocal mark
+            now = clock.now()
+            t[name] = now - mark
+            mark = now
+
+        objective = objectives["masked" if kind == "engine_masked" else "full"]
+        plain = kind.startswith("plain")
+        with prec.autocast():
+            pos_t = None if plain else objective.positions(batch, "teacher")
+            pos_s = None if plain else objective.positions(batch, "student")
+            with torch.no_grad():
+                t_out = teacher.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                tick("teacher encoder")
+                t_h = t_out.last_hidden_state
+                t_logits = teacher.cls(t_h if plain else t_h[pos_t])
+                tick("teacher head")
+            s_out = student.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            tick("student encoder fwd")
+            h = s_out.last_hidden_state
+            h_det = h.detach().requires_grad_()
+            s_logits = student.cls(h_det if plain else h_det[pos_s])
+            tick("student head fwd")
+            if plain:
+                loss = plain_objective(s_logits, t_logits, h_det, t_h, batch, False)
+            else:
+                loss, _ = objective(Features(hidden_states=(*s_out.hidden_states[:-1], h_det), logits=s_logits),
+                                    Features(hidden_states=t_out.hidden_states, logits=t_logits), batch)
+            tick("loss fwd")
+        prec.backward(loss)
+        tick("loss+head bwd")
+        h.backward(h_det.grad)
+        tick("student encoder bwd")
+        prec.step(optimizer, 5.0)
+        tick("optimizer")
+        return t
+
+    kinds = ("engine_masked", "engine_full", "plain_full")
+    for kind in kinds:  # warm-up
+        piecewise(kind)
+    runs = {k: [] for k in kinds}
+    for r in range(repeats):
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            runs[kind].append(piecewise(kind))
+    out = {}
+    for kind, items in runs.items():
+        med = {p: statistics.median(x[p] for x in items) for p in PIECES}
+        total = sum(med.values())
+        out[kind] = {"pieces_median_s": med, "sum_s": total,
+                     "share": {p: v / total for p, v in med.items()}}
+    return out
+
+
+def profile_engine(cfg: dict, device: torch.device, precision: str = "fp32", variant: str = "masked",
+                   top: int = 15) -> str:
+    """torch.profiler table (top ops by self time) of one engine step, after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distill.train import StudentStep
+
+    teacher, student, objectives, batch, prec, optimizer = _setup(cfg, device, precision)
+    step_module = StudentStep(student, objectives[variant], teacher)
+
+    def step():
+        with prec.autocast():
+            loss, _ = step_module(batch)
+        prec.backward(loss)
+        prec.step(optimizer, 5.0)
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=top,
+                                                               max_name_column_width=32, max_shapes_column_width=60)
+
+
+# --------------------------------------------------------------------------------------- 2. data preparation
+
+
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None) -> dict:
+    """One data-preparation run in this (fresh) process; returns tokens, seconds and peak memory.
+
+    Every kind imports the same libraries before the clock starts, so neither pays for imports.
+    """
+    import datasets  # noqa: F401  (imported lazily by distill.data: not part of the work)
+    import pyarrow  # noqa: F401
+    from transformers import AutoTokenizer
+
+    from distill.assets import minilm_dir, wiki_extract_path
+    from distill.data import load_corpus_blocks
+
+    if kind == "legacy":
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+        tokenizer = BertTokenizerLegacy.from_pretrained(minilm_dir())
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer.model_max_length = 10**9  # no "longer than 512" warning: whole paragraphs are tokenised
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if kind == "cached":  # build the cache first, untimed, then time the re-load
+        load_corpus_blocks(text_file, tokenizer, SEQ, cache_dir)
+    import gc
+
+    gc.collect()
+    base_rss = _vm_kb("VmRSS")
+    resettable = _reset_peak()
+    t0 = time.perf_counter()
+    if kind in ("pipeline", "cached"):
+        blocks = load_corpus_blocks(text_file, tokenizer, SEQ, cache_dir)
+        num_blocks = len(blocks)
+        meta = json.loads(next(Path(cache_dir).glob("tokens-*/meta.json")).read_text())
+        tokens = meta["num_tokens"]
+    elif kind == "dump":
+        blocks = load_corpus_blocks(wiki_extract_path(), tokenizer, SEQ, cache_dir)
+        num_blocks = len(blocks)
+        meta = json.loads(next(Path(cache_dir).glob("tokens-*/meta.json")).read_text())
+        tokens = meta["num_tokens"]
+    else:  # "loop" / "legacy": the DistilBERT scripts' way, then the same packing as the pipeline
+        ids = []
+        with open(text_file, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if max_lines is not None and n >= max_lines:
+                    break
+                text = line.strip()
+                if text:
+                    ids.append(tokenizer.encode(text, add_special_tokens=False))
+        tokens = sum(len(x) for x in ids)
+        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int32, count=tokens)
+        inner = SEQ - 2
+        n = len(flat) // inner
+        out = np.empty((n, SEQ), dtype=np.int32)
+        out[:, 0], out[:, -1] = cls_id, sep_id
+        out[:, 1:-1] = flat[: n * inner].reshape(n, inner)
+        np.save(os.path.join(cache_dir, "blocks.npy"), out)
+        num_blocks = n
+    seconds = time.perf_counter() - t0
+    peak = _vm_kb("VmHWM")
+    return {"kind": kind, "seconds": seconds, "tokens": int(tokens), "blocks": int(num_blocks),
+            "tokens_per_s": tokens / seconds, "base_rss_mb": base_rss / 1024,
+            "peak_above_base_mb": (peak - base_rss) / 1024 if resettable else None}
+
+
+def _run_worker(kind: str, text_file: str, max_lines: int | None = None) -> dict:
+    cache = tempfile.mkdtemp(prefix=f"speed-{kind}-")
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--prep-worker", kind, "--text-file", text_file,
+               "--cache-dir", cache]
+        if max_lines is not None:
+            cmd += ["--max-lines", str(max_lines)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"prep worker {kind} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def bench_prep(cfg: dict) -> dict:
+    from distill.assets import wiki_extract_path
+    from distill.data import iter_paragraphs
+
+    log("data preparation: extracting the Wikipedia paragraphs")
+    work = tempfile.mkdtemp(prefix="speed-prep-")
+    try:
+        t0 = time.perf_counter()
+        paragraphs = list(iter_paragraphs([wiki_extract_path()]))
+        clean_s = time.perf_counter() - t0
+        text_file = os.path.join(work, "wiki_paragraphs.txt")
+        with open(text_file, "w", encoding="utf-8") as f:
+            for p in paragraphs:
+                f.write(p + "\n")
+        runs: dict[str, list[dict]] = {"pipeline": [], "loop": []}
+        for r in range(cfg["prep_repeats"]):
+            for kind in (("pipeline", "loop") if r % 2 == 0 else ("loop", "pipeline")):
+                runs[kind].append(_run_worker(kind, text_file))
+            log(f"  round {r + 1}/{cfg['prep_repeats']}: " + ", ".join(
+                f"{k} {v[-1]['seconds']:.2f}s" for k, v in runs.items()))
+        extra = {"legacy": _run_worker("legacy", text_file, cfg["legacy_paragraphs"])}
+        if cfg["prep_cached"]:
+            extra["cached"] = _run_worker("cached", text_file)
+        log("  " + ", ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s" for k, v in extra.items()))
+        dump = [_run_worker("dump", text_file) for _ in range(cfg["dump_repeats"])]
+        scaled = {}
+        if cfg["prep_scale"] > 1:  # memory as the corpus grows: the same paragraphs k times over
+            big_file = os.path.join(work, f"wiki_paragraphs_x{cfg['prep_scale']}.txt")
+            with open(big_file, "w", encoding="utf-8") as f:
+                for _ in range(cfg["prep_scale"]):
+                    for p in paragraphs:
+                        f.write(p + "\n")
+            scaled = {f"{kind}_x{cfg['prep_scale']}": _run_worker(kind, big_file) for kind in ("pipeline", "loop")}
+            log("  " + ", ".join(f"{k} {v['seconds']:.2f}s, peak +{v['peak_above_base_mb'] or 0:.0f} MB"
+                                 for k, v in scaled.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def agg(items: list[dict]) -> dict:
+        out = summary([x["seconds"] for x in items], items[0]["tokens"])
+        peaks = [x["peak_above_base_mb"] for x in items if x["peak_above_base_mb"] is not None]
+        out["peak_above_base_mb"] = statistics.median(peaks) if peaks else None
+        out["base_rss_mb"] = statistics.median(x["base_rss_mb"] for x in items)
+        out["blocks"] = items[0]["blocks"]
+        return out
+
+    result = {"paragraphs": len(paragraphs), "characters": sum(len(p) for p in paragraphs),
+              "mediawiki_cleaning_s": clean_s, "variants": {k: agg(v) for k, v in runs.items()}}
+    for kind, item in {**extra, **scaled}.items():
+        result["variants"][kind] = agg([item])
+    if dump:
+        result["variants"]["dump"] = agg(dump)
+    v = result["variants"]
+    per_round = [p["tokens_per_s"] / q["tokens_per_s"] for p, q in zip(runs["pipeline"], runs["loop"])]
+    result["ratios"] = {"pipeline_over_loop_tokens_per_s": statistics.median(per_round)}
+    result["ratio_details"] = {"pipeline_over_loop_tokens_per_s": {
+        "value": statistics.median(per_round), "per_round": [round(x, 3) for x in per_round],
+        "ratio_of_medians": v["pipeline"]["tokens_per_s"] / v["loop"]["tokens_per_s"]}}
+    result["ratios"]["pipeline_over_legacy_loop_tokens_per_s"] = (
+        v["pipeline"]["tokens_per_s"] / v["legacy"]["tokens_per_s"])
+    if "cached" in v:
+        result["ratios"]["cached_reload_over_loop_tokens_per_s"] = (
+            v["cached"]["tokens_per_s"] / v["loop"]["tokens_per_s"])
+    if "dump" in v:
+        result["ratios"]["dump_pipeline_over_loop_tokens_per_s"] = v["dump"]["tokens_per_s"] / v["loop"]["tokens_per_s"]
+    return result
+
+
+# --------------------------------------------------------------------------------------- 3. inference
+
+
+def bench_inference(cfg: dict, device: torch.device, clock: Clock) -> dict:
+    from transformers import BertModel
+
+    from distill.student import build_student
+
+    torch.manual_seed(0)
+    config = teacher_config()
+    config.architectures = ["BertModel"]
+    teacher = BertModel(config).to(device).eval()
+    models = {"teacher12": teacher,
+              "student4": build_student(teacher, STUDENT_LAYERS)[0].to(device).eval(),
+              "student6": build_student(teacher, STUDENT6_LAYERS)[0].to(device).eval()}
+    out = {"seq": SEQ, "batches": {}}
+    for batch in (cfg["infer_batch"], 1):
+        log(f"inference, batch {batch} x {SEQ}")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(999, 30522, (batch, SEQ), generator=g).to(device)
+        mask = torch.ones_like(ids)
+
+        def fwd(model):
+            def run():
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+            return run
+
+        repeats = cfg["infer_repeats"] if batch > 1 else cfg["infer_repeats_batch1"]
+        times = interleaved({n: fwd(m) for n, m in models.items()}, repeats, cfg["warmup"], clock)
+        details = {"student4_speedup": paired_ratio(times, "teacher12", "student4"),
+                   "student6_speedup": paired_ratio(times, "teacher12", "student6")}
+        out["batches"][str(batch)] = {
+            "variants": {n: summary(t, batch * SEQ) for n, t in times.items()},
+            "ratio_details": details, "ratios": {k: v["value"] for k, v in details.items()},
+        }
+    out["throughput_batch"] = cfg["infer_batch"]
+    return out
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def fmt_table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(report: dict) -> str:
+    parts = []
+    d = report.get("distill")
+    if d:
+        parts.append(f"### Distillation step (batch {d['batch']} x {d['seq']}, {d['masked_positions']} masked "
+                     f"positions; median of {report['config']['repeats']})\n")
+        rows = []
+        for prec, entry in d["precisions"].items():
+            base = entry["variants"]["engine_masked"]["median_s"]
+            for name, v in entry["variants"].items():
+                ph = v.get("phases_median_s", {})
+                rows.append([prec, name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
+                             f"{v['median_s'] / base:.2f}",
+                             " / ".join(f"{ph[k]:.2f}" for k in ("forward_loss", "backward", "optimizer") if k in ph),
+                             f"{v['cpu_median_s']:.2f}"])
+        parts.append(fmt_table(["precision", "variant", "step s (median)", "tokens/s", "time / engine_masked",
+                                "forward+loss / backward / optimizer s", "CPU s"], rows))
+        rows = [[prec, *(f"{x:.2f}" for x in e["ratios"].values())] for prec, e in d["precisions"].items()]
+        first = next(iter(d["precisions"].values()))
+        parts.append("\n" + fmt_table(["precision", *first["ratios"].keys()], rows))
+    b = report.get("breakdown")
+    if b:
+        parts.append(f"\n### Where a step's time goes ({b['precision']}, batch {b['batch']} x {SEQ}; "
+                     "pieces timed apart, median s and share)\n")
+        kinds = list(b["kinds"])
+        rows = [[piece, *(f"{b['kinds'][k]['pieces_median_s'][piece]:.3f} ({b['kinds'][k]['share'][piece]:.0%})"
+                          for k in kinds)] for piece in PIECES]
+        rows.append(["sum", *(f"{b['kinds'][k]['sum_s']:.3f}" for k in kinds)])
+        parts.append(fmt_table(["piece", *kinds], rows))
+    p = report.get("prep")
+    if p:
+        parts.append(f"\n### Data preparation ({p['paragraphs']:,} Wikipedia paragraphs, "
+                     f"{p['variants']['pipeline']['tokens']:,} tokens; MediaWiki cleaning alone "
+                     f"{p['mediawiki_cleaning_s']:.1f} s)\n")
+        rows = []
+        for name, v in p["variants"].items():
+            peak = v["peak_above_base_mb"]
+            rows.append([name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
+                         "n/a" if peak is None else f"{peak:.0f}", len(v["runs_s"])])
+        parts.append(fmt_table(["variant", "seconds (median)", "tokens/s", "peak MB above base", "runs"], rows))
+        parts.append("\n" + fmt_table(list(p["ratios"]), [[f"{x:.2f}" for x in p["ratios"].values()]]))
+    i = report.get("inference")
+    if i:
+        parts.append(f"\n### Inference (BertModel, seq {i['seq']}, eval, no_grad)\n")
+        rows = []
+        for batch, entry in i["batches"].items():
+            for name, v in entry["variants"].items():
+                speedup = entry["ratios"].get(f"{name}_speedup", 1.0)
+                rows.append([batch, name, f"{v['median_s'] * 1000:.1f}", f"{v['tokens_per_s']:,.0f}",
+                             f"{speedup:.2f}"])
+        parts.append(fmt_table(["batch", "model", "ms (median)", "tokens/s", "speed-up over teacher"], rows))
+    return "\n".join(parts)
+
+
+def named_ratios(report: dict) -> dict:
+    out = {}
+    d = report.get("distill")
+    if d and d["precisions"]:
+        prec = report["config"]["headline_precision"]
+        entry = d["precisions"].get(prec) or next(iter(d["precisions"].values()))
+        out["distill_step_vs_plain_masked"] = entry["ratios"]["plain_over_engine_masked"]
+        out["distill_step_vs_plain_full"] = entry["ratios"]["plain_over_engine_full"]
+        out["distill_step_over_floor"] = entry["ratios"]["engine_over_floor_masked"]
+    if report.get("prep"):
+        out["prep_vs_loop"] = report["prep"]["ratios"]["pipeline_over_loop_tokens_per_s"]
+    if report.get("inference"):
+        i = report["inference"]
+        out["student4_vs_teacher_inference"] = i["batches"][str(i["throughput_batch"])]["ratios"]["student4_speedup"]
+    return out
+
+
+def set_threads(spec: str) -> str:
+    """Apply ``--threads``; returns why that number was chosen."""
+    if spec != "auto":
+        torch.set_num_threads(int(spec))
+        return "set by --threads"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "torch default (load average unknown)"
+    cores = os.cpu_count() or 1
+    if load >= 0.5 * cores:
+        torch.set_num_threads(1)
+        return (f"auto: 1 thread, since the 1-minute load average was {load:.1f} on {cores} cores "
+                "(other processes hold the cores; more OpenMP threads would wait on each other)")
+    return f"auto: torch default, the machine looked idle (load average {load:.1f} on {cores} cores)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 4, fp32 only (< 5 min on 2 cores)")
+    parser.add_argument("--out", help="write the results as JSON here (e.g. docs/speed.json)")
+    parser.add_argument("--only", default="distill,prep,inference",
+                        help="comma-separated sections to run: distill, breakdown, prep, inference")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--precisions", help="comma-separated, e.g. fp32,bf16 (CUDA: also 'fp16 O1','fp16 O2')")
+    parser.add_argument("--batch", type=int, help="distillation batch size (default 4 quick, 8 full)")
+    parser.add_argument("--repeats", type=int, help="timed repetitions per variant")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check every code path on tiny models in seconds (fp16 O1/O2 allowed on a CPU); "
+                             "the figures mean nothing")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: a number, or auto (default): torch's own choice on an idle "
+                             "machine, 1 when the load average says other processes hold the cores (2 OpenMP "
+                             "threads fighting other processes for 2 cores ran 2x slower than 1 thread, and "
+                             "erratically)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one engine step")
+    parser.add_argument("--prep-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--text-file", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--max-lines", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.prep_worker:
+        print(json.dumps(prep_worker(args.prep_worker, args.text_file, args.cache_dir, args.max_lines)))
+        return 0
+
+    threads_note = set_threads(args.threads)
+    cfg = dict(QUICK if args.quick or args.smoke else FULL)
+    if args.smoke:
+        SHAPE.update(SMOKE["shape"])
+        SMOKE["allow_cpu_fp16"] = True
+        cfg.update(repeats=1, prep_repeats=1, infer_repeats=1, infer_repeats_batch1=1, breakdown_repeats=1,
+                   infer_batch=2, legacy_paragraphs=20)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.batch:
+        cfg["batch"] = args.batch
+    if args.repeats:
+        cfg["repeats"] = cfg["prep_repeats"] = cfg["infer_repeats"] = args.repeats
+        cfg["infer_repeats_batch1"] = 3 * args.repeats
+    if args.precisions:
+        precisions = tuple(p.strip() for p in args.precisions.split(","))
+    elif device.type == "cuda":
+        precisions = CUDA_PRECISIONS
+    else:
+        precisions = cfg["precisions_cpu"]
+    cfg["headline_precision"] = "fp32"
+    cfg["threads"] = torch.get_num_threads()
+    cfg["threads_choice"] = threads_note
+    log(f"torch threads: {cfg['threads']} ({threads_note})")
+    cfg["device"] = str(device)
+    sections = {s.strip() for s in args.only.split(",")}
+    clock = Clock(device)
+
+    started = time.perf_counter()
+    command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "command": command.strip(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "config": {**cfg, "precisions": list(precisions)},
+              "objective": "5*ce(T=2) + 2*mlm + 1*cos", "teacher": "BertForMaskedLM 12 x 768, random weights",
+              "student": f"4 layers from teacher layers {','.join(map(str, STUDENT_LAYERS))} (build_student)"}
+    if "distill" in sections:
+        report["distill"] = bench_distill(cfg, device, precisions, clock)
+    if "breakdown" in sections or ("distill" in sections and cfg["breakdown_repeats"]):
+        log(f"step breakdown, {precisions[0]}")
+        report["breakdown"] = {"precision": precisions[0], "batch": cfg["batch"],
+                               "kinds": breakdown(cfg, device, precisions[0], max(cfg["breakdown_repeats"], 1),
+                                                  clock)}
+    if "prep" in sections:
+        report["prep"] = bench_prep(cfg)
+    if "inference" in sections:
+        report["inference"] = bench_inference(cfg, device, clock)
+    try:
+        report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["ratios"] = named_ratios(report)
+    report["targets"] = {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items() if k in report["ratios"]}
+
+    print(render(report))
+    if args.profile and "distill" in sections:
+        print(f"\n### Profile of one engine_masked step ({precisions[0]})\n")
+        print(profile_engine(cfg, device, precisions[0]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        log(f"wrote {args.out}")
+    print(f"\n({report['mode']} mode, {report['seconds']:.0f} s)")
+    for name in RATIO_NAMES:
+        if name in report["ratios"]:
+            print(f"{name}: {report['ratios'][name]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
