@@ -730,9 +730,10 @@ def render(report: dict) -> str:
                              f"{v['cpu_median_s']:.2f}"])
         parts.append(fmt_table(["precision", "variant", "step s (median)", "tokens/s", "time / engine_masked",
                                 "forward+loss / backward / optimizer s", "CPU s"], rows))
-        rows = [[prec, *(f"{x:.2f}" for x in e["ratios"].values())] for prec, e in d["precisions"].items()]
-        first = next(iter(d["precisions"].values()))
-        parts.append("\n" + fmt_table(["precision", *first["ratios"].keys()], rows))
+        keys = list(dict.fromkeys(k for e in d["precisions"].values() for k in e["ratios"]))
+        rows = [[prec, *(f"{e['ratios'][k]:.2f}" if k in e["ratios"] else "-" for k in keys)]
+                for prec, e in d["precisions"].items()]
+        parts.append("\n" + fmt_table(["precision", *keys], rows))
     b = report.get("breakdown")
     if b:
         parts.append(f"\n### Where a step's time goes ({b['precision']}, batch {b['batch']} x {SEQ}; "
@@ -886,7 +887,7 @@ def main(argv=None) -> int:
     report["targets"] = {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items() if k in report["ratios"]}
 
     print(render(report))
-    if args.profile and "distill" in sections:
+    if args.profile:
         print(f"\n### Profile of one engine_masked step ({precisions[0]})\n")
         print(profile_engine(cfg, device, precisions[0]))
     if args.out:
