@@ -31,7 +31,7 @@ class DistillConfig:
     # --- models ---
     teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
-    student_layers: list[int] = _f([2, 4, 6], "1-based teacher layers the student is built from; also the default loss layer map")
+    student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
     student_type: str | None = _f(None, "bert, distilbert or electra (default: the teacher's family)")
     # --- objective ---
     weights: dict[str, float] = _f({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, "loss term -> weight, e.g. {\"ce\": 5, \"mlm\": 2, \"cos\": 1}")
@@ -74,7 +74,7 @@ class DistillConfig:
     output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go")
     overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: only at the end)")
+    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints")
     logging_steps: int = _f(10, "log every N optimiser steps")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
@@ -128,9 +128,24 @@ def _check_types(cfg: DistillConfig) -> None:
             raise UsageError(f"{name}={value!r} should be {ftype}")
     if cfg.data_mode not in ("pack", "group"):
         raise UsageError(f"data_mode={cfg.data_mode!r}: choose pack or group")
-    for name in ("per_device_batch_size", "gradient_accumulation_steps", "block_size", "num_proc"):
+    for name in ("per_device_batch_size", "gradient_accumulation_steps", "block_size", "num_proc", "logging_steps",
+                 "save_total_limit"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.save_steps < 0:
+        raise UsageError(f"save_steps={cfg.save_steps} must be >= 0 (0: no checkpoints)")
+    for name, low, high in (("warmup_ratio", 0.0, 1.0), ("mlm_probability", 1e-9, 1.0), ("adam_beta1", 0.0, 1.0),
+                            ("adam_beta2", 0.0, 1.0)):
+        if not low <= getattr(cfg, name) <= high:
+            raise UsageError(f"{name}={getattr(cfg, name)} must lie in [{low:g}, {high:g}]")
+    for name in ("student_layers",):
+        value = getattr(cfg, name)
+        if value is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise UsageError(f"{name}={value!r} must be whole layer numbers, e.g. [1, 5, 8, 12]")
+    if cfg.layer_map is not None and not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+            for p in cfg.layer_map):
+        raise UsageError(f"layer_map={cfg.layer_map!r} must be [[student_layer, teacher_layer], ...] of whole numbers")
 
 
 def load_config_file(path: str) -> dict:

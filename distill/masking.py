@@ -116,7 +116,9 @@ def mask_tokens(
     # replacement. Weight-0 positions score -inf and are never among the k (k <= maskable).
     u = torch.rand(flat_w.shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
     keys = torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)) / flat_w.double()
-    targets = torch.topk(keys, k, sorted=False).indices
+    # sorted positions: topk(sorted=False) orders its result differently on CPU and CUDA, and
+    # the 80/10/10 draws below are assigned in this order
+    targets = torch.topk(keys, k, sorted=False).indices.sort().values
 
     flat_masked = masked.view(-1)
     labels.view(-1)[targets] = flat_masked[targets]

@@ -11,6 +11,7 @@ process sees with N times the accumulation.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -37,6 +38,11 @@ from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# buffers (position ids) are equal on every rank: no need to broadcast them each forward
+# (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
 LOGS = "logs"
 
 
@@ -156,6 +162,8 @@ def train(cfg: DistillConfig) -> str:
         check_output_dir(out, cfg.overwrite_output_dir, "--overwrite_output_dir (or --resume to continue)")
     elif not latest_checkpoint(out):
         raise UsageError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; start without --resume")
+    else:
+        check_resume_config(cfg, out)
 
     # models and objective: configs first, so every config error comes before a weight load
     teacher_path = resolve_teacher(cfg.teacher)
@@ -212,8 +220,7 @@ def train(cfg: DistillConfig) -> str:
     model = step_module
     if env.world > 1:
         model = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)
+            step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None, **NO_BUFFER_SYNC)
 
     start_step, stats = 0, RunStats()
     if cfg.resume:
@@ -276,7 +283,9 @@ def train(cfg: DistillConfig) -> str:
 
             print(f"trained generator saved to {save_generator(out, generator, precision, tokenizer)}", file=sys.stderr)
     if env.world > 1:
-        dist.barrier()
+        # DDP's reducer must not hold the last reference to the process group: its destructor would
+        # then join gloo's worker thread while holding the GIL, which that thread may need (a hang at exit)
+        del model
         dist.destroy_process_group()
     return str(out)
 
@@ -290,12 +299,22 @@ def student_plan(cfg: DistillConfig, teacher_config):
     if cfg.student:
         s_config = load_config(cfg.student, "student")
         record = read_init_record(cfg.student)
+        if record and cfg.student_layers is not None and list(cfg.student_layers) != record["layers"]:
+            raise UsageError(
+                f"student_layers {cfg.student_layers} disagree with {cfg.student!r}, built from teacher layers "
+                f"{record['layers']} ({INIT_RECORD}): drop student_layers, or use layer_map for another loss map")
         layers = record["layers"] if record else cfg.student_layers
+        if layers is None:
+            raise UsageError(f"student {cfg.student!r} has no {INIT_RECORD}: set student_layers to the teacher "
+                             "layers it was built from (they are the default loss layer map)")
         if num_layers(s_config) != len(layers):
             raise UsageError(
-                f"student {cfg.student!r} has {num_layers(s_config)} layers but the layer list {layers} has "
-                f"{len(layers)}: set student_layers to the teacher layers it was built from ({INIT_RECORD} is missing)")
+                f"student {cfg.student!r} has {num_layers(s_config)} layers but student_layers {layers} has "
+                f"{len(layers)}: give the teacher layers it was built from")
         return parse_layers(layers, num_layers(teacher_config)), s_config
+    if cfg.student_layers is None:
+        raise UsageError("student_layers is not set: give the teacher layers to build the student from, "
+                         "e.g. --student_layers 1,5,8,12")
     layers = parse_layers(cfg.student_layers, num_layers(teacher_config), what="teacher")
     student_type = cfg.student_type or family_of(teacher_config).name
     check_pair(family_of(teacher_config).name, student_type)
@@ -351,7 +370,7 @@ class RunStats:
 
 
 class Window:
-    """Sums of the loss and terms since the last log, kept on the device (no per-step sync)."""
+    """Sums of the loss and terms since the last log, kept on the device; one sync per step (the progress bar)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -404,8 +423,12 @@ class Logger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.jsonl = open(folder / "train_log.jsonl", "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(folder / "tensorboard"))
+        log = folder / "train_log.jsonl"
+        if start and log.exists():  # a resumed run redoes the steps after its checkpoint: drop their records
+            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+            atomic_write_text(log, "".join(line + "\n" for line in kept))
+        self.jsonl = open(log, "a", encoding="utf-8")
+        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1 if start else None)
         self.bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, record: dict):
@@ -448,6 +471,7 @@ def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, pre
         "step": step, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "rng": rng,
         "stats": {"skipped": stats.skipped, "tokens": stats.tokens}, "config": cfg.to_dict(), "version": __version__,
+        "world": env.world,
     }
     path = folder / f"step-{step:08d}.pt"
     tmp = folder / f".{path.name}.tmp"
@@ -457,8 +481,36 @@ def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, pre
         old.unlink()
 
 
+# Fields that decide what each step computes: a resumed run must keep them (logging, checkpoint
+# cadence, device and tokenisation workers may change).
+RESUME_FIELDS = ("teacher", "student", "student_layers", "student_type", "weights", "temperature", "layer_map",
+                 "restrict_ce_to_mask", "projection", "generator", "train_generator", "generator_weight", "corpus",
+                 "block_size", "data_mode", "max_documents", "mlm_probability", "mask_smoothing", "learning_rate",
+                 "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "warmup_ratio", "max_grad_norm",
+                 "per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps", "seed",
+                 "precision", "fp16_opt_level")
+
+
+def check_resume_config(cfg: DistillConfig, out: Path) -> None:
+    """--resume continues exactly only with the recipe the run started with: refuse a changed one."""
+    recorded = out / "distill_config.json"
+    if not recorded.exists():
+        return
+    before = json.loads(recorded.read_text())
+    now = cfg.to_dict()
+    for name in RESUME_FIELDS:
+        if name in before and before[name] != now[name]:
+            raise UsageError(
+                f"--resume with {name}={json.dumps(now[name])} but the run in {str(out)!r} started with "
+                f"{json.dumps(before[name])}: resume with the same recipe (its distill_config.json), or start a new run")
+
+
 def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, env: Dist):
     state = torch.load(path, map_location=env.device, weights_only=False)
+    if state.get("world", env.world) != env.world:
+        raise UsageError(
+            f"--resume on {env.world} processes but {path} was written by a run on {state['world']}: the data "
+            "each step sees depends on the process count; resume with the same torchrun --nproc_per_node")
     step_module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -91,7 +91,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(quiet_teacher, corpu
     two = {**base, "output_dir": str(tmp_path / "two")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
            shutil.which("distill-train")] + cli_args(two)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     start = weights(quiet_teacher)
@@ -124,6 +124,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus,
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+    # the steps redone after the checkpoint are logged once, as in the uninterrupted run
+    assert [r["step"] for r in read_log(tmp_path / "killed")] == [r["step"] for r in read_log(tmp_path / "whole")]
 
 
 def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, corpus, tmp_path, capsys):
@@ -219,3 +221,32 @@ def test_existing_output_needs_overwrite_or_resume(capsys, bert_mlm_dir, corpus,
     with pytest.raises(SystemExit):
         train_main(cli_args(run_config(bert_mlm_dir, corpus, out, tmp_path)))
     assert "--overwrite_output_dir" in capsys.readouterr().err and (out / "x").read_text() == "keep"
+
+
+def test_resume_refuses_a_changed_recipe(capsys, bert_mlm_dir, corpus, tmp_path):
+    values = run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, max_steps=4, save_steps=2)
+    train(make_config(values))
+    with pytest.raises(SystemExit):
+        train_main(cli_args({**values, "resume": True, "gradient_accumulation_steps": 2}))
+    err = capsys.readouterr().err.strip()
+    assert "gradient_accumulation_steps=2" in err and "started with 1" in err
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("logging_steps", 0, "logging_steps=0"),
+    ("warmup_ratio", 7, "warmup_ratio=7"),
+    ("student_layers", [1.9, 3.2], "whole layer numbers"),
+    ("save_steps", -5, "save_steps=-5"),
+])
+def test_out_of_range_values_are_refused_before_any_work(capsys, bert_mlm_dir, corpus, tmp_path, field, value, needle):
+    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, **{field: value}), tmp_path)
+    assert needle in err
+
+
+def test_student_layers_must_agree_with_the_student_folder(capsys, bert_mlm_dir, corpus, tmp_path):
+    from distill.student import init_student
+
+    init_student(bert_mlm_dir, "1,3", str(tmp_path / "student"))
+    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, student=str(tmp_path / "student"),
+                                  student_layers=[2, 4]), tmp_path)
+    assert "[2, 4]" in err and "[1, 3]" in err
