@@ -250,3 +250,19 @@ def test_student_layers_must_agree_with_the_student_folder(capsys, bert_mlm_dir,
     err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, student=str(tmp_path / "student"),
                                   student_layers=[2, 4]), tmp_path)
     assert "[2, 4]" in err and "[1, 3]" in err
+
+
+def test_recipe_script_runs_through_torchrun_and_keeps_the_global_batch(quiet_teacher, corpus, tmp_path):
+    """scripts/distill_bert_4l.sh with the hub teacher swapped for a tiny one: the real script path."""
+    script = Path(__file__).parent.parent / "scripts" / "distill_bert_4l.sh"
+    out = tmp_path / "script-run"
+    overrides = cli_args({"teacher": quiet_teacher, "corpus": corpus, "cache_dir": str(tmp_path / "cache"),
+                          "student_layers": [1, 3], "block_size": 32, "per_device_batch_size": 2, "max_steps": 2,
+                          "precision": "fp32", "num_proc": 1, "save_steps": 0, "progress": False, "device": "cpu"})
+    done = subprocess.run(["bash", str(script), "1", str(out)] + overrides, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.loads((out / "distill_config.json").read_text())
+    assert recipe["weights"] == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and recipe["student_type"] == "distilbert"
+    assert recipe["gradient_accumulation_steps"] == 8  # one GPU: the recipe's own accumulation
+    assert json.loads((out / "config.json").read_text())["n_layers"] == 2
