@@ -1,14 +1,4 @@
 #!/usr/bin/env bash
 # distilbert-base-uncased layers 1,3,4,6 -> 4-layer DistilBERT on wikitext-103: 5*ce + 2*mlm + 1*cos, fp16 O2.
-# usage: scripts/distill_distilbert_4l.sh [NUM_GPUS=1] [OUTPUT_DIR=runs/distill_distilbert_4l] [more distill-train --field value overrides]
-# Recipe (every field documented in the README): student_configs/distilbert_4l_1-3-4-6.json
-set -euo pipefail
-GPUS=${1:-1}
-OUT=${2:-runs/distill_distilbert_4l}
-shift $(( $# < 2 ? $# : 2 ))
-HERE="$(cd "$(dirname "$0")" && pwd)"
-CONFIG="$HERE/../student_configs/distilbert_4l_1-3-4-6.json"
-# keep the recipe's global batch (per-device batch x accumulation x GPUs): divide its accumulation by the GPU count
-ACC=$(python -c "import json,sys; print(max(1, json.load(open(sys.argv[1]))['gradient_accumulation_steps'] // int(sys.argv[2])))" "$CONFIG" "$GPUS")
-exec torchrun --standalone --nproc_per_node "$GPUS" --no-python \
-  distill-train --config "$CONFIG" --gradient_accumulation_steps "$ACC" --output_dir "$OUT" "$@"
+# usage: scripts/distill_distilbert_4l.sh [NUM_GPUS=1] [OUTPUT_DIR=runs/distilbert_4l_1-3-4-6] [more distill-train --field value overrides]
+exec "$(dirname "$0")/run_recipe.sh" distilbert_4l_1-3-4-6.json "$@"

@@ -4,12 +4,7 @@ rtd / rtd_kl against float64 references (0 for identical logits, T^2 scaling) ar
 """
 
 import json
-import os
 import random
-import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -252,17 +247,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run_with_a_trained_genera
                   generator_weight=0.5, max_steps=60, save_steps=5, logging_steps=5)
     train(make_config(base))
     killed = {**base, "output_dir": str(work / "killed")}
-    proc = subprocess.Popen([shutil.which("distill-train")] + cli_args(killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # as this process: see one_thread
-    first = work / "killed" / "checkpoints" / "step-00000010.pt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (work / "killed" / "model.safetensors").exists(), "the run ended before it was killed"
+    tiny.kill_after_checkpoint(killed, 10)
     assert train_main(cli_args({**killed, "resume": True})) == 0
     for sub in ("", GENERATOR_DIR):
         whole, resumed = weights(work / "whole" / sub), weights(work / "killed" / sub)

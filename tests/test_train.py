@@ -4,10 +4,8 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -109,16 +107,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus,
                       logging_steps=10, per_device_batch_size=4)
     train(make_config(base))
     killed = {**base, "output_dir": str(tmp_path / "killed")}
-    cmd = [shutil.which("distill-train")] + cli_args(killed)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    first = tmp_path / "killed" / "checkpoints" / "step-00000020.pt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists() and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run ended before it was killed"
+    tiny.kill_after_checkpoint(killed, 20)
     assert train_main(cli_args({**killed, "resume": True})) == 0
     whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "killed")
     assert whole.keys() == resumed.keys()

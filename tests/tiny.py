@@ -113,3 +113,28 @@ def saved_weights(folder) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def kill_after_checkpoint(values: dict, checkpoint_step: int, timeout: float = 240.0) -> None:
+    """Run ``distill-train`` with ``values`` and SIGKILL it as soon as checkpoint ``checkpoint_step`` exists.
+
+    Asserts that the kill landed mid-run: the checkpoint is there and the final student is not.
+    """
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    out = Path(values["output_dir"])
+    proc = subprocess.Popen([shutil.which("distill-train")] + cli_args(values), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = out / "checkpoints" / f"step-{checkpoint_step:08d}.pt"
+    deadline = time.time() + timeout
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "model.safetensors").exists(), "the run ended before it was killed"
