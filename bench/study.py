@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--inits", nargs="+", default=["2,4,6", "1,2,3", "4,5,6"], help="teacher layers of each student init")
     p.add_argument("--objectives", default="none,cos,att_mse,hid_mse+att_mse",
                    help=f"comma list of {', '.join(OBJECTIVES)} ('none': fine-tuned without distillation)")
+    p.add_argument("--layer_map", default="uniform",
+                   help="which teacher layer each student layer's hid_mse/att_mse term targets: 'uniform' (student "
+                        "layer i <-> teacher layer i*Lt/Ls, e.g. 2,4,6 for 6 -> 3, whatever the initialisation) or "
+                        "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero)")
     p.add_argument("--reference", default="auto",
                    help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
                         "teacher is the offline MiniLM; 'none' to skip")
@@ -179,6 +183,21 @@ def subset_task(task, ns):
     return load_task_spec(spec_path)
 
 
+def loss_targets(layers: str, ns) -> list[int] | None:
+    """Teacher layers the student's intermediate terms target (None: the engine's default, the init layers)."""
+    n = len(layers.split(","))
+    if ns.layer_map == "init":
+        return None
+    if ns.layer_map != "uniform":
+        sys.exit(f"--layer_map {ns.layer_map!r}: choose uniform or init")
+    from transformers import AutoConfig
+
+    from distill.models import num_layers
+
+    total = num_layers(AutoConfig.from_pretrained(teacher_path(ns)))
+    return [round((i + 1) * total / n) for i in range(n)]
+
+
 def init_name(layers: str) -> str:
     return "L" + layers.replace(",", "-")
 
@@ -191,8 +210,15 @@ def make_rows(ns) -> list[dict]:
             label = f"3L {layers}: " + ("fine-tuned only" if obj == "none" else f"distilled, {obj}")
             if len(layers.split(",")) != 3:
                 label = f"{len(layers.split(','))}L" + label[2:]
-            rows.append({"name": f"{init_name(layers)}_{obj}", "label": label, "kind": "student",
-                         "layers": layers, "objective": obj})
+            row = {"name": f"{init_name(layers)}_{obj}", "label": label, "kind": "student",
+                   "layers": layers, "objective": obj}
+            targets = loss_targets(layers, ns)
+            if obj != "none" and targets and any(k in OBJECTIVES[obj] for k in ("hid_mse", "att_mse")):
+                row["loss_layers"] = targets
+                if targets != [int(x) for x in layers.split(",")]:  # the map is part of what the row is
+                    row["name"] += "_map" + "-".join(map(str, targets))
+                    row["label"] += f" -> teacher {','.join(map(str, targets))}"
+            rows.append(row)
     extra = []
     n = len(ns.inits[0].split(","))
     if not ns.no_random:
@@ -255,7 +281,8 @@ def distil(row: dict, folder: str, ns) -> None:
     resume = latest_checkpoint(Path(folder)) is not None
     cfg = make_config({
         "teacher": ns.teacher, "student_layers": [int(x) for x in row["layers"].split(",")],
-        "weights": OBJECTIVES[row["objective"]], "corpus": ns.corpus, "block_size": 128, "data_mode": "pack",
+        "weights": OBJECTIVES[row["objective"]], "corpus": ns.corpus,
+        "layer_map": [[i + 1, t] for i, t in enumerate(row["loss_layers"])] if row.get("loss_layers") else None, "block_size": 128, "data_mode": "pack",
         "learning_rate": ns.distill_lr, "warmup_ratio": 0.05, "per_device_batch_size": ns.distill_batch,
         "max_steps": ns.distill_steps, "precision": ns.train_precision, "save_steps": 100, "save_total_limit": 1,
         "logging_steps": 25, "seed": 56, "output_dir": folder, "overwrite_output_dir": not resume,
@@ -361,7 +388,7 @@ def fmt(vals) -> str:
 
 
 def findings(summary, speed, ns) -> list[str]:
-    by = {r["name"]: r for r in summary}
+    by = {f"{init_name(r['layers'])}_{r['objective']}": r for r in summary if r["kind"] == "student"}
     done = [r for r in summary if r["avg"] is not None]
     if not any(r["kind"] == "teacher" for r in done):
         return ["The teacher has no finished cells yet: no comparison possible."]
@@ -449,7 +476,11 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
           f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
         f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x 128 tokens of `{ns.corpus}`, "
         f"{ns.train_precision}, AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
-        f"student layer i matched to teacher layer init[i] for hid_mse/att_mse",
+        + ("hid_mse/att_mse: student layer i against teacher layer i*Lt/Ls (uniform map: "
+           + ",".join(map(str, loss_targets(ns.inits[0], ns) or [])) + " for every initialisation; with the "
+           "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "
+           "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
+           "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
         f"- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
            f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1; speed-up from the fastest repeat "
@@ -483,6 +514,9 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
     if ns.quick:
         lines += ["Quick mode fine-tunes on 160 examples for one epoch (5 steps): scores sit near chance and the "
                   "lines below only show that every piece of the pipeline ran. Do not read them as results.", ""]
+    if max((len(r["seeds"]) for r in summary), default=0) == 1 and not ns.quick:
+        lines += ["One seed per row so far: the spread between seeds is not measured yet, so read differences of a "
+                  "point or two as noise.", ""]
     lines += [f"- {x}" for x in findings(summary, speed, ns)]
     lines += ["", "![study](study.png)" if out.name == "study" else f"![study]({out.name}.png)", ""]
     Path(str(out) + ".md").write_text("\n".join(lines), encoding="utf-8")
@@ -586,20 +620,19 @@ def main(argv=None) -> int:
             log("measuring inference speed")
             state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
             save_state(ns, state)
-        # 2. seed by seed, row by row: a model folder is made (distilled) when first needed, then fine-tuned
-        # on every task; a run stopped early leaves whole rows of the first seed(s)
-        for seed in ns.seed_list:
-            for row in execution_order(rows, ns):
-                folder, spent = prepare_model(row, ns)
-                if spent:
-                    timings[f"prepare {row['name']}"] = round(spent, 1)
-                    save_state(ns, state)
-                t0 = time.perf_counter()
-                finetune_cells(row, folder, tasks, seed, ns)
-                spent = time.perf_counter() - t0
-                if spent > 5:
-                    timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
-                    save_state(ns, state)
+        # 2. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
+        # model folder is made (distilled) when first needed, then fine-tuned on every task
+        for seed, row in execution_plan(rows, ns):
+            folder, spent = prepare_model(row, ns)
+            if spent:
+                timings[f"prepare {row['name']}"] = round(spent, 1)
+                save_state(ns, state)
+            t0 = time.perf_counter()
+            finetune_cells(row, folder, tasks, seed, ns)
+            spent = time.perf_counter() - t0
+            if spent > 5:
+                timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
+                save_state(ns, state)
                 write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
                              params_of(rows, ns, state), timings, command)
     write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
@@ -609,26 +642,30 @@ def main(argv=None) -> int:
     return 0
 
 
-def execution_order(rows, ns) -> list[dict]:
-    """Within a seed, the rows that answer the study's questions soonest come first (a stopped run then still
-    answers them): teacher; the first initialisation's rows (does distillation help, which objective);
-    every other initialisation with fine-tuning only and with att_mse (is attention transfer robust to it);
-    the floor and the outside reference; then the rest. The table keeps the logical order."""
-    first = ns.inits[0]
+def priority(row: dict, ns) -> int:
+    """0 teacher; 1 the first initialisation's rows (does distillation help, which objective); 2 every other
+    initialisation fine-tuned only and with att_mse (is attention transfer robust to it); 3 the floor and the
+    outside reference; 4 the rest."""
+    if row["kind"] == "teacher":
+        return 0
+    if row["kind"] == "student" and row["layers"] == ns.inits[0]:
+        return 1
+    if row["kind"] == "student" and row["objective"] in ("none", "att_mse"):
+        return 2
+    return 3 if row["kind"] in ("random", "reference") else 4
 
-    def key(item):
-        i, row = item
-        if row["kind"] == "teacher":
-            return (0, i)
-        if row["kind"] == "student" and row["layers"] == first:
-            return (1, i)
-        if row["kind"] == "student" and row["objective"] in ("none", "att_mse"):
-            return (2, i)
-        if row["kind"] in ("random", "reference"):
-            return (3, i)
-        return (4, i)
 
-    return [row for _, row in sorted(enumerate(rows), key=key)]
+def execution_plan(rows, ns) -> list[tuple[int, dict]]:
+    """(seed, row) pairs: the first seed of priorities 0-3, the other seeds of 0-1, then of 2-3, then every seed of
+    4. A run stopped early (a shared machine, a deadline) has then answered the main questions with the most seeds;
+    the table keeps the logical row order."""
+    ranked = sorted(enumerate(rows), key=lambda item: (priority(item[1], ns), item[0]))
+    first, rest = ns.seed_list[:1], ns.seed_list[1:]
+    plan = [(s, r) for s in first for _, r in ranked if priority(r, ns) <= 3]
+    plan += [(s, r) for s in rest for _, r in ranked if priority(r, ns) <= 1]
+    plan += [(s, r) for s in rest for _, r in ranked if 2 <= priority(r, ns) <= 3]
+    plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 4]
+    return plan
 
 
 def params_of(rows, ns, state) -> dict:
