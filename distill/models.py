@@ -27,6 +27,11 @@ from transformers import (
 from .errors import UsageError
 
 
+# files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json")
+
+
 @dataclass(frozen=True)
 class Family:
     """Names that differ between model families. Paths are relative to the base model."""

@@ -33,11 +33,10 @@ from .assets import minilm_dir, wiki_extract_path
 from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
-from .models import Features, extract, family_of, load_config, load_model, set_attention_dropout
+from .models import TOKENIZER_FILES, Features, extract, family_of, load_config, load_model, set_attention_dropout
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 # buffers (position ids) are equal on every rank: no need to broadcast them each forward
 # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False}

@@ -19,12 +19,11 @@ from transformers import TrainingArguments
 # bad argument should be reported before that.
 
 from distill.errors import UsageError
+from distill.models import TOKENIZER_FILES
 
 from .metrics import compute_metrics, task_score
 from .tasks import Task
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model", "vocab.json")
 
 
 @dataclass

@@ -11,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+# Weight-loading/-writing progress bars on stderr would make "one clear line" tests depend on
+# whether an earlier test (a CLI call) already switched them off.
+hf_logging.disable_progress_bar()
 
 from tests import tiny  # noqa: E402
 
