@@ -29,10 +29,8 @@ still gives a whole table with fewer seeds. ``--report_only`` writes the table f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -373,9 +371,12 @@ def summarise(rows, tasks, results, seeds) -> list[dict]:
                     "avg_by_seed": avgs, "avg": statistics.mean(avgs) if avgs else None,
                     "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else 0.0})
     teacher = next((r for r in out if r["kind"] == "teacher"), None)
+    t_by_seed = dict(zip(teacher["seeds"], teacher["avg_by_seed"])) if teacher else {}
     for r in out:
-        r["retained"] = 100 * r["avg"] / teacher["avg"] if teacher and teacher["avg"] and r["avg"] is not None else None
-        r["retained_std"] = (100 * r["avg_std"] / teacher["avg"]) if r["retained"] is not None else None
+        # against the teacher on the same seeds (a row with fewer seeds is not compared with a luckier teacher mean)
+        ratios = [100 * a / t_by_seed[s] for s, a in zip(r["seeds"], r["avg_by_seed"]) if s in t_by_seed]
+        r["retained"] = statistics.mean(ratios) if ratios else None
+        r["retained_std"] = statistics.stdev(ratios) if len(ratios) > 1 else (0.0 if ratios else None)
     return out
 
 
@@ -481,7 +482,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
            "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "
            "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
-        f"- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
+        "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
            f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1; speed-up from the fastest repeat "
            f"of each: {speed['batch32']['speedup_best']:.2f}x at batch 32, {speed['batch1']['speedup_best']:.2f}x "
@@ -508,7 +509,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                  "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Scores are dev accuracy (%), mean ± standard deviation over the seeds; the average is per seed, "
-              "then over seeds; n is the number of seeds done. Every student row has the same architecture "
+              "then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds done. Every student row has the same architecture "
               "(3 x 384, 17.4M parameters of which 11.9M are embeddings), so one speed-up applies to all of them.",
               "", "## Findings (computed from the table)", ""]
     if ns.quick:
