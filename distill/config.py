@@ -184,7 +184,7 @@ def build_parser() -> ArgumentParser:
 DEMO_RECIPE = {
     "teacher": DEMO_TEACHER, "student_layers": [2, 4, 6], "weights": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0},
     "corpus": DEMO_CORPUS, "block_size": 128, "data_mode": "pack", "learning_rate": 1e-4, "warmup_ratio": 0.05,
-    "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 0.5, "precision": "bf16",
+    "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 1, "precision": "bf16",
     "save_steps": 200, "logging_steps": 10, "output_dir": "runs/demo-minilm-3l",
 }
 
