@@ -667,9 +667,7 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     """
     if mode not in MODES:
         raise UsageError(f"data mode {mode!r} is unknown: use 'pack' (fixed blocks) or 'group' (by length)")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 3:
-        raise UsageError(f"block_size {block_size!r} is too small: a block holds [CLS], at least one token and "
-                         "[SEP]; use e.g. 128 or 512")
+    _check_block_holds_a_token(block_size)
     src = parse_source(source, split)
     cls_id, sep_id = _special_id(tokenizer, "cls"), _special_id(tokenizer, "sep")
     tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents)
@@ -751,11 +749,15 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- checks
 
 
-def check_block_size(block_size: int, max_position_embeddings: int) -> None:
-    """A block must fit the model's position embeddings (and hold [CLS] x [SEP])."""
+def _check_block_holds_a_token(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 3:
         raise UsageError(f"block_size {block_size!r} is too small: a block holds [CLS], at least one token and "
                          "[SEP]; use e.g. 128 or 512")
+
+
+def check_block_size(block_size: int, max_position_embeddings: int) -> None:
+    """A block must fit the model's position embeddings (and hold [CLS] x [SEP])."""
+    _check_block_holds_a_token(block_size)
     if block_size > max_position_embeddings:
         raise UsageError(
             f"block_size {block_size} is larger than the model's position limit "

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from .errors import UsageError
+from .layers import module_index
 
 
 # files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
@@ -231,7 +232,7 @@ def extract(
             b, s, _ = out.shape
             captured[layer] = out.view(b, s, heads, -1).transpose(1, 2)
 
-        hooks.append(get_path(layers[layer - 1], family.value_path).register_forward_hook(hook))
+        hooks.append(get_path(layers[module_index(layer)], family.value_path).register_forward_hook(hook))
     try:
         out = model.base_model(
             input_ids=input_ids,

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, DistilBertConfig
 
 from .errors import UsageError
 from .io import atomic_dir, atomic_write_json, check_output_dir
-from .layers import parse_layers
+from .layers import module_index, parse_layers
 from .models import FAMILIES, family_of, load_config, load_model, num_layers, role_of
 
 STUDENT_TYPES = tuple(FAMILIES)
@@ -121,7 +121,7 @@ def weight_sources(teacher_family: str, student_family: str, student_keys, layer
     for key in student_keys:
         if teacher_family == student_family:
             m = re.match(r"((?:encoder|transformer)\.layer\.)(\d+)\.(.*)", key)
-            src = f"{m[1]}{layers[int(m[2])] - 1}.{m[3]}" if m else key
+            src = f"{m[1]}{module_index(layers[int(m[2])])}.{m[3]}" if m else key
             sources[key] = (src, lambda t, src=src: t[src])
             continue
         if key == "embeddings.position_embeddings.weight":
@@ -135,7 +135,7 @@ def weight_sources(teacher_family: str, student_family: str, student_keys, layer
             if m:
                 groups = m.groups()
                 if "{j}" in template:
-                    src = template.format(*groups, j=layers[int(groups[0])] - 1)
+                    src = template.format(*groups, j=module_index(layers[int(groups[0])]))
                 else:
                     src = template.format(*groups)
                 sources[key] = (src, lambda t, src=src: t[src])
