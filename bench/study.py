@@ -56,8 +56,10 @@ OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
 LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
+# Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher with its default terms
+TASK_KD = {"weights": '{"kl": 1.0, "hard_ce": 1.0}', "temperature": 1.0}
 
-FULL = dict(seeds="1,2,3", distill_steps=150, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
+FULL = dict(seeds="1,2,3", distill_steps=400, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
 QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160)
 
 
@@ -77,13 +79,17 @@ def parse_args(argv=None):
                    help="which teacher layer each student layer's hid_mse/att_mse term targets: 'uniform' (student "
                         "layer i <-> teacher layer i*Lt/Ls, e.g. 2,4,6 for 6 -> 3, whatever the initialisation) or "
                         "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero)")
+    p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE",
+                   help="extra rows: the student of INIT distilled with OBJECTIVE, then fine-tuned with task "
+                        "distillation from the teacher fine-tuned on the same task and seed (kl + hard_ce, T=1); "
+                        "default: the first init with hid_mse+att_mse; give no value for none")
     p.add_argument("--reference", default="auto",
                    help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
                         "teacher is the offline MiniLM; 'none' to skip")
     p.add_argument("--no_random", action="store_true", help="skip the randomly initialised floor")
     p.add_argument("--seeds", default=None, help="fine-tuning seeds, comma list (full: 1,2,3; quick: 1)")
     p.add_argument("--corpus", default="offline:wikipedia-extract", help="distillation corpus (distill-train's corpus)")
-    p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 150)")
+    p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 400)")
     p.add_argument("--distill_batch", type=int, default=None, help="sequences of 128 tokens per step (full 16)")
     p.add_argument("--distill_lr", type=float, default=1e-4, help="distillation peak learning rate")
     p.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (full 2)")
@@ -110,6 +116,13 @@ def parse_args(argv=None):
     for o in ns.objective_list:
         if o not in OBJECTIVES:
             p.error(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
+    if ns.task_kd is None:
+        ns.task_kd = [f"{ns.inits[0]}:hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
+    for spec in ns.task_kd:
+        init, _, obj = spec.partition(":")
+        if init not in ns.inits or obj not in ns.objective_list or obj == "none":
+            p.error(f"--task_kd {spec!r}: give INIT:OBJECTIVE with INIT one of --inits ({' '.join(ns.inits)}) and "
+                    f"OBJECTIVE a distillation objective of --objectives ({ns.objectives})")
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
     return ns
@@ -217,6 +230,10 @@ def make_rows(ns) -> list[dict]:
                     row["name"] += "_map" + "-".join(map(str, targets))
                     row["label"] += f" -> teacher {','.join(map(str, targets))}"
             rows.append(row)
+            if obj != "none" and f"{layers}:{obj}" in ns.task_kd:
+                # same distilled folder, fine-tuned with the task's fine-tuned teacher as a second teacher
+                rows.append({**row, "name": row["name"] + "_kd", "model": row["name"], "task_kd": True,
+                             "label": row["label"] + " + task KD"})
     extra = []
     n = len(ns.inits[0].split(","))
     if not ns.no_random:
@@ -240,7 +257,7 @@ def model_folder(row: dict, ns) -> str:
         return teacher_path(ns)
     if row["kind"] == "reference":
         return row["path"]
-    name = row["name"]
+    name = row.get("model", row["name"])
     if row["kind"] == "student" and row["objective"] != "none":  # the distillation settings are part of the key
         name += f"_s{ns.distill_steps}b{ns.distill_batch}lr{ns.distill_lr:g}"
     return os.path.join(ns.work_dir, "models", name)
@@ -290,13 +307,33 @@ def distil(row: dict, folder: str, ns) -> None:
     train(cfg)
 
 
-def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
-    """Fine-tune one model on every task with one seed, through glue-eval's grid (cached per cell)."""
-    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
-    from glue_eval.grid import run_grid
+def finetune_dir(row: dict, ns) -> str:
+    """The row's glue-eval output folder; the fine-tuning data and length are part of the key (a cell's own
+    record holds the other settings)."""
+    key = f"finetune-train{ns.max_train or 'all'}-dev{ns.max_dev or 'all'}-ep{ns.epochs:g}-len{ns.max_seq_length}"
+    return os.path.join(ns.work_dir, key, row["name"])
 
-    out = os.path.join(ns.work_dir, "finetune", row["name"])
-    glue = GlueArguments(model=folder, data_dir=ns.data_dir, max_seq_length=ns.max_seq_length)
+
+def teacher_cell_model(task, seed: int, ns) -> str:
+    from glue_eval.grid import cell_name
+
+    return os.path.join(finetune_dir({"name": "teacher"}, ns), task.name,
+                        cell_name(ns.learning_rate, ns.batch_size, seed), "model")
+
+
+def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
+    """Fine-tune one model on every task with one seed, through glue-eval's grid (cached per cell). The teacher's
+    fine-tuned models are kept when a task-KD row needs them; a task-KD row fine-tunes with the teacher of the same
+    task and seed."""
+    import dataclasses
+    import shutil
+
+    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
+    from glue_eval.grid import cell_name, run_grid
+
+    out = finetune_dir(row, ns)
+    keep = row["kind"] == "teacher" and bool(ns.task_kd)
+    glue = GlueArguments(model=folder, data_dir=ns.data_dir, max_seq_length=ns.max_seq_length, save_model=keep)
     args = GlueTrainingArguments(
         output_dir=out, num_train_epochs=ns.epochs, learning_rate=ns.learning_rate,
         per_device_train_batch_size=ns.batch_size, warmup_steps=0.1, weight_decay=0.01, seed=seed,
@@ -305,7 +342,17 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
     records = []
     for task in tasks:
         t0 = time.perf_counter()
-        (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, glue, out)
+        cell = os.path.join(out, task.name, cell_name(ns.learning_rate, ns.batch_size, seed))
+        if keep and not os.path.isdir(os.path.join(cell, "model")):
+            shutil.rmtree(cell, ignore_errors=True)  # finished before its model was needed: redo it, keeping it
+        task_glue = glue
+        if row.get("task_kd"):
+            teacher = teacher_cell_model(task, seed, ns)
+            if not os.path.isdir(teacher):
+                raise RuntimeError(f"{row['name']}: the fine-tuned teacher {teacher} is missing")
+            task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=TASK_KD["weights"],
+                                            temperature=TASK_KD["temperature"])
+        (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, task_glue, out)
         spent = time.perf_counter() - t0
         if spent > 5:
             log(f"  {row['name']} {task.name} seed {seed}: {100 * rec['score']:.2f} ({spent:.0f} s)")
@@ -389,7 +436,8 @@ def fmt(vals) -> str:
 
 
 def findings(summary, speed, ns) -> list[str]:
-    by = {f"{init_name(r['layers'])}_{r['objective']}": r for r in summary if r["kind"] == "student"}
+    by = {f"{init_name(r['layers'])}_{r['objective']}": r for r in summary
+          if r["kind"] == "student" and not r.get("task_kd")}
     done = [r for r in summary if r["avg"] is not None]
     if not any(r["kind"] == "teacher" for r in done):
         return ["The teacher has no finished cells yet: no comparison possible."]
@@ -426,6 +474,11 @@ def findings(summary, speed, ns) -> list[str]:
                 lo, hi = min(v["retained"] for v in vals.values()), max(v["retained"] for v in vals.values())
                 lines.append(f"Spread across initialisations with {o if o != 'none' else 'fine-tuning only'}: "
                              f"{hi - lo:.1f} points (" + ", ".join(f"{k}: {v['retained']:.1f}%" for k, v in vals.items()) + ").")
+    for r in summary:
+        base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
+        if base and r["avg"] is not None and base["avg"] is not None:
+            lines.append(f"Task distillation on top of {base['label']} ({base['retained']:.1f}%): "
+                         f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
     distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
     if distilled:
         best = max(distilled, key=lambda r: r["avg"])
@@ -435,7 +488,7 @@ def findings(summary, speed, ns) -> list[str]:
         lines.append(f"Target (best distilled student >= 98% of the teacher at >= 1.9x): best is {best['label']} at "
                      f"{best['retained']:.1f}% ± {best['retained_std']:.1f}"
                      + (f", {sp:.2f}x at batch 32 and {sp1:.2f}x at batch 1" if sp else "")
-                     + (": met." if target else ": not met."))
+                     + (" (quick mode: not a result)." if ns.quick else ": met." if target else ": not met."))
     for r in done:
         if r["kind"] in ("random", "reference"):
             lines.append(f"{r['label']}: {r['retained']:.1f}% of the teacher's average.")
@@ -482,12 +535,15 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
            "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "
            "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
+        *([f"- Task KD rows: the distilled student fine-tuned with glue-eval `--teacher` (the teacher row's model "
+           f"fine-tuned on the same task with the same seed), terms {TASK_KD['weights']}, T={TASK_KD['temperature']:g}"]
+          if any(r.get("task_kd") for r in rows) else []),
         "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
            f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1; speed-up from the fastest repeat "
            f"of each: {speed['batch32']['speedup_best']:.2f}x at batch 32, {speed['batch1']['speedup_best']:.2f}x "
            "at batch 1" if speed else ": not measured"),
-        f"- Compute spent (wall clock, as measured; other jobs shared the machine during parts of it): "
+        f"- Compute spent (wall clock, as measured): "
         f"distillation {sum(v for k, v in timings.items() if k.startswith('prepare')) / 60:.0f} min, fine-tuning "
         f"{sum(v for k, v in timings.items() if k.startswith('finetune')) / 60:.0f} min",
         "",
@@ -495,6 +551,9 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
     if incomplete:
         lines += [f"**Incomplete:** {len(incomplete)} of {len(summary)} rows have fewer seeds than asked (column n): "
                   "the run was stopped before their cells.", ""]
+    sp = next((params[r["name"]] for r in summary if r["kind"] == "student" and r["name"] in params), None)
+    arch = (f" ({sp['total'] / 1e6:.1f}M parameters, of which {(sp['total'] - sp['non_embedding']) / 1e6:.1f}M are "
+            "embeddings)") if sp else ""
     head = ["model", "n", *[t.name for t in tasks], "average", "% of teacher", "params (M)", "speed-up b32", "speed-up b1"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
@@ -509,8 +568,8 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                  "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Scores are dev accuracy (%), mean ± standard deviation over the seeds; the average is per seed, "
-              "then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds done. Every student row has the same architecture "
-              "(3 x 384, 17.4M parameters of which 11.9M are embeddings), so one speed-up applies to all of them.",
+              "then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
+              "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them.",
               "", "## Findings (computed from the table)", ""]
     if ns.quick:
         lines += ["Quick mode fine-tunes on 160 examples for one epoch (5 steps): scores sit near chance and the "
@@ -547,7 +606,7 @@ def plot(summary, path: Path, ns, mode: str) -> None:
     for yi, r in zip(y, done):
         c = colors.get(r.get("objective"), "#222222" if r["kind"] == "teacher" else "#c44e52")
         ax.barh(yi, r["retained"], xerr=r["retained_std"] if len(r["seeds"]) > 1 else None, color=c,
-                capsize=3, height=0.7)
+                capsize=3, height=0.7, hatch="//" if r.get("task_kd") else None, edgecolor="white")
         ax.text(r["retained"] + 0.3, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels([r["label"] for r in done], fontsize=8)
@@ -557,8 +616,8 @@ def plot(summary, path: Path, ns, mode: str) -> None:
     ax.axvline(98, color="black", lw=0.8, ls="--")
     ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds); dashed: the 98% target")
     ax.set_title(("[quick mode] " if ns.quick else "") + "3-layer students of all-MiniLM-L6-v2: "
-                 "fine-tuned only (grey), distilled with cos (blue), att_mse (orange), hid_mse+att_mse (green)",
-                 fontsize=9)
+                 "fine-tuned only (grey), distilled with cos (blue), att_mse (orange), hid_mse+att_mse (green); "
+                 "hatched: + task KD", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -587,7 +646,7 @@ def collect_results(rows, tasks, ns) -> dict:
     for row in rows:
         for seed in ns.seed_list:
             for t in tasks:
-                path = os.path.join(ns.work_dir, "finetune", row["name"], t.name,
+                path = os.path.join(finetune_dir(row, ns), t.name,
                                     cell_name(ns.learning_rate, ns.batch_size, seed), "result.json")
                 if os.path.isfile(path):
                     results.setdefault((row["name"], seed), {})[t.name] = json.load(open(path))["score"]
