@@ -1,11 +1,11 @@
 """The distillation study: does task-agnostic distillation help a 3-layer student, which initialisation wins,
 and is attention transfer robust to the initialisation? Real teacher, real corpus, real tasks, offline.
 
-Run from the repository root::
+Run from the repository root (``bench/study.sh [ARGS]`` does the first two steps in one)::
 
     python bench/prepare_study_data.py          # once: fetch the packages, write the splits, build the L3 model
-    python bench/study.py --quick               # < 15 min on 2 CPU cores: tiny subsets, 1 seed, short distillation
-    python bench/study.py                       # the full study (the budget is 2 h on 2 CPU cores)
+    python bench/study.py --quick               # about 3 min on 2 CPU cores: tiny subsets, 1 seed, 15 steps
+    python bench/study.py                       # the full study: about 85 min on 2 CPU cores
 
     # the same with hub models and GLUE, where they can be had:
     python bench/study.py --teacher bert-base-uncased --tasks sst2,mrpc --data_dir GLUE_DIR \
