@@ -249,10 +249,23 @@ def precision_check(args: TrainingArguments) -> None:
         raise UsageError("--fp16 needs a CUDA GPU and none is visible: drop it, or on a CPU use --bf16 --use_cpu")
 
 
-def describe(glue: GlueArguments, args: TrainingArguments) -> dict:
-    """The settings that define a cell; a finished cell is reused only if these match."""
+def file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def describe(glue: GlueArguments, args: TrainingArguments, task: Task | None = None) -> dict:
+    """The settings that define a cell; a finished cell is reused only if these match. A local task's files are
+    part of them by content (a spec pointing at other or edited data must not reuse cells)."""
     weights = json.loads(glue.distill_weights) if glue.teacher else None
+    files = task.files if task is not None and task.files else {}
     return {
+        "task_data": {split: file_digest(path) for split, path in files.items() if os.path.isfile(path)} or None,
         "model": glue.model,
         "tokenizer": glue.tokenizer,
         "data_dir": glue.data_dir,

@@ -89,7 +89,7 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
         for lr, bs, seed in cells:
             cell_args = dataclasses.replace(args, learning_rate=lr, per_device_train_batch_size=bs, seed=seed,
                                             output_dir=os.path.join(out, task.name, cell_name(lr, bs, seed)))
-            if not _done(cell_args.output_dir, describe(glue, cell_args)):
+            if not _done(cell_args.output_dir, describe(glue, cell_args, task)):
                 todo.setdefault(task.name, []).append(cell_args)
     # Read (and so check) every task's files before training anything: a bad row in the last task
     # should stop the grid now, not after hours of work on the others.
@@ -105,7 +105,7 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
             n += 1
             print(f"[{n}/{total}] {task.name} {os.path.basename(cell_args.output_dir)}", file=sys.stderr)
             record = finetune(task, data, tokenizer, cell_args, glue)
-            write_result(cell_args.output_dir, record, describe(glue, cell_args))
+            write_result(cell_args.output_dir, record, describe(glue, cell_args, task))
             write_results_jsonl(out)
     write_results_jsonl(out)
     records = []

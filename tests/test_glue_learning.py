@@ -69,6 +69,21 @@ def test_a_tiny_model_learns_a_keyword_task_well_above_chance(teacher):
     assert (teacher / "has_city" / record["cell"] / "model" / "config.json").is_file()
 
 
+def test_a_finished_cell_is_kept_for_the_same_data_and_refused_for_other_data(teacher, keyword_task, bert_mlm_dir,
+                                                                            capsys):
+    (result,) = teacher.rglob("result.json")
+    before = result.stat().st_mtime_ns
+    argv = ["--model", bert_mlm_dir, "--output_dir", str(teacher), "--seed", "0", "--save_model", *TRAIN]
+    assert main(["--task", str(keyword_task / "task.json"), *argv]) == 0
+    assert result.stat().st_mtime_ns == before  # same spec, same files: nothing was redone
+    # noise.json names the same task but another train file: its cell must not pass for this one
+    with pytest.raises(SystemExit) as info:
+        main(["--task", str(keyword_task / "noise.json"), *argv])
+    assert info.value.code == 2
+    assert "other settings (task_data: " in capsys.readouterr().err
+    assert result.stat().st_mtime_ns == before
+
+
 def test_a_student_learns_from_the_teacher_alone_on_randomly_labelled_data(teacher, keyword_task, vocab_dir):
     student = tiny.save_model("bert_mlm", keyword_task / "student", vocab_dir, seed=1)
     teacher_model = next(teacher.rglob("model"))
