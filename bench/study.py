@@ -57,7 +57,9 @@ OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
 LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
 # Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher with its default terms
-TASK_KD = {"weights": '{"kl": 1.0, "hard_ce": 1.0}', "temperature": 1.0}
+# (regression tasks such as STS-B: the raw outputs' MSE instead of kl; hard_ce is then the label MSE)
+TASK_KD = {"weights": '{"kl": 1.0, "hard_ce": 1.0}', "regression_weights": '{"out_mse": 1.0, "hard_ce": 1.0}',
+           "temperature": 1.0}
 
 FULL = dict(seeds="1,2,3", distill_steps=400, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
 QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160)
@@ -90,7 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default=None, help="fine-tuning seeds, comma list (full: 1,2,3; quick: 1)")
     p.add_argument("--corpus", default="offline:wikipedia-extract", help="distillation corpus (distill-train's corpus)")
     p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 400)")
-    p.add_argument("--distill_batch", type=int, default=None, help="sequences of 128 tokens per step (full 16)")
+    p.add_argument("--distill_batch", type=int, default=None, help="sequences of --block_size tokens per step (full 16)")
+    p.add_argument("--block_size", type=int, default=128, help="distillation sequence length (tokens, packed)")
+    p.add_argument("--data_cache", default=None, help="tokenised-corpus cache (default: distill-train's)")
     p.add_argument("--distill_lr", type=float, default=1e-4, help="distillation peak learning rate")
     p.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (full 2)")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="fine-tuning learning rate (all rows)")
@@ -260,6 +264,7 @@ def model_folder(row: dict, ns) -> str:
     name = row.get("model", row["name"])
     if row["kind"] == "student" and row["objective"] != "none":  # the distillation settings are part of the key
         name += f"_s{ns.distill_steps}b{ns.distill_batch}lr{ns.distill_lr:g}"
+        name += f"x{ns.block_size}" if ns.block_size != 128 else ""
     return os.path.join(ns.work_dir, "models", name)
 
 
@@ -297,13 +302,15 @@ def distil(row: dict, folder: str, ns) -> None:
     cfg = make_config({
         "teacher": ns.teacher, "student_layers": [int(x) for x in row["layers"].split(",")],
         "weights": OBJECTIVES[row["objective"]], "corpus": ns.corpus,
-        "layer_map": [[i + 1, t] for i, t in enumerate(row["loss_layers"])] if row.get("loss_layers") else None, "block_size": 128, "data_mode": "pack",
+        "layer_map": [[i + 1, t] for i, t in enumerate(row["loss_layers"])] if row.get("loss_layers") else None,
+        "block_size": ns.block_size, "data_mode": "pack", "cache_dir": ns.data_cache,
         "learning_rate": ns.distill_lr, "warmup_ratio": 0.05, "per_device_batch_size": ns.distill_batch,
         "max_steps": ns.distill_steps, "precision": ns.train_precision, "save_steps": 100, "save_total_limit": 1,
         "logging_steps": 25, "seed": 56, "output_dir": folder, "overwrite_output_dir": not resume,
         "resume": resume, "progress": False, "device": "cpu" if not torch.cuda.is_available() else "auto",
     })
-    log(f"distilling {row['name']}: {ns.distill_steps} steps of {ns.distill_batch} x 128, {ns.train_precision}")
+    log(f"distilling {row['name']}: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size}, "
+        f"{ns.train_precision}")
     train(cfg)
 
 
@@ -350,7 +357,8 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
             teacher = teacher_cell_model(task, seed, ns)
             if not os.path.isdir(teacher):
                 raise RuntimeError(f"{row['name']}: the fine-tuned teacher {teacher} is missing")
-            task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=TASK_KD["weights"],
+            weights = TASK_KD["regression_weights" if task.is_regression else "weights"]
+            task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=weights,
                                             temperature=TASK_KD["temperature"])
         (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, task_glue, out)
         spent = time.perf_counter() - t0
@@ -528,7 +536,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         + f"; fine-tuning: lr {ns.learning_rate:g}, batch {ns.batch_size}, {ns.epochs:g} epochs, warm-up 10%, "
           f"weight decay 0.01, max_seq_length {ns.max_seq_length}, {ns.train_precision}; seeds "
           f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
-        f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x 128 tokens of `{ns.corpus}`, "
+        f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size} tokens of `{ns.corpus}`, "
         f"{ns.train_precision}, AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
         + ("hid_mse/att_mse: student layer i against teacher layer i*Lt/Ls (uniform map: "
            + ",".join(map(str, loss_targets(ns.inits[0], ns) or [])) + " for every initialisation; with the "
@@ -567,8 +575,9 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                  "1.00" if is_teacher else (f"{sp32:.2f}" if sp32 else "–"),
                  "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores are dev accuracy (%), mean ± standard deviation over the seeds; the average is per seed, "
-              "then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
+    lines += ["", "Scores are each task's dev score in % (accuracy for the local tasks; GLUE's task score, e.g. "
+              "Matthews correlation for CoLA, for GLUE tasks), mean ± standard deviation over the seeds; the "
+              "average is per seed, then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
               "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them.",
               "", "## Findings (computed from the table)", ""]
     if ns.quick:
@@ -610,14 +619,14 @@ def plot(summary, path: Path, ns, mode: str) -> None:
         ax.text(r["retained"] + 0.3, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels([r["label"] for r in done], fontsize=8)
-    lo = min([r["retained"] for r in done] + [90.0])
-    ax.set_xlim(max(0.0, lo - 5), 105)
+    lo, hi = min([r["retained"] for r in done] + [90.0]), max([r["retained"] for r in done] + [100.0])
+    ax.set_xlim(lo - 5, hi + 6)  # room for the value printed after each bar
     ax.axvline(100, color="black", lw=0.8)
     ax.axvline(98, color="black", lw=0.8, ls="--")
     ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds); dashed: the 98% target")
-    ax.set_title(("[quick mode] " if ns.quick else "") + "3-layer students of all-MiniLM-L6-v2: "
-                 "fine-tuned only (grey), distilled with cos (blue), att_mse (orange), hid_mse+att_mse (green); "
-                 "hatched: + task KD", fontsize=9)
+    ax.set_title(("[quick mode] " if ns.quick else "") + f"Students of {ns.teacher.split(':')[-1]}: fine-tuned only "
+                 "(grey), distilled with cos (blue),\natt_mse (orange), hid_mse+att_mse (green); hatched: + task KD",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,100 @@
+"""bench/study.py end to end on tiny models, through the path hub users take: any teacher folder, GLUE tasks
+from a GLUE folder (classification and regression), and a table that agrees with the cells it came from."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from glue_eval.samples import write_glue_sample
+from tests.test_train import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import study
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return study
+
+
+@pytest.fixture(scope="module")
+def finished(study, bert_mlm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    glue = write_glue_sample(str(root / "glue"), "tsv", tasks=["sst2", "stsb"], sizes=(24, 12, 8))
+    argv = ["--teacher", bert_mlm_dir, "--tasks", "sst2,stsb", "--data_dir", glue, "--inits", "1,3",
+            "--objectives", "none,hid_mse+att_mse", "--reference", "none", "--seeds", "1,2",
+            "--corpus", write_corpus(root / "corpus.txt", lines=200), "--distill_steps", "2", "--distill_batch", "2",
+            "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
+            "--precision", "fp32", "--skip_speed", "--work_dir", str(root / "work"),
+            "--data_cache", str(root / "cache"), "--out", str(root / "out" / "study")]
+    assert study.main(argv) == 0
+    return root, json.loads((root / "out" / "study.json").read_text()), argv
+
+
+def cells(root: Path) -> dict:
+    """(row, task, seed) -> the cell's own result.json."""
+    found = {}
+    for path in (root / "work").glob("finetune-*/*/*/*/result.json"):
+        record = json.loads(path.read_text())
+        found[(path.parts[-4], record["task"], record["settings"]["seed"])] = record
+    return found
+
+
+def test_every_row_is_fine_tuned_on_every_task_and_seed(finished):
+    root, report, _ = finished
+    rows = [r["name"] for r in report["rows"]]
+    assert rows == ["teacher", "random", "L1-3_none", "L1-3_hid_mse+att_mse_map2-4",
+                    "L1-3_hid_mse+att_mse_map2-4_kd"]
+    assert set(cells(root)) == {(r, t, s) for r in rows for t in ("sst2", "stsb") for s in (1, 2)}
+    md = (root / "out" / "study.md").read_text()
+    for r in report["rows"]:
+        assert f"| {r['label']} | 2 |" in md
+    assert (root / "out" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_table_is_the_mean_of_the_cells_and_percent_is_against_the_same_seed_teacher(finished):
+    root, report, _ = finished
+    by_cell = cells(root)
+    teacher = {s: statistics.mean(by_cell[("teacher", t, s)]["score"] for t in ("sst2", "stsb")) for s in (1, 2)}
+    for row in report["rows"]:
+        avgs = {s: statistics.mean(by_cell[(row["name"], t, s)]["score"] for t in ("sst2", "stsb")) for s in (1, 2)}
+        assert row["avg"] == pytest.approx(100 * statistics.mean(avgs.values()))
+        assert row["avg_std"] == pytest.approx(100 * statistics.stdev(avgs.values()))
+        assert row["retained"] == pytest.approx(statistics.mean(100 * avgs[s] / teacher[s] for s in (1, 2)))
+        for t in ("sst2", "stsb"):
+            assert row["scores"][t] == pytest.approx([100 * by_cell[(row["name"], t, s)]["score"] for s in (1, 2)])
+
+
+def test_the_distilled_student_targets_uniform_teacher_layers_and_kd_uses_the_same_seed_teacher(finished):
+    root, report, _ = finished
+    (model,) = (root / "work" / "models").glob("L1-3_hid_mse+att_mse_map2-4_*")
+    config = json.loads((model / "distill_config.json").read_text())
+    assert config["student_layers"] == [1, 3] and config["layer_map"] == [[1, 2], [2, 4]]
+    assert config["max_steps"] == 2 and config["block_size"] == 32
+    by_cell = cells(root)
+    for (row, task, seed), record in by_cell.items():
+        settings = record["settings"]
+        if row.endswith("_kd"):
+            teacher_model = Path(settings["teacher"])
+            assert teacher_model.name == "model" and (teacher_model / "config.json").is_file()
+            # the teacher fine-tuned on this task with this seed
+            assert json.loads((teacher_model.parent / "result.json").read_text()) == by_cell[("teacher", task, seed)]
+            assert settings["model"] == str(model)
+            assert settings["distill_weights"] == ({"out_mse": 1.0, "hard_ce": 1.0} if task == "stsb"
+                                                   else {"kl": 1.0, "hard_ce": 1.0})
+        else:
+            assert settings["teacher"] is None
+
+
+def test_a_rerun_redoes_nothing(study, finished):
+    root, _, argv = finished
+    before = {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json")}
+    assert study.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json")} == before
