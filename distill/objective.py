@@ -396,6 +396,26 @@ class Objective(nn.Module):
     def extra_repr(self) -> str:
         return self.describe()
 
+    def self_copy_pairs(self, student_layers: Sequence[int] | None) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Layer-map pairs that compare a freshly copied student layer with its own source on the same input.
+
+        A student built from teacher layers ``1, 2, ..., m, ...`` (a bottom run) reproduces the teacher exactly up
+        to layer m, so a mapped term on a pair ``(i, i)`` with ``i <= m`` starts at zero: it only holds those
+        layers where they are, it does not teach them. Terms on other pairs are not affected.
+        """
+        run = 0
+        for i, t in enumerate(student_layers or (), start=1):
+            if t != i:
+                break
+            run = i
+        found = {}
+        for name in self.weights:
+            if TERMS[name].layers == "map":
+                pairs = tuple((s, t) for s, t in self.layer_pairs[name] if 1 <= s <= run and s == t)
+                if pairs:
+                    found[name] = pairs
+        return found
+
     # -------------------------------------------------------------------------------------
     # the loss
 

@@ -33,7 +33,8 @@ from .assets import minilm_dir, wiki_extract_path
 from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
-from .models import TOKENIZER_FILES, Features, extract, family_of, load_config, load_model, set_attention_dropout
+from .models import (TOKENIZER_FILES, Features, extract, family_of, load_config, load_model, num_layers,
+                     set_attention_dropout)
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
@@ -234,6 +235,14 @@ def train(cfg: DistillConfig) -> str:
         print(f"distilling {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M-parameter student from "
               f"{cfg.teacher} on {env.world} x {env.device.type}, {precision.description}; {total_steps} steps of "
               f"{global_batch} x {cfg.block_size} tokens; terms {objective.describe()}", file=sys.stderr)
+        copies = objective.self_copy_pairs(layers) if not cfg.resume and cfg.layer_map is None else {}
+        if copies:
+            n_s, n_t = len(layers), num_layers(teacher_config)
+            uniform = [[i, round(i * n_t / n_s)] for i in range(1, n_s + 1)]
+            shown = sorted({s for pairs in copies.values() for s, _ in pairs})
+            print(f"note: {', '.join(copies)} compare student layers {','.join(map(str, shown))} with the teacher "
+                  "layers they were copied from, on the same inputs: from a fresh copy these terms start at 0 and "
+                  f"teach those layers nothing; a layer_map such as {uniform} gives them targets", file=sys.stderr)
 
     window = Window()
     for step in range(start_step, total_steps):
@@ -292,7 +301,7 @@ def train(cfg: DistillConfig) -> str:
 def student_plan(cfg: DistillConfig, teacher_config):
     """The teacher layers the student comes from, and the student's config."""
     from .layers import parse_layers
-    from .models import FAMILIES, num_layers, role_from_architectures
+    from .models import FAMILIES, role_from_architectures
     from .student import check_pair, student_config
 
     if cfg.student:

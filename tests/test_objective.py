@@ -217,6 +217,26 @@ def test_a_student_that_is_the_teacher_has_zero_distance_terms(kind):
     assert float(terms["ce"]) == pytest.approx(4.0 * float(entropy), rel=1e-5)
 
 
+@pytest.mark.parametrize("layers", [[1, 2, 4], [1, 3], [2, 4], [1, 2, 3, 4]])
+def test_self_copy_pairs_are_exactly_the_pairs_a_fresh_copy_already_matches(teacher, layers):
+    from distill.student import build_student
+
+    student, _ = build_student(teacher, layers)
+    objective = make({"hid_mse": 1.0, "att_mse": 1.0, "cos": 1.0}, student, teacher, student_layers=layers)
+    batch = make_batch(5)
+    with torch.no_grad():
+        s, t = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                  output_attentions=True) for m in (student, teacher))
+    # measured: which mapped pairs start equal (hidden states include the embedding output at index 0)
+    equal_hidden = tuple((i, j) for i, j in objective.layer_pairs["hid_mse"] if i >= 1
+                         and torch.allclose(s.hidden_states[i], t.hidden_states[j], atol=1e-6))
+    equal_att = tuple((i, j) for i, j in objective.layer_pairs["att_mse"]
+                      if torch.allclose(s.attentions[i - 1], t.attentions[j - 1], atol=1e-6))
+    expected = {name: pairs for name, pairs in (("hid_mse", equal_hidden), ("att_mse", equal_att)) if pairs}
+    assert objective.self_copy_pairs(layers) == expected
+    assert "cos" not in objective.self_copy_pairs(layers)  # a last-layer term, not a mapped one
+
+
 def test_electra_discriminator_terms_end_to_end():
     model = build("electra_disc")
     other = build("electra_disc", seed=5)

@@ -130,6 +130,20 @@ def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, c
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_a_layer_map_pairing_fresh_copies_with_their_sources_gets_a_note(bert_mlm_dir, corpus, tmp_path, capsys):
+    weights = {"hid_mse": 1.0, "att_mse": 1.0}
+    train(make_config(run_config(bert_mlm_dir, corpus, tmp_path / "a", tmp_path, weights=weights, max_steps=1)))
+    err = capsys.readouterr().err
+    # layers 1,3 of 4: student layer 1 is teacher layer 1 on the same input; layer 2 (teacher 3) is not
+    assert "note: hid_mse, att_mse compare student layers 1 with the teacher layers they were copied from" in err
+    assert "a layer_map such as [[1, 2], [2, 4]] gives them targets" in err
+    train(make_config(run_config(bert_mlm_dir, corpus, tmp_path / "b", tmp_path, weights=weights, max_steps=1,
+                                 layer_map=[[1, 2], [2, 4]])))
+    train(make_config(run_config(bert_mlm_dir, corpus, tmp_path / "c", tmp_path, weights=weights, max_steps=1,
+                                 student_layers=[2, 4])))
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_without_arguments_the_config_is_the_offline_demo_recipe():
     demo = Path(__file__).parent.parent / "student_configs" / "demo_minilm_3l.json"
     assert parse_config([]) == parse_config(["--config", str(demo)])
