@@ -69,7 +69,7 @@ QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (< 15 min)")
+    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (about 3 min)")
     p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="hub id, folder, or the offline MiniLM")
     p.add_argument("--tasks", default=",".join(LOCAL_TASKS),
                    help="comma list: polarity, uncertainty, bbc (prepared local tasks), GLUE names, or task spec .json")
@@ -107,6 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
     p.add_argument("--out", default="docs/study", help="writes OUT.md, OUT.png and OUT.json")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
+    p.add_argument("--prepare", action="store_true",
+                   help="first prepare what the run uses from prepare_study_data.py (the local tasks, the L3 "
+                        "reference), each step skipped once done (bench/study.sh passes this)")
     p.add_argument("--skip_speed", action="store_true", help="do not measure inference speed")
     p.add_argument("--remeasure_speed", action="store_true",
                    help="measure the inference speed again (e.g. on a quieter machine), then write the report")
@@ -350,8 +353,13 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
     for task in tasks:
         t0 = time.perf_counter()
         cell = os.path.join(out, task.name, cell_name(ns.learning_rate, ns.batch_size, seed))
-        if keep and not os.path.isdir(os.path.join(cell, "model")):
-            shutil.rmtree(cell, ignore_errors=True)  # finished before its model was needed: redo it, keeping it
+        result = os.path.join(cell, "result.json")
+        if keep and os.path.isfile(result) and not os.path.isdir(os.path.join(cell, "model")):
+            # finished before a task-KD row needed its model: redo it, keeping the model this time (a cell of
+            # another model is left for glue-eval to refuse)
+            if json.load(open(result, encoding="utf-8")).get("settings", {}).get("model") == folder:
+                log(f"  {row['name']} {task.name} seed {seed}: redone to keep its model for the task-KD rows")
+                shutil.rmtree(cell)
         task_glue = glue
         if row.get("task_kd"):
             teacher = teacher_cell_model(task, seed, ns)
@@ -544,7 +552,8 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
            "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
         *([f"- Task KD rows: the distilled student fine-tuned with glue-eval `--teacher` (the teacher row's model "
-           f"fine-tuned on the same task with the same seed), terms {TASK_KD['weights']}, T={TASK_KD['temperature']:g}"]
+           f"fine-tuned on the same task with the same seed), terms {TASK_KD['weights']}, T={TASK_KD['temperature']:g} "
+           f"(regression tasks: {TASK_KD['regression_weights']})"]
           if any(r.get("task_kd") for r in rows) else []),
         "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
@@ -634,6 +643,16 @@ def plot(summary, path: Path, ns, mode: str) -> None:
 
 # --- main -------------------------------------------------------------------------------------
 
+def prepare_inputs(ns) -> None:
+    """What prepare_study_data.py makes, for the parts of this run that use it (every step skips finished work)."""
+    from prepare_study_data import build_l3, prepare_tasks
+
+    if any(t.strip() in LOCAL_TASKS for t in ns.tasks.split(",")):
+        prepare_tasks(ns.cache_dir, 13)
+    if ns.reference == "auto" and ns.teacher == "offline:all-MiniLM-L6-v2":
+        build_l3(ns.cache_dir)
+
+
 def load_state(ns) -> dict:
     path = os.path.join(ns.work_dir, "state.json")
     return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
@@ -671,6 +690,8 @@ def main(argv=None) -> int:
     for flag in (" --report_only", " --remeasure_speed"):
         command = command.replace(flag, "")
     command = command.strip()
+    if ns.prepare:
+        prepare_inputs(ns)
     tasks = resolve_task_specs(ns)
     rows = make_rows(ns)
     state = load_state(ns)

@@ -400,8 +400,10 @@ class Objective(nn.Module):
         """Layer-map pairs that compare a freshly copied student layer with its own source on the same input.
 
         A student built from teacher layers ``1, 2, ..., m, ...`` (a bottom run) reproduces the teacher exactly up
-        to layer m, so a mapped term on a pair ``(i, i)`` with ``i <= m`` starts at zero: it only holds those
-        layers where they are, it does not teach them. Terms on other pairs are not affected.
+        to layer m, so a mapped term on a transformer-layer pair ``(i, i)`` with ``1 <= i <= m`` starts at zero
+        (in eval mode; near zero under dropout): it only holds those layers where they are, it does not teach
+        them. Terms on other pairs are not affected; the embedding pair ``(0, 0)`` is always a copy and is not
+        reported (``emb_mse`` is meant as such a hold).
         """
         run = 0
         for i, t in enumerate(student_layers or (), start=1):

@@ -240,9 +240,11 @@ def train(cfg: DistillConfig) -> str:
             n_s, n_t = len(layers), num_layers(teacher_config)
             uniform = [[i, round(i * n_t / n_s)] for i in range(1, n_s + 1)]
             shown = sorted({s for pairs in copies.values() for s, _ in pairs})
+            fix = (f"a layer_map such as {uniform} gives them targets" if all(s != t for s, t in uniform) else
+                   "a layer_map pairing them with higher teacher layers gives them targets")
             print(f"note: {', '.join(copies)} compare student layers {','.join(map(str, shown))} with the teacher "
-                  "layers they were copied from, on the same inputs: from a fresh copy these terms start at 0 and "
-                  f"teach those layers nothing; a layer_map such as {uniform} gives them targets", file=sys.stderr)
+                  "layers they were copied from, on the same inputs: from a fresh copy these terms start near 0 and "
+                  f"teach those layers little; {fix}", file=sys.stderr)
 
     window = Window()
     for step in range(start_step, total_steps):

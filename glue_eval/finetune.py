@@ -260,12 +260,17 @@ def file_digest(path: str) -> str:
 
 
 def describe(glue: GlueArguments, args: TrainingArguments, task: Task | None = None) -> dict:
-    """The settings that define a cell; a finished cell is reused only if these match. A local task's files are
-    part of them by content (a spec pointing at other or edited data must not reuse cells)."""
+    """The settings that define a cell; a finished cell is reused only if these match. A local task is part of
+    them by what defines it: its files by content, its labels, text columns and metrics (a spec pointing at other or
+    edited data must not reuse cells; the same data under another path may)."""
     weights = json.loads(glue.distill_weights) if glue.teacher else None
-    files = task.files if task is not None and task.files else {}
+    local = task is not None and bool(task.files)
     return {
-        "task_data": {split: file_digest(path) for split, path in files.items() if os.path.isfile(path)} or None,
+        "task_data": {
+            "files": {split: file_digest(path) for split, path in task.files.items() if os.path.isfile(path)},
+            "labels": list(task.labels) if task.labels else None, "text_fields": list(task.text_fields),
+            "metrics": list(task.metrics),
+        } if local else None,
         "model": glue.model,
         "tokenizer": glue.tokenizer,
         "data_dir": glue.data_dir,

@@ -122,7 +122,8 @@ def _done(cell_dir: str, settings: dict) -> bool:
         return False
     with open(path, encoding="utf-8") as f:
         old = json.load(f).get("settings", {})
-    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    # a setting newer than the record (absent from it) is not held against it
+    diff = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
     if diff:
         k = diff[0]
         raise UsageError(

@@ -3,6 +3,7 @@
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,18 +71,35 @@ def test_a_tiny_model_learns_a_keyword_task_well_above_chance(teacher):
 
 
 def test_a_finished_cell_is_kept_for_the_same_data_and_refused_for_other_data(teacher, keyword_task, bert_mlm_dir,
-                                                                            capsys):
-    (result,) = teacher.rglob("result.json")
+                                                                            tmp_path, capsys):
+    # a copy of the task and of the finished run: same content under other paths
+    task = tmp_path / "task"
+    task.mkdir()
+    for name in ("task.json", "noise.json", "train.csv", "train_noise.csv", "dev.jsonl"):
+        shutil.copy(keyword_task / name, task / name)
+    out = tmp_path / "run"
+    shutil.copytree(teacher, out)
+    (result,) = out.rglob("result.json")
     before = result.stat().st_mtime_ns
-    argv = ["--model", bert_mlm_dir, "--output_dir", str(teacher), "--seed", "0", "--save_model", *TRAIN]
-    assert main(["--task", str(keyword_task / "task.json"), *argv]) == 0
+    argv = ["--model", bert_mlm_dir, "--output_dir", str(out), "--seed", "0", "--save_model", *TRAIN]
+    assert main(["--task", str(task / "task.json"), *argv]) == 0
     assert result.stat().st_mtime_ns == before  # same spec, same files: nothing was redone
-    # noise.json names the same task but another train file: its cell must not pass for this one
-    with pytest.raises(SystemExit) as info:
-        main(["--task", str(keyword_task / "noise.json"), *argv])
-    assert info.value.code == 2
-    assert "other settings (task_data: " in capsys.readouterr().err
-    assert result.stat().st_mtime_ns == before
+
+    def refused(spec):
+        with pytest.raises(SystemExit) as info:
+            main(["--task", str(spec), *argv])
+        assert info.value.code == 2
+        assert "other settings (task_data: " in capsys.readouterr().err
+        assert result.stat().st_mtime_ns == before
+
+    refused(task / "noise.json")  # the same task name over another train file
+    lines = (task / "train.csv").read_text(encoding="utf-8").splitlines()
+    (task / "train.csv").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    refused(task / "task.json")  # the same file edited in place
+    spec = json.loads((keyword_task / "task.json").read_text())
+    shutil.copy(keyword_task / "train.csv", task / "train.csv")
+    (task / "task.json").write_text(json.dumps({**spec, "labels": ["yes", "no"]}))
+    refused(task / "task.json")  # the same files read with the labels the other way round
 
 
 def test_a_student_learns_from_the_teacher_alone_on_randomly_labelled_data(teacher, keyword_task, vocab_dir):

@@ -2,6 +2,7 @@
 from a GLUE folder (classification and regression), and a table that agrees with the cells it came from."""
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -98,3 +99,24 @@ def test_a_rerun_redoes_nothing(study, finished):
     before = {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json")}
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json")} == before
+
+
+def test_a_teacher_cell_finished_without_its_model_is_redone_once_kd_rows_need_it(study, finished):
+    root, _, argv = finished
+    (cell,) = (root / "work").glob("finetune-*/teacher/sst2/*seed1")
+    shutil.rmtree(cell / "model")
+    others = {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json") if p.parent != cell}
+    assert study.main(argv) == 0
+    assert (cell / "model" / "config.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in others} == others  # nothing else was redone
+
+
+def test_task_kd_rows_follow_the_flag(study, bert_mlm_dir):
+    base = ["--teacher", bert_mlm_dir, "--inits", "1,3", "2,4", "--objectives", "none,cos,att_mse"]
+    names = lambda ns: [r["name"] for r in study.make_rows(ns) if r.get("task_kd")]  # noqa: E731
+    assert names(study.parse_args(base)) == []  # the default pairs the first init with hid_mse+att_mse: absent here
+    assert names(study.parse_args(base + ["--task_kd", "2,4:cos", "1,3:att_mse"])) == [
+        "L1-3_att_mse_map2-4_kd", "L2-4_cos_kd"]
+    assert names(study.parse_args(base + ["--objectives", "none,hid_mse+att_mse", "--task_kd"])) == []
+    with pytest.raises(SystemExit):
+        study.parse_args(base + ["--task_kd", "3,4:cos"])

@@ -136,6 +136,7 @@ def test_a_layer_map_pairing_fresh_copies_with_their_sources_gets_a_note(bert_ml
     err = capsys.readouterr().err
     # layers 1,3 of 4: student layer 1 is teacher layer 1 on the same input; layer 2 (teacher 3) is not
     assert "note: hid_mse, att_mse compare student layers 1 with the teacher layers they were copied from" in err
+    assert "start near 0" in err
     assert "a layer_map such as [[1, 2], [2, 4]] gives them targets" in err
     train(make_config(run_config(bert_mlm_dir, corpus, tmp_path / "b", tmp_path, weights=weights, max_steps=1,
                                  layer_map=[[1, 2], [2, 4]])))
