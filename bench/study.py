@@ -56,10 +56,11 @@ OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
 LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
-# Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher with its default terms
-# (regression tasks such as STS-B: the raw outputs' MSE instead of kl; hard_ce is then the label MSE)
-TASK_KD = {"weights": '{"kl": 1.0, "hard_ce": 1.0}', "regression_weights": '{"out_mse": 1.0, "hard_ce": 1.0}',
-           "temperature": 1.0}
+# Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher, by default with its
+# default terms kl + hard_ce at T=1, each weight 1 (regression tasks such as STS-B: the raw outputs' MSE, out_mse,
+# instead of kl or ce; hard_ce is then the label MSE). hid_mse/att_mse use the row's layer map.
+TASK_KD_TERMS = ("kl", "hard_ce")
+TASK_KD_TEMPERATURE = 1.0
 
 FULL = dict(seeds="1,2,3", distill_steps=400, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
 QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160)
@@ -81,10 +82,12 @@ def parse_args(argv=None):
                    help="which teacher layer each student layer's hid_mse/att_mse term targets: 'uniform' (student "
                         "layer i <-> teacher layer i*Lt/Ls, e.g. 2,4,6 for 6 -> 3, whatever the initialisation) or "
                         "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero)")
-    p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE",
+    p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE[:TERMS]",
                    help="extra rows: the student of INIT distilled with OBJECTIVE, then fine-tuned with task "
-                        "distillation from the teacher fine-tuned on the same task and seed (kl + hard_ce, T=1); "
-                        "default: the first init with hid_mse+att_mse; give no value for none")
+                        "distillation from the teacher fine-tuned on the same task and seed; TERMS: glue-eval "
+                        "--teacher terms joined by + (default kl+hard_ce, T=1; e.g. kl+hard_ce+hid_mse+att_mse for "
+                        "TinyBERT's whole second stage); default: the first init with hid_mse+att_mse; give no "
+                        "value for none")
     p.add_argument("--reference", default="auto",
                    help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
                         "teacher is the offline MiniLM; 'none' to skip")
@@ -125,11 +128,19 @@ def parse_args(argv=None):
             p.error(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
     if ns.task_kd is None:
         ns.task_kd = [f"{ns.inits[0]}:hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
+    from glue_eval.distillation import TASK_TERMS
+
+    ns.kd_rows = []
     for spec in ns.task_kd:
-        init, _, obj = spec.partition(":")
+        init, obj, terms = (spec.split(":") + [""])[:3]
+        terms = tuple(terms.split("+")) if terms else TASK_KD_TERMS
         if init not in ns.inits or obj not in ns.objective_list or obj == "none":
             p.error(f"--task_kd {spec!r}: give INIT:OBJECTIVE with INIT one of --inits ({' '.join(ns.inits)}) and "
                     f"OBJECTIVE a distillation objective of --objectives ({ns.objectives})")
+        bad = [t for t in terms if t not in TASK_TERMS]
+        if bad:
+            p.error(f"--task_kd {spec!r}: {bad[0]!r} is not a task-distillation term; use {', '.join(TASK_TERMS)}")
+        ns.kd_rows.append((init, obj, terms))
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
     return ns
@@ -237,10 +248,14 @@ def make_rows(ns) -> list[dict]:
                     row["name"] += "_map" + "-".join(map(str, targets))
                     row["label"] += f" -> teacher {','.join(map(str, targets))}"
             rows.append(row)
-            if obj != "none" and f"{layers}:{obj}" in ns.task_kd:
-                # same distilled folder, fine-tuned with the task's fine-tuned teacher as a second teacher
-                rows.append({**row, "name": row["name"] + "_kd", "model": row["name"], "task_kd": True,
-                             "label": row["label"] + " + task KD"})
+            for init, kd_obj, terms in ns.kd_rows:
+                if (init, kd_obj) != (layers, obj):
+                    continue
+                # the same distilled folder, fine-tuned with the task's fine-tuned teacher as a second teacher
+                default = terms == TASK_KD_TERMS
+                rows.append({**row, "name": row["name"] + "_kd" + ("" if default else "_" + "+".join(terms)),
+                             "model": row["name"], "task_kd": list(terms),
+                             "label": row["label"] + " + task KD" + ("" if default else f" ({'+'.join(terms)})")})
     extra = []
     n = len(ns.inits[0].split(","))
     if not ns.no_random:
@@ -365,9 +380,12 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
             teacher = teacher_cell_model(task, seed, ns)
             if not os.path.isdir(teacher):
                 raise RuntimeError(f"{row['name']}: the fine-tuned teacher {teacher} is missing")
-            weights = TASK_KD["regression_weights" if task.is_regression else "weights"]
-            task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=weights,
-                                            temperature=TASK_KD["temperature"])
+            terms = [("out_mse" if task.is_regression and t in ("kl", "ce") else t) for t in row["task_kd"]]
+            layer_map = row.get("loss_layers") or [int(x) for x in row["layers"].split(",")]
+            mapped = any(t in ("hid_mse", "att_mse", "att_kl") for t in terms)
+            task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=json.dumps(dict.fromkeys(terms, 1.0)),
+                                            temperature=TASK_KD_TEMPERATURE,
+                                            student_layers=",".join(map(str, layer_map)) if mapped else None)
         (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, task_glue, out)
         spent = time.perf_counter() - t0
         if spent > 5:
@@ -552,8 +570,9 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
            "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
         *([f"- Task KD rows: the distilled student fine-tuned with glue-eval `--teacher` (the teacher row's model "
-           f"fine-tuned on the same task with the same seed), terms {TASK_KD['weights']}, T={TASK_KD['temperature']:g} "
-           f"(regression tasks: {TASK_KD['regression_weights']})"]
+           f"fine-tuned on the same task with the same seed), each term weight 1 ({'+'.join(TASK_KD_TERMS)} unless "
+           f"the row names its terms), T={TASK_KD_TEMPERATURE:g}, hid_mse/att_mse over the row's layer map; "
+           "regression tasks use out_mse for kl"]
           if any(r.get("task_kd") for r in rows) else []),
         "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "

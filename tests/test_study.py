@@ -34,6 +34,7 @@ def finished(study, bert_mlm_dir, tmp_path_factory):
             "--corpus", write_corpus(root / "corpus.txt", lines=200), "--distill_steps", "2", "--distill_batch", "2",
             "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
             "--precision", "fp32", "--skip_speed", "--work_dir", str(root / "work"),
+            "--task_kd", "1,3:hid_mse+att_mse", "1,3:hid_mse+att_mse:kl+hard_ce+hid_mse+att_mse",
             "--data_cache", str(root / "cache"), "--out", str(root / "out" / "study")]
     assert study.main(argv) == 0
     return root, json.loads((root / "out" / "study.json").read_text()), argv
@@ -52,7 +53,7 @@ def test_every_row_is_fine_tuned_on_every_task_and_seed(finished):
     root, report, _ = finished
     rows = [r["name"] for r in report["rows"]]
     assert rows == ["teacher", "random", "L1-3_none", "L1-3_hid_mse+att_mse_map2-4",
-                    "L1-3_hid_mse+att_mse_map2-4_kd"]
+                    "L1-3_hid_mse+att_mse_map2-4_kd", "L1-3_hid_mse+att_mse_map2-4_kd_kl+hard_ce+hid_mse+att_mse"]
     assert set(cells(root)) == {(r, t, s) for r in rows for t in ("sst2", "stsb") for s in (1, 2)}
     md = (root / "out" / "study.md").read_text()
     for r in report["rows"]:
@@ -82,14 +83,19 @@ def test_the_distilled_student_targets_uniform_teacher_layers_and_kd_uses_the_sa
     by_cell = cells(root)
     for (row, task, seed), record in by_cell.items():
         settings = record["settings"]
-        if row.endswith("_kd"):
+        if "_kd" in row:
             teacher_model = Path(settings["teacher"])
             assert teacher_model.name == "model" and (teacher_model / "config.json").is_file()
             # the teacher fine-tuned on this task with this seed
             assert json.loads((teacher_model.parent / "result.json").read_text()) == by_cell[("teacher", task, seed)]
             assert settings["model"] == str(model)
-            assert settings["distill_weights"] == ({"out_mse": 1.0, "hard_ce": 1.0} if task == "stsb"
-                                                   else {"kl": 1.0, "hard_ce": 1.0})
+            soft = "out_mse" if task == "stsb" else "kl"
+            if row.endswith("_kd"):
+                assert settings["distill_weights"] == {soft: 1.0, "hard_ce": 1.0}
+                assert settings["student_layers"] is None
+            else:  # TinyBERT's whole second stage, over the row's (uniform) layer map
+                assert settings["distill_weights"] == {soft: 1.0, "hard_ce": 1.0, "hid_mse": 1.0, "att_mse": 1.0}
+                assert settings["student_layers"] == "2,4"
         else:
             assert settings["teacher"] is None
 
@@ -115,8 +121,9 @@ def test_task_kd_rows_follow_the_flag(study, bert_mlm_dir):
     base = ["--teacher", bert_mlm_dir, "--inits", "1,3", "2,4", "--objectives", "none,cos,att_mse"]
     names = lambda ns: [r["name"] for r in study.make_rows(ns) if r.get("task_kd")]  # noqa: E731
     assert names(study.parse_args(base)) == []  # the default pairs the first init with hid_mse+att_mse: absent here
-    assert names(study.parse_args(base + ["--task_kd", "2,4:cos", "1,3:att_mse"])) == [
-        "L1-3_att_mse_map2-4_kd", "L2-4_cos_kd"]
+    assert names(study.parse_args(base + ["--task_kd", "2,4:cos", "1,3:att_mse", "2,4:cos:kl+hid_mse"])) == [
+        "L1-3_att_mse_map2-4_kd", "L2-4_cos_kd", "L2-4_cos_kd_kl+hid_mse"]
     assert names(study.parse_args(base + ["--objectives", "none,hid_mse+att_mse", "--task_kd"])) == []
-    with pytest.raises(SystemExit):
-        study.parse_args(base + ["--task_kd", "3,4:cos"])
+    for bad in ("3,4:cos", "2,4:none", "2,4:cos:kl+mlm"):
+        with pytest.raises(SystemExit):
+            study.parse_args(base + ["--task_kd", bad])
