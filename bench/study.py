@@ -86,8 +86,8 @@ def parse_args(argv=None):
                    help="extra rows: the student of INIT distilled with OBJECTIVE, then fine-tuned with task "
                         "distillation from the teacher fine-tuned on the same task and seed; TERMS: glue-eval "
                         "--teacher terms joined by + (default kl+hard_ce, T=1; e.g. kl+hard_ce+hid_mse+att_mse for "
-                        "TinyBERT's whole second stage); default: the first init with hid_mse+att_mse; give no "
-                        "value for none")
+                        "TinyBERT's whole second stage); default: two rows, the first init with hid_mse+att_mse and "
+                        "kl+hard_ce or kl+hard_ce+hid_mse+att_mse; give no value for none")
     p.add_argument("--reference", default="auto",
                    help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
                         "teacher is the offline MiniLM; 'none' to skip")
@@ -127,7 +127,8 @@ def parse_args(argv=None):
         if o not in OBJECTIVES:
             p.error(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
     if ns.task_kd is None:
-        ns.task_kd = [f"{ns.inits[0]}:hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
+        base = f"{ns.inits[0]}:hid_mse+att_mse"
+        ns.task_kd = [base, f"{base}:kl+hard_ce+hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
     from glue_eval.distillation import TASK_TERMS
 
     ns.kd_rows = []
@@ -499,7 +500,7 @@ def findings(summary, speed, ns) -> list[str]:
             best_by_init[layers] = max(cands, key=lambda c: c["avg"])
     if best_by_init:
         order = sorted(best_by_init.items(), key=lambda kv: -kv[1]["avg"])
-        lines.append("Best row per initialisation: " + "; ".join(
+        lines.append("Best task-agnostic row per initialisation: " + "; ".join(
             f"layers {k}: {v['retained']:.1f}% (" + v["label"].split(": ", 1)[1] + ")" for k, v in order) + ".")
         for o in ns.objective_list:
             vals = {k: by.get(f"{init_name(k)}_{o}") for k in ns.inits}
@@ -511,7 +512,8 @@ def findings(summary, speed, ns) -> list[str]:
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
         if base and r["avg"] is not None and base["avg"] is not None:
-            lines.append(f"Task distillation on top of {base['label']} ({base['retained']:.1f}%): "
+            lines.append(f"Task distillation ({'+'.join(r['task_kd'])}) on top of {base['label']} "
+                         f"({base['retained']:.1f}%): "
                          f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
     distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
     if distilled:
@@ -567,7 +569,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         + ("hid_mse/att_mse: student layer i against teacher layer i*Lt/Ls (uniform map: "
            + ",".join(map(str, loss_targets(ns.inits[0], ns) or [])) + " for every initialisation; with the "
            "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "
-           "at zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
+           "near zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
         *([f"- Task KD rows: the distilled student fine-tuned with glue-eval `--teacher` (the teacher row's model "
            f"fine-tuned on the same task with the same seed), each term weight 1 ({'+'.join(TASK_KD_TERMS)} unless "
@@ -638,20 +640,22 @@ def plot(summary, path: Path, ns, mode: str) -> None:
     done = [r for r in summary if r["retained"] is not None]
     colors = {"none": "#999999", "cos": "#4c72b0", "att_mse": "#dd8452", "hid_mse+att_mse": "#55a868",
               "cos+hid_mse+att_mse": "#8172b3"}
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(done) + 1.6))
+    fig, ax = plt.subplots(figsize=(12, 0.42 * len(done) + 1.6))
     y = list(range(len(done)))[::-1]
     for yi, r in zip(y, done):
         c = colors.get(r.get("objective"), "#222222" if r["kind"] == "teacher" else "#c44e52")
         ax.barh(yi, r["retained"], xerr=r["retained_std"] if len(r["seeds"]) > 1 else None, color=c,
                 capsize=3, height=0.7, hatch="//" if r.get("task_kd") else None, edgecolor="white")
-        ax.text(r["retained"] + 0.3, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
+        spread = r["retained_std"] if len(r["seeds"]) > 1 else 0.0
+        ax.text(r["retained"] + spread + 0.4, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels([r["label"] for r in done], fontsize=8)
-    lo, hi = min([r["retained"] for r in done] + [90.0]), max([r["retained"] for r in done] + [100.0])
+    lo = min([r["retained"] for r in done] + [90.0])
+    hi = max([r["retained"] + (r["retained_std"] if len(r["seeds"]) > 1 else 0.0) for r in done] + [100.0])
     ax.set_xlim(lo - 5, hi + 6)  # room for the value printed after each bar
     ax.axvline(100, color="black", lw=0.8)
     ax.axvline(98, color="black", lw=0.8, ls="--")
-    ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds); dashed: the 98% target")
+    ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds; dashed line: 98%)")
     ax.set_title(("[quick mode] " if ns.quick else "") + f"Students of {ns.teacher.split(':')[-1]}: fine-tuned only "
                  "(grey), distilled with cos (blue),\natt_mse (orange), hid_mse+att_mse (green); hatched: + task KD",
                  fontsize=9)
