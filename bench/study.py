@@ -373,7 +373,7 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
         if keep and os.path.isfile(result) and not os.path.isdir(os.path.join(cell, "model")):
             # finished before a task-KD row needed its model: redo it, keeping the model this time (a cell of
             # another model is left for glue-eval to refuse)
-            if json.load(open(result, encoding="utf-8")).get("settings", {}).get("model") == folder:
+            if json.loads(Path(result).read_text(encoding="utf-8")).get("settings", {}).get("model") == folder:
                 log(f"  {row['name']} {task.name} seed {seed}: redone to keep its model for the task-KD rows")
                 shutil.rmtree(cell)
         task_glue = glue

@@ -259,18 +259,25 @@ def file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def describe(glue: GlueArguments, args: TrainingArguments, task: Task | None = None) -> dict:
-    """The settings that define a cell; a finished cell is reused only if these match. A local task is part of
-    them by what defines it: its files by content, its labels, text columns and metrics (a spec pointing at other or
-    edited data must not reuse cells; the same data under another path may)."""
-    weights = json.loads(glue.distill_weights) if glue.teacher else None
-    local = task is not None and bool(task.files)
+def task_settings(task: Task) -> dict | None:
+    """What defines a local task for cell reuse: its files by content, its labels, text columns and metrics (a spec
+    pointing at other or edited data must not reuse cells; the same data under another path may). None for GLUE
+    tasks, whose data is ``data_dir``."""
+    if not task.files:
+        return None
     return {
-        "task_data": {
-            "files": {split: file_digest(path) for split, path in task.files.items() if os.path.isfile(path)},
-            "labels": list(task.labels) if task.labels else None, "text_fields": list(task.text_fields),
-            "metrics": list(task.metrics),
-        } if local else None,
+        "files": {split: file_digest(path) for split, path in task.files.items() if os.path.isfile(path)},
+        "labels": list(task.labels) if task.labels else None, "text_fields": list(task.text_fields),
+        "metrics": list(task.metrics),
+    }
+
+
+def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | None = None) -> dict:
+    """The settings that define a cell; a finished cell is reused only if these match. ``task_data``:
+    :func:`task_settings` of the cell's task."""
+    weights = json.loads(glue.distill_weights) if glue.teacher else None
+    return {
+        "task_data": task_data,
         "model": glue.model,
         "tokenizer": glue.tokenizer,
         "data_dir": glue.data_dir,

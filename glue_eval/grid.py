@@ -22,7 +22,7 @@ from distill.io import atomic_write_text, read_json_object  # temp file + os.rep
 
 from .data import check_sources, load_splits, splits_needed
 from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
-                       tokenize)
+                       task_settings, tokenize)
 from .tasks import Task, resolve_tasks
 
 # The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
@@ -84,12 +84,13 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
     check_model_dir(glue.model, glue.tokenizer)
     for task in tasks:
         check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
+    task_data = {t.name: task_settings(t) for t in tasks}  # file digests: once per task, not per cell
     todo = {}
     for task in tasks:
         for lr, bs, seed in cells:
             cell_args = dataclasses.replace(args, learning_rate=lr, per_device_train_batch_size=bs, seed=seed,
                                             output_dir=os.path.join(out, task.name, cell_name(lr, bs, seed)))
-            if not _done(cell_args.output_dir, describe(glue, cell_args, task)):
+            if not _done(cell_args.output_dir, describe(glue, cell_args, task_data[task.name])):
                 todo.setdefault(task.name, []).append(cell_args)
     # Read (and so check) every task's files before training anything: a bad row in the last task
     # should stop the grid now, not after hours of work on the others.
@@ -105,7 +106,7 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
             n += 1
             print(f"[{n}/{total}] {task.name} {os.path.basename(cell_args.output_dir)}", file=sys.stderr)
             record = finetune(task, data, tokenizer, cell_args, glue)
-            write_result(cell_args.output_dir, record, describe(glue, cell_args, task))
+            write_result(cell_args.output_dir, record, describe(glue, cell_args, task_data[task.name]))
             write_results_jsonl(out)
     write_results_jsonl(out)
     records = []
