@@ -3,11 +3,15 @@
 Chunk ``c`` of step ``k`` is a pure function of ``(seed, k, c)``: the rows come from
 the epoch's order, the masking from a generator seeded with ``(seed, k, c)``. That
 is what makes resume exact and N processes equal to one (see :mod:`distill.train`).
+
+The data layer owns no model: ELECTRA's batches are masked here and corrupted by a
+*corruptor* that run setup builds around the generator (:mod:`distill.electra`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -18,6 +22,7 @@ from .errors import UsageError
 from .masking import mask_tokens, masking_weights
 
 MASKED_LM_TERMS = ("mlm", "ce", "kl", "out_mse")  # DistilBERT feeds both models the masked input for these
+ELECTRA_MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay
 
 
 def default_cache_dir() -> str:
@@ -91,6 +96,56 @@ class MaskedLMBatches(Batches):
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
+def uniform_weights(vocab_size: int, special_ids) -> torch.Tensor:
+    """Masking weights that choose every non-special token with the same chance (ELECTRA's uniform masking)."""
+    return masking_weights(np.ones(vocab_size), special_ids, smoothing=0.0)
+
+
+class CorruptedBatches(Batches):
+    """ELECTRA's batches: the generator's masked input for every chunk, corrupted by ``corruptor``.
+
+    ``masked(rows, g)``: 15% (``mlm_probability``) of the real, non-special tokens chosen
+    uniformly, 85% of them [MASK] and 15% kept (``generator_input_ids``, ``attention_mask``,
+    ``mlm_labels``), plus ``sample_noise``, the uniforms ``[B, S]`` the generator samples
+    with. ``corruptor`` (a callable, :class:`distill.electra.Corruptor`) turns that into
+    ``input_ids`` (corrupted), ``attention_mask``, ``replaced_labels``, ``mlm_labels``.
+    ``corruptor=None``: the generator trains, so the training step corrupts, and
+    ``chunk`` returns the masked input.
+    """
+
+    def __init__(self, dataset, weights: torch.Tensor, mask_id: int, mlm_probability: float = 0.15,
+                 corruptor: Callable[[Mapping], dict] | None = None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.weights, self.mask_id, self.mlm_probability = weights, mask_id, mlm_probability
+        self.corruptor = corruptor
+
+    def masked(self, batch: Mapping, generator: torch.Generator) -> dict:
+        """The generator's inputs for ``batch`` (``input_ids``, ``attention_mask`` ``[B, S]``)."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        masked, labels = mask_tokens(ids, mask, self.weights, self.mask_id, self.weights.numel(), generator,
+                                     mlm_probability=self.mlm_probability, mask_frac=ELECTRA_MASK_FRAC,
+                                     random_frac=0.0)
+        noise = torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(self.device)
+        return {"generator_input_ids": masked, "attention_mask": mask, "mlm_labels": labels, "sample_noise": noise}
+
+    def corrupt(self, batch: Mapping, generator: torch.Generator) -> dict:
+        """The corrupted batch: ``batch`` masked, then passed through the corruptor."""
+        if self.corruptor is None:
+            raise ValueError("these batches have no corruptor: the training step corrupts (a trained generator)")
+        return self.corruptor(self.masked(batch, generator))
+
+    def chunk(self, step: int, chunk: int) -> dict[str, torch.Tensor]:
+        rows = self.rows(step, chunk)
+        g = chunk_generator(self.seed, step, chunk)
+        if self.corruptor is None:
+            return self.masked(rows, g)
+        return self.corrupt(rows, g)
+
+    def describe(self) -> str:
+        how = "trained" if self.corruptor is None else "frozen"
+        return f"{self.num_sequences:,} ELECTRA-corrupted sequences ({how} generator)"
+
+
 def corpus_dataset(cfg, corpus: str, tokenizer, env):
     """Tokenise (once, cached) on the main process first; the others then read the cache."""
     import torch.distributed as dist
@@ -106,8 +161,12 @@ def corpus_dataset(cfg, corpus: str, tokenizer, env):
     return dataset
 
 
-def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=None) -> Batches:
-    """The batch source for a run: plain, masked-LM, or ELECTRA-corrupted."""
+def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=None, corruptor=None) -> Batches:
+    """The batch source for a run: plain, masked-LM, or ELECTRA-corrupted.
+
+    ``corruptor``: for an ELECTRA recipe (``cfg.generator``), what run setup built around
+    a frozen generator (:func:`distill.electra.setup_generator`); None when it trains.
+    """
     check_block_size(cfg.block_size, teacher.config.max_position_embeddings)
     if student is not None:
         check_block_size(cfg.block_size, student.config.max_position_embeddings)
@@ -116,9 +175,10 @@ def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=N
                   global_batch=cfg.per_device_batch_size * cfg.gradient_accumulation_steps * env.world,
                   seed=cfg.seed, pad_id=tokenizer.pad_token_id, grouped=cfg.data_mode == "group", device=env.device)
     if cfg.generator:
-        from .electra import ElectraBatches
-
-        return ElectraBatches.from_config(cfg, dataset, tokenizer, teacher, env, **common)
+        if tokenizer.mask_token_id is None:
+            raise UsageError("the tokenizer has no [MASK] token, which the ELECTRA generator's input needs")
+        weights = uniform_weights(teacher.config.vocab_size, tokenizer.all_special_ids)
+        return CorruptedBatches(dataset, weights, tokenizer.mask_token_id, cfg.mlm_probability, corruptor, **common)
     if not any(term in objective.weights for term in MASKED_LM_TERMS):
         return Batches(dataset, **common)
     if tokenizer.mask_token_id is None:

@@ -12,12 +12,14 @@ Corruption, as ELECTRA pre-training does it (Clark et al. 2020), redone for ever
 4. ``replaced_labels`` is 1 exactly where the corrupted token differs from the original:
    a sample equal to the original counts as original, as in ELECTRA.
 
-All randomness comes from :func:`distill.batches.chunk_generator`, so chunk ``c`` of step
-``k`` is a function of ``(seed, k, c)`` and of the generator's weights: resume and DDP
-stay exact. A frozen generator corrupts inside :meth:`ElectraBatches.chunk` under
-``no_grad``; a trained one (``train_generator``) corrupts inside the training step
-(:class:`GeneratorStep`, a submodule of ``distill.train.StudentStep``), so its MLM loss
-backpropagates, is synchronised by DDP and its weights go into the checkpoint.
+Steps 1-2 and the uniforms are data (:class:`distill.batches.CorruptedBatches`, all
+randomness from ``chunk_generator(seed, step, chunk)``, so resume and DDP stay exact);
+steps 3-4 are the generator's (:class:`GeneratorStep`). Run setup builds the generator
+(:func:`setup_generator`), so the data layer owns no model: a frozen generator is handed
+to the batches as a :class:`Corruptor` (no gradients, the run's autocast); a trained one
+(``train_generator``) corrupts inside the training step (a submodule of
+``distill.train.StudentStep``), so its MLM loss backpropagates, is synchronised by DDP
+and its weights go into the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,27 +29,19 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import losses
-from .batches import Batches, chunk_generator
 from .errors import UsageError
-from .masking import IGNORE_INDEX, mask_tokens, masking_weights
+from .masking import IGNORE_INDEX
 from .models import extract, load_config, load_model, role_from_architectures, role_of
 
-MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay
 RTD_TERMS = ("rtd", "rtd_kl")
 GENERATOR_DIR = "generator"  # where a trained generator is saved, inside the output folder
 
 
 # --- pure functions ---------------------------------------------------------------------------
-
-def uniform_weights(vocab_size: int, special_ids) -> Tensor:
-    """Masking weights that choose every non-special token with the same chance (ELECTRA's uniform masking)."""
-    return masking_weights(np.ones(vocab_size), special_ids, smoothing=0.0)
-
 
 def sampling_allowed(vocab_size: int, tokenizer_size: int, special_ids) -> Tensor:
     """Bool ``[vocab_size]``: ids the generator may put into the text (no special tokens, no unused rows)."""
@@ -208,86 +202,60 @@ def _generator_tokenizer(path: str):
         return None
 
 
-# --- the batch source -----------------------------------------------------------------------------
+# --- run setup: the generator, and the corruptor the batches get --------------------------------------
 
-class ElectraBatches(Batches):
-    """Rows of the corpus, corrupted by an ELECTRA generator for every chunk.
+class Corruptor:
+    """A frozen generator as the batches see it: a masked chunk in, the corrupted chunk out.
 
-    ``chunk(step, c)`` returns ``input_ids`` (corrupted), ``attention_mask``,
-    ``replaced_labels`` and ``mlm_labels`` when the generator is frozen. With a trained
-    generator it returns the generator's inputs instead, and :attr:`trained_generator`
-    (a :class:`GeneratorStep`) turns them into that batch inside the training step.
+    Runs :class:`GeneratorStep` without gradients under ``autocast`` (the run's
+    ``precision.autocast``, so the generator's forward has the student's dtype).
     """
 
-    def __init__(self, dataset, generator: nn.Module, weights: Tensor, allowed: Tensor, mask_id: int,
-                 mlm_probability: float = 0.15, train_generator: bool = False, generator_weight: float = 1.0,
-                 autocast_dtype: torch.dtype | None = None, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.weights, self.mask_id, self.mlm_probability = weights, mask_id, mlm_probability
-        self.train_generator = train_generator
-        self.autocast_dtype = autocast_dtype
-        generator.to(self.device)
-        if train_generator:
-            generator.train()
-        else:
-            generator.eval().requires_grad_(False)
-        self.generator_step = GeneratorStep(generator, allowed, generator_weight).to(self.device)
-
-    @classmethod
-    def from_config(cls, cfg, dataset, tokenizer, teacher, env, **common) -> "ElectraBatches":
-        """Load ``cfg.generator``, check it against the teacher, and build the batch source."""
-        check_discriminator(teacher, cfg.teacher)
-        if tokenizer.mask_token_id is None:
-            raise UsageError("the tokenizer has no [MASK] token, which the ELECTRA generator's input needs")
-        generator = load_model(cfg.generator, role="mlm", what="generator")
-        check_generator(generator.config, teacher.config, cfg.generator)
-        gen_tokenizer = _generator_tokenizer(cfg.generator)
-        if gen_tokenizer is not None:
-            from .data import check_same_tokenizer
-
-            check_same_tokenizer(tokenizer, gen_tokenizer, names=("teacher", "generator"))
-        vocab = teacher.config.vocab_size
-        if len(tokenizer) > vocab:
-            raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the models' vocabulary only {vocab}")
-        specials = tokenizer.all_special_ids
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        return cls(dataset, generator, uniform_weights(vocab, specials),
-                   sampling_allowed(vocab, len(tokenizer), specials), tokenizer.mask_token_id, cfg.mlm_probability,
-                   cfg.train_generator, cfg.generator_weight,
-                   autocast_dtype=dtype if env.device.type == "cuda" else None, **common)
-
-    @property
-    def trained_generator(self) -> GeneratorStep | None:
-        """The module the training step must run (and the optimiser train) when the generator trains."""
-        return self.generator_step if self.train_generator else None
-
-    def masked(self, batch: Mapping, generator: torch.Generator) -> dict:
-        """The generator's inputs for ``batch`` (``input_ids``, ``attention_mask`` ``[B, S]``)."""
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        masked, labels = mask_tokens(ids, mask, self.weights, self.mask_id, self.weights.numel(), generator,
-                                     mlm_probability=self.mlm_probability, mask_frac=MASK_FRAC, random_frac=0.0)
-        noise = torch.rand(ids.shape, generator=generator, dtype=torch.float64).to(self.device)
-        return {"generator_input_ids": masked, "attention_mask": mask, "mlm_labels": labels, "sample_noise": noise}
+    def __init__(self, generator_step: GeneratorStep, autocast=contextlib.nullcontext):
+        self.generator_step = generator_step
+        self.autocast = autocast
 
     @torch.no_grad()
-    def corrupt(self, batch: Mapping, generator: torch.Generator) -> dict:
-        """The corrupted batch (frozen-generator semantics: no gradients, whatever train_generator says)."""
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            out, _ = self.generator_step(self.masked(batch, generator), with_loss=False)
+    def __call__(self, masked: Mapping) -> dict:
+        with self.autocast():
+            out, _ = self.generator_step(masked, with_loss=False)
         return out
 
-    def chunk(self, step: int, chunk: int) -> dict[str, Tensor]:
-        rows = self.rows(step, chunk)
-        g = chunk_generator(self.seed, step, chunk)
-        if self.train_generator:
-            return self.masked(rows, g)
-        return self.corrupt(rows, g)
 
-    def describe(self) -> str:
-        how = "trained" if self.train_generator else "frozen"
-        return f"{self.num_sequences:,} ELECTRA-corrupted sequences ({how} generator)"
+def setup_generator(cfg, tokenizer, teacher, device: torch.device, precision=None
+                    ) -> tuple[Corruptor | None, GeneratorStep | None]:
+    """Load ``cfg.generator``, check it against the teacher and tokenizer, and put it where the run needs it.
+
+    Returns ``(corruptor, trained)``: for a frozen generator a :class:`Corruptor` for the
+    batches and None; with ``train_generator`` None and the :class:`GeneratorStep` the
+    training step runs and the optimiser trains; ``(None, None)`` for other recipes.
+    ``precision``: the run's, whose autocast the frozen generator runs under (None: none).
+    """
+    if not cfg.generator:
+        return None, None
+    check_discriminator(teacher, cfg.teacher)
+    if tokenizer.mask_token_id is None:
+        raise UsageError("the tokenizer has no [MASK] token, which the ELECTRA generator's input needs")
+    generator = load_model(cfg.generator, role="mlm", what="generator")
+    check_generator(generator.config, teacher.config, cfg.generator)
+    gen_tokenizer = _generator_tokenizer(cfg.generator)
+    if gen_tokenizer is not None:
+        from .data import check_same_tokenizer
+
+        check_same_tokenizer(tokenizer, gen_tokenizer, names=("teacher", "generator"))
+    vocab = teacher.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} ids but the models' vocabulary only {vocab}")
+    allowed = sampling_allowed(vocab, len(tokenizer), tokenizer.all_special_ids)
+    generator.to(device)
+    if cfg.train_generator:
+        generator.train()
+    else:
+        generator.eval().requires_grad_(False)
+    step = GeneratorStep(generator, allowed, cfg.generator_weight).to(device)
+    if cfg.train_generator:
+        return None, step
+    return Corruptor(step, precision.autocast if precision is not None else contextlib.nullcontext), None
 
 
 def save_generator(out, generator_step: GeneratorStep, precision, tokenizer) -> str:

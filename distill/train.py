@@ -168,7 +168,7 @@ def train(cfg: DistillConfig) -> str:
     # models and objective: configs first, so every config error comes before a weight load
     teacher_path = resolve_teacher(cfg.teacher)
     teacher_config = load_config(teacher_path, "teacher")
-    from .electra import check_recipe
+    from .electra import check_recipe, setup_generator
 
     check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
     layers, student_config = student_plan(cfg, teacher_config)
@@ -196,7 +196,9 @@ def train(cfg: DistillConfig) -> str:
         set_attention_dropout(student, 0.0)  # attention terms compare pre-dropout probabilities
     objective.to(env.device)
 
-    batches = make_batches(cfg, resolve_corpus(cfg.corpus), tokenizer, teacher, objective, env, student)
+    # ELECTRA: the generator is built here; the batches get only a corruptor, a trained one joins the step
+    corruptor, generator = setup_generator(cfg, tokenizer, teacher, env.device, precision)
+    batches = make_batches(cfg, resolve_corpus(cfg.corpus), tokenizer, teacher, objective, env, student, corruptor)
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * env.world
     steps_per_epoch = batches.num_sequences // global_batch
     if steps_per_epoch == 0:
@@ -206,8 +208,7 @@ def train(cfg: DistillConfig) -> str:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
 
     student = precision.prepare(student)
-    generator = getattr(batches, "trained_generator", None)  # ELECTRA with train_generator
-    if generator is not None:
+    if generator is not None:  # ELECTRA with train_generator
         precision.prepare(generator)
     step_module = StudentStep(student, objective, teacher, generator)
     if env.world > 1:

@@ -12,10 +12,10 @@ import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer, ElectraForMaskedLM,
                           ElectraForPreTraining)
 
-from distill.batches import chunk_generator, make_batches
+from distill.batches import CorruptedBatches, chunk_generator, make_batches
 from distill.cli import train_main
 from distill.config import make_config
-from distill.electra import GENERATOR_DIR, ElectraBatches, sample_tokens
+from distill.electra import GENERATOR_DIR, sample_tokens, setup_generator
 from distill.errors import UsageError
 from distill.masking import IGNORE_INDEX
 from distill.models import extract, load_model
@@ -82,12 +82,18 @@ def recipe(teacher, generator, corpus, work, **overrides) -> dict:
     return values
 
 
-def batches_for(values: dict, tokenizer_dir: str) -> ElectraBatches:
-    cfg = make_config(values)
-    teacher = load_model(cfg.teacher)
-    batches = make_batches(cfg, cfg.corpus, AutoTokenizer.from_pretrained(tokenizer_dir), teacher, None, Dist())
-    assert isinstance(batches, ElectraBatches)
+def electra_batches(cfg, tokenizer, teacher, objective=None, student=None) -> CorruptedBatches:
+    """What run setup does: build the (frozen) generator's corruptor, hand it to the batches."""
+    corruptor, trained = setup_generator(cfg, tokenizer, teacher, torch.device("cpu"))
+    assert trained is None and corruptor is not None
+    batches = make_batches(cfg, cfg.corpus, tokenizer, teacher, objective, Dist(), student, corruptor)
+    assert isinstance(batches, CorruptedBatches)
     return batches
+
+
+def batches_for(values: dict, tokenizer_dir: str) -> CorruptedBatches:
+    cfg = make_config(values)
+    return electra_batches(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), load_model(cfg.teacher))
 
 
 def specials(tokenizer_dir) -> torch.Tensor:
@@ -186,8 +192,7 @@ def test_a_student_of_every_teacher_layer_has_zero_distillation_loss(teacher_dir
     student = build_student(teacher, [1, 2, 3, 4])[0].eval()
     objective = Objective.from_config(cfg.weights, cfg.temperature, student_config=student, teacher_config=teacher,
                                       student_layers=[1, 2, 3, 4])
-    batches = make_batches(cfg, corpus, AutoTokenizer.from_pretrained(teacher_dir), teacher, objective, Dist(),
-                           student)
+    batches = electra_batches(cfg, AutoTokenizer.from_pretrained(teacher_dir), teacher, objective, student)
     with torch.no_grad():
         loss, terms = StudentStep(student, objective, teacher)(batches.chunk(0, 0))
     assert set(terms) == set(HENTSCHEL)

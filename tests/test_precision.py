@@ -1,11 +1,12 @@
 """Mixed precision: apex's opt levels with native torch, checked on tiny CPU tensors (semantics, not speed).
 
+The fp16 O2 master weights (distill/precision/masters.py) have their own file: test_precision_o2.py.
+
 fp16 on a CPU is refused by default (it crawls); these tests pass ``allow_cpu_fp16=True``
 to check O1/O2 semantics. The same tests run on CUDA where a GPU is present.
 """
 
 import copy
-import io
 import logging
 import sys
 import types
@@ -15,10 +16,10 @@ import torch
 from torch import nn
 
 from distill.errors import UsageError
-from distill.precision import Precision, StepResult, is_norm, read_cpu_flags, resolve_precision
+from distill.precision import (MODES, ApexAmp, Bf16, Fp16O1, Fp16O2, Fp16O3, Fp32, Precision, StepResult, is_norm,
+                              read_cpu_flags, resolve_precision)
 from tests import tiny
 
-FP16_EPS = torch.finfo(torch.float16).eps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -41,35 +42,7 @@ def masters(opt):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def o2_pairs(model, opt):
-    """(model param, optimiser param) pairs in parameter order."""
-    return list(zip(model.parameters(), masters(opt)))
-
-
-# ---------------------------------------------------------------- O2: dtypes and master weights
-def test_o2_casts_weights_to_fp16_keeps_norms_fp32_and_masters_are_the_exact_fp32_weights():
-    model = tiny_bert()
-    original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    prec = make()
-    assert prec.prepare(model) is model
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            want = torch.float32 if isinstance(module, nn.LayerNorm) else torch.float16
-            assert p.dtype == want, f"{name}.{pname}"
-    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float16
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
-
-    opt = prec.make_optimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
-    for (name, p), master in zip(model.named_parameters(), masters(opt)):
-        assert master.dtype == torch.float32
-        assert torch.equal(master, original[name]), name  # exact, not the fp16 round trip
-        if p.dtype == torch.float32:
-            assert master is p  # norms are their own masters
-        else:
-            assert master is not p and torch.equal(p, original[name].half())
-    assert "fp16 O2" in prec.description and "master" in prec.description
-
-
+# ---------------------------------------------------------------- what O2 relies on (its masters: test_precision_o2.py)
 def test_layernorm_with_fp32_weights_takes_fp16_input_under_autocast():
     # What O2 relies on: fp16 activations meet fp32 norm weights. On CUDA autocast runs layer_norm in
     # fp32 (fp32 output); on CPU it runs in fp16. Either way it must work and give fp32 weight grads.
@@ -90,58 +63,6 @@ def test_is_norm_covers_layernorm_and_friends():
 
     assert all(is_norm(m) for m in (nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.BatchNorm1d(4), T5LayerNorm()))
     assert not any(is_norm(m) for m in (nn.Linear(4, 4), nn.Embedding(4, 4)))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_o2_step_equals_fp32_adamw_step_on_the_same_grads_to_fp16_precision(device):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(device)
-    ref = copy.deepcopy(model)
-    prec = make(device=device)
-    prec.prepare(model)
-    lr = 1e-2
-    opt = prec.make_optimizer(model.parameters(), torch.optim.AdamW, lr=lr, weight_decay=0.01)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.01)
-    for step in range(3):
-        scale = prec.loss_scale
-        for p, r in zip(model.parameters(), ref.parameters()):
-            g = torch.randn_like(r) * 1e-2
-            r.grad = g
-            p.grad = (g * scale).to(p.dtype)  # what a scaled backward leaves in the (fp16) model grads
-        result = prec.step(opt, max_grad_norm=None)
-        ref_opt.step()
-        assert not result.skipped and result.scale == scale
-        for (p, master), r in zip(o2_pairs(model, opt), ref.parameters()):
-            # fp16 grads carry a relative error of eps/2; Adam's update is lr * O(1) in the grads' ratio
-            torch.testing.assert_close(master, r.detach(), atol=10 * lr * FP16_EPS, rtol=0)
-            assert torch.equal(p, master.to(p.dtype))  # the model holds the masters rounded to fp16
-            assert p.grad is None and master.grad is None  # step() zeroes gradients
-    assert opt.state[masters(opt)[0]]["step"] == 3
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_o2_training_tracks_fp32_training(device):
-    model, ref = tiny_bert(device), tiny_bert(device)
-    prec = make(device=device)
-    prec.prepare(model)
-    opt = prec.make_optimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
-    losses = []
-    for step in range(4):
-        with prec.autocast():
-            loss = mlm_loss(model, device, seed=step)
-        prec.backward(loss)
-        result = prec.step(opt, max_grad_norm=1.0)
-        ref_loss = mlm_loss(ref, device, seed=step)
-        ref_loss.backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
-        ref_opt.zero_grad()
-        assert not result.skipped
-        assert result.grad_norm == pytest.approx(float(ref_norm), rel=2e-2)
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=5e-3)
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
 
 
 # ---------------------------------------------------------------- dynamic loss scaling
@@ -428,171 +349,30 @@ def test_apex_backend_when_apex_amp_exists_goes_through_amp(monkeypatch):
     assert calls[-1] == "load"
 
 
-# ---------------------------------------------------------------- resume, groups, DDP, export
-@pytest.mark.parametrize("load_before_make_optimizer", [False, True])
-def test_state_dict_round_trip_gives_an_identical_next_step(load_before_make_optimizer):
-    model = tiny_bert()
-    prec = make(growth_interval=2, init_scale=2.0**12)
-    prec.prepare(model)
-    opt = prec.make_optimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
-    for step in range(3):
-        with prec.autocast():
-            loss = mlm_loss(model, seed=step)
-        if step == 1:
-            loss = loss * 1e30  # one skipped step, so the counter and scale are non-trivial
-        prec.backward(loss)
-        prec.step(opt, 1.0)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "precision": prec.state_dict()}, buf)
-
-    model2 = tiny_bert(seed=1)  # different weights: everything must come from the checkpoint
-    prec2 = make(growth_interval=2, init_scale=2.0**12)
-    prec2.prepare(model2)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model2.load_state_dict(ckpt["model"])
-    if load_before_make_optimizer:
-        prec2.load_state_dict(ckpt["precision"])
-    opt2 = prec2.make_optimizer(model2.parameters(), torch.optim.AdamW, lr=1e-3)
-    opt2.load_state_dict(ckpt["opt"])
-    if not load_before_make_optimizer:
-        prec2.load_state_dict(ckpt["precision"])
-    assert all(torch.equal(a, b) for a, b in zip(masters(opt), masters(opt2)))
-    assert all(torch.equal(p, m.to(p.dtype)) for p, m in o2_pairs(model2, opt2))
-    assert (prec2.loss_scale, prec2.skipped_steps) == (prec.loss_scale, prec.skipped_steps) == (2.0**11, 1)
-
-    results = []
-    for p, m, o in ((prec, model, opt), (prec2, model2, opt2)):
-        with p.autocast():
-            loss = mlm_loss(m, seed=7)
-        p.backward(loss)
-        results.append(p.step(o, 1.0))
-    assert results[0] == results[1]
-    assert all(torch.equal(a, b) for a, b in zip(masters(opt), masters(opt2)))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
-
-
-def test_loading_a_checkpoint_of_another_master_layout_is_refused():
-    prec = make()
-    with pytest.raises(UsageError, match="only fp16 O2 keeps fp32 master weights"):
-        prec.load_state_dict(make(level="O1").state_dict())
-
-
-def test_param_groups_of_student_and_projection_keep_their_options():
-    student, projection = tiny_bert(), nn.Linear(32, 48)
-    prec = make()
-    prec.prepare(student)  # the projection is left fp32: it is its own master
-    opt = prec.make_optimizer(
-        [{"params": student.parameters(), "lr": 1e-3}, {"params": projection.parameters(), "lr": 1e-2}],
-        torch.optim.AdamW, weight_decay=0.0,
-    )
-    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
-    assert opt.param_groups[1]["params"] == list(projection.parameters())
-    assert all(p.dtype == torch.float32 for p in masters(opt))
-    before = projection.weight.detach().clone()
-    ids, mask = tiny.random_batch()
+# ---------------------------------------------------------------- one interface, one class per mode
+@pytest.mark.parametrize("precision, level, kwargs, cls", [
+    ("fp32", "O2", {}, Fp32),
+    ("bf16", "O2", {}, Bf16),
+    ("fp16", "O1", {}, Fp16O1),
+    ("fp16", "O2", {}, Fp16O2),
+    ("fp16", "O3", {"force_o3": True}, Fp16O3),
+])
+def test_from_config_builds_the_one_class_of_each_mode(precision, level, kwargs, cls):
+    prec = Precision.from_config(precision, level, device="cpu", allow_cpu_fp16=True,
+                                 cpu_flags=frozenset({"avx512_bf16"}), **kwargs)
+    assert type(prec) is cls and isinstance(prec, Precision)
+    assert MODES[("native", prec.mode)] is cls and prec.description.startswith(prec.mode)
+    # each mode's observable contract, in one table
+    dtype = {"fp32": None, "bf16": torch.bfloat16}.get(precision, torch.float16)
     with prec.autocast():
-        hidden = student.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = projection(hidden).float().pow(2).mean()
-    prec.backward(loss)
-    assert not prec.step(opt, 1.0).skipped
-    assert not torch.equal(before, projection.weight)
+        out = nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == (dtype or torch.float32)
+    assert prec.scales_loss == (prec.mode in ("fp16 O1", "fp16 O2"))
+    assert ("masters" in prec.state_dict()) == (prec.mode == "fp16 O2")
 
 
-def test_a_weight_changed_after_make_optimizer_resets_its_master_with_a_warning(caplog):
-    model, other = tiny_bert(), tiny_bert(seed=3)
-    prec = make()
-    prec.prepare(model)
-    prec.prepare(other)
-    opt = prec.make_optimizer(model.parameters(), torch.optim.SGD, lr=0.0)
-    model.load_state_dict(other.state_dict())  # behind the optimiser's back
-    with prec.autocast():
-        loss = mlm_loss(model)
-    prec.backward(loss)
-    with caplog.at_level(logging.WARNING, logger="distill.precision"):
-        prec.step(opt, 1.0)
-    assert any("masters were reset" in r.getMessage() for r in caplog.records)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))  # not reverted
-
-
-def test_export_takes_the_fp32_master_weights():
-    model = tiny_bert()
-    prec = make()
-    prec.prepare(model)
-    opt = prec.make_optimizer(model.parameters(), torch.optim.AdamW, lr=1e-2)
-    with prec.autocast():
-        loss = mlm_loss(model)
-    prec.backward(loss)
-    prec.step(opt, 1.0)
-    state = prec.fp32_state_dict(model)
-    assert set(state) == set(model.state_dict())
-    params = dict(model.named_parameters())
-    for (name, _), master in zip(model.named_parameters(), masters(opt)):
-        assert torch.equal(state[name], master)
-    assert all(v.dtype == torch.float32 for k, v in state.items() if v.is_floating_point())
-    assert torch.equal(state["cls.predictions.decoder.weight"], state["bert.embeddings.word_embeddings.weight"])
-    assert params["bert.embeddings.LayerNorm.weight"].dtype == torch.float32
-
-    export = prec.export_model(model)
-    assert export is not model and model.bert.embeddings.word_embeddings.weight.dtype == torch.float16
-    assert all(torch.equal(export.state_dict()[k], v) for k, v in state.items())
-    assert export.cls.predictions.decoder.weight is export.bert.embeddings.word_embeddings.weight  # still tied
-    fp32_model = nn.Linear(2, 2)
-    assert make(level="O1").export_model(fp32_model) is fp32_model  # already fp32: no copy
-
-
-def test_prepared_model_can_be_wrapped_in_ddp(tmp_path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = tiny_bert()
-        prec = make()
-        ddp = DDP(prec.prepare(model))
-        opt = prec.make_optimizer(ddp.parameters(), torch.optim.AdamW, lr=1e-3)
-        ids, mask = tiny.random_batch()
-        for micro in range(2):
-            sync = ddp.no_sync() if micro == 0 else torch.enable_grad()
-            with sync, prec.autocast():
-                loss = ddp(input_ids=ids, attention_mask=mask, labels=ids).loss / 2
-            prec.backward(loss)
-        assert model.bert.encoder.layer[0].output.dense.weight.grad.dtype == torch.float16
-        assert not prec.step(opt, 1.0).skipped
-        assert all(torch.equal(p, m.to(p.dtype)) for p, m in o2_pairs(model, opt))
-    finally:
-        dist.destroy_process_group()
-
-
-def _two_rank_worker(rank, store, out_dir):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(rank)  # each rank initialises differently (nanoGPT seeds by rank)
-        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-        original = [p.detach().clone() for p in model.parameters()]
-        prec = make()
-        ddp = DDP(prec.prepare(model))  # DDP broadcasts rank 0's fp16 weights, not the fp32 masters
-        opt = prec.make_optimizer(ddp.parameters(), torch.optim.AdamW, lr=1e-2)
-        first_masters = [m.detach().clone() for m in masters(opt)]
-        with prec.autocast():
-            loss = ddp(torch.randn(4, 8)).float().pow(2).mean()
-        prec.backward(loss)
-        prec.step(opt, 1.0)
-        torch.save({"original": original, "first_masters": first_masters, "masters": masters(opt),
-                    "model": list(model.parameters())}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_ranks_with_different_inits_share_rank0s_exact_masters(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(r0["first_masters"], r0["original"]))
-    assert all(torch.equal(a, b) for a, b in zip(r1["first_masters"], r0["original"]))  # not rank 1's own init
-    assert all(torch.equal(a, b) for a, b in zip(r0["masters"], r1["masters"]))
-    assert all(torch.equal(a, b) for a, b in zip(r0["model"], r1["model"]))
+def test_every_mode_and_backend_has_exactly_one_class():
+    native = {mode for backend, mode in MODES if backend == "native"}
+    assert native == {"fp32", "bf16", "fp16 O1", "fp16 O2", "fp16 O3"}
+    assert {mode for backend, mode in MODES if backend == "apex"} == {"fp16 O1", "fp16 O2", "fp16 O3"}
+    assert all(MODES[("apex", m)] is ApexAmp for m in ("fp16 O1", "fp16 O2", "fp16 O3"))
