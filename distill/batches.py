@@ -16,8 +16,7 @@ from .data import (check_block_size, collate, epoch_order, length_grouped_order,
                    sequence_lengths, token_counts)
 from .errors import UsageError
 from .masking import mask_tokens, masking_weights
-
-MASKED_LM_TERMS = ("mlm", "ce", "kl", "out_mse")  # DistilBERT feeds both models the masked input for these
+from .terms import MASKED_INPUT, TERMS
 
 
 def default_cache_dir() -> str:
@@ -119,7 +118,8 @@ def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=N
         from .electra import ElectraBatches
 
         return ElectraBatches.from_config(cfg, dataset, tokenizer, teacher, env, **common)
-    if not any(term in objective.weights for term in MASKED_LM_TERMS):
+    # DistilBERT feeds both models the masked input when a term needs it (the registry's input kind)
+    if not any(TERMS[term].input == MASKED_INPUT for term in objective.weights):
         return Batches(dataset, **common)
     if tokenizer.mask_token_id is None:
         raise UsageError("the tokenizer has no [MASK] token, which masked-LM terms need")
