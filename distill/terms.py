@@ -254,7 +254,7 @@ for _spec in (
     TermSpec("kl", "logits", _kl, "KL divergence to the teacher's soft targets",
              "`T² · Σ_v p_t(v) log(p_t(v) / p_s(v))`", "as `ce`", temperature=True, input=MASKED_INPUT,
              logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="Hinton et al."),
-    TermSpec("out_mse", "logits", _out_mse, "MSE between raw logits (the soft term for a regression head)",
+    TermSpec("out_mse", "logits", _out_mse, "MSE between raw logits (the soft term that fits a regression head)",
              "`(z_s − z_t)²`", "as `ce`, and over the logit entries", input=MASKED_INPUT, logits_at=SOFT,
              student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD, same_head=True, source="Hentschel et al."),
     TermSpec("mlm", "logits", _mlm, "masked-LM loss against the original tokens",
@@ -323,19 +323,20 @@ def _heads(spec: TermSpec) -> str:
     return f"student: {words(spec.student_heads)}; teacher: {words(spec.teacher_heads)}"
 
 
-_LAYER_WORDS = {None: "", "map": "layer map", "last": "last ↔ last", "embeddings": "0 ↔ 0"}
+_LAYER_WORDS = {None: "—", "map": "layer map", "last": "last ↔ last", "embeddings": "0 ↔ 0"}
 
 
 def markdown() -> str:
     """The generated part of docs/objective.md: the terms table and the lists derived from it."""
     rows = [
-        "| key | what it is | value | averaged over | input (token level) | levels | heads (token level) | layers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| key | what it is | value | averaged over | input (token level) | levels | heads (token level) "
+        "| layers | from |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, s in TERMS.items():
-        doc = s.doc + (f" ({s.source})" if s.source and s.source not in s.doc else "")
-        rows.append(f"| `{key}` | {doc} | {s.formula} | {s.over} | {s.input if s.token_level else '—'} | "
-                    f"{s.levels} | {_heads(s) if s.token_level else '—'} | {_LAYER_WORDS[s.layers]} |")
+        rows.append(f"| `{key}` | {s.doc} | {s.formula} | {s.over} | {s.input if s.token_level else '—'} | "
+                    f"{s.levels} | {_heads(s) if s.token_level else '—'} | {_LAYER_WORDS[s.layers]} | "
+                    f"{s.source or '—'} |")
 
     def keys(names):
         return ", ".join(f"`{k}`" for k in names) or "none"
@@ -345,7 +346,8 @@ def markdown() -> str:
         f"- Take the temperature `T` (and are multiplied by `T²`): {keys(select(temperature=True))}.",
         f"- Need masked input (DistilBERT's masking; both models read the same masked text): "
         f"{keys(select(input=MASKED_INPUT, token_level=True))}.",
-        f"- Need corrupted input (an ELECTRA generator): {keys(select(input=CORRUPTED_INPUT, token_level=True))}.",
+        f"- Need corrupted input (an ELECTRA generator): {keys(select(input=CORRUPTED_INPUT, token_level=True))}. "
+        "A recipe with a generator feeds every term the corrupted input.",
         f"- Exist in task (sequence-level) distillation, `glue-eval --teacher`: {keys(level_terms(True))}.",
         f"- Exist in pre-training (token-level) distillation, `distill-train`: {keys(level_terms(False))}.",
         f"- Read only the student (no teacher forward needed for them): {keys(select(teacher=False))}.",
