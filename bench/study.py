@@ -52,6 +52,8 @@ import torch  # noqa: E402
 
 from prepare_study_data import L3_NAME, default_cache_dir  # noqa: E402
 
+from distill import terms as term_registry  # noqa: E402
+
 OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
@@ -59,7 +61,8 @@ LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
 # Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher, by default with its
 # default terms kl + hard_ce at T=1, each weight 1 (regression tasks such as STS-B: the raw outputs' MSE, out_mse,
 # instead of kl or ce; hard_ce is then the label MSE). hid_mse/att_mse use the row's layer map.
-TASK_KD_TERMS = ("kl", "hard_ce")
+TASK_KD_TERMS = tuple(term_registry.TASK_WEIGHTS)
+MAPPED_TERMS = term_registry.select(layers="map")  # the terms that read a row's layer map
 TASK_KD_TEMPERATURE = 1.0
 
 FULL = dict(seeds="1,2,3", distill_steps=400, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
@@ -129,7 +132,9 @@ def parse_args(argv=None):
     if ns.task_kd is None:
         base = f"{ns.inits[0]}:hid_mse+att_mse"
         ns.task_kd = [base, f"{base}:kl+hard_ce+hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
-    from glue_eval.distillation import TASK_TERMS
+    from glue_eval.distillation import task_terms
+
+    known = task_terms()
 
     ns.kd_rows = []
     for spec in ns.task_kd:
@@ -138,9 +143,9 @@ def parse_args(argv=None):
         if init not in ns.inits or obj not in ns.objective_list or obj == "none":
             p.error(f"--task_kd {spec!r}: give INIT:OBJECTIVE with INIT one of --inits ({' '.join(ns.inits)}) and "
                     f"OBJECTIVE a distillation objective of --objectives ({ns.objectives})")
-        bad = [t for t in terms if t not in TASK_TERMS]
+        bad = [t for t in terms if t not in known]
         if bad:
-            p.error(f"--task_kd {spec!r}: {bad[0]!r} is not a task-distillation term; use {', '.join(TASK_TERMS)}")
+            p.error(f"--task_kd {spec!r}: {bad[0]!r} is not a task-distillation term; use {', '.join(known)}")
         ns.kd_rows.append((init, obj, terms))
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
@@ -243,7 +248,7 @@ def make_rows(ns) -> list[dict]:
             row = {"name": f"{init_name(layers)}_{obj}", "label": label, "kind": "student",
                    "layers": layers, "objective": obj}
             targets = loss_targets(layers, ns)
-            if obj != "none" and targets and any(k in OBJECTIVES[obj] for k in ("hid_mse", "att_mse")):
+            if obj != "none" and targets and any(k in OBJECTIVES[obj] for k in MAPPED_TERMS):
                 row["loss_layers"] = targets
                 if targets != [int(x) for x in layers.split(",")]:  # the map is part of what the row is
                     row["name"] += "_map" + "-".join(map(str, targets))
@@ -354,6 +359,7 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
     import dataclasses
     import shutil
 
+    from glue_eval.distillation import regression_terms, soft_terms
     from glue_eval.finetune import GlueArguments, GlueTrainingArguments
     from glue_eval.grid import cell_name, run_grid
 
@@ -381,9 +387,10 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
             teacher = teacher_cell_model(task, seed, ns)
             if not os.path.isdir(teacher):
                 raise RuntimeError(f"{row['name']}: the fine-tuned teacher {teacher} is missing")
-            terms = [("out_mse" if task.is_regression and t in ("kl", "ce") else t) for t in row["task_kd"]]
+            terms = [(regression_terms()[0] if task.is_regression and t in soft_terms() else t)
+                     for t in row["task_kd"]]
             layer_map = row.get("loss_layers") or [int(x) for x in row["layers"].split(",")]
-            mapped = any(t in ("hid_mse", "att_mse", "att_kl") for t in terms)
+            mapped = any(t in MAPPED_TERMS for t in terms)
             task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=json.dumps(dict.fromkeys(terms, 1.0)),
                                             temperature=TASK_KD_TEMPERATURE,
                                             student_layers=",".join(map(str, layer_map)) if mapped else None)

@@ -20,8 +20,8 @@ from .data import (check_block_size, collate, epoch_order, length_grouped_order,
                    sequence_lengths, token_counts)
 from .errors import UsageError
 from .masking import mask_tokens, masking_weights
+from .terms import MASKED_INPUT, TERMS
 
-MASKED_LM_TERMS = ("mlm", "ce", "kl", "out_mse")  # DistilBERT feeds both models the masked input for these
 ELECTRA_MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay
 
 
@@ -179,7 +179,8 @@ def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=N
             raise UsageError("the tokenizer has no [MASK] token, which the ELECTRA generator's input needs")
         weights = uniform_weights(teacher.config.vocab_size, tokenizer.all_special_ids)
         return CorruptedBatches(dataset, weights, tokenizer.mask_token_id, cfg.mlm_probability, corruptor, **common)
-    if not any(term in objective.weights for term in MASKED_LM_TERMS):
+    # DistilBERT feeds both models the masked input when a term needs it (the registry's input kind)
+    if not any(TERMS[term].input == MASKED_INPUT for term in objective.weights):
         return Batches(dataset, **common)
     if tokenizer.mask_token_id is None:
         raise UsageError("the tokenizer has no [MASK] token, which masked-LM terms need")

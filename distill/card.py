@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from . import __version__
+from .terms import takes_temperature
 
 
 def training_card(cfg, layers, objective, stats, steps, world, device, precision, student_class, data_desc) -> str:
@@ -20,7 +21,7 @@ def training_card(cfg, layers, objective, stats, steps, world, device, precision
         f"| objective | {' + '.join(f'{w:g}*{k}' for k, w in weights.items())} |",
         f"| terms and layer pairs (s = student layer, t = teacher layer) | `{objective.describe()}` |",
         *([f"| temperature | {cfg.temperature:g} (soft-target terms multiplied by T^2) |"]
-          if any(k in weights for k in ("ce", "kl", "rtd_kl")) else []),
+          if takes_temperature(weights) else []),
         f"| data | `{cfg.corpus}`: {data_desc} of {cfg.block_size} tokens ({cfg.data_mode}) |",
         f"| steps | {steps} optimiser steps x {cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world} "
         f"sequences x {cfg.block_size} tokens ({stats.tokens:,} real tokens seen) |",

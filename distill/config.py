@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import ArgumentParser, UsageError
 from .io import read_json_object
+from .layers import parse_layer_map
+from .terms import DISTILBERT_WEIGHTS, REPRESENTATION_WEIGHTS, format_weights, select, term_list
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
@@ -34,8 +36,8 @@ class DistillConfig:
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
     student_type: str | None = _f(None, "bert, distilbert or electra (default: the teacher's family)")
     # --- objective ---
-    weights: dict[str, float] = _f({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, "loss term -> weight, e.g. {\"ce\": 5, \"mlm\": 2, \"cos\": 1}")
-    temperature: float = _f(2.0, "softmax temperature of the soft-target terms (ce, kl, rtd_kl); they are multiplied by T^2")
+    weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
+    temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2")
     layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
     restrict_ce_to_mask: bool = _f(False, "compute ce/kl on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
@@ -142,10 +144,8 @@ def _check_types(cfg: DistillConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
             raise UsageError(f"{name}={value!r} must be whole layer numbers, e.g. [1, 5, 8, 12]")
-    if cfg.layer_map is not None and not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-            for p in cfg.layer_map):
-        raise UsageError(f"layer_map={cfg.layer_map!r} must be [[student_layer, teacher_layer], ...] of whole numbers")
+    if cfg.layer_map is not None:
+        parse_layer_map(cfg.layer_map)  # the shape here; the layer counts once the models' configs are read
 
 
 def load_config_file(path: str) -> dict:
@@ -182,7 +182,7 @@ def build_parser() -> ArgumentParser:
 # What `distill-train` runs with no --config: the offline demo (student_configs/demo_minilm_3l.json is
 # the same recipe as a file; a test keeps the two equal). Minutes on 2 CPU cores.
 DEMO_RECIPE = {
-    "teacher": DEMO_TEACHER, "student_layers": [2, 4, 6], "weights": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0},
+    "teacher": DEMO_TEACHER, "student_layers": [2, 4, 6], "weights": dict(REPRESENTATION_WEIGHTS),
     "corpus": DEMO_CORPUS, "block_size": 128, "data_mode": "pack", "learning_rate": 1e-4, "warmup_ratio": 0.05,
     "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 1, "precision": "bf16",
     "save_steps": 200, "logging_steps": 10, "output_dir": "runs/demo-minilm-3l",

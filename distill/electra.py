@@ -36,8 +36,8 @@ from . import losses
 from .errors import UsageError
 from .masking import IGNORE_INDEX
 from .models import extract, load_config, load_model, role_from_architectures, role_of
+from .terms import CORRUPTED_INPUT, select
 
-RTD_TERMS = ("rtd", "rtd_kl")
 GENERATOR_DIR = "generator"  # where a trained generator is saved, inside the output folder
 
 
@@ -128,7 +128,7 @@ def check_recipe(cfg, teacher_config) -> None:
     The teacher must be an ELECTRA discriminator when ``generator`` is set; ``rtd`` terms
     need a generator; the generator must be an ELECTRA masked LM with the teacher's vocabulary.
     """
-    rtd = _weighted(cfg, RTD_TERMS)
+    rtd = _weighted(cfg, select(input=CORRUPTED_INPUT))  # the terms that read a generator's corrupted input
     if not cfg.generator:
         if rtd:
             raise UsageError(

@@ -76,3 +76,28 @@ def check_layer_map(pairs: Sequence[tuple[int, int]], student_layers: int, teach
                 f"layer map entry {s}->{t}: teacher layer {t} does not exist "
                 f"(the teacher has {teacher_layers} layers; layers are 1-based, 0 is the embeddings)"
             )
+
+
+def parse_layer_map(entries, student_layers: int | None = None, teacher_layers: int | None = None
+                    ) -> tuple[tuple[int, int], ...]:
+    """Validate an explicit ``[[student_layer, teacher_layer], ...]`` loss map: the one check, for the recipe
+    and the objective alike. Entries are 1-based pairs of integers (0 = the embedding output); with the two
+    layer counts every index must also exist. Returns the pairs as tuples."""
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise UsageError(
+            f"the layer map {entries!r} is empty or not a list: give [student_layer, teacher_layer] pairs, "
+            "e.g. [[1, 3], [2, 6]]"
+        )
+    pairs = []
+    for entry in entries:
+        if (
+            not isinstance(entry, (list, tuple)) or len(entry) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in entry)
+        ):
+            raise UsageError(
+                f"layer map entry {entry!r} is not a [student_layer, teacher_layer] pair of integers, e.g. [4, 12]"
+            )
+        pairs.append((entry[0], entry[1]))
+    if student_layers is not None and teacher_layers is not None:
+        check_layer_map(pairs, student_layers, teacher_layers)
+    return tuple(pairs)

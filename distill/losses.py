@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UsageError
+
 __all__ = [
     "soft_cross_entropy",
     "kl_divergence",
@@ -76,9 +78,12 @@ def _mean(x: Tensor) -> Tensor:
     return x.sum() / max(x.numel(), 1)
 
 
-def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature {temperature!r} must be a finite number > 0")
+def check_temperature(temperature) -> float:
+    """``T`` as a float, or one :class:`UsageError` line: the one check of a temperature, for every caller
+    (the loss functions, the objective, the recipe and glue-eval arguments)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise UsageError(f"temperature {temperature!r} must be a number > 0 (DistilBERT uses 2.0)")
     return float(temperature)
 
 
@@ -153,7 +158,7 @@ def soft_cross_entropy(
     Returns:
         scalar, nats times ``T^2``.
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     s, te = _kept_pair(student_logits, teacher_logits, mask, 1, "soft_cross_entropy")
     log_p_s = F.log_softmax(s / t, dim=-1)
     p_t = F.softmax(te / t, dim=-1)
@@ -170,7 +175,7 @@ def kl_divergence(
     Shapes as :func:`soft_cross_entropy`. Returns a scalar, nats times ``T^2``; 0 iff the
     tempered distributions agree at every kept position.
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     s, te = _kept_pair(student_logits, teacher_logits, mask, 1, "kl_divergence")
     log_p_s = F.log_softmax(s / t, dim=-1)
     log_p_t = F.log_softmax(te / t, dim=-1)
@@ -405,7 +410,7 @@ def rtd_kl(
     Returns:
         scalar, nats per token times ``T^2``.
     """
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     s, te = _kept_pair(student_logits, teacher_logits, mask, 0, "rtd_kl")
     a, b = s / t, te / t
     # log q and log(1 - q) as logsigmoid(+-z): finite for any finite logit.

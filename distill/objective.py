@@ -1,6 +1,6 @@
 """The distillation objective: config weights + layer maps -> one scalar and a dict of named terms.
 
-A term is one entry of :data:`TERMS`: the feature it compares (logits, hidden states,
+A term is one entry of the registry :data:`distill.terms.TERMS`: the feature it compares (logits, hidden states,
 attentions, value vectors), the loss function from :mod:`distill.losses`, which layer
 pairs it uses and which heads it needs. :class:`Objective` reads the entries for the
 terms a config weights above zero and derives from them
@@ -32,119 +32,21 @@ What the training loop does with it::
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import losses
 from .errors import UsageError
-from .layers import attention_index, check_layer_map, hidden_index, parse_layers
+from .layers import attention_index, hidden_index, parse_layer_map, parse_layers
+from .losses import check_temperature
 from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
+from .terms import CORRUPTED_INPUT, MASKED, REAL, SEQUENCE, SOFT, TERMS, TermSpec, check_weights
 
-# Where a model's prediction head must run (``Request.logits``):
-REAL = "real"  # every real (non-padding) token
-MASKED = "masked"  # only MLM prediction targets (mlm_labels != -100)
-SEQUENCE = "sequence"  # one row per example from a task head, [B, classes]; the caller fills Features.logits
+__all__ = ["Objective", "Request", "TERMS", "TermSpec"]  # TERMS, TermSpec: the registry, re-exported
 
 ROLES = ("student", "teacher")
-
-
-@dataclass(frozen=True)
-class TermSpec:
-    """One registry entry: everything the objective needs to know about a loss term.
-
-    feature: what it compares: "logits", "hidden", "attentions" or "values".
-    loss: for logits ``loss(objective, student_logits, teacher_logits_or_None, batch)``;
-        otherwise a :mod:`distill.losses` function ``loss(student, teacher, mask)``.
-    teacher: whether the teacher's feature is needed (False for terms against labels).
-    layers: for layered features, which pairs: "map" (the layer map), "last"
-        (student last <-> teacher last) or "embeddings" (0 <-> 0).
-    logits_at: where the student's head must run: "soft" (real tokens, or masked
-        positions with ``restrict_ce_to_mask``), REAL, MASKED or SEQUENCE.
-    student_heads / teacher_heads: heads ("mlm", "rtd") the model must carry for the
-        term at token level; None = any.
-    sequence_level / token_level: whether the term exists in task (sequence-classification)
-        and in pre-training (token) distillation.
-    projects: hidden states may go through a learned student->teacher width projection.
-    formula: one line for logs, docs and error messages.
-    """
-
-    feature: str
-    loss: Callable
-    formula: str
-    teacher: bool = True
-    layers: str | None = None
-    logits_at: str | None = None
-    student_heads: frozenset | None = None
-    teacher_heads: frozenset | None = None
-    token_level: bool = True
-    sequence_level: bool = True
-    projects: bool = False
-
-
-def _gather(objective: "Objective", batch: Mapping, key: str) -> Tensor:
-    """``batch[key]`` ``[B, S]`` at the student's logit positions, in ``positions.nonzero()`` order."""
-    return _batch_value(batch, key)[objective.positions(batch, "student")]
-
-
-def _batch_value(batch: Mapping, key: str) -> Tensor:
-    if key not in batch:
-        raise UsageError(f"the batch has no {key!r}: the active loss terms need it (batch keys: {', '.join(batch)})")
-    return batch[key]
-
-
-_MLM = frozenset({"mlm"})
-_RTD = frozenset({"rtd"})
-
-TERMS: dict[str, TermSpec] = {
-    "ce": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.soft_cross_entropy(zs, zt, o.temperature),
-        "T^2 * -sum p_t log p_s (soft-target cross-entropy)",
-        logits_at="soft", student_heads=_MLM, teacher_heads=_MLM,
-    ),
-    "kl": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.kl_divergence(zs, zt, o.temperature),
-        "T^2 * KL(p_t || p_s)",
-        logits_at="soft", student_heads=_MLM, teacher_heads=_MLM,
-    ),
-    "out_mse": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.logits_mse(zs, zt),
-        "mean (z_s - z_t)^2 over logits",
-        logits_at="soft", student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD,
-    ),
-    "mlm": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.mlm_loss(zs, _gather(o, b, "mlm_labels")),
-        "cross-entropy against the masked tokens",
-        teacher=False, logits_at=MASKED, student_heads=_MLM, sequence_level=False,
-    ),
-    "hard_ce": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.hard_cross_entropy(zs, _batch_value(b, "labels")),
-        "cross-entropy against task labels (MSE for 1-column regression)",
-        teacher=False, logits_at=SEQUENCE, token_level=False,
-    ),
-    "rtd": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.rtd_loss(zs, _gather(o, b, "replaced_labels")),
-        "binary cross-entropy against replaced-token labels",
-        teacher=False, logits_at=REAL, student_heads=_RTD, sequence_level=False,
-    ),
-    "rtd_kl": TermSpec(
-        "logits", lambda o, zs, zt, b: losses.rtd_kl(zs, zt, o.temperature),
-        "T^2 * binary KL(sigmoid(z_t/T) || sigmoid(z_s/T))",
-        logits_at=REAL, student_heads=_RTD, teacher_heads=_RTD, sequence_level=False,
-    ),
-    "cos": TermSpec("hidden", losses.cosine_loss, "1 - cos(h_s, h_t), last layers", layers="last", projects=True),
-    "hid_mse": TermSpec("hidden", losses.hidden_mse, "mean (h_s - h_t)^2, mapped layers", layers="map", projects=True),
-    "emb_mse": TermSpec("hidden", losses.hidden_mse, "mean (e_s - e_t)^2, embedding outputs", layers="embeddings",
-                        projects=True),
-    "att_mse": TermSpec("attentions", losses.attention_mse, "mean (a_s - a_t)^2, mapped layers", layers="map"),
-    "att_kl": TermSpec("attentions", losses.attention_kl, "KL(a_t || a_s) per query row, mapped layers",
-                       layers="map"),
-    "val_kl": TermSpec("values", losses.value_relation_kl, "KL of softmax(V V^T / sqrt d) relations, last layers",
-                       layers="last"),
-}
 
 
 @dataclass(frozen=True)
@@ -230,7 +132,7 @@ class Objective(nn.Module):
         Args:
             weights: term key -> weight >= 0, e.g. ``{"ce": 5, "mlm": 2, "cos": 1}``;
                 keys are those of :data:`TERMS`. Zero-weight terms are dropped.
-            temperature: T > 0 of the soft-target terms (ce, kl, rtd_kl).
+            temperature: T > 0 of the soft-target terms (those with ``TermSpec.temperature``).
             student_config, teacher_config: transformers configs, or the models themselves
                 (pass the model when its config has no ``architectures`` yet, e.g. a student
                 built in memory: the head is then read from the model class).
@@ -248,8 +150,8 @@ class Objective(nn.Module):
                 sequence-classification heads that the caller runs (``Features.logits``
                 filled by the caller, positions None). Enables hard_ce; disables mlm/rtd terms.
         """
-        active = _check_weights(weights)
-        temperature = _check_temperature(temperature)
+        active = check_weights(weights)
+        temperature = check_temperature(temperature)
         specs = {name: TERMS[name] for name in active}
         level = "sequence" if sequence_level else "token"
         for name, spec in specs.items():
@@ -260,7 +162,7 @@ class Objective(nn.Module):
                     else "it is the task-label loss of sequence-classification distillation: pass sequence_level=True"
                 )
                 raise UsageError(f"term {name!r} does not exist at {level} level: {hint}")
-        if restrict_ce_to_mask and (sequence_level or any(n in specs for n in ("rtd", "rtd_kl"))):
+        if restrict_ce_to_mask and (sequence_level or any(s.input == CORRUPTED_INPUT for s in specs.values())):
             raise UsageError(
                 "restrict_ce_to_mask=True applies to masked-LM token distillation only: "
                 "set it to false for sequence-level or ELECTRA objectives"
@@ -367,6 +269,13 @@ class Objective(nn.Module):
             return real
         return (_batch_value(batch, "mlm_labels") != -100) & real
 
+    def targets(self, batch: Mapping, key: str) -> Tensor:
+        """Labels ``batch[key]`` lined up with the student's logit rows: at sequence level the ``[B]``
+        labels as they are, at token level the ``[B, S]`` labels gathered at
+        ``positions(batch, "student")`` (in ``nonzero()`` order, as the logits are)."""
+        value = _batch_value(batch, key)
+        return value if self.sequence_level else value[self.positions(batch, "student")]
+
     def extract_kwargs(self, batch: Mapping, role: str) -> dict:
         """Keyword arguments for ``distill.models.extract(model, input_ids, attention_mask, **kwargs)``."""
         request = self._requests[role]
@@ -386,7 +295,7 @@ class Objective(nn.Module):
         parts = []
         for name, weight in self.weights.items():
             part = f"{weight:g}*{name}"
-            if name in ("ce", "kl", "rtd_kl"):
+            if TERMS[name].temperature:
                 part += f"(T={self.temperature:g})"
             if name in self.layer_pairs:
                 part += "[" + ",".join(f"s{s}=t{t}" for s, t in self.layer_pairs[name]) + "]"
@@ -497,32 +406,10 @@ class Objective(nn.Module):
 # validation helpers (each raises one UsageError line naming the value and the fix)
 
 
-def _check_weights(weights) -> dict[str, float]:
-    if not isinstance(weights, Mapping) or not weights:
-        raise UsageError(
-            f"loss weights {weights!r} must be a non-empty mapping of term -> weight, "
-            'e.g. {"ce": 5, "mlm": 2, "cos": 1}'
-        )
-    active = {}
-    for name, weight in weights.items():
-        if name not in TERMS:
-            raise UsageError(f"unknown loss term {name!r}: valid terms are {', '.join(TERMS)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise UsageError(f"weight of {name!r} is {weight!r}: give a finite number >= 0")
-        if weight < 0:
-            raise UsageError(f"weight of {name!r} is {weight}: weights must be >= 0 (0 turns a term off)")
-        if weight > 0:
-            active[name] = float(weight)
-    if not active:
-        raise UsageError(f"all loss weights are zero ({weights!r}): give at least one term a weight > 0")
-    return active
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise UsageError(f"temperature {temperature!r} must be a number > 0 (DistilBERT uses 2.0)")
-    return float(temperature)
+def _batch_value(batch: Mapping, key: str) -> Tensor:
+    if key not in batch:
+        raise UsageError(f"the batch has no {key!r}: the active loss terms need it (batch keys: {', '.join(batch)})")
+    return batch[key]
 
 
 def _config(config_or_model):
@@ -564,11 +451,11 @@ def _check_heads(specs: dict[str, TermSpec], student, teacher) -> None:
             else:
                 hint = "load the ELECTRA discriminator (ElectraForPreTraining)"
             raise UsageError(f"term {name!r} needs {need} on the {who}, but the {who} ({cls_name}) has none: {hint}")
-        if name == "out_mse":
+        if spec.same_head:
             (rs, cs), (rt, ct) = heads["student"], heads["teacher"]
             if rs is not None and rt is not None and rs != rt:
                 raise UsageError(
-                    f"term 'out_mse' compares logits of the same head: the student is a {cs}, the teacher a {ct}"
+                    f"term {name!r} compares logits of the same head: the student is a {cs}, the teacher a {ct}"
                 )
 
 
@@ -590,20 +477,7 @@ def _check_outputs(specs: dict[str, TermSpec], student_cfg, teacher_cfg, sequenc
 def _layer_map(layer_map, student_layers, n_student: int, n_teacher: int, specs) -> tuple[tuple[int, int], ...]:
     """The (student, teacher) pairs of the intermediate terms: explicit map, else from student_layers."""
     if layer_map is not None:
-        pairs = []
-        for entry in layer_map:
-            if (
-                not isinstance(entry, (list, tuple)) or len(entry) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in entry)
-            ):
-                raise UsageError(
-                    f"layer map entry {entry!r} is not a [student_layer, teacher_layer] pair of integers, e.g. [4, 12]"
-                )
-            pairs.append((entry[0], entry[1]))
-        if not pairs:
-            raise UsageError("the layer map is empty: give [student_layer, teacher_layer] pairs, e.g. [[1, 3], [2, 6]]")
-        check_layer_map(pairs, n_student, n_teacher)
-        return tuple(pairs)
+        return parse_layer_map(layer_map, n_student, n_teacher)
     if student_layers is not None:
         return tuple((i, t) for i, t in enumerate(student_layers, start=1))
     mapped = [n for n, s in specs.items() if s.layers == "map"]
@@ -647,7 +521,7 @@ def _logits_at(specs: dict[str, TermSpec], restrict_ce_to_mask: bool, sequence_l
             if spec.feature != "logits" or (role == "teacher" and not spec.teacher):
                 continue
             where = spec.logits_at
-            if where == "soft":
+            if where == SOFT:
                 where = MASKED if restrict_ce_to_mask else REAL
             wanted.add(SEQUENCE if sequence_level else where)
         out[role] = SEQUENCE if SEQUENCE in wanted else REAL if REAL in wanted else MASKED if MASKED in wanted else None

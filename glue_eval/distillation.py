@@ -1,34 +1,57 @@
 """Task-specific distillation while fine-tuning (TinyBERT's second stage): a Trainer whose loss adds teacher terms.
 
 The terms and their weights are :class:`distill.objective.Objective`'s, at sequence
-level: ``kl`` / ``ce`` (soft targets at ``--temperature``, times T^2), ``out_mse``
-(raw logits; the one soft term that fits STS-B's regression), ``hard_ce`` (the
-task labels), and the intermediate terms ``hid_mse``, ``emb_mse``, ``cos``,
-``att_mse``, ``att_kl`` over the layer map given by ``--student_layers``.
+level: every term of the registry (:mod:`distill.terms`) that exists there, e.g. soft
+targets at ``--temperature`` (times T^2), raw-logit MSE (the soft term that fits STS-B's
+regression), the task labels, and intermediate terms over the layer map given by
+``--student_layers``. ``python -m distill.terms --markdown`` lists them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from distill import terms
 from distill.errors import UsageError
 
 from .finetune import glue_trainer_class
 from .tasks import Task
 
-# Terms read from a classification model's own outputs (logits, hidden_states, attentions).
-TASK_TERMS = ("kl", "ce", "out_mse", "hard_ce", "hid_mse", "emb_mse", "cos", "att_mse", "att_kl")
-SOFT_TERMS = ("kl", "ce")
-ATTENTION_TERMS = ("att_mse", "att_kl")
+
+
+def task_terms() -> tuple[str, ...]:
+    """The terms of task distillation: the registry's sequence-level ones (read when asked, so a term
+    registered later counts)."""
+    return terms.level_terms(sequence_level=True)
+
+
+def soft_terms() -> tuple[str, ...]:
+    """Sequence-level terms that compare distributions over classes: meaningless for a one-output regression."""
+    return tuple(k for k in task_terms() if terms.TERMS[k].softmax_outputs)
+
+
+def regression_terms() -> tuple[str, ...]:
+    """Sequence-level terms that compare the teacher's logits and fit a one-output regression head."""
+    return tuple(k for k in task_terms()
+                 if terms.TERMS[k].feature == "logits" and terms.TERMS[k].teacher and not terms.TERMS[k].softmax_outputs)
+
+
+def __getattr__(name):
+    # The old constant names, derived from the registry when read.
+    derived = {"TASK_TERMS": task_terms, "SOFT_TERMS": soft_terms,
+               "ATTENTION_TERMS": lambda: terms.select(feature="attentions", sequence_level=True)}
+    if name in derived:
+        return derived[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
-    """``'{"kl": 1.0, "hard_ce": 1.0}'`` -> dict; one clear error for anything else."""
+    """``'{"kl": 1.0, "hard_ce": 1.0}'`` (a JSON object of term -> weight) -> dict; one clear error for anything
+    else (the weights are checked by :func:`distill.terms.check_weights`, as the objective checks them)."""
     try:
         weights = json.loads(text)
     except json.JSONDecodeError as err:
@@ -37,25 +60,19 @@ def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
         ) from None
     if not isinstance(weights, dict) or not weights:
         raise UsageError(f"--distill_weights {text!r} must be a JSON object of term -> weight, e.g. {{\"kl\": 1.0}}")
-    for name, w in weights.items():
-        if name not in TASK_TERMS:
-            raise UsageError(
-                f"--distill_weights: term {name!r} is not a task-distillation term; use {', '.join(TASK_TERMS)}"
-            )
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise UsageError(f"--distill_weights: weight of {name!r} is {w!r}: give a number >= 0")
+    terms.check_weights(weights, sequence_level=True, what="--distill_weights")
     if task is not None and task.is_regression:
-        soft = [n for n in SOFT_TERMS if weights.get(n)]
+        soft = [n for n in soft_terms() if weights.get(n)]
         if soft:
             raise UsageError(
                 f"--distill_weights: {soft[0]!r} compares class distributions, but {task.display} is regression "
-                "(one output): use out_mse for the teacher term"
+                f"(one output): use {' or '.join(regression_terms())} for the teacher term"
             )
     return weights
 
 
 def needs_attention(weights: dict[str, float]) -> bool:
-    return any(weights.get(n) for n in ATTENTION_TERMS)
+    return any(w and terms.TERMS[n].feature == "attentions" for n, w in weights.items())
 
 
 def load_teacher(path: str, task: Task, eager: bool):

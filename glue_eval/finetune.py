@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 # Trainer and the Auto classes are imported where used: importing Trainer takes seconds, and a
 # bad argument should be reported before that.
 
+from distill import terms
 from distill.errors import UsageError
 from distill.models import TOKENIZER_FILES
 
@@ -47,12 +48,14 @@ class GlueArguments:
         "help": "Drop TSV rows with the wrong column count (counted on stderr) instead of stopping."})
     teacher: str | None = field(default=None, metadata={
         "help": "A fine-tuned teacher folder: adds distillation terms while fine-tuning (TinyBERT's 2nd stage)."})
-    distill_weights: str = field(default='{"kl": 1.0, "hard_ce": 1.0}', metadata={
-        "help": "JSON weights of the --teacher terms: kl, ce, out_mse, hard_ce, hid_mse, emb_mse, cos, att_mse, "
-                "att_kl."})
-    temperature: float = field(default=1.0, metadata={"help": "Temperature of the kl/ce terms (multiplied by T^2)."})
+    distill_weights: str = field(default=json.dumps(terms.TASK_WEIGHTS), metadata={
+        "help": f"JSON weights of the --teacher terms: {terms.term_list(terms.level_terms(sequence_level=True))}."})
+    temperature: float = field(default=1.0, metadata={
+        "help": f"Temperature of the {'/'.join(terms.select(temperature=True, sequence_level=True))} terms "
+                "(multiplied by T^2)."})
     student_layers: str | None = field(default=None, metadata={
-        "help": "Teacher layers the student was built from, e.g. 1,5,8,12: the layer map of hid_mse/att_mse/att_kl."})
+        "help": "Teacher layers the student was built from, e.g. 1,5,8,12: the layer map of "
+                f"{'/'.join(terms.select(layers='map', sequence_level=True))}."})
 
 
 @dataclass
