@@ -108,9 +108,11 @@ def corpus_dataset(cfg, corpus: str, tokenizer, env):
 
 def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=None) -> Batches:
     """The batch source for a run: plain, masked-LM, or ELECTRA-corrupted."""
-    check_block_size(cfg.block_size, teacher.config.max_position_embeddings)
+    from .models import max_positions  # RoBERTa's table holds padding_idx + 1 rows before position 0
+
+    check_block_size(cfg.block_size, max_positions(teacher))
     if student is not None:
-        check_block_size(cfg.block_size, student.config.max_position_embeddings)
+        check_block_size(cfg.block_size, max_positions(student))
     dataset = corpus_dataset(cfg, corpus, tokenizer, env)
     common = dict(batch_size=cfg.per_device_batch_size,
                   global_batch=cfg.per_device_batch_size * cfg.gradient_accumulation_steps * env.world,

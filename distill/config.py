@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArgumentParser, UsageError
+from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
@@ -32,7 +33,7 @@ class DistillConfig:
     teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
-    student_type: str | None = _f(None, "bert, distilbert or electra (default: the teacher's family)")
+    student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
     # --- objective ---
     weights: dict[str, float] = _f({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, "loss term -> weight, e.g. {\"ce\": 5, \"mlm\": 2, \"cos\": 1}")
     temperature: float = _f(2.0, "softmax temperature of the soft-target terms (ce, kl, rtd_kl); they are multiplied by T^2")
