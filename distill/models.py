@@ -189,6 +189,11 @@ def check_tokenizer(config, tokenizer, name: str = "teacher") -> None:
         if getattr(tokenizer, f"{what}_token_id", None) is None:
             raise UsageError(f"the {name} tokenizer has no {what} token ({getattr(family.tokens, what)} for "
                              f"{family.name}): save the tokenizer the model was trained with in the folder")
+    types = tokenizer("a", "b").get("token_type_ids") or [0]
+    if max(types) >= family.tokens.token_types:
+        raise UsageError(
+            f"the {name} tokenizer gives a sentence pair token type {max(types)}, but {family.name} models embed "
+            f"{family.tokens.token_types} type(s): use the tokenizer the model was trained with")
     if family.tokens.positions_from_padding and tokenizer.pad_token_id != config.pad_token_id:
         raise UsageError(
             f"the {name} tokenizer pads with id {tokenizer.pad_token_id} but the {family.name} model's "
