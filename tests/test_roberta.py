@@ -186,3 +186,27 @@ def test_a_bert_tokenizer_beside_a_roberta_model_is_refused(tmp_path, vocab_dir,
         init_main(["--teacher", teacher_dir, "--layers", "1,2", "--output", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "token type 1" in err and "1 type(s)" in err, err
+
+
+@pytest.mark.slow
+def test_the_distilroberta_script_runs_its_recipe_through_torchrun(tmp_path, bpe_dir):
+    """scripts/distill_distilroberta.sh on a tiny 12-layer RoBERTa in place of roberta-base: the recipe's own
+    layer selection and objective, through the real script and torchrun."""
+    import os
+    import subprocess
+
+    teacher = tiny.save_roberta("roberta_mlm", tmp_path / "teacher", bpe_dir, num_hidden_layers=12)
+    script = Path(__file__).parent.parent / "scripts" / "distill_distilroberta.sh"
+    out = tmp_path / "run"
+    overrides = tiny.cli_args({"teacher": teacher, "corpus": _corpus(tmp_path / "c.txt"),
+                               "cache_dir": str(tmp_path / "cache"), "block_size": 32, "per_device_batch_size": 2,
+                               "max_steps": 2, "precision": "fp32", "num_proc": 1, "save_steps": 0,
+                               "progress": False, "device": "cpu"})
+    done = subprocess.run(["bash", str(script), "1", str(out)] + overrides, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.loads((out / "distill_config.json").read_text())
+    assert recipe["weights"] == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and recipe["fp16_opt_level"] == "O2"
+    assert json.loads((out / "student_init.json").read_text())["layers"] == [1, 3, 5, 8, 10, 12]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "roberta" and config["num_hidden_layers"] == 6
