@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .errors import ArgumentParser, cli_entry
-from .families import STUDENT_TYPES
+from .families import student_types
 
 def _init_epilog() -> str:
     from .families import family_notes, pairs_text
@@ -40,7 +40,7 @@ def build_init_parser() -> argparse.ArgumentParser:
                    help="teacher: a hub id (e.g. bert-base-uncased) or a local model folder")
     p.add_argument("--layers", required=True, metavar="L1,L2,...",
                    help="teacher layers to copy, 1-based and increasing, e.g. 1,5,8,12")
-    p.add_argument("--student-type", choices=STUDENT_TYPES, default=None,
+    p.add_argument("--student-type", choices=student_types(), default=None,
                    help="student architecture (default: the teacher's own family)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -227,15 +227,24 @@ def student_rule(teacher: str, student: str) -> StudentRule | None:
     return family.students.get(student)
 
 
-STUDENT_TYPES: tuple[str, ...] = tuple(FAMILIES)
-SUPPORTED_PAIRS: frozenset = frozenset(
-    {(name, name) for name in FAMILIES} | {(name, s) for name, f in FAMILIES.items() for s in f.students}
-)
+def student_types() -> tuple[str, ...]:
+    """Every family a student can be (read at call time: an entry added later counts)."""
+    return tuple(FAMILIES)
+
+
+def supported_pairs() -> frozenset:
+    """(teacher family, student family): each family to itself, and each entry's extra students."""
+    return frozenset({(name, name) for name in FAMILIES}
+                     | {(name, s) for name, f in FAMILIES.items() for s in f.students})
+
+
+STUDENT_TYPES: tuple[str, ...] = student_types()  # as registered at import (for choices and help texts)
+SUPPORTED_PAIRS: frozenset = supported_pairs()
 
 
 def pairs_text() -> str:
     """``bert->bert, bert->distilbert, ...`` for help and error texts."""
-    return ", ".join(f"{a}->{b}" for a, b in sorted(SUPPORTED_PAIRS))
+    return ", ".join(f"{a}->{b}" for a, b in sorted(supported_pairs()))
 
 
 def family_notes() -> list[str]:
@@ -252,4 +261,5 @@ def role_from_architecture(arch: str) -> str:
 
 
 __all__ = ["FAMILIES", "Family", "ROLES", "STUDENT_TYPES", "SUPPORTED_PAIRS", "StudentRule", "Tokens",
-           "family_notes", "pairs_text", "role_from_architecture", "student_rule"]
+           "family_notes", "pairs_text", "role_from_architecture", "student_rule", "student_types",
+           "supported_pairs"]

@@ -18,7 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from .errors import UsageError
-from .families import FAMILIES, STUDENT_TYPES, SUPPORTED_PAIRS, Source, pairs_text, student_rule
+from .families import (FAMILIES, STUDENT_TYPES, SUPPORTED_PAIRS, Source, pairs_text, student_rule,
+                       student_types, supported_pairs)
 from .io import atomic_dir, atomic_write_json, check_output_dir
 from .layers import parse_layers
 from .models import attach_pooler, check_tokenizer, family_of, load_config, load_model, num_layers, pooler_module, role_of
@@ -43,9 +44,9 @@ def _a(word: str) -> str:
 
 
 def check_pair(teacher_family: str, student_type: str) -> None:
-    if student_type not in STUDENT_TYPES:
-        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
-    if (teacher_family, student_type) not in SUPPORTED_PAIRS:
+    if student_type not in student_types():
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
+    if (teacher_family, student_type) not in supported_pairs():
         raise UsageError(
             f"a {teacher_family} teacher cannot be mapped to {_a(student_type)} {student_type} student: "
             f"supported pairs are {pairs_text()}"
@@ -161,8 +162,8 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     ``teacher`` is a hub id or a local folder. Nothing is written if anything fails.
     """
     check_output_dir(output, overwrite)
-    if student_type is not None and student_type not in STUDENT_TYPES:
-        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
+    if student_type is not None and student_type not in student_types():
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
     # every check that needs only the config runs before the (possibly slow) weight load
     config = load_config(teacher, "teacher")
     check_pair(family_of(config).name, student_type or family_of(config).name)

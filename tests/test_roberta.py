@@ -210,3 +210,41 @@ def test_the_distilroberta_script_runs_its_recipe_through_torchrun(tmp_path, bpe
     assert json.loads((out / "student_init.json").read_text())["layers"] == [1, 3, 5, 8, 10, 12]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "roberta" and config["num_hidden_layers"] == 6
+
+
+def test_a_new_family_is_one_registry_entry(monkeypatch, tmp_path, bpe_dir, vocab_size, capsys):
+    """CamemBERT, registered inside this test as one entry and nothing else, runs through distill-init's
+    parser, student building and distill-train."""
+    import dataclasses
+
+    from transformers import CamembertConfig, CamembertForMaskedLM
+
+    from distill.cli import build_init_parser
+    from distill.families import FAMILIES
+
+    entry = dataclasses.replace(
+        FAMILIES["roberta"], name="camembert", classes={"base": "CamembertModel", "mlm": "CamembertForMaskedLM"},
+        pooler_class="transformers.models.camembert.modeling_camembert:CamembertPooler")
+    monkeypatch.setitem(FAMILIES, "camembert", entry)
+
+    ref = tiny.build_roberta("roberta_mlm", vocab_size)
+    teacher = CamembertForMaskedLM(CamembertConfig(**{k: v for k, v in ref.config.to_dict().items()
+                                                     if k not in ("model_type", "architectures")}))
+    teacher.load_state_dict(ref.state_dict())
+    teacher_dir = tmp_path / "camembert"
+    teacher.save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(bpe_dir).save_pretrained(teacher_dir)
+
+    help_text = build_init_parser().format_help()
+    assert "camembert" in help_text and "camembert->camembert" in help_text
+    assert init_main(["--teacher", str(teacher_dir), "--layers", "1,2,3,4", "--student-type", "camembert",
+                      "--output", str(tmp_path / "s")]) == 0
+    student = load_model(str(tmp_path / "s"), what="student")
+    assert type(student) is CamembertForMaskedLM
+    ids, mask = tiny.roberta_batch(vocab_size, batch=3, seq=14, pad_last=5)
+    real = mask.bool()
+    torch.testing.assert_close(_outputs(student, ids, mask)[1][real], _outputs(teacher, ids, mask)[1][real],
+                               rtol=1e-5, atol=1e-5)
+    out = tmp_path / "run"
+    assert train_main(_train_args(str(teacher_dir), _corpus(tmp_path / "c.txt"), out, tmp_path, max_steps=2)) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "camembert"
