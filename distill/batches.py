@@ -20,6 +20,7 @@ from .data import (check_block_size, collate, epoch_order, length_grouped_order,
                    sequence_lengths, token_counts)
 from .errors import UsageError
 from .masking import mask_tokens, masking_weights
+from .models import max_positions
 from .terms import MASKED_INPUT, TERMS
 
 ELECTRA_MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay
@@ -167,9 +168,9 @@ def make_batches(cfg, corpus: str, tokenizer, teacher, objective, env, student=N
     ``corruptor``: for an ELECTRA recipe (``cfg.generator``), what run setup built around
     a frozen generator (:func:`distill.electra.setup_generator`); None when it trains.
     """
-    check_block_size(cfg.block_size, teacher.config.max_position_embeddings)
+    check_block_size(cfg.block_size, max_positions(teacher))  # RoBERTa: padding_idx + 1 rows before position 0
     if student is not None:
-        check_block_size(cfg.block_size, student.config.max_position_embeddings)
+        check_block_size(cfg.block_size, max_positions(student))
     dataset = corpus_dataset(cfg, corpus, tokenizer, env)
     common = dict(batch_size=cfg.per_device_batch_size,
                   global_batch=cfg.per_device_batch_size * cfg.gradient_accumulation_steps * env.world,

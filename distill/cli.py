@@ -6,8 +6,13 @@ import argparse
 import sys
 
 from .errors import ArgumentParser, cli_entry
+from .families import student_types
 
-INIT_EPILOG = """\
+def _init_epilog() -> str:
+    from .families import family_notes, pairs_text
+
+    notes = "".join(f"{note}.\n" for note in family_notes())
+    return f"""\
 examples:
   # the seed report's student: BERT-base layers 1,5,8,12 -> a 4-layer DistilBERT
   distill-init --teacher bert-base-uncased --layers 1,5,8,12 --student-type distilbert --output students/bert4l
@@ -16,12 +21,11 @@ examples:
   distill-init --teacher ./my-bert --layers 2,4,6 --output students/bert3l
 
 what is copied: word and position embeddings and their LayerNorm (token-type
-embeddings where the student has them; BERT -> DistilBERT folds token type 0 into
-the positions), every selected layer, and the teacher's whole prediction head
-(masked-LM head or ELECTRA discriminator head). Student layer i is teacher layer
+embeddings where the student has them), every selected layer, the teacher's
+whole prediction head (masked-LM head or ELECTRA discriminator head) and its
+pooler where its checkpoint has one. Student layer i is teacher layer
 LAYERS[i]. The folder loads with AutoModel*.from_pretrained and AutoTokenizer.
-supported pairs: bert->bert, bert->distilbert, distilbert->distilbert,
-electra->electra (discriminator or generator).
+{notes}supported pairs: {pairs_text()}.
 """
 
 
@@ -29,14 +33,14 @@ def build_init_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="distill-init",
         description="Build a student from chosen teacher layers and save it as a transformers folder.",
-        epilog=INIT_EPILOG,
+        epilog=_init_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--teacher", required=True, metavar="ID_OR_DIR",
                    help="teacher: a hub id (e.g. bert-base-uncased) or a local model folder")
     p.add_argument("--layers", required=True, metavar="L1,L2,...",
                    help="teacher layers to copy, 1-based and increasing, e.g. 1,5,8,12")
-    p.add_argument("--student-type", choices=["bert", "distilbert", "electra"], default=None,
+    p.add_argument("--student-type", choices=student_types(), default=None,
                    help="student architecture (default: the teacher's own family)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

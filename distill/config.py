@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArgumentParser, UsageError
+from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 from .layers import parse_layer_map
 from .terms import DISTILBERT_WEIGHTS, REPRESENTATION_WEIGHTS, format_weights, select, term_list
@@ -34,7 +35,7 @@ class DistillConfig:
     teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
-    student_type: str | None = _f(None, "bert, distilbert or electra (default: the teacher's family)")
+    student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
     # --- objective ---
     weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
     temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2")

@@ -430,7 +430,8 @@ def _sha(obj) -> str:
 def _special_id(tokenizer, name: str) -> int:
     value = getattr(tokenizer, f"{name}_token_id", None)
     if value is None:
-        raise UsageError(f"the tokenizer has no {name} token: blocks are [CLS] ... [SEP], use a BERT-style tokenizer")
+        raise UsageError(f"the tokenizer has no {name} token: blocks open and close with the cls and sep tokens "
+                         "([CLS]/[SEP], <s>/</s>); use the tokenizer the model was trained with")
     return int(value)
 
 

@@ -1,9 +1,10 @@
-"""Model families: the one place that knows transformers' class and module names.
+"""Models through the family registry: load, inspect and run any registered family.
 
 An adaptor in TextBrewer's sense: :func:`extract` runs a model and returns a plain
 :class:`Features` record (hidden states, attentions, value vectors, logits at chosen
 positions), so the objective and the training loop never touch model classes.
-A new family is one :class:`Family` entry in :data:`FAMILIES`.
+Every family-specific fact (classes, module paths, heads) comes from
+:mod:`distill.families`; a new family is one entry there.
 """
 
 from __future__ import annotations
@@ -13,58 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    BertForMaskedLM,
-    BertModel,
-    DistilBertForMaskedLM,
-    DistilBertModel,
-    ElectraForMaskedLM,
-    ElectraForPreTraining,
-    ElectraModel,
-)
+from transformers import AutoConfig
 
 from .errors import UsageError
+from .families import FAMILIES, Family, role_from_architecture
 from .layers import module_index
 
 
 # files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class Family:
-    """Names that differ between model families. Paths are relative to the base model."""
-
-    name: str
-    layers_path: str  # ModuleList of transformer layers
-    self_attention_path: str  # inside a layer: the module whose ``dropout.p`` drives attention dropout
-    value_path: str  # inside a layer: the value projection (for MiniLM's value relation)
-    num_layers_field: str
-    hidden_size_field: str
-    num_heads_field: str
-    # role -> model class; roles: "base", "mlm" (masked-LM head), "rtd" (ELECTRA discriminator head)
-    classes: dict = field(default_factory=dict)
-
-
-FAMILIES: dict[str, Family] = {
-    "bert": Family(
-        "bert", "encoder.layer", "attention.self", "attention.self.value",
-        "num_hidden_layers", "hidden_size", "num_attention_heads",
-        {"base": BertModel, "mlm": BertForMaskedLM},
-    ),
-    "distilbert": Family(
-        "distilbert", "transformer.layer", "attention", "attention.v_lin",
-        "n_layers", "dim", "n_heads",
-        {"base": DistilBertModel, "mlm": DistilBertForMaskedLM},
-    ),
-    "electra": Family(
-        "electra", "encoder.layer", "attention.self", "attention.self.value",
-        "num_hidden_layers", "hidden_size", "num_attention_heads",
-        {"base": ElectraModel, "mlm": ElectraForMaskedLM, "rtd": ElectraForPreTraining},
-    ),
-}
 
 
 def family_of(config_or_model) -> Family:
@@ -80,20 +39,16 @@ def family_of(config_or_model) -> Family:
 
 def role_of(model: nn.Module) -> str:
     """"mlm", "rtd" or "base": which head the model carries."""
-    for role, cls in family_of(model).classes.items():
-        if type(model) is cls:
+    family = family_of(model)
+    for role in family.classes:
+        if type(model) is family.cls(role):
             return role
     raise UsageError(f"model class {type(model).__name__} is not one the toolkit knows how to distil")
 
 
 def role_from_architectures(config) -> str:
     """The head a checkpoint was saved with, read from ``config.architectures``."""
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    if arch.endswith("ForMaskedLM") or arch == "BertForPreTraining":
-        return "mlm"
-    if arch == "ElectraForPreTraining":
-        return "rtd"
-    return "base"
+    return role_from_architecture((getattr(config, "architectures", None) or [""])[0])
 
 
 def check_model_path(name_or_path: str, what: str = "teacher") -> None:
@@ -133,7 +88,117 @@ def load_model(name_or_path: str, role: str | None = None, eager: bool = False, 
         raise UsageError(f"a {family.name} model has no {role!r} head: roles are {', '.join(family.classes)}")
     if eager:
         kwargs["attn_implementation"] = "eager"
-    return family.classes[role].from_pretrained(name_or_path, **kwargs)
+    model = family.cls(role).from_pretrained(name_or_path, **kwargs)
+    if pooler_module(model) is None:  # a masked-LM class dropped the checkpoint's pooler: keep it
+        attach_pooler(model, checkpoint_pooler(name_or_path, config))
+    return model
+
+
+def _checkpoint_files(name_or_path: str) -> list[str]:
+    """The weight files of a local folder or a (cached) hub checkpoint: safetensors first, sharded or not."""
+    import json
+
+    from transformers.utils import cached_file
+
+    def find(name):
+        if os.path.isdir(name_or_path):
+            path = os.path.join(name_or_path, name)
+            return path if os.path.isfile(path) else None
+        try:
+            return cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if path := find(single):
+            return [path]
+        if path := find(index):
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [p for p in map(find, shards) if p]
+    return []
+
+
+def checkpoint_pooler(name_or_path: str, config) -> dict[str, torch.Tensor]:
+    """The pooler tensors a checkpoint file holds, keyed relative to the pooler (``dense.weight``).
+
+    Read from the file, not from a loaded model: a masked-LM class drops the pooler on load,
+    but a checkpoint such as bert-base-uncased's still holds ``bert.pooler.*``. ``{}`` when the
+    family has no pooler or the checkpoint none.
+    """
+    family = family_of(config)
+    if family.pooler_path is None:
+        return {}
+    prefixes = (f"{family.cls('base').base_model_prefix}.{family.pooler_path}.", f"{family.pooler_path}.")
+    found: dict[str, torch.Tensor] = {}
+    for path in _checkpoint_files(name_or_path):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefixes):
+                        found[key.split(f"{family.pooler_path}.", 1)[1]] = f.get_tensor(key)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            found.update({k.split(f"{family.pooler_path}.", 1)[1]: v for k, v in state.items() if k.startswith(prefixes)})
+    return found
+
+
+def pooler_module(model: nn.Module) -> nn.Module | None:
+    """The base model's pooler, or None (a family without one, or a class that drops it)."""
+    path = family_of(model).pooler_path
+    if path is None:
+        return None
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(model.base_model, parent_path) if parent_path else model.base_model
+    return getattr(parent, name, None)
+
+
+def attach_pooler(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
+    """Give a model whose class drops the pooler (a masked-LM head) the pooler ``tensors``.
+
+    The pooler becomes a submodule of the base model, so ``save_pretrained`` writes it under
+    the names the family's other classes load (``bert.pooler.*``): a sequence classifier
+    built from the folder then starts from it, and the masked-LM class reports it as unused,
+    as it does for bert-base-uncased itself. Returns True when a pooler was attached.
+    """
+    family = family_of(model)
+    if not tensors or family.pooler_path is None:
+        return False
+    if pooler_module(model) is not None:
+        return False  # the class has a pooler of its own, which from_pretrained filled
+    parent_path, _, name = family.pooler_path.rpartition(".")
+    parent = get_path(model.base_model, parent_path) if parent_path else model.base_model
+    pooler = family.build_pooler(model.config)
+    pooler.load_state_dict(tensors)  # strict: a checkpoint with another pooler layout is an error
+    ref = next(model.parameters())
+    setattr(parent, name, pooler.to(device=ref.device, dtype=ref.dtype))
+    return True
+
+
+def check_tokenizer(config, tokenizer, name: str = "teacher") -> None:
+    """The tokenizer's quirks must match what the family's embeddings assume.
+
+    Where position ids are counted from ``input_ids`` past ``padding_idx`` (RoBERTa, XLM-R),
+    padding with any other id than the model's ``pad_token_id`` shifts real tokens' positions.
+    """
+    family = family_of(config)
+    for what in ("cls", "sep"):
+        if getattr(tokenizer, f"{what}_token_id", None) is None:
+            raise UsageError(f"the {name} tokenizer has no {what} token ({getattr(family.tokens, what)} for "
+                             f"{family.name}): save the tokenizer the model was trained with in the folder")
+    types = tokenizer("a", "b").get("token_type_ids") or [0]
+    if max(types) >= family.tokens.token_types:
+        raise UsageError(
+            f"the {name} tokenizer gives a sentence pair token type {max(types)}, but {family.name} models embed "
+            f"{family.tokens.token_types} type(s): use the tokenizer the model was trained with")
+    if family.tokens.positions_from_padding and tokenizer.pad_token_id != config.pad_token_id:
+        raise UsageError(
+            f"the {name} tokenizer pads with id {tokenizer.pad_token_id} but the {family.name} model's "
+            f"pad_token_id is {config.pad_token_id}, from which its position ids are counted: use the tokenizer "
+            "the model was trained with")
 
 
 def get_path(module: nn.Module, path: str) -> nn.Module:
@@ -144,6 +209,12 @@ def get_path(module: nn.Module, path: str) -> nn.Module:
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
     return get_path(model.base_model, family_of(model).layers_path)
+
+
+def max_positions(config_or_model) -> int:
+    """The longest sequence the model's position embeddings hold (RoBERTa: 2 rows fewer than the table)."""
+    config = getattr(config_or_model, "config", config_or_model)
+    return family_of(config).max_positions(config)
 
 
 def num_layers(config_or_model) -> int:
@@ -175,18 +246,7 @@ def apply_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
     discriminator, ``None`` for a base model.
     """
     role = role_of(model)
-    if role == "base":
-        return None
-    if isinstance(model, BertForMaskedLM):
-        return model.cls(hidden)
-    if isinstance(model, DistilBertForMaskedLM):
-        x = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-        return model.vocab_projector(x)
-    if isinstance(model, ElectraForMaskedLM):
-        return model.generator_lm_head(model.generator_predictions(hidden))
-    if isinstance(model, ElectraForPreTraining):
-        return model.discriminator_predictions(hidden)
-    raise AssertionError(f"no head rule for {type(model).__name__}")
+    return None if role == "base" else family_of(model).heads[role](model, hidden)
 
 
 @dataclass

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from transformers import AutoTokenizer, DistilBertConfig
+from transformers import AutoTokenizer
 
 from .errors import UsageError
+from .families import (FAMILIES, STUDENT_TYPES, SUPPORTED_PAIRS, Source, pairs_text, student_rule,
+                       student_types, supported_pairs)
 from .io import atomic_dir, atomic_write_json, check_output_dir
-from .layers import module_index, parse_layers
-from .models import FAMILIES, family_of, load_config, load_model, num_layers, role_of
+from .layers import parse_layers
+from .models import attach_pooler, check_tokenizer, family_of, load_config, load_model, num_layers, pooler_module, role_of
 
-STUDENT_TYPES = tuple(FAMILIES)
-SUPPORTED_PAIRS = {("bert", "bert"), ("bert", "distilbert"), ("distilbert", "distilbert"), ("electra", "electra")}
 INIT_RECORD = "student_init.json"  # written beside the weights: the layer selection the loss map defaults to
 
 
@@ -46,37 +44,24 @@ def _a(word: str) -> str:
 
 
 def check_pair(teacher_family: str, student_type: str) -> None:
-    if student_type not in STUDENT_TYPES:
-        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
-    if (teacher_family, student_type) not in SUPPORTED_PAIRS:
-        pairs = ", ".join(f"{a}->{b}" for a, b in sorted(SUPPORTED_PAIRS))
+    if student_type not in student_types():
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
+    if (teacher_family, student_type) not in supported_pairs():
         raise UsageError(
             f"a {teacher_family} teacher cannot be mapped to {_a(student_type)} {student_type} student: "
-            f"supported pairs are {pairs}"
+            f"supported pairs are {pairs_text()}"
         )
 
 
 def student_config(teacher_config, n_layers: int, student_type: str):
     """The teacher's config with the layer count changed, and nothing training-only left in it."""
     family = family_of(teacher_config)
-    if student_type == family.name:
+    rule = student_rule(family.name, student_type)
+    if rule.config is None:  # the teacher's own family
         config = copy.deepcopy(teacher_config)
         setattr(config, family.num_layers_field, n_layers)
-    else:  # bert -> distilbert: the equivalent DistilBERT fields
-        c = teacher_config
-        if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
-            raise UsageError(f"a BERT teacher with {c.position_embedding_type!r} position embeddings cannot become a DistilBERT student")
-        if c.hidden_act not in ("gelu", "relu"):
-            raise UsageError(f"teacher activation {c.hidden_act!r} has no DistilBERT equivalent (gelu or relu): use --student-type bert")
-        if abs(c.layer_norm_eps - 1e-12) > 1e-15:
-            raise UsageError(f"teacher layer_norm_eps={c.layer_norm_eps} but DistilBERT fixes 1e-12: use --student-type bert")
-        config = DistilBertConfig(
-            vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, sinusoidal_pos_embds=False,
-            n_layers=n_layers, n_heads=c.num_attention_heads, dim=c.hidden_size, hidden_dim=c.intermediate_size,
-            dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob, activation=c.hidden_act,
-            initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
-            tie_word_embeddings=getattr(c, "tie_word_embeddings", True),
-        )
+    else:
+        config = rule.config(teacher_config, n_layers)
     config.output_hidden_states = False
     config.output_attentions = False
     config.architectures = None
@@ -85,62 +70,20 @@ def student_config(teacher_config, n_layers: int, student_type: str):
 
 # --- the parameter mapping --------------------------------------------------------------------
 
-Source = Callable[[dict], torch.Tensor]
-
-
 def _strip(key: str, prefix: str) -> str:
     return key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
 
 
-_BERT_TO_DISTILBERT = [
-    # (student key pattern, teacher key template); {i} is the student layer, {j} the teacher layer
-    (r"embeddings\.word_embeddings\.weight", "embeddings.word_embeddings.weight"),
-    (r"embeddings\.LayerNorm\.(weight|bias)", "embeddings.LayerNorm.{0}"),
-    (r"transformer\.layer\.(\d+)\.attention\.q_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.query.{1}"),
-    (r"transformer\.layer\.(\d+)\.attention\.k_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.key.{1}"),
-    (r"transformer\.layer\.(\d+)\.attention\.v_lin\.(weight|bias)", "encoder.layer.{j}.attention.self.value.{1}"),
-    (r"transformer\.layer\.(\d+)\.attention\.out_lin\.(weight|bias)", "encoder.layer.{j}.attention.output.dense.{1}"),
-    (r"transformer\.layer\.(\d+)\.sa_layer_norm\.(weight|bias)", "encoder.layer.{j}.attention.output.LayerNorm.{1}"),
-    (r"transformer\.layer\.(\d+)\.ffn\.lin1\.(weight|bias)", "encoder.layer.{j}.intermediate.dense.{1}"),
-    (r"transformer\.layer\.(\d+)\.ffn\.lin2\.(weight|bias)", "encoder.layer.{j}.output.dense.{1}"),
-    (r"transformer\.layer\.(\d+)\.output_layer_norm\.(weight|bias)", "encoder.layer.{j}.output.LayerNorm.{1}"),
-    (r"vocab_transform\.(weight|bias)", "cls.predictions.transform.dense.{0}"),
-    (r"vocab_layer_norm\.(weight|bias)", "cls.predictions.transform.LayerNorm.{0}"),
-    (r"vocab_projector\.weight", "embeddings.word_embeddings.weight"),
-    (r"vocab_projector\.bias", "cls.predictions.bias"),
-]
-
-
-def weight_sources(teacher_family: str, student_family: str, student_keys, layers: list[int]) -> dict[str, tuple[str, Source]]:
+def weight_sources(teacher_family: str, student_family: str, student_keys, layers: list[int]) -> dict[str, Source]:
     """Map each (prefix-stripped) student key to ``(description, fn(teacher_state) -> tensor)``.
 
-    Keys are relative to the base model (``bert.``/``distilbert.``/``electra.`` removed);
-    keys with no source are absent from the result.
+    Keys are relative to the base model (``bert.``/``distilbert.``/... removed); the rule
+    comes from the teacher family's entry in :mod:`distill.families`. Keys with no source
+    are absent from the result.
     """
-    sources: dict[str, tuple[str, Source]] = {}
-    for key in student_keys:
-        if teacher_family == student_family:
-            m = re.match(r"((?:encoder|transformer)\.layer\.)(\d+)\.(.*)", key)
-            src = f"{m[1]}{module_index(layers[int(m[2])])}.{m[3]}" if m else key
-            sources[key] = (src, lambda t, src=src: t[src])
-            continue
-        if key == "embeddings.position_embeddings.weight":
-            # DistilBERT has no token types: fold type 0 into positions so single-segment inputs are unchanged
-            desc = "embeddings.position_embeddings.weight + embeddings.token_type_embeddings.weight[0]"
-            sources[key] = (desc, lambda t: t["embeddings.position_embeddings.weight"]
-                            + t["embeddings.token_type_embeddings.weight"][0])
-            continue
-        for pattern, template in _BERT_TO_DISTILBERT:
-            m = re.fullmatch(pattern, key)
-            if m:
-                groups = m.groups()
-                if "{j}" in template:
-                    src = template.format(*groups, j=module_index(layers[int(groups[0])]))
-                else:
-                    src = template.format(*groups)
-                sources[key] = (src, lambda t, src=src: t[src])
-                break
-    return sources
+    rule = student_rule(teacher_family, student_family)
+    sources = {key: rule.weights(key, layers) for key in student_keys}
+    return {key: src for key, src in sources.items() if src is not None}
 
 
 def build_student(teacher, layers, student_type: str | None = None, teacher_name: str = "") -> tuple[torch.nn.Module, InitReport]:
@@ -154,11 +97,15 @@ def build_student(teacher, layers, student_type: str | None = None, teacher_name
     check_pair(t_family.name, student_type)
     layers = parse_layers(layers, num_layers(teacher), what="teacher")
     role = role_of(teacher)
-    s_cls = FAMILIES[student_type].classes[role]
+    s_cls = FAMILIES[student_type].cls(role)
     config = student_config(teacher.config, len(layers), student_type)
     config._attn_implementation = teacher.config._attn_implementation
     torch.manual_seed(0)  # whatever is not copied is initialised reproducibly
     student = s_cls(config)
+    t_pooler = pooler_module(teacher)
+    if t_pooler is not None and FAMILIES[student_type].pooler_path is not None:
+        # a masked-LM student class has no pooler: give it one, filled below from the teacher's
+        attach_pooler(student, t_pooler.state_dict())
 
     t_prefix, s_prefix = teacher.base_model_prefix, student.base_model_prefix
     t_state = {_strip(k, t_prefix): v for k, v in teacher.state_dict().items()}
@@ -199,6 +146,9 @@ def model_card(report: InitReport, student_type: str) -> str:
         f"- student class: {report.student_class}",
         "- copied: embeddings, the selected layers, and the teacher's prediction head where it has one",
     ]
+    pooler = FAMILIES[student_type].pooler_path
+    if pooler and any(f".{pooler}." in k or k.startswith(f"{pooler}.") for k in report.copied):
+        lines.append(f"- the teacher's pooler (`{pooler}`), so a sequence classifier built from this folder starts from it")
     if report.not_copied:
         lines.append(f"- randomly initialised (the teacher has no such part): {', '.join(report.not_copied)}")
     lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
@@ -212,8 +162,8 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     ``teacher`` is a hub id or a local folder. Nothing is written if anything fails.
     """
     check_output_dir(output, overwrite)
-    if student_type is not None and student_type not in STUDENT_TYPES:
-        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(STUDENT_TYPES)}")
+    if student_type is not None and student_type not in student_types():
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
     # every check that needs only the config runs before the (possibly slow) weight load
     config = load_config(teacher, "teacher")
     check_pair(family_of(config).name, student_type or family_of(config).name)
@@ -226,6 +176,7 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     except (OSError, ValueError) as err:
         raise UsageError(f"teacher {teacher!r} has no loadable tokenizer ({err.__class__.__name__}): "
                          "save the tokenizer in the teacher folder") from None
+    check_tokenizer(teacher_model.config, tokenizer)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

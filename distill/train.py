@@ -33,8 +33,8 @@ from .assets import minilm_dir, wiki_extract_path
 from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
-from .models import (TOKENIZER_FILES, Features, extract, family_of, load_config, load_model, num_layers,
-                     set_attention_dropout)
+from .models import (TOKENIZER_FILES, Features, check_tokenizer, extract, family_of, load_config, load_model,
+                     num_layers, pooler_module, set_attention_dropout)
 from .student import INIT_RECORD, build_student, read_init_record
 
 CHECKPOINTS = "checkpoints"
@@ -191,6 +191,13 @@ def train(cfg: DistillConfig) -> str:
         from .data import check_same_tokenizer
 
         check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.student))
+    check_tokenizer(teacher.config, tokenizer)
+    pooler = pooler_module(student)
+    pooler_start = None
+    if pooler is not None:
+        # no term reads the pooled output: freeze it, and save it exactly as it came (O2 would round it)
+        pooler.requires_grad_(False)
+        pooler_start = {k: v.detach().clone() for k, v in pooler.state_dict().items()}
     student.to(env.device).train()
     if objective.needs_attention:
         set_attention_dropout(student, 0.0)  # attention terms compare pre-dropout probabilities
@@ -287,7 +294,7 @@ def train(cfg: DistillConfig) -> str:
         logger.close()
     if env.main:
         save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
-                     batches.describe())
+                     batches.describe(), pooler_start)
         print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
         if generator is not None:
             from .electra import save_generator
@@ -304,7 +311,8 @@ def train(cfg: DistillConfig) -> str:
 def student_plan(cfg: DistillConfig, teacher_config):
     """The teacher layers the student comes from, and the student's config."""
     from .layers import parse_layers
-    from .models import FAMILIES, role_from_architectures
+    from .families import FAMILIES
+    from .models import role_from_architectures
     from .student import check_pair, student_config
 
     if cfg.student:
@@ -331,7 +339,7 @@ def student_plan(cfg: DistillConfig, teacher_config):
     check_pair(family_of(teacher_config).name, student_type)
     s_config = student_config(teacher_config, len(layers), student_type)
     # the class build_student will make, so the objective can check the student's head from the config
-    s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)].__name__]
+    s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)]]
     return layers, s_config
 
 
@@ -536,11 +544,14 @@ def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, en
 
 # --- the saved student ------------------------------------------------------------------------
 
-def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc):
+def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc,
+                 pooler_state=None):
     """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last."""
     from .card import training_card
 
     export = precision.export_model(student)  # O2 trains fp16 weights: export the fp32 masters
+    if pooler_state is not None:  # the frozen pooler, exact (it has no fp32 master to export)
+        pooler_module(export).load_state_dict(pooler_state)
     tmp = Path(out) / ".student.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export.config.output_hidden_states = False

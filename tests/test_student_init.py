@@ -215,3 +215,129 @@ def test_unreachable_hub_id_is_one_clear_line(capsys, tmp_path):
     err = _bad(capsys, ["--teacher", "no-such-org/no-such-model", "--layers", "1", "--output", str(tmp_path / "s")])
     assert "no-such-org/no-such-model" in err and "hub id" in err
     assert not (tmp_path / "s").exists()
+
+
+# --- the pooler travels -----------------------------------------------------------------------
+
+POOLER_KEYS = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+
+
+@pytest.fixture(scope="module")
+def pooled_teachers(tmp_path_factory, vocab_dir):
+    """Checkpoints that hold a pooler: BertModel, BertForPreTraining, and a BertForMaskedLM that kept it."""
+    root = tmp_path_factory.mktemp("pooled")
+    return {
+        "bert_base": tiny.save_model("bert_base", root / "base", vocab_dir),
+        "bert_pretraining": tiny.save_bert_with_pooler("bert_pretraining", root / "pretraining", vocab_dir),
+        "bert_mlm_pooled": tiny.save_bert_with_pooler("bert_mlm_pooled", root / "mlm_pooled", vocab_dir),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bert_base", "bert_pretraining", "bert_mlm_pooled"])
+def test_the_pooled_output_of_an_all_layer_student_equals_the_teachers(pooled_teachers, tmp_path, kind):
+    teacher_dir = pooled_teachers[kind]
+    init_student(teacher_dir, "1,2,3,4", str(tmp_path / "s"))
+    # transformers' own BertModel reads the pooler from each checkpoint file: the reference
+    teacher, t_info = BertModel.from_pretrained(teacher_dir, output_loading_info=True)
+    student, s_info = BertModel.from_pretrained(tmp_path / "s", output_loading_info=True)
+    assert not t_info["missing_keys"] and not s_info["missing_keys"]
+    ids, mask = tiny.random_batch(batch=3, seq=14, pad_last=5)
+    with torch.no_grad():
+        expect = teacher.eval()(input_ids=ids, attention_mask=mask).pooler_output
+        got = student.eval()(input_ids=ids, attention_mask=mask).pooler_output
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert_pretraining", "bert_mlm_pooled"])
+def test_a_masked_lm_student_loads_like_its_teacher(pooled_teachers, tmp_path, kind):
+    teacher_dir = pooled_teachers[kind]
+    out = tmp_path / "s"
+    report = init_student(teacher_dir, "2,4", str(out))
+    assert report.student_class == "BertForMaskedLM" and report.not_copied == []
+    assert POOLER_KEYS <= set(tiny.saved_weights(out))
+    _, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}  # only the classifier is new
+    _, s_info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    _, t_info = AutoModelForMaskedLM.from_pretrained(teacher_dir, output_loading_info=True)
+    assert not s_info["missing_keys"] and not t_info["missing_keys"]
+    # the unused pooler is reported as unexpected, as for the teacher itself (which may add NSP keys)
+    assert s_info["unexpected_keys"] == POOLER_KEYS <= t_info["unexpected_keys"]
+    assert "pooler" in (out / "README.md").read_text()
+
+
+def test_a_bert_for_pretraining_teacher_gives_its_masked_lm_head(pooled_teachers):
+    from transformers import BertForPreTraining
+
+    teacher_dir = pooled_teachers["bert_pretraining"]
+    reference = BertForPreTraining.from_pretrained(teacher_dir)
+    student, report = build_student(load_model(teacher_dir), [1, 4])
+    assert type(student).__name__ == "BertForMaskedLM" and report.not_copied == []
+    for k, v in _params(reference.cls.predictions).items():
+        assert torch.equal(_params(student.cls.predictions)[k], v), k
+    for k, v in _params(reference.bert.pooler).items():
+        assert torch.equal(_params(student.bert.pooler)[k], v), k
+    for k, v in _params(reference.bert.encoder.layer[3]).items():
+        assert torch.equal(_params(student.bert.encoder.layer[1])[k], v), k
+
+
+def test_no_pooler_is_invented_when_the_teacher_has_none(bert_mlm_dir, tmp_path):
+    init_student(bert_mlm_dir, "1,2", str(tmp_path / "s"))
+    assert not POOLER_KEYS & set(tiny.saved_weights(tmp_path / "s"))
+    _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s", output_loading_info=True)
+    assert POOLER_KEYS <= info["missing_keys"]  # honestly new, not a random pooler passed off as the teacher's
+
+
+def test_distill_train_keeps_the_teachers_pooler(pooled_teachers, tmp_path):
+    import random
+
+    from distill.cli import train_main
+
+    teacher_dir = pooled_teachers["bert_mlm_pooled"]
+    rng = random.Random(0)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(tiny.WORDS) for _ in range(12)) for _ in range(120)) + "\n")
+    expect = {k: v for k, v in tiny.saved_weights(teacher_dir).items() if k in POOLER_KEYS}
+    common = dict(teacher=teacher_dir, corpus=str(corpus), cache_dir=str(tmp_path / "cache"),
+                  weights={"ce": 5.0, "mlm": 2.0, "cos": 1.0}, block_size=16, per_device_batch_size=8,
+                  learning_rate=1e-2, max_steps=3, precision="fp32", save_steps=0, logging_steps=1,
+                  progress=False, device="cpu")
+    init_student(teacher_dir, "1,3", str(tmp_path / "init"))
+    runs = {"built": dict(student_layers=[1, 3]), "from_folder": dict(student=str(tmp_path / "init"), student_layers=[1, 3])}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert train_main(tiny.cli_args({**common, **extra, "output_dir": str(out)})) == 0
+        saved = tiny.saved_weights(out)
+        for k, v in expect.items():
+            assert torch.equal(saved[k], v), (name, k)
+        # training did change the layers: the pooler is kept, not the whole student
+        start = tiny.saved_weights(tmp_path / "init")
+        assert not torch.equal(saved["bert.encoder.layer.0.output.dense.weight"],
+                               start["bert.encoder.layer.0.output.dense.weight"])
+        _, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+        assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+
+
+def test_fp16_o2_saves_the_pooler_bit_for_bit(pooled_teachers, tmp_path, monkeypatch):
+    """The frozen pooler has no fp32 master under O2; the saved one is still the teacher's, not an fp16 rounding."""
+    import random
+
+    from distill.cli import train_main
+    from distill.precision import Precision
+
+    real = Precision.from_config
+    monkeypatch.setattr(Precision, "from_config",  # O2 semantics on a CPU (tiny tensors: speed is no matter)
+                        staticmethod(lambda *a, **k: real(*a, **{**k, "allow_cpu_fp16": True})))
+    teacher_dir = pooled_teachers["bert_mlm_pooled"]
+    rng = random.Random(1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(tiny.WORDS) for _ in range(12)) for _ in range(60)) + "\n")
+    out = tmp_path / "run"
+    assert train_main(tiny.cli_args(dict(
+        teacher=teacher_dir, corpus=str(corpus), cache_dir=str(tmp_path / "cache"), output_dir=str(out),
+        student_layers=[1, 3], weights={"ce": 5.0, "mlm": 2.0, "cos": 1.0}, block_size=16, per_device_batch_size=8,
+        max_steps=2, precision="fp16", fp16_opt_level="O2", save_steps=0, progress=False, device="cpu"))) == 0
+    expect, saved = tiny.saved_weights(teacher_dir), tiny.saved_weights(out)
+    weight = expect["bert.pooler.dense.weight"]
+    assert not torch.equal(weight.half().float(), weight)  # an fp16 round trip would show
+    for k in POOLER_KEYS:
+        assert saved[k].dtype == torch.float32 and torch.equal(saved[k], expect[k]), k

@@ -138,3 +138,102 @@ def kill_after_checkpoint(values: dict, checkpoint_step: int, timeout: float = 2
     proc.wait()
     assert first.exists() and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / "model.safetensors").exists(), "the run ended before it was killed"
+
+
+# --- RoBERTa / XLM-R: a byte-level BPE tokenizer trained here, and tiny models over it ---------
+
+BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's order: <s>=0, <pad>=1, </s>=2
+
+
+def save_bpe_tokenizer(folder, vocab_size: int = 400) -> str:
+    """Train a byte-level BPE (the RoBERTa kind) on sentences of :data:`WORDS`; save it as a RobertaTokenizer."""
+    import random
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(400)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=BPE_SPECIALS)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(folder))  # vocab.json + merges.txt
+    tok = RobertaTokenizer.from_pretrained(str(folder), model_max_length=64)
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def build_roberta(kind: str, vocab_size: int, seed: int = 0, **overrides):
+    """``roberta_mlm``, ``roberta_base``, ``xlmr_mlm`` or ``xlmr_base``: tiny, random, with RoBERTa's
+    conventions (pad id 1, positions counted from padding_idx + 1, one token type)."""
+    from transformers import (RobertaConfig, RobertaForMaskedLM, RobertaModel, XLMRobertaConfig,
+                              XLMRobertaForMaskedLM, XLMRobertaModel)
+
+    config_cls = XLMRobertaConfig if kind.startswith("xlmr") else RobertaConfig
+    cls = {"roberta_mlm": RobertaForMaskedLM, "roberta_base": RobertaModel, "xlmr_mlm": XLMRobertaForMaskedLM,
+           "xlmr_base": XLMRobertaModel}[kind]
+    cfg = config_cls(vocab_size=vocab_size, max_position_embeddings=64 + 2, pad_token_id=1, bos_token_id=0,
+                     eos_token_id=2, type_vocab_size=1, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_roberta(kind: str, folder, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    build_roberta(kind, len(tok), seed=seed, **overrides).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def roberta_batch(vocab_size: int, batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4):
+    """Token ids ``<s> ... </s>`` and right padding with ``<pad>`` (id 1) on every row but the first."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(BPE_SPECIALS), vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    ids[:, 0] = 0
+    for row in range(batch):
+        length = seq - (pad_last * row // max(batch - 1, 1))
+        ids[row, length - 1] = 2
+        ids[row, length:] = 1
+        mask[row, length:] = 0
+    return ids, mask
+
+
+# --- BERT checkpoints that hold a pooler beside their head -------------------------------------
+
+def save_bert_with_pooler(kind: str, folder, tokenizer_dir: str | None = None, seed: int = 0) -> str:
+    """``bert_pretraining`` (BertForPreTraining: MLM + NSP heads, pooler) or ``bert_mlm_pooled`` (a
+    BertForMaskedLM checkpoint that still holds ``bert.pooler.*``, as bert-base-uncased's does)."""
+    from transformers import BertForPreTraining
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    if kind == "bert_pretraining":
+        torch.manual_seed(seed)
+        model = BertForPreTraining(make_config("bert"))
+    elif kind == "bert_mlm_pooled":
+        model = build_model("bert_mlm", seed=seed)
+        torch.manual_seed(seed + 1)
+        model.bert.pooler = BertPooler(model.config)  # saved under bert.pooler.*; the class itself drops it
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pooler" in name or name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(folder))
+    return str(folder)
