@@ -44,14 +44,13 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import UsageError
+from .hardware import CPU_BF16_FLAGS, choose_precision, read_cpu_flags
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPT_LEVELS = ("O1", "O2", "O3")
 BACKENDS = ("native", "apex")
-# x86 flags that make bf16 matmuls fast on a CPU (oneDNN); without them bf16 is emulated and slower than fp32.
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # Module classes kept in fp32 under O2 ("LayerNorm and friends"); any class whose name ends in "Norm"
 # (T5LayerNorm, LlamaRMSNorm, ...) counts too.
@@ -63,19 +62,6 @@ _NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnor
 def is_norm(module: nn.Module) -> bool:
     """True for normalisation layers, whose weights O2 keeps in fp32."""
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
-
-
-def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU feature flags from ``/proc/cpuinfo`` (x86 ``flags``, ARM ``Features``); None where unreadable."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        return None
-    return None
 
 
 def resolve_precision(
@@ -148,6 +134,7 @@ class Precision:
         self.backend = backend
         self.notes = list(notes or [])
         self.requested = requested or self.mode
+        self.auto_reason: str | None = None  # set when precision "auto" chose this mode: the line the run prints
         self.skipped_steps = 0
         self.scaler = None
         if precision == "fp16" and self.opt_level in ("O1", "O2") and backend == "native":
@@ -182,8 +169,11 @@ class Precision:
         without bf16 instructions, and ``amp_backend="apex"`` without ``apex.amp``.
         ``cpu_flags``: the CPU's feature flags; None reads /proc/cpuinfo (tests inject a set).
         """
+        device = torch.device(device)
+        # "auto": the machine decides (distill.hardware); explicit choices pass through unchanged
+        precision, fp16_opt_level, auto_reason = choose_precision(precision, fp16_opt_level, device.type, cpu_flags)
         if precision not in PRECISIONS:
-            raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} "
+            raise UsageError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)} "
                              "(fp32 is apex's O0; fp16 takes fp16_opt_level O1, O2 or O3)")
         level = str(fp16_opt_level).upper()
         if level not in OPT_LEVELS:
@@ -214,6 +204,7 @@ class Precision:
             amp_backend = "native"
         prec = cls(effective, level, device, backend=amp_backend, init_scale=init_scale,
                    growth_interval=growth_interval, notes=notes, requested=requested)
+        prec.auto_reason = auto_reason
         for note in prec.notes:
             log.warning("precision: %s", note)
         return prec
