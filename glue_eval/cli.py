@@ -60,9 +60,12 @@ def _main(argv=None) -> int:
         return _report(argv[1:])
     glue, args = _parse(argv)
 
-    from .finetune import precision_check
+    from .finetune import apply_precision, precision_check
     from .grid import load_grid, plan, run_grid
 
+    args, precision_line = apply_precision(glue, args)
+    if precision_line:
+        print(precision_line, file=sys.stderr)
     precision_check(args)
     if not glue.task and not glue.grid:
         raise UsageError("--task is required: a GLUE task name, 'all', or a task spec .json (or give --grid)")
