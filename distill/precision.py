@@ -173,7 +173,7 @@ class Precision:
         # "auto": the machine decides (distill.hardware); explicit choices pass through unchanged
         precision, fp16_opt_level, auto_reason = choose_precision(precision, fp16_opt_level, device.type, cpu_flags)
         if precision not in PRECISIONS:
-            raise UsageError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)} "
+            raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} or auto "
                              "(fp32 is apex's O0; fp16 takes fp16_opt_level O1, O2 or O3)")
         level = str(fp16_opt_level).upper()
         if level not in OPT_LEVELS:
