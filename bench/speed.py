@@ -94,16 +94,19 @@ SEQ = 128
 STUDENT_LAYERS = [1, 5, 8, 12]
 STUDENT6_LAYERS = [2, 4, 6, 8, 10, 12]
 RATIO_NAMES = ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
-               "prep_vs_loop", "student4_vs_teacher_inference")
+               "prep_vs_loop", "prep_vs_loop_parallelism_unset", "prep_vs_loop_parallelism_false",
+               "student4_vs_teacher_inference", "demo_step_auto_vs_fp32", "demo_step_bf16_vs_fp32")
 TARGETS = {"distill_step_vs_plain_masked": (">=", 1.3), "distill_step_vs_plain_full": (">=", 1.0),
            "distill_step_over_floor": ("<=", 1.15), "prep_vs_loop": (">=", 10.0),
            "student4_vs_teacher_inference": (">=", 2.8)}
 
 # Quick: the named ratios only, lean enough for < 5 min on 2 shared cores. Full: everything.
 QUICK = dict(batch=4, repeats=3, warmup=0, precisions_cpu=("fp32",), extra_floors=False, breakdown_repeats=0,
+             demo_repeats=3,
              prep_repeats=2, prep_cached=False, prep_scale=1, dump_repeats=0, legacy_paragraphs=300,
              infer_batch=8, infer_repeats=3, infer_repeats_batch1=5)
 FULL = dict(batch=8, repeats=5, warmup=0, precisions_cpu=("fp32", "bf16"), extra_floors=True, breakdown_repeats=2,
+            demo_repeats=5,
             prep_repeats=4, prep_cached=True, prep_scale=4, dump_repeats=1, legacy_paragraphs=1000,
             infer_batch=32, infer_repeats=4, infer_repeats_batch1=12)
 CUDA_PRECISIONS = ("fp32", "bf16", "fp16 O1", "fp16 O2")
@@ -184,8 +187,12 @@ def summary(runs: list, tokens: int | None = None) -> dict:
 
 
 def machine() -> dict:
+    """Versions, and the machine as distill.hardware reads it (CPU model, speed flags, cores, GPUs)."""
+    from distill import __version__
+    from distill.hardware import describe_machine, machine_description
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+            "platform": platform.platform()}
     try:
         import datasets
         import tokenizers
@@ -195,21 +202,10 @@ def machine() -> dict:
                     tokenizers=tokenizers.__version__)
     except ImportError:
         pass
-    from distill import __version__
-    from distill.precision import CPU_BF16_FLAGS, read_cpu_flags
-
     info["distill"] = __version__
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    flags = read_cpu_flags() or frozenset()
-    info["cpu_bf16"] = sorted(set(CPU_BF16_FLAGS) & flags)
-    info["avx512"] = "avx512f" in flags
+    info.update(machine_description())
+    info["description"] = describe_machine(info)
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     try:
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
@@ -376,6 +372,59 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
         entry["ratios"] = {k: v["value"] for k, v in entry["ratio_details"].items()}
         results["precisions"][name] = entry
     return results
+
+
+DEMO_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
+    """The demo recipe's own step (``distill-train`` with no arguments: the real all-MiniLM-L6-v2 teacher, a
+    3-layer student from its layers 2,4,6, cos + hid_mse + att_mse, batch 16 x 128) at precision auto
+    against fp32 and bf16 on this machine. ``auto`` is what a user gets; it runs as one of the other two."""
+    from distill.assets import minilm_dir
+    from distill.config import DEMO_RECIPE
+    from distill.models import load_model, set_attention_dropout
+    from distill.objective import Objective
+    from distill.precision import Precision
+    from distill.student import build_student
+    from distill.train import StudentStep
+
+    torch.manual_seed(0)
+    teacher = load_model(minilm_dir(), eager=True).to(device).eval()
+    teacher.requires_grad_(False)
+    layers, batch_size = DEMO_RECIPE["student_layers"], cfg.get("demo_batch", DEMO_RECIPE["per_device_batch_size"])
+    student0, _ = build_student(teacher, layers)
+    set_attention_dropout(student0, 0.0)
+    objective = Objective.from_config(DEMO_RECIPE["weights"], student_config=student0.config,
+                                      teacher_config=teacher.config, student_layers=layers).to(device)
+    batch = {k: v.to(device) for k, v in make_batch(batch_size, teacher.config.vocab_size).items()}
+    tokens = int(batch["attention_mask"].sum())
+    variants, descriptions = {}, {}
+    for name in DEMO_PRECISIONS:
+        prec = Precision.from_config(name, device=device)
+        descriptions[name] = prec.auto_reason or prec.description
+        if prec.auto_reason:
+            log(f"demo step: {prec.auto_reason}")
+        student = copy.deepcopy(student0).to(device).train()
+        student = prec.prepare(student)
+        step_module = StudentStep(student, objective, teacher)
+        optimizer = prec.make_optimizer([p for p in student.parameters() if p.requires_grad], torch.optim.AdamW,
+                                        lr=DEMO_RECIPE["learning_rate"], fused=device.type in ("cpu", "cuda"))
+
+        def step(prec=prec, step_module=step_module, optimizer=optimizer):
+            with prec.autocast():
+                loss, _ = step_module(batch)
+            prec.backward(loss)
+            prec.step(optimizer, 5.0)
+
+        variants[name] = step
+    log(f"demo recipe step, batch {batch_size} x {SEQ}: {', '.join(DEMO_PRECISIONS)}")
+    times = interleaved(variants, cfg["demo_repeats"], 1, clock)
+    details = {f"fp32_over_{n}": paired_ratio(times, "fp32", n) for n in DEMO_PRECISIONS if n != "fp32"}
+    return {"batch": batch_size, "seq": SEQ, "student_layers": layers, "weights": DEMO_RECIPE["weights"],
+            "auto_resolves_to": Precision.from_config("auto", device=device).mode, "descriptions": descriptions,
+            "variants": {n: summary(t, tokens) for n, t in times.items()}, "ratio_details": details,
+            "ratios": {k: v["value"] for k, v in details.items()}}
 
 
 def _setup(cfg: dict, device: torch.device, precision: str):
@@ -581,14 +630,24 @@ def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None
             "peak_above_base_mb": (peak - base_rss) / 1024 if resettable else None}
 
 
-def _run_worker(kind: str, text_file: str, max_lines: int | None = None) -> dict:
+# TOKENIZERS_PARALLELISM in a prep worker: None leaves it unset (the tokenizer's own threads on), "false" is
+# what many users set to silence the fork warning (and the test suite sets); "inherit" keeps the caller's.
+PARALLELISM_SETTINGS = {"": None, "_tokenizers_parallelism_false": "false"}
+
+
+def _run_worker(kind: str, text_file: str, max_lines: int | None = None, parallelism: str | None = "inherit") -> dict:
     cache = tempfile.mkdtemp(prefix=f"speed-{kind}-")
+    env = dict(os.environ)
+    if parallelism != "inherit":
+        env.pop("TOKENIZERS_PARALLELISM", None)
+        if parallelism is not None:
+            env["TOKENIZERS_PARALLELISM"] = parallelism
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--prep-worker", kind, "--text-file", text_file,
                "--cache-dir", cache]
         if max_lines is not None:
             cmd += ["--max-lines", str(max_lines)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"prep worker {kind} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -610,10 +669,13 @@ def bench_prep(cfg: dict) -> dict:
         with open(text_file, "w", encoding="utf-8") as f:
             for p in paragraphs:
                 f.write(p + "\n")
-        runs: dict[str, list[dict]] = {"pipeline": [], "loop": []}
+        # pipeline and loop, each with TOKENIZERS_PARALLELISM unset ("pipeline", "loop") and =false
+        order = [(kind + suffix, kind, setting) for suffix, setting in PARALLELISM_SETTINGS.items()
+                 for kind in ("pipeline", "loop")]
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in order}
         for r in range(cfg["prep_repeats"]):
-            for kind in (("pipeline", "loop") if r % 2 == 0 else ("loop", "pipeline")):
-                runs[kind].append(_run_worker(kind, text_file))
+            for name, kind, setting in (order if r % 2 == 0 else order[::-1]):
+                runs[name].append(_run_worker(kind, text_file, parallelism=setting))
             log(f"  round {r + 1}/{cfg['prep_repeats']}: " + ", ".join(
                 f"{k} {v[-1]['seconds']:.2f}s" for k, v in runs.items()))
         extra = {"legacy": _run_worker("legacy", text_file, cfg["legacy_paragraphs"])}
@@ -649,11 +711,15 @@ def bench_prep(cfg: dict) -> dict:
     if dump:
         result["variants"]["dump"] = agg(dump)
     v = result["variants"]
-    per_round = [p["tokens_per_s"] / q["tokens_per_s"] for p, q in zip(runs["pipeline"], runs["loop"])]
-    result["ratios"] = {"pipeline_over_loop_tokens_per_s": statistics.median(per_round)}
-    result["ratio_details"] = {"pipeline_over_loop_tokens_per_s": {
-        "value": statistics.median(per_round), "per_round": [round(x, 3) for x in per_round],
-        "ratio_of_medians": v["pipeline"]["tokens_per_s"] / v["loop"]["tokens_per_s"]}}
+    result["ratios"], result["ratio_details"] = {}, {}
+    for suffix in PARALLELISM_SETTINGS:
+        pipe, loop = "pipeline" + suffix, "loop" + suffix
+        per_round = [p["tokens_per_s"] / q["tokens_per_s"] for p, q in zip(runs[pipe], runs[loop])]
+        name = "pipeline_over_loop_tokens_per_s" + suffix
+        result["ratios"][name] = statistics.median(per_round)
+        result["ratio_details"][name] = {
+            "value": statistics.median(per_round), "per_round": [round(x, 3) for x in per_round],
+            "ratio_of_medians": v[pipe]["tokens_per_s"] / v[loop]["tokens_per_s"]}
     result["ratios"]["pipeline_over_legacy_loop_tokens_per_s"] = (
         v["pipeline"]["tokens_per_s"] / v["legacy"]["tokens_per_s"])
     if "cached" in v:
@@ -743,6 +809,14 @@ def render(report: dict) -> str:
                           for k in kinds)] for piece in PIECES]
         rows.append(["sum", *(f"{b['kinds'][k]['sum_s']:.3f}" for k in kinds)])
         parts.append(fmt_table(["piece", *kinds], rows))
+    m = report.get("demo")
+    if m:
+        parts.append(f"\n### The demo recipe's step (batch {m['batch']} x {m['seq']}, real MiniLM teacher, student "
+                     f"layers {','.join(map(str, m['student_layers']))}; auto runs as {m['auto_resolves_to']} here)\n")
+        rows = [[name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
+                 f"{m['ratios'].get(f'fp32_over_{name}', 1.0):.2f}", m["descriptions"][name]]
+                for name, v in m["variants"].items()]
+        parts.append(fmt_table(["precision", "step s (median)", "tokens/s", "speed-up over fp32", "what ran"], rows))
     p = report.get("prep")
     if p:
         parts.append(f"\n### Data preparation ({p['paragraphs']:,} Wikipedia paragraphs, "
@@ -778,7 +852,15 @@ def named_ratios(report: dict) -> dict:
         out["distill_step_vs_plain_full"] = entry["ratios"]["plain_over_engine_full"]
         out["distill_step_over_floor"] = entry["ratios"]["engine_over_floor_masked"]
     if report.get("prep"):
-        out["prep_vs_loop"] = report["prep"]["ratios"]["pipeline_over_loop_tokens_per_s"]
+        r = report["prep"]["ratios"]
+        # "in any environment": the figure is the worse of TOKENIZERS_PARALLELISM unset and =false
+        out["prep_vs_loop"] = min(r["pipeline_over_loop_tokens_per_s"],
+                                  r["pipeline_over_loop_tokens_per_s_tokenizers_parallelism_false"])
+        out["prep_vs_loop_parallelism_unset"] = r["pipeline_over_loop_tokens_per_s"]
+        out["prep_vs_loop_parallelism_false"] = r["pipeline_over_loop_tokens_per_s_tokenizers_parallelism_false"]
+    if report.get("demo"):
+        out["demo_step_auto_vs_fp32"] = report["demo"]["ratios"]["fp32_over_auto"]
+        out["demo_step_bf16_vs_fp32"] = report["demo"]["ratios"]["fp32_over_bf16"]
     if report.get("inference"):
         i = report["inference"]
         out["student4_vs_teacher_inference"] = i["batches"][str(i["throughput_batch"])]["ratios"]["student4_speedup"]
@@ -807,8 +889,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 4, fp32 only (< 5 min on 2 cores)")
     parser.add_argument("--out", help="write the results as JSON here (e.g. docs/speed.json)")
-    parser.add_argument("--only", default="distill,prep,inference",
-                        help="comma-separated sections to run: distill, breakdown, prep, inference")
+    parser.add_argument("--only", default="distill,demo,prep,inference",
+                        help="comma-separated sections to run: distill, demo, breakdown, prep, inference")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--precisions", help="comma-separated, e.g. fp32,bf16 (CUDA: also 'fp16 O1','fp16 O2')")
     parser.add_argument("--batch", type=int, help="distillation batch size (default 4 quick, 8 full)")
@@ -838,13 +920,13 @@ def main(argv=None) -> int:
         SHAPE.update(SMOKE["shape"])
         SMOKE["allow_cpu_fp16"] = True
         cfg.update(repeats=1, prep_repeats=1, infer_repeats=1, infer_repeats_batch1=1, breakdown_repeats=1,
-                   infer_batch=2, legacy_paragraphs=20)
+                   infer_batch=2, legacy_paragraphs=20, demo_repeats=1, demo_batch=2)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.batch:
         cfg["batch"] = args.batch
     if args.repeats:
-        cfg["repeats"] = cfg["prep_repeats"] = cfg["infer_repeats"] = args.repeats
+        cfg["repeats"] = cfg["prep_repeats"] = cfg["infer_repeats"] = cfg["demo_repeats"] = args.repeats
         cfg["infer_repeats_batch1"] = 3 * args.repeats
     if args.precisions:
         precisions = tuple(p.strip() for p in args.precisions.split(","))
@@ -874,6 +956,8 @@ def main(argv=None) -> int:
         report["breakdown"] = {"precision": precisions[0], "batch": cfg["batch"],
                                "kinds": breakdown(cfg, device, precisions[0], max(cfg["breakdown_repeats"], 1),
                                                   clock)}
+    if "demo" in sections:
+        report["demo"] = bench_demo(cfg, device, clock)
     if "prep" in sections:
         report["prep"] = bench_prep(cfg)
     if "inference" in sections:

@@ -50,6 +50,7 @@ for p in (str(ROOT), str(ROOT / "bench")):
 
 import torch  # noqa: E402
 
+from distill.hardware import describe_machine, machine_description  # noqa: E402
 from prepare_study_data import L3_NAME, default_cache_dir  # noqa: E402
 
 from distill import terms as term_registry  # noqa: E402
@@ -108,7 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=64, help="fine-tuning and evaluation truncation (tokens)")
     p.add_argument("--max_train", type=int, default=None, help="use the first N training examples of each task (full 1000, quick 160; 0: all)")
     p.add_argument("--max_dev", type=int, default=None, help="use the first N dev examples of each task")
-    p.add_argument("--precision", default="auto", help="bf16, fp32 or auto (bf16 where the CPU has bf16 instructions)")
+    p.add_argument("--precision", default="auto",
+                   help="bf16, fp32 or auto (distill-train's auto: bf16 on a CPU with bf16 instructions or a bf16 GPU, "
+                        "fp16 O2 on an older GPU, else fp32)")
     p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
     p.add_argument("--out", default="docs/study", help="writes OUT.md, OUT.png and OUT.json")
@@ -152,14 +155,13 @@ def parse_args(argv=None):
     return ns
 
 
-def bf16_ok() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def auto_precision() -> tuple[str, str]:
+    """What "auto" trains in here, and why: the engine's own decision (distill.hardware), so the study and
+    distill-train never disagree."""
+    from distill.hardware import auto_precision_here
+
+    precision, _, why = auto_precision_here("cuda" if torch.cuda.is_available() else "cpu")
+    return precision, why
 
 
 # --- the pieces -------------------------------------------------------------------------------
@@ -369,7 +371,7 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
     args = GlueTrainingArguments(
         output_dir=out, num_train_epochs=ns.epochs, learning_rate=ns.learning_rate,
         per_device_train_batch_size=ns.batch_size, warmup_steps=0.1, weight_decay=0.01, seed=seed,
-        bf16=ns.train_precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to=[],
+        bf16=ns.train_precision == "bf16", fp16=ns.train_precision == "fp16", use_cpu=not torch.cuda.is_available(), report_to=[],
         disable_tqdm=True, logging_strategy="no", eval_strategy="no", save_strategy="no")
     records = []
     for task in tasks:
@@ -561,8 +563,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         command,
         "```",
         "",
-        f"- Machine: 2 CPU cores (x86-64, AVX-512 with bf16), no GPU; {torch.get_num_threads()} torch threads"
-        if not torch.cuda.is_available() else f"- Machine: {torch.cuda.get_device_name(0)}",
+        f"- Machine: {describe_machine()}; {torch.get_num_threads()} torch threads",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
         f"- Teacher: `{ns.teacher}`; tasks: {', '.join(t.name for t in tasks)}"
@@ -631,7 +632,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         "settings": {k: v for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "machine": "2 CPU cores (x86-64, AVX-512 with bf16), no GPU" if not torch.cuda.is_available() else "cuda",
+        "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
         "rows": summary, "speed": speed, "params": params, "timings_s": timings,
     }, indent=2, default=str) + "\n", encoding="utf-8")
     plot(summary, Path(str(out) + ".png"), ns, mode)
@@ -714,7 +715,7 @@ def collect_results(rows, tasks, ns) -> dict:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", torch.get_num_threads())))
-    ns.train_precision = ("bf16" if bf16_ok() else "fp32") if ns.precision == "auto" else ns.precision
+    ns.train_precision = auto_precision()[0] if ns.precision == "auto" else ns.precision
     command = "python bench/study.py " + " ".join(
         a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:]))
     for flag in (" --report_only", " --remeasure_speed"):

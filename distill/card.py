@@ -8,7 +8,9 @@ from . import __version__
 from .terms import takes_temperature
 
 
-def training_card(cfg, layers, objective, stats, steps, world, device, precision, student_class, data_desc) -> str:
+def training_card(cfg, layers, objective, stats, steps, world, device, precision, student_class, data_desc,
+                  auto_reason: str | None = None, machine: str | None = None) -> str:
+    """``auto_reason``: the line precision "auto" printed; ``machine``: hardware.describe_machine() of the run."""
     weights = {k: v for k, v in cfg.weights.items() if v}
     final = stats.last_terms or {}
     lines = [
@@ -27,8 +29,8 @@ def training_card(cfg, layers, objective, stats, steps, world, device, precision
         f"sequences x {cfg.block_size} tokens ({stats.tokens:,} real tokens seen) |",
         f"| optimiser | AdamW lr {cfg.learning_rate:g}, betas ({cfg.adam_beta1}, {cfg.adam_beta2}), eps {cfg.adam_epsilon:g}, "
         f"weight decay {cfg.weight_decay:g}, warm-up {cfg.warmup_ratio:g} then linear decay, clip {cfg.max_grad_norm:g} |",
-        f"| precision | {precision}; {stats.skipped} overflow steps skipped |",
-        f"| hardware | {world} x {device} |",
+        f"| precision | {precision}{'; ' + auto_reason.removeprefix('precision: ') if auto_reason else ''}; {stats.skipped} overflow steps skipped |",
+        f"| hardware | {world} x {device}{': ' + machine if machine else ''} |",
         f"| final terms (mean of the last logging window) | {json.dumps({k: round(v, 5) for k, v in final.items()})} |",
         "",
         "Load it like any transformers model:", "",

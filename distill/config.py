@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +24,46 @@ DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
 
 
-def _f(default, help: str, **kw):
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: finite, between ``low`` and ``high`` (open ends where marked).
+
+    Written as in mathematics, ``[0, 1)``, in --help and in the error for a value outside it.
+    """
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        try:
+            value = float(value)
+        except (OverflowError, TypeError, ValueError):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+UNIT = Range(0, 1)  # a fraction or probability, ends included
+AUTO = "auto"  # fields with auto=True also take "auto": the machine decides (distill.hardware)
+
+
+def _f(default, help: str, *, range: Range | None = None, auto: bool = False, **kw):
+    meta = {"help": help, "range": range, "auto": auto}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -38,38 +75,43 @@ class DistillConfig:
     student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
     # --- objective ---
     weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
-    temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2")
+    temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
+                            range=Range(0, 100, low_open=True))
     layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
     restrict_ce_to_mask: bool = _f(False, "compute ce/kl on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
     # --- ELECTRA ---
     generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
     train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
-    generator_weight: float = _f(1.0, "weight of the generator's MLM loss when train_generator is on")
+    generator_weight: float = _f(1.0, "weight of the generator's MLM loss when train_generator is on", range=NON_NEGATIVE)
     # --- data ---
     corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>], a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
-    block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included")
+    block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included", range=Range(3))
     data_mode: str = _f("pack", "pack (fixed blocks, no padding) or group (one paragraph per sequence, batched by length)")
     cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)")
-    num_proc: int = _f(1, "processes for tokenisation")
-    max_documents: int | None = _f(None, "use only the first N documents of the corpus (quick runs)")
-    mlm_probability: float = _f(0.15, "fraction of tokens that are prediction targets")
-    mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing")
+    num_proc: int | str = _f(AUTO, "processes for tokenisation (datasets.map); auto: this process for small corpora "
+                                   "(its tokenizer threads use the cores), one per usable core for large ones",
+                             range=AT_LEAST_1, auto=True)
+    max_documents: int | None = _f(None, "use only the first N documents of the corpus (quick runs)", range=AT_LEAST_1)
+    mlm_probability: float = _f(0.15, "fraction of tokens that are prediction targets", range=Range(0, 1, low_open=True))
+    mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing",
+                               range=UNIT)
     # --- optimisation (defaults: the DistilBERT recipe) ---
-    learning_rate: float = _f(5e-4, "peak AdamW learning rate")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.98, "AdamW beta2")
-    adam_epsilon: float = _f(1e-6, "AdamW epsilon")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
-    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up, then linear decay to 0")
-    max_grad_norm: float = _f(5.0, "gradient-norm clip (0 disables)")
-    per_device_batch_size: int = _f(32, "sequences per GPU per micro-step")
-    gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step")
-    num_epochs: float = _f(3.0, "passes over the corpus")
-    max_steps: int = _f(-1, "stop after this many optimiser steps (overrides num_epochs when > 0)")
-    seed: int = _f(56, "seed of data order, masking and initialisation")
+    learning_rate: float = _f(5e-4, "peak AdamW learning rate", range=Range(0, 1, low_open=True))
+    adam_beta1: float = _f(0.9, "AdamW beta1", range=Range(0, 1, high_open=True))
+    adam_beta2: float = _f(0.98, "AdamW beta2", range=Range(0, 1, high_open=True))
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon", range=Range(0, 1, low_open=True))
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)", range=UNIT)
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up, then linear decay to 0", range=UNIT)
+    max_grad_norm: float = _f(5.0, "gradient-norm clip (0 disables)", range=NON_NEGATIVE)
+    per_device_batch_size: int = _f(32, "sequences per GPU per micro-step", range=AT_LEAST_1)
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step", range=AT_LEAST_1)
+    num_epochs: float = _f(3.0, "passes over the corpus", range=POSITIVE)
+    max_steps: int = _f(-1, "stop after this many optimiser steps (overrides num_epochs when > 0)", range=Range(-1))
+    seed: int = _f(56, "seed of data order, masking and initialisation", range=Range(0, 2**32 - 1))
     # --- precision ---
-    precision: str = _f("fp32", "fp32, bf16 or fp16")
+    precision: str = _f(AUTO, "auto, fp32, bf16 or fp16; auto: bf16 on a CPU with avx512_bf16/amx_bf16 or a GPU with "
+                              "native bf16, fp16 (fp16_opt_level) on an older GPU, fp32 on other CPUs")
     fp16_opt_level: str = _f("O2", "apex-style opt level for fp16: O1 (autocast), O2 (fp16 weights, fp32 norms and master weights) or O3 (pure fp16, needs force_o3)")
     force_o3: bool = _f(False, "allow fp16 O3 (pure fp16; it does not train well)")
     amp_backend: str = _f("native", "native (torch.amp) or apex (only if NVIDIA apex with apex.amp is importable)")
@@ -77,10 +119,12 @@ class DistillConfig:
     output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go")
     overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)")
-    save_total_limit: int = _f(2, "keep only the newest N checkpoints")
-    logging_steps: int = _f(10, "log every N optimiser steps")
+    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)", range=NON_NEGATIVE)
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints", range=AT_LEAST_1)
+    logging_steps: int = _f(10, "log every N optimiser steps", range=AT_LEAST_1)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
+    threads: int | str = _f(AUTO, "torch CPU threads; auto: the cores this process may use (its CPU affinity mask, "
+                                  "capped by OMP_NUM_THREADS when set)", range=AT_LEAST_1, auto=True)
     progress: bool = _f(True, "draw a progress bar")
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +138,8 @@ def _parse_value(name: str, raw: Any):
     """Turn a JSON value or a command-line string into the field's type."""
     f = FIELDS[name]
     ftype = str(f.type)
+    if f.metadata["auto"] and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
     if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and "None" in ftype):
         return None
     if not isinstance(raw, str):
@@ -118,6 +164,10 @@ def _parse_value(name: str, raw: Any):
     return raw
 
 
+def _type_text(f) -> str:
+    return "int or \"auto\"" if f.metadata["auto"] else str(f.type)
+
+
 def _check_types(cfg: DistillConfig) -> None:
     for name, f in FIELDS.items():
         value, ftype = getattr(cfg, name), str(f.type)
@@ -125,28 +175,37 @@ def _check_types(cfg: DistillConfig) -> None:
             if "None" not in ftype:
                 raise UsageError(f"{name} may not be null")
             continue
+        if f.metadata["auto"] and value == AUTO:
+            continue
         base = ftype.split("[")[0].split(" |")[0]
         expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}[base]
         if base in ("int", "float") and isinstance(value, bool) or not isinstance(value, expected):
-            raise UsageError(f"{name}={value!r} should be {ftype}")
+            raise UsageError(f"{name}={value!r} should be {_type_text(f)}")
+    _check_ranges(cfg)
     if cfg.data_mode not in ("pack", "group"):
         raise UsageError(f"data_mode={cfg.data_mode!r}: choose pack or group")
-    for name in ("per_device_batch_size", "gradient_accumulation_steps", "block_size", "num_proc", "logging_steps",
-                 "save_total_limit"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.save_steps < 0:
-        raise UsageError(f"save_steps={cfg.save_steps} must be >= 0 (0: no checkpoints)")
-    for name, low, high in (("warmup_ratio", 0.0, 1.0), ("mlm_probability", 1e-9, 1.0), ("adam_beta1", 0.0, 1.0),
-                            ("adam_beta2", 0.0, 1.0)):
-        if not low <= getattr(cfg, name) <= high:
-            raise UsageError(f"{name}={getattr(cfg, name)} must lie in [{low:g}, {high:g}]")
     for name in ("student_layers",):
         value = getattr(cfg, name)
         if value is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
             raise UsageError(f"{name}={value!r} must be whole layer numbers, e.g. [1, 5, 8, 12]")
     if cfg.layer_map is not None:
         parse_layer_map(cfg.layer_map)  # the shape here; the layer counts once the models' configs are read
+
+
+def _check_ranges(cfg: DistillConfig) -> None:
+    """Every numeric field against its declared Range, and the loss weights: NaN, inf and out-of-range values
+    stop the run here, before anything is loaded or written, instead of as a traceback mid-run."""
+    for name, f in FIELDS.items():
+        allowed, value = f.metadata["range"], getattr(cfg, name)
+        if allowed is None or value is None or value == AUTO:
+            continue
+        if value not in allowed:
+            auto = ' or "auto"' if f.metadata["auto"] else ""
+            raise UsageError(f"{name}={value!r} is out of range: it must be a finite number in {allowed}{auto}")
+    for term, weight in (cfg.weights or {}).items():
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight not in NON_NEGATIVE:
+            raise UsageError(f"weights[{term!r}]={weight!r} is out of range: a loss weight must be a finite number "
+                             f"in {NON_NEGATIVE} (0 turns the term off)")
 
 
 def load_config_file(path: str) -> dict:
@@ -172,8 +231,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")
     for name, f in FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(dest=name, default=None, metavar=str(f.type).split(" |")[0].upper().replace(" ", ""),
-                      help=f"{f.metadata['help']} (default: {json.dumps(default)})")
+        allowed = f" in {f.metadata['range']}" if f.metadata["range"] is not None else ""
+        metavar = "INT|auto" if f.metadata["auto"] else str(f.type).split(" |")[0].upper().replace(" ", "")
+        kwargs = dict(dest=name, default=None, metavar=metavar,
+                      help=f"{f.metadata['help']} (default: {json.dumps(default)}{allowed})")
         if str(f.type) == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         p.add_argument(f"--{name}", **kwargs)
@@ -185,7 +246,7 @@ def build_parser() -> ArgumentParser:
 DEMO_RECIPE = {
     "teacher": DEMO_TEACHER, "student_layers": [2, 4, 6], "weights": dict(REPRESENTATION_WEIGHTS),
     "corpus": DEMO_CORPUS, "block_size": 128, "data_mode": "pack", "learning_rate": 1e-4, "warmup_ratio": 0.05,
-    "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 1, "precision": "bf16",
+    "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 1, "precision": "auto",
     "save_steps": 200, "logging_steps": 10, "output_dir": "runs/demo-minilm-3l",
 }
 

@@ -13,7 +13,8 @@ Sources (:func:`parse_source`):
   paragraph per line. ``.bz2``, ``.gz`` and ``.xz`` files are read compressed.
 
 Pipeline (all Arrow-backed, memory flat however big the corpus):
-text rows (one paragraph each) -> token ids (``datasets.map``, batched, ``num_proc``)
+text rows (one paragraph each) -> token ids (``datasets.map``, batched, ``num_proc`` processes,
+each batch split over the process's share of the cores as tokenizer threads)
 -> cached under ``<cache_dir>/tokens-<key>/`` -> blocks, cached under
 ``<cache_dir>/blocks-<key>/``:
 
@@ -44,6 +45,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -53,6 +55,7 @@ import pyarrow as pa
 import torch
 
 from .errors import UsageError
+from .hardware import AUTO, resolve_num_proc, usable_cores
 
 CACHE_VERSION = 1  # bump when the cached layout or the text cleaning changes
 WIKITEXT_HUB_ID = "Salesforce/wikitext"
@@ -418,9 +421,32 @@ def _backend(tokenizer):
     return backend
 
 
-def _tokenize_batch(texts: list[str], backend) -> dict:
-    """One ``datasets.map`` batch: paragraphs -> token ids without special tokens."""
-    return {"ids": [enc.ids for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> pool; a forked worker makes its own
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="distill-tokenize")
+    return _POOLS[key]
+
+
+def _tokenize_batch(texts: list[str], backend, threads: int = 1) -> dict:
+    """One ``datasets.map`` batch: paragraphs -> token ids without special tokens.
+
+    With ``threads`` > 1 the batch is cut into that many contiguous slices encoded at
+    once: the Rust tokenizer releases the GIL, so the cores work even where
+    ``TOKENIZERS_PARALLELISM=false`` turns its own parallelism off (users set it to
+    silence the fork warning, and that made this step single-core). Order is kept.
+    """
+    def encode(part):
+        return [enc.ids for enc in backend.encode_batch_fast(part, add_special_tokens=False)]
+
+    if threads <= 1 or len(texts) < 2 * threads:
+        return {"ids": encode(texts)}
+    step = -(-len(texts) // threads)
+    parts = _thread_pool(threads).map(encode, [texts[i:i + step] for i in range(0, len(texts), step)])
+    return {"ids": [ids for part in parts for ids in part]}
 
 
 def _sha(obj) -> str:
@@ -479,8 +505,11 @@ def _no_text_error(source: CorpusSource) -> UsageError:
                       "heading, redirect or non-article page); check the path and the file format")
 
 
-def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc: int, max_documents: int | None):
-    """An Arrow dataset with one ``text`` row per clean paragraph (nothing held in RAM)."""
+def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_documents: int | None):
+    """An Arrow dataset with one ``text`` row per clean paragraph (nothing held in RAM).
+
+    ``num_proc``: processes, or ``"auto"`` (hardware.resolve_num_proc: from the hub
+    split's rows, or the local files' bytes)."""
     import datasets
     from datasets import Features, Value
 
@@ -494,6 +523,7 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc: int, max_d
             ) from err
         if "text" not in ds.column_names:
             raise UsageError(f"hub dataset {source.hub_id!r} has no 'text' column (it has {ds.column_names})")
+        num_proc = resolve_num_proc(num_proc, num_rows=len(ds))
         ds = ds.map(
             _clean_wikitext_batch, batched=True, input_columns="text", remove_columns=ds.column_names,
             num_proc=num_proc if num_proc > 1 else None, cache_file_name=str(workdir / "text.arrow"),
@@ -507,8 +537,11 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc: int, max_d
     files = list(source.files)
     if next(iter_paragraphs(files, max_documents), None) is None:  # datasets cannot build an empty split
         raise _no_text_error(source)
+    num_proc = resolve_num_proc(num_proc, num_bytes=sum(os.path.getsize(f) for f in files))
     gen_procs = 1 if max_documents is not None else max(1, min(num_proc, len(files)))
     try:
+        if gen_procs == 1:  # in this process: straight to Arrow, without the builder machinery (a second of imports)
+            return _write_text_rows(files, max_documents, workdir / "text.arrow")
         return datasets.Dataset.from_generator(
             _generate_text_rows, features=Features({"text": Value("string")}), cache_dir=str(workdir / "gen"),
             gen_kwargs={"files": files, "max_documents": max_documents},
@@ -522,9 +555,31 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc: int, max_d
         raise
 
 
-def tokenized_corpus(source, tokenizer, cache_dir, num_proc: int = 1, max_documents: int | None = None,
+def _write_text_rows(files: list[str], max_documents: int | None, path: Path):
+    """The clean paragraphs of ``files`` as a one-column Arrow file, written ``_READ_ROWS`` rows at a time."""
+    from datasets import Dataset
+
+    schema = pa.schema([("text", pa.string())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        rows: list[str] = []
+        for row in _generate_text_rows(files, max_documents):
+            rows.append(row["text"])
+            if len(rows) == _READ_ROWS:
+                writer.write_batch(pa.record_batch([pa.array(rows, pa.string())], schema=schema))
+                rows = []
+        if rows:
+            writer.write_batch(pa.record_batch([pa.array(rows, pa.string())], schema=schema))
+    return Dataset.from_file(str(path))
+
+
+def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_documents: int | None = None,
                      split: str = "train"):
     """The corpus tokenised once: a Dataset with an ``ids`` column (one row per paragraph, no specials).
+
+    ``num_proc``: ``datasets.map`` processes, or ``"auto"`` (:func:`distill.hardware.resolve_num_proc`:
+    this process for small corpora, one per usable core for large ones); either way each
+    process tokenises with threads over its share of the usable cores. The result does
+    not depend on it.
 
     Cached under ``<cache_dir>/tokens-<key>/``, key = corpus (files with size and mtime,
     or hub id/config/split) + tokenizer (its tokenizer.json) + ``max_documents``.
@@ -534,7 +589,8 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc: int = 1, max_docume
     src = source if isinstance(source, CorpusSource) else parse_source(source, split)
     if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
         raise UsageError(f"max_documents {max_documents!r} must be a positive integer (or None for all)")
-    num_proc = max(1, int(num_proc or 1))
+    if num_proc != AUTO:
+        num_proc = max(1, int(num_proc or 1))
     backend = _backend(tokenizer)
     tok_hash = hashlib.sha256(backend.to_str().encode()).hexdigest()[:20]
     key_payload = {"v": CACHE_VERSION, "source": src.fingerprint(), "tokenizer": tok_hash,
@@ -551,9 +607,11 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc: int = 1, max_docume
             text = _load_text_dataset(src, tmp, num_proc, max_documents)
             if len(text) == 0:
                 raise _no_text_error(src)
+            procs = resolve_num_proc(num_proc, num_rows=len(text))
+            threads = max(1, usable_cores() // procs)  # each process's share of the cores
             tokens = text.map(
                 _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
-                fn_kwargs={"backend": backend}, num_proc=num_proc if num_proc > 1 else None,
+                fn_kwargs={"backend": backend, "threads": threads}, num_proc=procs if procs > 1 else None,
                 cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=key,
                 features=Features({"ids": List(Value("int32"))}), desc="tokenising",
             )
@@ -565,7 +623,8 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc: int = 1, max_docume
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             meta = {**key_payload, "kind": "tokens", "spec": src.spec,
                     "tokenizer_name": getattr(tokenizer, "name_or_path", ""), "files": files,
-                    "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2)}
+                    "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2),
+                    "num_proc": procs, "threads_per_process": threads}
             _write_meta(tmp, meta)
             _publish(tmp, final)
         except BaseException:
@@ -652,7 +711,7 @@ def _write_grouped(tokens, path: Path, block_size: int, cls_id: int, sep_id: int
     return {"num_rows": rows, "dropped_tail_tokens": 0}
 
 
-def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str = "pack", num_proc: int = 1,
+def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str = "pack", num_proc="auto",
                        max_documents: int | None = None, split: str = "train"):
     """The single entry point: corpus -> cached ``datasets.Dataset`` of training sequences.
 

@@ -157,6 +157,11 @@ def train(cfg: DistillConfig) -> str:
     from .precision import Precision
 
     env = setup_distributed(cfg.device)
+    from .hardware import describe_machine, machine_description, resolve_threads
+
+    # torchrun on a CPU: the processes of this node share its cores
+    threads, threads_why = resolve_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
     out = Path(cfg.output_dir)
     if not cfg.resume:
         check_output_dir(out, cfg.overwrite_output_dir, "--overwrite_output_dir (or --resume to continue)")
@@ -237,9 +242,15 @@ def train(cfg: DistillConfig) -> str:
         torch.manual_seed(cfg.seed + env.rank)  # dropout differs per process, as in any DDP run
     if env.main:
         (out / LOGS).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "distill_config.json", cfg.to_dict())
+        # what the "auto" fields became on this machine, next to them ("_" keys: the file stays a valid recipe)
+        resolved = {"precision": precision.mode, "precision_reason": precision.auto_reason, "threads": threads,
+                    "threads_reason": threads_why, "machine": machine_description()}
+        atomic_write_json(out / "distill_config.json", {**cfg.to_dict(), "_resolved": resolved})
     logger = Logger(out / LOGS, env.main and cfg.progress, total_steps, start_step) if env.main else None
     if env.main:
+        if precision.auto_reason:
+            print(precision.auto_reason, file=sys.stderr)
+        print(f"threads: {threads} ({threads_why})", file=sys.stderr)
         print(f"distilling {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M-parameter student from "
               f"{cfg.teacher} on {env.world} x {env.device.type}, {precision.description}; {total_steps} steps of "
               f"{global_batch} x {cfg.block_size} tokens; terms {objective.describe()}", file=sys.stderr)
@@ -294,7 +305,7 @@ def train(cfg: DistillConfig) -> str:
         logger.close()
     if env.main:
         save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
-                     batches.describe(), pooler_start)
+                     batches.describe(), pooler_start, machine=describe_machine())
         print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
         if generator is not None:
             from .electra import save_generator
@@ -545,7 +556,7 @@ def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, en
 # --- the saved student ------------------------------------------------------------------------
 
 def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc,
-                 pooler_state=None):
+                 pooler_state=None, machine: str | None = None):
     """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last."""
     from .card import training_card
 
@@ -560,7 +571,8 @@ def save_student(out: Path, student, precision, tokenizer, cfg, layers, objectiv
     tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(
         training_card(cfg, layers, objective, stats, steps, env.world, env.device.type, precision.description,
-                      type(export).__name__, data_desc), encoding="utf-8")
+                      type(export).__name__, data_desc, auto_reason=precision.auto_reason, machine=machine),
+        encoding="utf-8")
     atomic_write_json(tmp / INIT_RECORD, {"teacher": cfg.teacher, "student_type": family_of(export).name,
                                           "layers": list(layers), "distilled": True})
     names = sorted(p.name for p in tmp.iterdir())

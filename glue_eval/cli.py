@@ -60,9 +60,10 @@ def _main(argv=None) -> int:
         return _report(argv[1:])
     glue, args = _parse(argv)
 
-    from .finetune import precision_check
+    from .finetune import apply_precision, precision_check
     from .grid import load_grid, plan, run_grid
 
+    args, precision_line = apply_precision(glue, args)  # the line is printed when training starts
     precision_check(args)
     if not glue.task and not glue.grid:
         raise UsageError("--task is required: a GLUE task name, 'all', or a task spec .json (or give --grid)")
@@ -78,7 +79,7 @@ def _main(argv=None) -> int:
                              "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
         for task in tasks:
             parse_weights(glue.distill_weights, task)
-    records = run_grid(tasks, cells, base, glue, args.output_dir)
+    records = run_grid(tasks, cells, base, glue, args.output_dir, announce=precision_line)
     for r in records:
         parts = ", ".join(f"{split} " + " ".join(f"{k} {100 * v:.1f}" for k, v in m.items())
                           for split, m in r["dev"].items())

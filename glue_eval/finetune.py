@@ -56,6 +56,11 @@ class GlueArguments:
     student_layers: str | None = field(default=None, metadata={
         "help": "Teacher layers the student was built from, e.g. 1,5,8,12: the layer map of "
                 f"{'/'.join(terms.select(layers='map', sequence_level=True))}."})
+    precision: str = field(default="auto", metadata={
+        "choices": ["auto", "fp32", "bf16", "fp16"],
+        "help": "auto (default): bf16 on a CPU with avx512_bf16/amx_bf16 or a GPU with native bf16, fp16 on an older "
+                "GPU, fp32 on other CPUs (where bf16 is emulated and slow); or fp32, bf16, fp16. Sets Trainer's "
+                "bf16/fp16 flags; an explicit --bf16 or --fp16 stands."})
 
 
 @dataclass
@@ -244,6 +249,32 @@ def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
         atomic_write_text(os.path.join(folder, filename), "\n".join(lines) + "\n")
         written.append(os.path.join("submission", filename))
     return written
+
+
+def apply_precision(glue: GlueArguments, args: TrainingArguments) -> tuple[TrainingArguments, str | None]:
+    """``--precision`` onto Trainer's ``bf16``/``fp16`` flags; returns the arguments and the line to print.
+
+    ``auto`` asks :func:`distill.hardware.resolve_auto_precision` (the one decision the
+    distillation engine uses too) about the device the Trainer will use. Trainer's own
+    ``--bf16``/``--fp16`` stand when given; with an explicit ``--precision`` they must agree.
+    """
+    import dataclasses
+
+    from distill.hardware import choose_precision
+
+    given = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    if given:
+        if glue.precision not in ("auto", given):
+            raise UsageError(f"--precision {glue.precision} disagrees with Trainer's --{given}: give one of them")
+        return args, None
+    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    chosen, _, line = choose_precision(glue.precision, "O2", device)
+    if chosen not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {glue.precision!r}: choose auto, fp32, bf16 or fp16")
+    if chosen == "fp32":
+        return args, line
+    # replace() re-runs TrainingArguments' own checks and derives its mixed-precision setting from the flag
+    return dataclasses.replace(args, bf16=chosen == "bf16", fp16=chosen == "fp16"), line
 
 
 def precision_check(args: TrainingArguments) -> None:

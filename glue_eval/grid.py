@@ -79,8 +79,11 @@ def _as_spec(tasks) -> str:
     return tasks if isinstance(tasks, str) else ",".join(tasks)
 
 
-def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str) -> list[dict]:
-    """Run every (task, cell) without a result yet; return all finished records of this grid."""
+def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str,
+             announce: str | None = None) -> list[dict]:
+    """Run every (task, cell) without a result yet; return all finished records of this grid.
+
+    ``announce``: a line printed once before the first cell trains (after every input check passed)."""
     check_model_dir(glue.model, glue.tokenizer)
     for task in tasks:
         check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
@@ -104,6 +107,8 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
         data = tokenize(task, raw.pop(task.name), tokenizer, glue.max_seq_length)
         for cell_args in todo[task.name]:
             n += 1
+            if announce and n == 1:
+                print(announce, file=sys.stderr)
             print(f"[{n}/{total}] {task.name} {os.path.basename(cell_args.output_dir)}", file=sys.stderr)
             record = finetune(task, data, tokenizer, cell_args, glue)
             write_result(cell_args.output_dir, record, describe(glue, cell_args, task_data[task.name]))

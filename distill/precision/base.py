@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..hardware import choose_precision
 from .choose import check_names, read_cpu_flags, resolve_precision
 
 log = logging.getLogger(__package__)  # "distill.precision", whichever mode's module logs
@@ -112,6 +113,7 @@ class Precision:
         self.device = torch.device(device)
         self.notes = list(notes or [])
         self.requested = requested or self.mode
+        self.auto_reason: str | None = None  # set when precision "auto" chose this mode: the line the run prints
         self.skipped_steps = 0
         self.scaler: torch.amp.GradScaler | None = None
         self._optimizer = None
@@ -137,8 +139,10 @@ class Precision:
         without bf16 instructions, and ``amp_backend="apex"`` without ``apex.amp``.
         ``cpu_flags``: the CPU's feature flags; None reads /proc/cpuinfo (tests inject a set).
         """
-        level = check_names(precision, fp16_opt_level, amp_backend, force_o3)
         device = torch.device(device)
+        # "auto": the machine decides (distill.hardware); explicit choices pass through unchanged
+        precision, fp16_opt_level, auto_reason = choose_precision(precision, fp16_opt_level, device.type, cpu_flags)
+        level = check_names(precision, fp16_opt_level, amp_backend, force_o3)
         requested = f"fp16 {level}" if precision == "fp16" else precision
         if amp_backend != "native":
             _backend_class(amp_backend).check_usable(precision, device)
@@ -156,6 +160,7 @@ class Precision:
         mode = f"fp16 {level}" if effective == "fp16" else effective
         prec = MODES[(amp_backend, mode)](effective, level, device, init_scale=init_scale,
                                           growth_interval=growth_interval, notes=notes, requested=requested)
+        prec.auto_reason = auto_reason
         for note in prec.notes:
             log.warning("precision: %s", note)
         return prec

@@ -7,31 +7,16 @@ and then builds the one class that implements the chosen mode.
 from __future__ import annotations
 
 from ..errors import UsageError
+from ..hardware import CPU_BF16_FLAGS, read_cpu_flags  # noqa: F401  (re-exported: the machine is read there)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPT_LEVELS = ("O1", "O2", "O3")
 BACKENDS = ("native", "apex")
-# x86 flags that make bf16 matmuls fast on a CPU (oneDNN); without them bf16 is emulated and slower than fp32.
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU feature flags from ``/proc/cpuinfo`` (x86 ``flags``, ARM ``Features``); None where unreadable."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        return None
-    return None
-
 
 def check_names(precision: str, fp16_opt_level: str, amp_backend: str, force_o3: bool) -> str:
     """Refuse unknown names and O3 without ``force_o3``; return the opt level upper-cased ("O1"/"O2"/"O3")."""
     if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} "
+        raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} or auto "
                          "(fp32 is apex's O0; fp16 takes fp16_opt_level O1, O2 or O3)")
     level = str(fp16_opt_level).upper()
     if level not in OPT_LEVELS:
