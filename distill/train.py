@@ -149,7 +149,17 @@ class StudentStep(nn.Module):
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: DistillConfig) -> str:
-    """Run a distillation described by ``cfg``; return the folder holding the student."""
+    """Run a distillation described by ``cfg``; return the folder holding the student.
+
+    The main process holds the output folder's lock for the whole run: a second writer is refused.
+    """
+    from .locks import output_lock
+
+    with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: DistillConfig) -> str:
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     from .batches import make_batches

@@ -80,7 +80,17 @@ def _as_spec(tasks) -> str:
 
 
 def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str) -> list[dict]:
-    """Run every (task, cell) without a result yet; return all finished records of this grid."""
+    """Run every (task, cell) without a result yet; return all finished records of this grid.
+
+    The grid holds ``out``'s lock while it runs: a second grid (or run) on the same folder is refused.
+    """
+    from distill.locks import output_lock
+
+    with output_lock(out, "glue-eval"):
+        return _run_grid(tasks, cells, args, glue, out)
+
+
+def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str) -> list[dict]:
     check_model_dir(glue.model, glue.tokenizer)
     for task in tasks:
         check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
