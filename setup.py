@@ -25,7 +25,7 @@ setup(
         "mwparserfromhell>=0.6",  # strips MediaWiki markup from raw Wikipedia dumps
     ],
     # sentence-transformers: the client the tests load sentence-transformers students in
-    extras_require={"test": ["pytest>=7", "sentence-transformers>=5"]},
+    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7"]},
     entry_points={
         "console_scripts": [
             "distill-init=distill.cli:init_main",
