@@ -4,6 +4,7 @@ The sentence-transformers proofs use the real ``sentence-transformers`` package 
 dependency) on the real all-MiniLM-L6-v2 and on a tiny pipeline built in the test.
 """
 
+import json
 import warnings
 from pathlib import Path
 
@@ -174,3 +175,61 @@ def test_card_datasets_name_hub_corpora_only(corpus_spec, dataset):
                                                                               "distilbert"]
     card = ModelCard("\n".join([*front_matter(meta), "", "# card"]))
     assert card.data.to_dict() == meta
+
+
+# --- GLUE's diagnostic set (AX.tsv) with the MNLI model -------------------------------------------
+
+AX_ROWS = [(0, "The cat sat on the mat.", "A cat sat."), (1, "He was at the school.", "He was not at the school."),
+           (2, "Some were new.", "All were new."), (7, "The city has two universities.", "The city has a university."),
+           (12, "She had known him for years.", "They met yesterday.")]
+
+
+def glue_with_diagnostic(root: Path, with_ax: bool) -> str:
+    from glue_eval.samples import write_glue_sample
+
+    data = write_glue_sample(str(root / "glue"), "tsv", tasks=["mnli"], sizes=(16, 8, 6))
+    if with_ax:  # GLUE's download: diagnostic/diagnostic.tsv, columns index, sentence1, sentence2
+        (root / "glue" / "diagnostic").mkdir()
+        lines = ["index\tsentence1\tsentence2"] + [f"{i}\t{a}\t{b}" for i, a, b in AX_ROWS]
+        (root / "glue" / "diagnostic" / "diagnostic.tsv").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def run_mnli(model, data, out) -> None:
+    from glue_eval.cli import main
+
+    assert main(["--model", model, "--task", "mnli", "--data_dir", data, "--output_dir", str(out), "--use_cpu",
+                 "--predict_test", "--save_model", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+                 "--learning_rate", "1e-3", "--seed", "3", "--disable_tqdm", "true"]) == 0
+
+
+def test_mnli_test_predictions_come_with_ax_predicted_by_the_mnli_model(bert_mlm_dir, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    run_mnli(bert_mlm_dir, glue_with_diagnostic(tmp_path, with_ax=True), out)
+    cell = next((out / "mnli").iterdir())
+    record = json.loads((cell / "result.json").read_text())
+    assert "submission/AX.tsv" in record["test_predictions"]
+    lines = (cell / "submission" / "AX.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(i) for i, _ in rows] == [i for i, _, _ in AX_ROWS]  # the file's own index column
+    # the same predictions, computed independently from the saved MNLI model
+    model = AutoModelForSequenceClassification.from_pretrained(str(cell / "model")).eval()
+    tok = AutoTokenizer.from_pretrained(str(cell / "model"))
+    batch = tok([a for _, a, _ in AX_ROWS], [b for _, _, b in AX_ROWS], padding=True, truncation=True,
+                max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**batch).logits.argmax(-1).tolist()
+    assert [p for _, p in rows] == [("entailment", "neutral", "contradiction")[i] for i in ids]
+    assert "AX.tsv skipped" not in capsys.readouterr().err
+
+
+def test_without_diagnostic_data_ax_is_skipped_in_one_line(bert_mlm_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_mnli(bert_mlm_dir, glue_with_diagnostic(tmp_path, with_ax=False), out)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "AX.tsv" in line]
+    assert len(notes) == 1 and "AX.tsv skipped" in notes[0] and "diagnostic/diagnostic.tsv" in notes[0]
+    cell = next((out / "mnli").iterdir())
+    assert sorted(p.name for p in (cell / "submission").iterdir()) == ["MNLI-m.tsv", "MNLI-mm.tsv"]
