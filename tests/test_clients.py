@@ -233,3 +233,27 @@ def test_without_diagnostic_data_ax_is_skipped_in_one_line(bert_mlm_dir, tmp_pat
     assert len(notes) == 1 and "AX.tsv skipped" in notes[0] and "diagnostic/diagnostic.tsv" in notes[0]
     cell = next((out / "mnli").iterdir())
     assert sorted(p.name for p in (cell / "submission").iterdir()) == ["MNLI-m.tsv", "MNLI-mm.tsv"]
+
+
+# --- transformers clients: a student loads exactly as cleanly as its teacher ------------------------
+
+@pytest.mark.parametrize("teacher_fixture, student_type, auto", [
+    ("bert_mlm_dir", "bert", "AutoModelForMaskedLM"), ("bert_mlm_dir", "distilbert", "AutoModelForMaskedLM"),
+    ("distilbert_mlm_dir", "distilbert", "AutoModelForMaskedLM"), ("electra_disc_dir", "electra", "AutoModelForPreTraining"),
+])
+def test_a_student_loads_in_its_teachers_auto_class_as_cleanly_as_the_teacher(teacher_fixture, student_type, auto,
+                                                                              request, tmp_path):
+    import transformers
+
+    teacher = request.getfixturevalue(teacher_fixture)
+    out = tmp_path / "student"
+    init_student(teacher, "1,3", str(out), student_type)
+    cls = getattr(transformers, auto)
+
+    def info(folder):
+        model, loading = cls.from_pretrained(str(folder), output_loading_info=True)
+        return type(model).__name__.split("For")[1], {k: sorted(v) for k, v in loading.items() if k != "error_msgs"}
+
+    (t_head, t_info), (s_head, s_info) = info(teacher), info(out)
+    assert s_head == t_head and s_info == t_info
+    assert not s_info["missing_keys"]
