@@ -24,7 +24,8 @@ setup(
         "safetensors",
         "mwparserfromhell>=0.6",  # strips MediaWiki markup from raw Wikipedia dumps
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # sentence-transformers: the client the tests load sentence-transformers students in
+    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7"]},
     entry_points={
         "console_scripts": [
             "distill-init=distill.cli:init_main",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 from .errors import UsageError
 
@@ -44,3 +45,37 @@ def wiki_extract_path() -> str:
     if path is None or not os.path.isfile(path):
         raise UsageError(f"the Wikipedia extract (carried by gensim's wheel) is not installed: run `{GENSIM_PIP}`")
     return path
+
+
+def resolve_model_name(name: str) -> str:
+    """A model path for a teacher name: the installed folder for the offline demo alias, else ``name``."""
+    from .config import DEMO_TEACHER
+
+    return minilm_dir() if name == DEMO_TEACHER else name
+
+
+# how a model card shows loading from the hub: SentenceTransformer('owner/name'), from_pretrained("owner/name")
+_LOAD_CALL = re.compile(r"(?:SentenceTransformer|from_pretrained)\(\s*['\"]([\w.-]+/[\w.-]+)['\"]")
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def hub_id(name: str) -> str | None:
+    """The Hugging Face hub id of a model, or None when it cannot be known.
+
+    A hub id stays as it is. The offline demo alias and local folders are read from the
+    model's own files: a folder inside the hub cache (``models--owner--name``), or a model
+    card whose usage code loads ``'owner/name'`` (as the installed all-MiniLM-L6-v2's does).
+    """
+    path = resolve_model_name(name)
+    if not os.path.isdir(path):
+        return name if _HUB_ID.match(name) else None
+    for part in reversed(os.path.abspath(path).split(os.sep)):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    card = os.path.join(path, "README.md")
+    if os.path.isfile(card):
+        with open(card, encoding="utf-8", errors="replace") as f:
+            found = _LOAD_CALL.findall(f.read())
+        if found and len(set(found)) == 1:  # one id throughout; several would be a guess
+            return found[0]
+    return None

@@ -3,22 +3,110 @@
 from __future__ import annotations
 
 import json
+import os
 
 from . import __version__
 from .terms import takes_temperature
+
+PIPELINE_TAGS = (  # (end of the student's class name, the Hub's pipeline tag)
+    ("ForMaskedLM", "fill-mask"), ("ForSequenceClassification", "text-classification"),
+    ("ForPreTraining", "feature-extraction"), ("Model", "feature-extraction"),
+)
+SENTENCE_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity"]
+
+
+def corpus_dataset(corpus: str | None) -> str | None:
+    """The hub dataset id of a corpus spec (``wikitext:...``, ``hub:<id>[:<config>]``); None for local text."""
+    if not corpus:
+        return None
+    if corpus.startswith("wikitext:"):
+        from .data import WIKITEXT_HUB_ID
+
+        return WIKITEXT_HUB_ID
+    if corpus.startswith("hub:"):
+        return corpus[4:].partition(":")[0] or None
+    return None
+
+
+def _teacher_card_fields(teacher_path: str) -> dict:
+    """``language`` and ``license`` from the teacher's own card: the student's weights come from it."""
+    import yaml
+
+    card = os.path.join(teacher_path, "README.md")
+    if not os.path.isfile(card):
+        return {}
+    with open(card, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.startswith("---"):
+        return {}
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return {}
+    return {k: meta[k] for k in ("language", "license") if isinstance(meta, dict) and meta.get(k)}
+
+
+def card_metadata(teacher: str, student_class: str, sentence: bool = False, corpus: str | None = None,
+                  extra_tags=()) -> dict:
+    """The Hub's card metadata for a student: base_model, library_name, tags, datasets, pipeline_tag.
+
+    ``teacher`` is the name the user gave (hub id, folder or the offline alias): the real hub
+    id is read from the teacher's own files (``assets.hub_id``); an unknown one is left out.
+    """
+    from .assets import hub_id, resolve_model_name
+
+    family = student_class.split("For")[0].removesuffix("Model").lower()
+    meta: dict = {}
+    base = hub_id(teacher)
+    if base:
+        meta["base_model"] = base
+    meta.update(_teacher_card_fields(resolve_model_name(teacher)))
+    meta["library_name"] = "sentence-transformers" if sentence else "transformers"
+    meta["tags"] = list(dict.fromkeys(["distillation", "knowledge-distillation", family, *extra_tags,
+                                       *(SENTENCE_TAGS if sentence else [])]))
+    dataset = corpus_dataset(corpus)
+    if dataset:
+        meta["datasets"] = [dataset]
+    meta["pipeline_tag"] = ("sentence-similarity" if sentence else
+                            next((tag for end, tag in PIPELINE_TAGS if student_class.endswith(end)), None))
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def front_matter(meta: dict) -> list[str]:
+    """The card's YAML front matter, as lines (``---`` / YAML / ``---``)."""
+    import yaml
+
+    return ["---", *yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n").splitlines(), "---"]
+
+
+def teacher_label(teacher: str) -> str:
+    """The teacher as a card names it: its hub id where known, else the name given."""
+    from .assets import hub_id
+
+    return hub_id(teacher) or teacher
+
+
+def sentence_usage() -> list[str]:
+    return ["```python", "from sentence_transformers import SentenceTransformer",
+            'model = SentenceTransformer("<this folder>")', 'embeddings = model.encode(["A sentence."])', "```", ""]
 
 
 def training_card(cfg, layers, objective, stats, steps, world, device, precision, student_class, data_desc,
                   auto_reason: str | None = None, machine: str | None = None) -> str:
     """``auto_reason``: the line precision "auto" printed; ``machine``: hardware.describe_machine() of the run."""
+    from .assets import resolve_model_name
+    from .sentence_models import pipeline_source
+
     weights = {k: v for k, v in cfg.weights.items() if v}
     final = stats.last_terms or {}
+    sentence = pipeline_source(resolve_model_name(cfg.teacher), cfg.student) is not None
+    teacher = teacher_label(cfg.teacher)
     lines = [
-        "---", "library_name: transformers", "tags: [distillation]", "---", "",
-        f"# {len(layers)}-layer student distilled from `{cfg.teacher}`", "",
+        *front_matter(card_metadata(cfg.teacher, student_class, sentence, cfg.corpus)), "",
+        f"# {len(layers)}-layer student distilled from `{teacher}`", "",
         f"Distilled with the `distill` toolkit {__version__}. The full recipe is in `distill_config.json`.", "",
         "| | |", "|---|---|",
-        f"| teacher | `{cfg.teacher}` |",
+        f"| teacher | `{teacher}`{f' (given as `{cfg.teacher}`)' if teacher != cfg.teacher else ''} |",
         f"| student | {student_class}, {len(layers)} layers, initialised from teacher layers {','.join(map(str, layers))} (1-based) |",
         f"| objective | {' + '.join(f'{w:g}*{k}' for k, w in weights.items())} |",
         f"| terms and layer pairs (s = student layer, t = teacher layer) | `{objective.describe()}` |",
@@ -37,6 +125,8 @@ def training_card(cfg, layers, objective, stats, steps, world, device, precision
         "```python", "from transformers import AutoModel, AutoTokenizer",
         'model = AutoModel.from_pretrained("<this folder>")', 'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
         "```", "",
+        *(["It is a sentence-transformers model, with its teacher's pooling and normalisation:", "",
+           *sentence_usage()] if sentence else []),
         "Grade it on GLUE with `glue-eval --model <this folder> --task all --output_dir <out>`.", "",
     ]
     return "\n".join(lines)

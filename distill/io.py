@@ -57,11 +57,16 @@ def read_json_object(path: str | os.PathLike, what: str, hint: str = "") -> dict
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
-    """An existing non-empty output folder is refused unless ``overwrite``."""
+    """An existing non-empty output folder is refused unless ``overwrite``.
+
+    The folder's own lock file (held by this process while it writes there) does not count as content.
+    """
+    from .locks import LOCK_NAME
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"output {str(path)!r} exists and is a file: give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()) and not overwrite:
         raise UsageError(
             f"output folder {str(path)!r} exists and is not empty: choose another folder or pass {flag}"
         )
@@ -71,10 +76,14 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--ov
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename.
 
-    On any error the temp folder is removed and ``path`` is left as it was.
+    On any error the temp folder is removed and ``path`` is left as it was. A folder that a live
+    run holds (its lock file) is never replaced.
     """
+    from .locks import check_unlocked
+
     path = Path(path)
     check_output_dir(path, overwrite)
+    check_unlocked(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:

@@ -136,12 +136,16 @@ def build_student(teacher, layers, student_type: str | None = None, teacher_name
 
 # --- the saved folder -------------------------------------------------------------------------
 
-def model_card(report: InitReport, student_type: str) -> str:
+def model_card(report: InitReport, student_type: str, sentence=None) -> str:
+    from .card import card_metadata, front_matter, sentence_usage, teacher_label
+
+    teacher = teacher_label(report.teacher)
     lines = [
-        "---", "library_name: transformers", "tags: [distillation, layer-selection]", "---", "",
-        f"# {len(report.layers)}-layer {student_type} student of `{report.teacher}`", "",
+        *front_matter(card_metadata(report.teacher, report.student_class, sentence is not None,
+                                    extra_tags=["layer-selection"])), "",
+        f"# {len(report.layers)}-layer {student_type} student of `{teacher}`", "",
         "Initialised by layer selection with the `distill` toolkit; not yet distilled.", "",
-        f"- teacher: `{report.teacher}` ({report.teacher_class})",
+        f"- teacher: `{teacher}` ({report.teacher_class})",
         f"- teacher layers copied (1-based): {','.join(map(str, report.layers))}",
         f"- student class: {report.student_class}",
         "- copied: embeddings, the selected layers, and the teacher's prediction head where it has one",
@@ -151,8 +155,12 @@ def model_card(report: InitReport, student_type: str) -> str:
         lines.append(f"- the teacher's pooler (`{pooler}`), so a sequence classifier built from this folder starts from it")
     if report.not_copied:
         lines.append(f"- randomly initialised (the teacher has no such part): {', '.join(report.not_copied)}")
+    if sentence is not None:
+        lines.append(f"- sentence-transformers pipeline, as the teacher's: {sentence.describe()}")
     lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
               "```", ""]
+    if sentence is not None:
+        lines += sentence_usage()
     return "\n".join(lines)
 
 
@@ -168,6 +176,11 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     config = load_config(teacher, "teacher")
     check_pair(family_of(config).name, student_type or family_of(config).name)
     parse_layers(layers, num_layers(config), what="teacher")
+    from .sentence_models import read_pipeline
+
+    # a sentence-transformers teacher: its pipeline travels (checked against the student's width now)
+    sentence = read_pipeline(teacher, student_config(config, len(parse_layers(layers, num_layers(config))),
+                                                     student_type or family_of(config).name))
     teacher_model = load_model(teacher, what="teacher")
     student_type = student_type or family_of(teacher_model).name
     student, report = build_student(teacher_model, layers, student_type, teacher_name=teacher)
@@ -180,7 +193,9 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     with atomic_dir(output, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "README.md").write_text(model_card(report, student_type), encoding="utf-8")
+        if sentence is not None:
+            sentence.write(tmp)
+        (Path(tmp) / "README.md").write_text(model_card(report, student_type, sentence), encoding="utf-8")
         atomic_write_json(Path(tmp) / INIT_RECORD, {
             "teacher": teacher, "teacher_class": report.teacher_class, "student_type": student_type,
             "layers": report.layers, "not_copied": report.not_copied,

@@ -149,7 +149,17 @@ class StudentStep(nn.Module):
 # --- the loop ---------------------------------------------------------------------------------
 
 def train(cfg: DistillConfig) -> str:
-    """Run a distillation described by ``cfg``; return the folder holding the student."""
+    """Run a distillation described by ``cfg``; return the folder holding the student.
+
+    The main process holds the output folder's lock for the whole run: a second writer is refused.
+    """
+    from .locks import output_lock
+
+    with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: DistillConfig) -> str:
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     from .batches import make_batches
@@ -177,6 +187,10 @@ def train(cfg: DistillConfig) -> str:
 
     check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
     layers, student_config = student_plan(cfg, teacher_config)
+    from .sentence_models import pipeline_source, read_pipeline
+
+    source = pipeline_source(teacher_path, cfg.student)  # sentence-transformers in, sentence-transformers out
+    sentence = read_pipeline(source, student_config) if source else None
     objective = Objective.from_config(
         cfg.weights, temperature=cfg.temperature, student_config=student_config, teacher_config=teacher_config,
         student_layers=layers, layer_map=cfg.layer_map, restrict_ce_to_mask=cfg.restrict_ce_to_mask,
@@ -305,7 +319,8 @@ def train(cfg: DistillConfig) -> str:
         logger.close()
     if env.main:
         save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
-                     batches.describe(), pooler_start, machine=describe_machine())
+                     batches.describe(), pooler_start, machine=describe_machine(),
+                     sentence=sentence)
         print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
         if generator is not None:
             from .electra import save_generator
@@ -556,8 +571,11 @@ def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, en
 # --- the saved student ------------------------------------------------------------------------
 
 def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc,
-                 pooler_state=None, machine: str | None = None):
-    """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last."""
+                 pooler_state=None, machine: str | None = None, sentence=None):
+    """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last.
+
+    ``sentence``: the teacher's sentence-transformers pipeline (``sentence_models``), written beside the weights.
+    """
     from .card import training_card
 
     export = precision.export_model(student)  # O2 trains fp16 weights: export the fp32 masters
@@ -569,6 +587,8 @@ def save_student(out: Path, student, precision, tokenizer, cfg, layers, objectiv
     export.config.output_attentions = False
     export.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if sentence is not None:
+        sentence.write(tmp)
     (tmp / "README.md").write_text(
         training_card(cfg, layers, objective, stats, steps, env.world, env.device.type, precision.description,
                       type(export).__name__, data_desc, auto_reason=precision.auto_reason, machine=machine),
@@ -577,8 +597,13 @@ def save_student(out: Path, student, precision, tokenizer, cfg, layers, objectiv
                                           "layers": list(layers), "distilled": True})
     names = sorted(p.name for p in tmp.iterdir())
     for name in names:
-        os.chmod(tmp / name, default_file_mode())
+        if (tmp / name).is_file():
+            os.chmod(tmp / name, default_file_mode())
+    if sentence is None:  # a sentence pipeline left by an earlier run in this folder is not this student's
+        (Path(out) / "modules.json").unlink(missing_ok=True)
     for name in [n for n in names if n != "config.json"] + ["config.json"]:  # config last: a folder with it is whole
+        if (tmp / name).is_dir() and (Path(out) / name).is_dir():
+            shutil.rmtree(Path(out) / name)  # a module folder (e.g. 1_Pooling) of an earlier run here
         os.replace(tmp / name, Path(out) / name)
     tmp.rmdir()
     atomic_write_text(Path(out) / LOGS / "final_terms.json", json.dumps(stats.last_terms or {}, indent=2) + "\n")

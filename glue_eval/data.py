@@ -19,7 +19,7 @@ import datasets
 
 from distill.errors import UsageError
 
-from .tasks import TSV_FILES, Task
+from .tasks import DIAGNOSTIC_OF, DIAGNOSTIC_TSV, TSV_FILES, Task
 
 HUB_DATASET = "nyu-mll/glue"
 HUB_PATTERNS = ("{split}.parquet", "{split}-*.parquet", "{split}.csv", "{split}-*.csv", "{split}.jsonl")
@@ -84,6 +84,46 @@ def find_split_file(task: Task, split: str, folder: str) -> str:
         f"missing {task.display} {split} split in {folder!r}: looked for {TSV_FILES[split]} (GLUE's original "
         f"layout) and {split}.parquet, {split}-*.parquet, {split}.csv (the hub's layout)"
     )
+
+
+def load_diagnostic(task: Task, data_dir: str | None = None, skip_bad_rows: bool = False
+                    ) -> tuple[datasets.Dataset | None, str]:
+    """GLUE's diagnostic set for ``task`` (MNLI's AX), with ``task``'s columns: ``(dataset, source)``.
+
+    ``(None, why)`` when the data is not at hand (the caller says AX.tsv was skipped), and
+    ``(None, "")`` for a task without a diagnostic set. Read from the hub (config ``ax``) when
+    ``data_dir`` is None; else from ``DATA_DIR/diagnostic/diagnostic.tsv`` (GLUE's download) or
+    ``DATA_DIR/ax/test.*`` (the hub's layout).
+    """
+    ax = DIAGNOSTIC_OF.get(task.name) if task.glue else None
+    if ax is None:
+        return None, ""
+    if data_dir is None:
+        try:
+            ds = datasets.load_dataset(HUB_DATASET, ax.name, split="test")
+        except Exception as err:  # noqa: BLE001 - offline or missing: AX is skipped, the task is not
+            return None, f"could not load {HUB_DATASET} ({ax.name}) from the hub ({type(err).__name__})"
+        columns = ds.to_dict()
+        rows = {f: columns[f] for f in task.text_fields}
+        rows["label"] = [-1] * len(ds)
+        rows["idx"] = columns["idx"] if "idx" in columns else list(range(len(ds)))
+        return _to_dataset(task, rows), f"{HUB_DATASET} ({ax.name})"
+    entries = {e.lower(): e for e in os.listdir(data_dir)} if os.path.isdir(data_dir) else {}
+    folder, name = DIAGNOSTIC_TSV
+    if folder in entries:
+        path = os.path.join(data_dir, entries[folder], name)
+        if os.path.isfile(path):
+            table, where = _read_table(path, skip_bad_rows)
+            return _pick(task, table, where, path, ax.tsv_test.text, None, ax.tsv_test.index, None), path
+    if ax.name in entries:
+        try:
+            path = find_split_file(ax, "test", os.path.join(data_dir, entries[ax.name]))
+        except UsageError:
+            path = None
+        if path:
+            return _read_glue_file(ax, "test", path, skip_bad_rows), path
+    return None, (f"no {'/'.join(DIAGNOSTIC_TSV)} (GLUE's download) or {ax.name}/test.parquet (the hub's layout) "
+                  f"in {data_dir!r}")
 
 
 # ----------------------------------------------------------------------------- the hub

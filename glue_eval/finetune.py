@@ -232,11 +232,19 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
 
 
 def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
-    """GLUE server files: ``index<TAB>prediction`` per test row, class names as GLUE's TSVs spell them."""
+    """GLUE server files: ``index<TAB>prediction`` per test row, class names as GLUE's TSVs spell them.
+
+    With MNLI, ``data`` may also hold GLUE's diagnostic set: it is predicted with the same model into AX.tsv.
+    """
     from distill.io import atomic_write_text
 
+    from .tasks import DIAGNOSTIC_OF, DIAGNOSTIC_SPLIT
+
     written = []
-    for split, filename in task.test_splits.items():
+    files = dict(task.test_splits)
+    if DIAGNOSTIC_SPLIT in data:
+        files[DIAGNOSTIC_SPLIT] = DIAGNOSTIC_OF[task.name].test_splits["test"]
+    for split, filename in files.items():
         ds = data[split]
         index = ds["idx"]
         out = trainer.predict(ds.remove_columns(["idx", "label"]))

@@ -20,10 +20,10 @@ import sys
 from distill.errors import UsageError
 from distill.io import atomic_write_text, read_json_object  # temp file + os.replace: a reader never sees half a result
 
-from .data import check_sources, load_splits, splits_needed
+from .data import check_sources, load_diagnostic, load_splits, splits_needed
 from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
                        task_settings, tokenize)
-from .tasks import Task, resolve_tasks
+from .tasks import DIAGNOSTIC_SPLIT, Task, resolve_tasks
 
 # The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
 # over the same draws in every cell and a rerun reproduces it; the seed report did not publish its own.
@@ -83,7 +83,17 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
              announce: str | None = None) -> list[dict]:
     """Run every (task, cell) without a result yet; return all finished records of this grid.
 
-    ``announce``: a line printed once before the first cell trains (after every input check passed)."""
+    ``announce``: a line printed once before the first cell trains (after every input check passed).
+    The grid holds ``out``'s lock while it runs: a second grid (or run) on the same folder is refused.
+    """
+    from distill.locks import output_lock
+
+    with output_lock(out, "glue-eval"):
+        return _run_grid(tasks, cells, args, glue, out, announce)
+
+
+def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str,
+              announce: str | None = None) -> list[dict]:
     check_model_dir(glue.model, glue.tokenizer)
     for task in tasks:
         check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
@@ -99,6 +109,14 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
     # should stop the grid now, not after hours of work on the others.
     raw = {t.name: load_splits(t, splits_needed(t, glue.predict_test), glue.data_dir, glue.skip_bad_rows)
            for t in tasks if t.name in todo}
+    for task in tasks:  # MNLI's test predictions come with GLUE's diagnostic set (AX.tsv)
+        if glue.predict_test and task.name in raw:
+            ax, source = load_diagnostic(task, glue.data_dir, glue.skip_bad_rows)
+            if ax is not None:
+                raw[task.name][DIAGNOSTIC_SPLIT] = ax
+            elif source:
+                print(f"note: AX.tsv skipped: {source}; give GLUE's diagnostic/diagnostic.tsv to predict it",
+                      file=sys.stderr)
     tokenizer = load_tokenizer(glue.model, glue.tokenizer) if todo else None
     total, n = sum(len(v) for v in todo.values()), 0
     for task in tasks:

@@ -142,6 +142,16 @@ GLUE_TASKS: dict[str, Task] = {
     ]
 }
 
+# GLUE's diagnostic set (AX): no training data of its own; the GLUE server wants AX.tsv predicted by the MNLI
+# model, with MNLI's labels. The original download keeps it in diagnostic/diagnostic.tsv (index, sentence1,
+# sentence2); the hub has it as nyu-mll/glue config "ax" (premise, hypothesis, label -1, idx).
+AX = Task("ax", "AX", ("premise", "hypothesis"), GLUE_TASKS["mnli"].labels, ("accuracy",),
+          tsv_labels=GLUE_TASKS["mnli"].tsv_labels, dev_splits=(), test_splits={"test": "AX.tsv"},
+          tsv_test=_pair("sentence1", "sentence2", index="index"))
+DIAGNOSTIC_OF = {"mnli": AX}  # task -> the diagnostic set its test predictions come with
+DIAGNOSTIC_SPLIT = "ax"  # its key among a task's splits
+DIAGNOSTIC_TSV = ("diagnostic", "diagnostic.tsv")  # where GLUE's download keeps it, under the data folder
+
 # GLUE's order on the leaderboard and in the report.
 GLUE_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 
