@@ -79,6 +79,7 @@ class DistillConfig:
     logging_steps: int = _f(10, "log every N optimiser steps")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
     progress: bool = _f(True, "draw a progress bar")
+    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
