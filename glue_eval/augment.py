@@ -20,6 +20,7 @@ of an example do not depend on the others; the whole set is cached by content
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -233,12 +234,26 @@ def model_digest(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Loading a classifier folder as a masked LM (or a base model) reports every head key it skips: expected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def has_mlm_head(folder: str) -> bool:
     """Whether ``folder``'s weights include a masked-LM head (a classifier saved alone has none)."""
     from transformers import AutoModelForMaskedLM
 
     try:
-        _, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+        with _quiet():
+            _, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
     except (OSError, ValueError):
         return False
     return not info.get("missing_keys")
@@ -262,9 +277,11 @@ def load_source(kind: str, folder: str, tokenizer=None, device=None) -> Candidat
     if any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     if kind == "mlm":
-        mlm = AutoModelForMaskedLM.from_pretrained(folder)
+        with _quiet():
+            mlm = AutoModelForMaskedLM.from_pretrained(folder)
         if device is not None:
             mlm.to(device)
         return CandidateSource(tokenizer, mlm.get_input_embeddings().weight.cpu(), mlm=mlm, name=folder)
-    base = AutoModel.from_pretrained(folder)
+    with _quiet():
+        base = AutoModel.from_pretrained(folder)
     return CandidateSource(tokenizer, base.get_input_embeddings().weight, name=folder)

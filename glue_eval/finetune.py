@@ -294,8 +294,7 @@ def _encode_rows(task: Task, rows: dict, tokenizer, max_seq_length: int, label_f
 
     features = datasets.Features({**{f: datasets.Value("string") for f in task.text_fields}, "label": label_feature})
     ds = datasets.Dataset.from_dict(rows, features=features)
-    encoded = tokenize(task, {"extra": ds}, tokenizer, max_seq_length)["extra"]
-    return encoded.remove_columns(list(task.text_fields))
+    return tokenize(task, {"extra": ds}, tokenizer, max_seq_length)["extra"]  # not "train": texts are dropped
 
 
 def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
