@@ -92,6 +92,16 @@ def test_without_a_masked_lm_candidates_are_cosine_neighbours_in_the_embeddings(
     assert cands[1] == neighbours(table[pieces].mean(0), set())
 
 
+def test_the_candidate_source_is_the_named_lm_else_the_teachers_own_head_else_its_embeddings(tmp_path, bert_mlm_dir):
+    classifier = _classifier(0, eager=False)
+    classifier.save_pretrained(str(tmp_path / "classifier"))
+    assert augment.has_mlm_head(bert_mlm_dir) and not augment.has_mlm_head(str(tmp_path / "classifier"))
+    assert augment.describe_source(bert_mlm_dir, None)[:2] == ("mlm", bert_mlm_dir)
+    assert augment.describe_source(str(tmp_path / "classifier"), None)[:2] == ("embeddings", str(tmp_path / "classifier"))
+    kind, folder, name = augment.describe_source(str(tmp_path / "classifier"), bert_mlm_dir)
+    assert (kind, folder) == ("mlm", bert_mlm_dir) and name == augment.describe_source(bert_mlm_dir, None)[2]
+
+
 # ----------------------------------------------------------------------------- variants
 
 
