@@ -242,6 +242,7 @@ def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Tas
         record.append({"weights": stage["weights"], "epochs": stage_args.num_train_epochs,
                        "max_steps": stage_args.max_steps, "learning_rate": stage_args.learning_rate,
                        "steps": out.global_step, "loss": out.training_loss, "logs": logs,
+                       "teacher_forwards": trainer.teacher_forwards,
                        "runtime_s": round(out.metrics.get("train_runtime", 0.0), 2)})
     set_attention_dropout(model, dropout)
     return trainer, record, cache_record

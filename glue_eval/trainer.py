@@ -53,6 +53,7 @@ class DistillationTrainer(GlueTrainer):
         self.teacher_cache = teacher_cache
         self._terms = defaultdict(float)
         self._term_batches = defaultdict(int)
+        self.teacher_forwards = 0  # training batches the teacher ran on (0 when the cache held all it needed)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -114,6 +115,7 @@ class DistillationTrainer(GlueTrainer):
         needs_representations = bool(request.hidden or request.attentions or request.value_layers)
         if cache is not None and ROW in inputs and (cache.has_representations or not needs_representations):
             return cache.features(inputs[ROW], mask)
+        self.teacher_forwards += 1
         with torch.no_grad(), self._teacher_autocast():
             out = extract(self.teacher, inputs["input_ids"], mask, token_type_ids=inputs.get("token_type_ids"),
                           hidden=request.hidden, attentions=request.attentions, value_layers=request.value_layers,

@@ -358,6 +358,10 @@ def test_glue_eval_trains_on_augmented_and_unlabelled_rows(task_dir, bert_mlm_di
     (third,) = _run(task_dir, tmp_path / "mlm", bert_mlm_dir, *extra, "--augment_model", bert_mlm_dir)
     assert third["train"]["augmented"]["source"] == "mlm"
     assert third["train"]["augmented"]["cache"] != train["augmented"]["cache"]
+    assert train["stages"][0]["teacher_forwards"] == 0
+    (uncached,) = _run(task_dir, tmp_path / "uncached", bert_mlm_dir, *extra, "--no_teacher_cache")
+    assert uncached["train"]["teacher_cache"] == {"enabled": False}
+    assert uncached["train"]["stages"][0]["teacher_forwards"] == 2  # one per step
 
 
 def test_stages_run_in_order_and_switch_weights_at_the_boundary(task_dir, bert_mlm_dir, tmp_path):
@@ -369,6 +373,9 @@ def test_stages_run_in_order_and_switch_weights_at_the_boundary(task_dir, bert_m
     assert (first["steps"], second["steps"], record["train"]["steps"]) == (3, 2, 5)
     assert second["learning_rate"] == 1e-4 and record["settings"]["stages"][1]["max_steps"] == 2
     assert [len(first["logs"]), len(second["logs"])] == [3, 2]
+    # the teacher ran once per example before training, never per batch: its representations were cached
+    assert record["train"]["teacher_cache"]["representations"] is True
+    assert first["teacher_forwards"] == second["teacher_forwards"] == 0
     for log in first["logs"]:
         assert set(k for k in log if k.startswith("distill/")) == {"distill/hid_mse", "distill/att_mse"}
         # the logged loss is this stage's weighted sum: the weights in force are the first stage's
