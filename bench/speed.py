@@ -770,6 +770,95 @@ def bench_inference(cfg: dict, device: torch.device, clock: Clock) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------- task-stage teacher cache
+
+
+def bench_task_stage(cfg: dict, device: torch.device, clock: Clock) -> dict:
+    """One KD epoch of ``glue-eval --teacher`` (``DistillationTrainer.distillation_loss``, backward, AdamW step per
+    batch) with the teacher's outputs cached against a teacher forward per batch (``--no_teacher_cache``).
+
+    Teacher: BertForSequenceClassification of ``SHAPE``, 12 layers, random; student: 4 layers of the same width.
+    Examples of 64..128 tokens (padded per batch). Two objectives: the prediction stage ``kl + hard_ce`` (logits
+    cached) and the intermediate stage ``hid_mse + att_mse`` over teacher layers 3,6,9,12 (representations
+    cached). The cache's one-off build (one teacher pass) is reported beside the epoch times.
+    Run it with ``python bench/speed.py --task-stage`` (or ``--only task_stage``).
+    """
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from glue_eval.distillation import stage_objectives
+    from glue_eval.teacher_cache import TeacherCache, plan_for
+    from glue_eval.trainer import DistillationTrainer
+
+    n, batch = (32, 8) if cfg["batch"] <= 4 else (64, 16)
+    config = BertConfig(vocab_size=30522, num_hidden_layers=12, num_labels=2, **SHAPE)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(config).to(device).eval()
+    small = BertConfig(vocab_size=30522, num_hidden_layers=4, num_labels=2, **SHAPE)
+    small._attn_implementation = "eager"
+    student = BertForSequenceClassification(small).to(device)
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(64, SEQ + 1, (n,), generator=g).tolist()
+    rows = {"input_ids": [[101] + torch.randint(999, 30522, (k - 2,), generator=g).tolist() + [102] for k in lengths]}
+    rows.update(attention_mask=[[1] * k for k in lengths], label=[i % 2 for i in range(n)], row=list(range(n)),
+                labelled=[1] * n)
+    data = datasets.Dataset.from_dict(rows)
+
+    def collate(items):
+        width = max(len(x["input_ids"]) for x in items)
+        pad = lambda key: torch.tensor([x[key] + [0] * (width - len(x[key])) for x in items])
+        out = {"input_ids": pad("input_ids"), "attention_mask": pad("attention_mask")}
+        out.update({k: torch.tensor([x[k] for x in items]) for k in ("row", "labelled", "label") if k in items[0]})
+        if "label" in out:
+            out["labels"] = out.pop("label")
+        return out
+
+    batches = [collate([data[i] for i in range(s, min(s + batch, n))]) for s in range(0, n, batch)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    class Glue:  # the two settings stage_objectives reads
+        temperature, student_layers = 1.0, "3,6,9,12"
+
+    out = {"examples": n, "batch": batch, "tokens": sum(lengths), "objectives": {}}
+    tmp = tempfile.mkdtemp(prefix="bench-taskstage-")
+    try:
+        args = TrainingArguments(output_dir=tmp, use_cpu=device.type == "cpu", report_to=[])
+        for kind, weights in (("prediction", {"kl": 1.0, "hard_ce": 1.0}),
+                              ("intermediate", {"hid_mse": 1.0, "att_mse": 1.0})):
+            log(f"task stage, {kind} terms: {n} examples, batch {batch}")
+            soft, hard = stage_objectives(weights, Glue, student, teacher)
+            t0 = clock.now()
+            cache = TeacherCache.build(teacher, data, collate, plan_for([soft]), batch_size=batch, device=device)
+            build_s = clock.now() - t0
+            trainers = {name: DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=hard,
+                                                  teacher_cache=c, data_collator=collate)
+                        for name, c in (("cached", cache), ("teacher_forward", None))}
+            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+            def epoch(trainer):
+                def run():
+                    for b in batches:
+                        loss = trainer.distillation_loss(student, dict(b))[0]
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                return run
+
+            student.train()
+            times = interleaved({k: epoch(t) for k, t in trainers.items()}, cfg["repeats"], cfg["warmup"], clock)
+            speedup = paired_ratio(times, "teacher_forward", "cached")
+            out["objectives"][kind] = {
+                "weights": weights, "cache_build_s": build_s, "representations_cached": cache.has_representations,
+                "variants": {k: summary(t, sum(lengths)) for k, t in times.items()},
+                "epoch_speedup": speedup,
+            }
+            log(f"  {kind}: cached epoch {speedup['value']:.2f}x faster; cache built in {build_s:.2f}s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------- report
 
 
@@ -904,6 +993,7 @@ def main(argv=None) -> int:
                              "threads fighting other processes for 2 cores ran 2x slower than 1 thread, and "
                              "erratically)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one engine step")
+    parser.add_argument("--task-stage", action="store_true", help="also time a glue-eval KD epoch, teacher cached vs not")
     parser.add_argument("--prep-worker", help=argparse.SUPPRESS)
     parser.add_argument("--text-file", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -962,6 +1052,8 @@ def main(argv=None) -> int:
         report["prep"] = bench_prep(cfg)
     if "inference" in sections:
         report["inference"] = bench_inference(cfg, device, clock)
+    if args.task_stage or "task_stage" in sections:
+        report["task_stage"] = bench_task_stage(cfg, device, clock)
     try:
         report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

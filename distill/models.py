@@ -275,12 +275,17 @@ def extract(
     attentions: bool = False,
     value_layers: tuple[int, ...] = (),
     positions: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    sequence_logits: bool = False,
 ) -> Features:
     """Run ``model`` once and return only what was asked for.
 
     ``positions`` (bool ``[B, S]``) selects where the prediction head runs: the
     vocabulary projection is the costliest matmul of a small student, so it is
     evaluated only at positions a loss term uses. ``value_layers`` are 1-based.
+    ``sequence_logits=True`` is for a task model (``*ForSequenceClassification``): the
+    whole model runs, and ``logits`` is its own head's ``[B, classes]``.
+    ``token_type_ids`` (``[B, S]``) tells sentence pairs apart where the family uses them.
     """
     family = family_of(model)
     layers = transformer_layers(model)
@@ -293,13 +298,16 @@ def extract(
             captured[layer] = out.view(b, s, heads, -1).transpose(1, 2)
 
         hooks.append(get_path(layers[module_index(layer)], family.value_path).register_forward_hook(hook))
+    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
     try:
-        out = model.base_model(
+        # A task model's head (pooler, dropout, classifier) differs by family: let the model run it.
+        out = (model if sequence_logits else model.base_model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=hidden,
             output_attentions=attentions,
             return_dict=True,
+            **extra,
         )
     finally:
         for h in hooks:
@@ -309,7 +317,7 @@ def extract(
             f"{type(model).__name__} returned no attention weights: attention terms need "
             "attn_implementation='eager' (sdpa returns none)"
         )
-    logits = None
+    logits = out.logits if sequence_logits else None
     if positions is not None:
         logits = apply_head(model, out.last_hidden_state[positions])
     return Features(

@@ -69,16 +69,9 @@ def _main(argv=None) -> int:
         raise UsageError("--task is required: a GLUE task name, 'all', or a task spec .json (or give --grid)")
     grid = load_grid(glue.grid) if glue.grid else {}
     tasks, cells, base, glue = plan(grid, args, glue)
-    if glue.teacher:
-        import os
+    from .distillation import check_task_stage
 
-        from .distillation import parse_weights
-
-        if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
-            raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
-                             "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
-        for task in tasks:
-            parse_weights(glue.distill_weights, task)
+    check_task_stage(glue, tasks)  # --teacher, --stages, --augment, --unlabelled_file: before anything loads
     records = run_grid(tasks, cells, base, glue, args.output_dir, announce=precision_line)
     for r in records:
         parts = ", ".join(f"{split} " + " ".join(f"{k} {100 * v:.1f}" for k, v in m.items())

@@ -313,3 +313,41 @@ def _to_dataset(task: Task, rows: dict[str, list]) -> datasets.Dataset:
     features["label"] = datasets.Value("float32" if task.is_regression else "int64")
     features["idx"] = datasets.Value("int64")
     return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+
+
+def load_unlabelled(task: Task, path: str) -> dict[str, list[str]]:
+    """Extra in-domain text for ``--unlabelled_file``: text field -> texts (no labels: the teacher gives them).
+
+    ``.txt``: one example per line; for a two-text task the two texts are separated by a tab.
+    ``.tsv``/``.csv``/``.jsonl``/``.parquet``: a table with the task's text columns (the hub's names,
+    or for a local task the spec's ``text_columns``); other columns are ignored.
+    """
+    n_fields = len(task.text_fields)
+    if path.endswith(".txt"):
+        columns = {f: [] for f in task.text_fields}
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n").rstrip("\r")
+                if not line.strip():
+                    continue
+                parts = line.split("\t") if n_fields == 2 else [line]
+                if len(parts) != n_fields:
+                    raise UsageError(
+                        f"{path} line {n}: {len(parts)} tab-separated texts where {task.display} has {n_fields} "
+                        f"({', '.join(task.text_fields)}): put one tab between the two texts"
+                    )
+                for field, text in zip(task.text_fields, parts):
+                    columns[field].append(text)
+    else:
+        table, _ = _read_table(path)
+        names = task.tsv.text if task.files is not None and task.tsv is not None else task.text_fields
+        if not all(c in table for c in names):
+            names = task.text_fields
+        missing = [c for c in names if c not in table]
+        if missing:
+            raise UsageError(f"{path}: no column {missing[0]!r} (it has {' | '.join(table) or 'none'}); "
+                             f"unlabelled {task.display} rows need columns {', '.join(names)}")
+        columns = {f: ["" if v is None else str(v) for v in table[c]] for f, c in zip(task.text_fields, names)}
+    if not columns[task.text_fields[0]]:
+        raise UsageError(f"{path} holds no text: give one example per line (or table rows)")
+    return columns

@@ -1,24 +1,30 @@
-"""Task-specific distillation while fine-tuning (TinyBERT's second stage): a Trainer whose loss adds teacher terms.
+"""Task-specific distillation while fine-tuning (TinyBERT's second stage): the teacher terms, stages and their runs.
 
 The terms and their weights are :class:`distill.objective.Objective`'s, at sequence
 level: every term of the registry (:mod:`distill.terms`) that exists there, e.g. soft
 targets at ``--temperature`` (times T^2), raw-logit MSE (the soft term that fits STS-B's
 regression), the task labels, and intermediate terms over the layer map given by
 ``--student_layers``. ``python -m distill.terms --markdown`` lists them.
+
+TinyBERT runs the task stage in two steps (``--stages``): the intermediate terms
+first, then the prediction-layer terms; each stage is one ``Trainer.train()`` with
+its own optimiser and schedule, on the same student. The training set may hold
+augmented and unlabelled rows (``labelled`` = 0): the teacher labels them, and
+``hard_ce`` never sees them. The trainer itself is :mod:`glue_eval.trainer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import defaultdict
+import math
+import os
 
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill import terms
 from distill.errors import UsageError
 
-from .finetune import glue_trainer_class
 from .tasks import Task
 
 
@@ -98,81 +104,170 @@ def load_teacher(path: str, task: Task, eager: bool):
     return teacher.eval()
 
 
-def distillation_kwargs(glue, task: Task, student) -> dict:
-    """``teacher`` and ``objective`` for :class:`DistillationTrainer` (student already loaded)."""
-    from distill.models import set_attention_dropout
-    from distill.objective import Objective
 
-    weights = parse_weights(glue.distill_weights, task)
-    teacher = load_teacher(glue.teacher, task, needs_attention(weights))
+STAGE_KEYS = ("weights", "epochs", "max_steps", "learning_rate")
+
+
+def parse_stages(text: str, task: Task | None = None) -> list[dict]:
+    """``--stages``: a JSON list (or a ``.json`` file holding one) of stages run in order.
+
+    Each stage is ``{"weights": {term: weight}, "epochs": E}``; ``"max_steps"`` instead of
+    (or over) ``"epochs"``, and ``"learning_rate"``, are optional; what a stage leaves out
+    comes from the run's own TrainingArguments. Returns the stages with weights checked.
+    """
+    where = "--stages"
+    if text.endswith(".json") and os.path.isfile(text):
+        where = f"--stages file {text!r}"
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        stages = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"{where} is not JSON ({err}): e.g. '[{{\"weights\": {{\"hid_mse\": 1, \"att_mse\": 1}}, \"epochs\": 10}}, "
+            f"{{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}]'"
+        ) from None
+    if not isinstance(stages, list) or not stages:
+        raise UsageError(f"{where} must be a non-empty JSON list of stages, e.g. [{{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}]")
+    out = []
+    for i, stage in enumerate(stages, start=1):
+        name = f"{where}: stage {i}"
+        if not isinstance(stage, dict) or "weights" not in stage:
+            raise UsageError(f"{name} must be an object with \"weights\", e.g. {{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}")
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            raise UsageError(f"{name} has unknown keys {unknown}: a stage takes {', '.join(STAGE_KEYS)}")
+        try:
+            weights = parse_weights(json.dumps(stage["weights"]), task)
+        except UsageError as err:
+            raise UsageError(str(err).replace("--distill_weights", f"{name} weights", 1)) from None
+        for key, kind in (("epochs", (int, float)), ("max_steps", int), ("learning_rate", (int, float))):
+            value = stage.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not value > 0
+                                      or not math.isfinite(value)):
+                raise UsageError(f"{name}: {key} is {value!r}: give a number > 0")
+        out.append({"weights": weights, "epochs": stage.get("epochs"), "max_steps": stage.get("max_steps"),
+                    "learning_rate": stage.get("learning_rate")})
+    return out
+
+
+def run_stages(glue, task: Task) -> list[dict]:
+    """The stages of a run: ``--stages``, else one stage of ``--distill_weights`` with the run's own schedule."""
+    if glue.stages:
+        return parse_stages(glue.stages, task)
+    return [{"weights": parse_weights(glue.distill_weights, task), "epochs": None, "max_steps": None,
+             "learning_rate": None}]
+
+
+def check_task_stage(glue, tasks) -> None:
+    """Every --teacher setting, checked before anything loads (one clear line each)."""
+    given = [f for f in ("augment", "augment_model", "unlabelled_file", "stages") if getattr(glue, f)]
+    if not glue.teacher:
+        if given:
+            raise UsageError(f"--{given[0]} needs --teacher: augmented and unlabelled rows are labelled by the "
+                             "teacher, and stages weight teacher terms")
+        return
+    if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
+        raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
+                         "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
+    for task in tasks:
+        run_stages(glue, task)
+    if glue.augment < 0:
+        raise UsageError(f"--augment {glue.augment}: give the number of variants per training example (0 = none)")
+    if not 0 < glue.augment_probability <= 1:
+        raise UsageError(f"--augment_probability {glue.augment_probability}: give a probability in (0, 1] "
+                         "(TinyBERT: 0.4)")
+    if glue.augment_candidates < 1:
+        raise UsageError(f"--augment_candidates {glue.augment_candidates}: give a count >= 1 (TinyBERT: 15)")
+    if glue.augment_model and not glue.augment:
+        raise UsageError("--augment_model names the masked LM of --augment N: give --augment too")
+    if glue.augment_model and not os.path.isfile(os.path.join(glue.augment_model, "config.json")):
+        raise UsageError(f"--augment_model {glue.augment_model!r} is not a model folder (no config.json): give a "
+                         "masked-LM folder, e.g. the pre-trained teacher")
+    if glue.unlabelled_file and not os.path.isfile(glue.unlabelled_file):
+        raise UsageError(f"--unlabelled_file {glue.unlabelled_file!r} does not exist: give a text file (one example "
+                         "per line, a tab between the two texts of a pair) or a table with the task's text columns")
+    if glue.teacher_cache_mb < 0:
+        raise UsageError(f"--teacher_cache_mb {glue.teacher_cache_mb}: give MiB >= 0 (0 caches logits only)")
+
+
+def load_checked_teacher(glue, task: Task, student, eager: bool):
+    """The teacher, checked against the student's vocabulary (both read the same token ids)."""
+    teacher = load_teacher(glue.teacher, task, eager)
     if teacher.get_input_embeddings().num_embeddings != student.get_input_embeddings().num_embeddings:
         raise UsageError(
             f"--teacher {glue.teacher!r} and the student have different vocabularies "
             f"({teacher.get_input_embeddings().num_embeddings} vs {student.get_input_embeddings().num_embeddings} "
             "tokens): both read the same token ids, so they need the same tokenizer"
         )
-    objective = Objective.from_config(
-        weights, glue.temperature, student_config=student, teacher_config=teacher,
-        student_layers=glue.student_layers, projection=True, sequence_level=True,
-    )
-    if objective.needs_attention:
-        # Attention terms compare pre-dropout probabilities: the student's must be returned without dropout.
-        set_attention_dropout(student, 0.0)
-    return {"teacher": teacher, "objective": objective}
+    return teacher
 
 
-class DistillationTrainer(glue_trainer_class()):
-    """``Trainer`` whose training loss is ``objective(student, teacher)``; evaluation stays the task loss.
+def stage_objectives(weights: dict, glue, student, teacher):
+    """(soft, hard) objectives of one stage: every term but hard_ce, and hard_ce alone (either None)."""
+    from distill.objective import Objective
 
-    The objective's learned width projections (if any) train with the student in an
-    extra optimiser group and are never saved with it. The mean of each term over a
-    logging window is logged as ``distill/<term>`` (unweighted).
+    def build(part):
+        if not part:
+            return None
+        return Objective.from_config(part, glue.temperature, student_config=student, teacher_config=teacher,
+                                     student_layers=glue.student_layers, projection=True, sequence_level=True)
+
+    soft = {k: v for k, v in weights.items() if k != "hard_ce" and v}
+    hard = {k: v for k, v in weights.items() if k == "hard_ce" and v}
+    return build(soft), build(hard)
+
+
+def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Task):
+    """Run every stage on ``model``; returns (the last trainer, a record of the stages, the cache's size).
+
+    train: the training set with ``row`` (0..N-1) and ``labelled`` columns (augmented and unlabelled rows 0).
+    trainer_kwargs: Trainer arguments shared by the stages (eval set, collator, tokenizer, metrics).
     """
+    from distill.models import set_attention_dropout
 
-    def __init__(self, *args, teacher, objective, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device)
-        self.objective = objective.to(self.args.device)
-        self._terms = defaultdict(float)
-        self._term_batches = 0
+    from .teacher_cache import TeacherCache, plan_for
+    from .trainer import DistillationTrainer, teacher_autocast
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        extra = [p for p in self.objective.parameters() if p.requires_grad]
-        if extra and not any(p is extra[0] for g in optimizer.param_groups for p in g["params"]):
-            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
-        return optimizer
+    stages = run_stages(glue, task)
+    teacher = load_checked_teacher(glue, task, model, any(needs_attention(s["weights"]) for s in stages))
+    objectives = [stage_objectives(s["weights"], glue, model, teacher) for s in stages]
+    cache, cache_record = None, {"enabled": bool(glue.teacher_cache)}
+    if glue.teacher_cache:
+        teacher.to(args.device)
+        plan = plan_for(soft for soft, _ in objectives)
+        cache = TeacherCache.build(teacher, train, trainer_kwargs["data_collator"], plan,
+                                   limit_mb=glue.teacher_cache_mb, batch_size=args.per_device_eval_batch_size,
+                                   device=args.device, autocast=lambda: teacher_autocast(args))
+        cache_record.update(rows=len(cache.logits), representations=cache.has_representations,
+                            representations_requested=not plan.empty, limit_mb=glue.teacher_cache_mb)
+    dropout = _attention_dropout(model)
+    trainer, record = None, []
+    for stage, (soft, hard) in zip(stages, objectives):
+        # Attention terms compare pre-dropout probabilities; later stages get the model's dropout back.
+        set_attention_dropout(model, 0.0 if needs_attention(stage["weights"]) else dropout)
+        changes = {k: stage[k] for k in ("learning_rate",) if stage[k] is not None}
+        if stage["epochs"] is not None:
+            changes["num_train_epochs"] = float(stage["epochs"])
+        if stage["max_steps"] is not None:
+            changes["max_steps"] = int(stage["max_steps"])
+        stage_args = dataclasses.replace(args, **changes) if changes else args
+        trainer = DistillationTrainer(model=model, args=stage_args, train_dataset=train, teacher=teacher, soft=soft,
+                                      hard=hard, teacher_cache=cache, **trainer_kwargs)
+        out = trainer.train()
+        logs = [{k: v for k, v in entry.items() if k.startswith("distill/") or k in ("loss", "step")}
+                for entry in trainer.state.log_history if "loss" in entry]
+        record.append({"weights": stage["weights"], "epochs": stage_args.num_train_epochs,
+                       "max_steps": stage_args.max_steps, "learning_rate": stage_args.learning_rate,
+                       "steps": out.global_step, "loss": out.training_loss, "logs": logs,
+                       "teacher_forwards": trainer.teacher_forwards,
+                       "runtime_s": round(out.metrics.get("train_runtime", 0.0), 2)})
+    set_attention_dropout(model, dropout)
+    return trainer, record, cache_record
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from distill.models import Features
 
-        requests = self.objective.requests()
-        labels = inputs["labels"]
-        features = {k: v for k, v in inputs.items() if k != "labels"}
-        out = model(**features, output_hidden_states=requests["student"].hidden,
-                    output_attentions=requests["student"].attentions)
-        with torch.no_grad(), self._teacher_autocast():
-            t_out = self.teacher(**features, output_hidden_states=requests["teacher"].hidden,
-                                 output_attentions=requests["teacher"].attentions)
-        student = Features(hidden_states=out.hidden_states, attentions=out.attentions, logits=out.logits)
-        teacher = Features(hidden_states=t_out.hidden_states, attentions=t_out.attentions, logits=t_out.logits)
-        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
-        loss, terms = self.objective(student, teacher, batch)
-        for name, value in terms.items():
-            self._terms[name] += float(value)
-        self._term_batches += 1
-        return (loss, out) if return_outputs else loss
+def _attention_dropout(model) -> float:
+    from distill.models import get_path, family_of, transformer_layers
 
-    def _teacher_autocast(self):
-        # The teacher is not wrapped by accelerate, so it would run in fp32 under --bf16/--fp16.
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        return torch.autocast(self.args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-    def log(self, logs, start_time=None):
-        if self._term_batches and "loss" in logs:
-            logs.update({f"distill/{k}": round(v / self._term_batches, 5) for k, v in self._terms.items()})
-            self._terms.clear()
-            self._term_batches = 0
-        super().log(logs, start_time)
+    layer = transformer_layers(model)[0]
+    return float(get_path(layer, family_of(model).self_attention_path).dropout.p)

@@ -61,6 +61,26 @@ class GlueArguments:
         "help": "auto (default): bf16 on a CPU with avx512_bf16/amx_bf16 or a GPU with native bf16, fp16 on an older "
                 "GPU, fp32 on other CPUs (where bf16 is emulated and slow); or fp32, bf16, fp16. Sets Trainer's "
                 "bf16/fp16 flags; an explicit --bf16 or --fp16 stands."})
+    stages: str | None = field(default=None, metadata={
+        "help": "--teacher stages run in order (TinyBERT: intermediate terms, then prediction terms), JSON or a .json "
+                "file: '[{\"weights\": {\"hid_mse\": 1, \"att_mse\": 1}, \"epochs\": 10}, "
+                "{\"weights\": {\"kl\": 1}, \"epochs\": 3}]'; replaces --distill_weights."})
+    augment: int = field(default=0, metadata={
+        "help": "--teacher: N variants of every training example with words replaced (TinyBERT), labelled by the "
+                "teacher; hard_ce counts on the original examples only."})
+    augment_model: str | None = field(default=None, metadata={
+        "help": "Masked-LM folder giving --augment's candidate words (default: the teacher's own MLM head if it "
+                "has one, else nearest neighbours in the teacher's input embeddings)."})
+    augment_probability: float = field(default=0.4, metadata={"help": "Chance that --augment replaces a word."})
+    augment_candidates: int = field(default=15, metadata={"help": "Candidates per word for --augment (top K)."})
+    unlabelled_file: str | None = field(default=None, metadata={
+        "help": "--teacher: extra in-domain text the teacher labels (.txt one example per line, a tab between the "
+                "texts of a pair; or a table with the task's text columns); only soft terms count on it."})
+    teacher_cache: bool = field(default=True, metadata={
+        "help": "Compute the teacher's outputs once per training example (logits always; representations within "
+                "--teacher_cache_mb)."})
+    teacher_cache_mb: float = field(default=2048, metadata={
+        "help": "Largest float32 size (MiB) of cached teacher representations; over it they are recomputed."})
 
 
 @dataclass
@@ -72,22 +92,6 @@ class GlueTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N update steps."})
-
-
-def glue_trainer_class():
-    """``Trainer`` told that the loss it gets is a per-batch mean.
-
-    transformers 5 skips dividing the loss by the gradient-accumulation steps for every model whose forward
-    takes ``**kwargs`` (BERT's does), assuming the model normalised by ``num_items_in_batch``; the
-    sequence-classification heads do not, so without this ``--gradient_accumulation_steps 2`` doubles the loss
-    and the gradient (and changes what ``--max_grad_norm`` clips).
-    """
-    from transformers import Trainer
-
-    class GlueTrainer(Trainer):
-        loss_is_scaled_for_ga = False
-
-    return GlueTrainer
 
 
 def check_model_dir(model: str, tokenizer: str | None) -> None:
@@ -115,12 +119,15 @@ def load_tokenizer(model: str, tokenizer: str | None):
 
 
 def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int) -> dict:
-    """Split -> dataset of ``input_ids``/``attention_mask``(/``token_type_ids``), ``label``, ``idx``."""
+    """Split -> dataset of ``input_ids``/``attention_mask``(/``token_type_ids``), ``label``, ``idx``
+    (and, on ``train`` only, the task's text fields)."""
 
     def encode(batch):
         return tokenizer(*[batch[f] for f in task.text_fields], truncation=True, max_length=max_seq_length)
 
-    return {name: ds.map(encode, batched=True, remove_columns=list(task.text_fields), desc=f"tokenize {name}")
+    # The train split keeps its texts: --augment makes its variants from them.
+    return {name: ds.map(encode, batched=True, remove_columns=[] if name == "train" else list(task.text_fields),
+                         desc=f"tokenize {name}")
             for name, ds in splits.items()}
 
 
@@ -169,37 +176,43 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
 
     eager = False
     if glue.teacher:
-        from .distillation import needs_attention, parse_weights
+        from .distillation import needs_attention, run_stages
 
-        eager = needs_attention(parse_weights(glue.distill_weights, task))
+        eager = any(needs_attention(stage["weights"]) for stage in run_stages(glue, task))
     set_seed(args.seed)  # before the model: the new classifier head is drawn from this seed
     model = load_classifier(glue.model, task, eager=eager)
     check_vocabulary(tokenizer, model, glue.model)
-    strip = ["idx"]
+    strip = ["idx", *task.text_fields]
     train = data["train"].remove_columns(strip)
-    dev = {s: data[s].remove_columns(strip) for s in task.dev_splits}
+    dev = {s: data[s].remove_columns(["idx"]) for s in task.dev_splits}
     if args.load_best_model_at_end and len(dev) > 1:
         metric = (args.metric_for_best_model or task.metrics[0]).removeprefix("eval_")
         if not any(metric.startswith(s) for s in dev):
             # Checkpoint selection over several dev splits must name one: the task's selection split
             # (MNLI: matched), never a pool of both, so mismatched stays a check on the choice.
             args.metric_for_best_model = f"eval_{task.selection_split}_{metric}"
-    trainer_cls, extra = glue_trainer_class(), {}
-    if glue.teacher:
-        from .distillation import DistillationTrainer, distillation_kwargs
-
-        trainer_cls, extra = DistillationTrainer, distillation_kwargs(glue, task, model)
-    trainer = trainer_cls(
-        model=model,
+    shared = dict(
         args=args,
-        train_dataset=train,
         eval_dataset=dev if len(dev) > 1 else next(iter(dev.values())),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: compute_metrics(task, _logits(p.predictions), p.label_ids),
-        **extra,
     )
-    train_out = trainer.train()
+    extra_record = {}
+    if glue.teacher:
+        from .distillation import train_with_teacher
+
+        train, extra_record = teacher_train_set(task, data, tokenizer, args, glue)
+        trainer, stages, cache = train_with_teacher(model, train, {k: v for k, v in shared.items() if k != "args"},
+                                                    args, glue, task)
+        train_out = _TrainOutput(global_step=sum(s["steps"] for s in stages), training_loss=stages[-1]["loss"],
+                                 metrics={"train_runtime": sum(s["runtime_s"] for s in stages)})
+        extra_record.update(stages=stages, teacher_cache=cache)
+    else:
+        from .trainer import GlueTrainer
+
+        trainer = GlueTrainer(model=model, train_dataset=train, **shared)
+        train_out = trainer.train()
     metrics = {}
     for split, ds in dev.items():
         out = trainer.predict(ds, metric_key_prefix=f"eval_{split}")
@@ -221,6 +234,7 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
             "loss": train_out.training_loss,
             "runtime_s": round(train_out.metrics.get("train_runtime", 0.0), 2),
             "device": str(args.device),
+            **extra_record,
         },
     }
     if glue.predict_test:
@@ -229,6 +243,66 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
         trainer.save_model(os.path.join(args.output_dir, "model"))
         record["model_dir"] = "model"
     return record
+
+
+@dataclass
+class _TrainOutput:
+    """What the record reads of ``Trainer.train()``'s result, summed over the stages of a teacher run."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+def teacher_train_set(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: GlueArguments):
+    """The training set of a --teacher run: original rows, their --augment variants and --unlabelled_file rows.
+
+    Returns (dataset with ``row`` = 0..N-1 and ``labelled`` = 1 on original rows only, a record of its parts).
+    Augmented and unlabelled rows keep a placeholder label (their origin's, or 0) that no loss reads: the
+    teacher labels them, and hard_ce skips every row with ``labelled`` = 0.
+    """
+    import datasets
+
+    original = data["train"]
+    parts = [original.remove_columns([*task.text_fields, "idx"])]
+    flags = [[1] * len(original)]
+    record = {"original_examples": len(original)}
+    if glue.augment:
+        from .augment import AugmentSettings, augment_texts, describe_source, load_source
+
+        columns = {f: list(original[f]) for f in task.text_fields}
+        settings = AugmentSettings(glue.augment, args.seed, glue.augment_probability, glue.augment_candidates)
+        kind, folder, name = describe_source(glue.teacher, glue.augment_model)
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "augmented")
+        variants, path, hit = augment_texts(columns, settings, cache_dir, name,
+                                            lambda: load_source(kind, folder, tokenizer, args.device))
+        labels = original["label"]
+        rows = {f: variants[f] for f in task.text_fields} | {"label": [labels[i] for i in variants["origin"]]}
+        parts.append(_encode_rows(task, rows, tokenizer, glue.max_seq_length, original.features["label"]))
+        flags.append([0] * len(variants["origin"]))
+        record["augmented"] = {"examples": len(variants["origin"]), "source": kind, "cache": os.path.basename(path),
+                               "cached": hit}
+    if glue.unlabelled_file:
+        from .data import load_unlabelled
+
+        rows = load_unlabelled(task, glue.unlabelled_file)
+        n = len(rows[task.text_fields[0]])
+        rows["label"] = [0.0 if task.is_regression else 0] * n
+        parts.append(_encode_rows(task, rows, tokenizer, glue.max_seq_length, original.features["label"]))
+        flags.append([0] * n)
+        record["unlabelled_examples"] = n
+    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    labelled = [x for f in flags for x in f]
+    train = train.add_column("labelled", labelled).add_column("row", list(range(len(train))))
+    return train, record
+
+
+def _encode_rows(task: Task, rows: dict, tokenizer, max_seq_length: int, label_feature):
+    import datasets
+
+    features = datasets.Features({**{f: datasets.Value("string") for f in task.text_fields}, "label": label_feature})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    return tokenize(task, {"extra": ds}, tokenizer, max_seq_length)["extra"]  # not "train": texts are dropped
 
 
 def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
@@ -339,4 +413,26 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         "distill_weights": weights,
         "temperature": glue.temperature if glue.teacher else None,
         "student_layers": glue.student_layers if glue.teacher else None,
+        **task_stage_settings(glue),
     }
+
+
+def task_stage_settings(glue: GlueArguments) -> dict:
+    """The --teacher run's data and stages as cell settings (files by content); empty without them, so cells
+    recorded before these options existed still match."""
+    if not glue.teacher:
+        return {}
+    out = {}
+    if glue.stages:
+        from .distillation import parse_stages
+
+        out["stages"] = parse_stages(glue.stages)
+    if glue.augment:
+        from .augment import model_digest
+
+        out["augment"] = {"variants": glue.augment, "probability": glue.augment_probability,
+                          "candidates": glue.augment_candidates,
+                          "model": model_digest(glue.augment_model) if glue.augment_model else None}
+    if glue.unlabelled_file:
+        out["unlabelled_file"] = file_digest(glue.unlabelled_file)
+    return out

@@ -37,7 +37,8 @@ METRICS = {
 def compute_metrics(task, predictions, references) -> dict[str, float]:
     """The task's metrics on one evaluation split.
 
-    task: a :class:`glue_eval.tasks.Task` or a task name (``"mrpc"``, ``"STS-B"``).
+    task: a :class:`glue_eval.tasks.Task` (``get_task("mrpc")``); this module does not
+        resolve names, so the task registry can import :data:`METRICS` without a circle.
     predictions: label ids ``[N]``, or logits ``[N, classes]`` (argmax is taken);
         for regression, scores ``[N]`` or ``[N, 1]``.
     references: label ids ``[N]`` (scores for regression).
@@ -45,9 +46,7 @@ def compute_metrics(task, predictions, references) -> dict[str, float]:
     split: matched and mismatched are separate results, never pooled.
     """
     if isinstance(task, str):
-        from .tasks import get_task
-
-        task = get_task(task)
+        raise TypeError(f"compute_metrics takes a Task, not the name {task!r}: pass glue_eval.tasks.get_task({task!r})")
     predictions = np.asarray(predictions)
     references = np.asarray(references)
     if task.is_regression:

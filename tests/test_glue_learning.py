@@ -155,3 +155,49 @@ def test_a_teacher_with_another_label_set_is_refused(keyword_task, vocab_dir, ca
               "--teacher", str(keyword_task / "mnli_teacher"), *TRAIN])
     assert info.value.code == 2
     assert "has 3 outputs but has_city needs 2" in capsys.readouterr().err
+
+
+def _glue_eval_imports() -> dict[str, set[str]]:
+    """Module -> glue_eval modules it imports anywhere (top level, inside functions, under if)."""
+    import ast
+
+    folder = Path(__file__).resolve().parent.parent / "glue_eval"
+    modules = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for name in modules:
+        edges = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    edges.add(node.module.split(".")[0])
+                elif node.level == 1:
+                    edges |= {a.name for a in node.names}
+                elif (node.module or "").startswith("glue_eval."):
+                    edges.add(node.module.split(".")[1])
+                elif node.module == "glue_eval":
+                    edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name.split(".")[1] for a in node.names if a.name.startswith("glue_eval.")}
+        graph[name] = edges & modules - {name}
+    return graph
+
+
+def test_glue_eval_modules_import_each_other_without_cycles():
+    graph = _glue_eval_imports()
+    assert "metrics" not in graph["tasks"] or "tasks" not in graph["metrics"]
+    assert graph["trainer"].isdisjoint({"finetune", "distillation"})  # both build on the trainer
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    # the check sees imports inside functions too: finetune imports the trainer only where it trains
+    assert "trainer" in graph["finetune"] and "finetune" in graph["grid"]

@@ -16,7 +16,7 @@ TP, FP, FN, TN = 4, 2, 1, 3
 
 def test_matthews_correlation_is_the_confusion_matrix_formula():
     expected = (TP * TN - FP * FN) / math.sqrt((TP + FP) * (TP + FN) * (TN + FP) * (TN + FN))
-    got = compute_metrics("cola", PRED, GOLD)
+    got = compute_metrics(get_task("cola"), PRED, GOLD)
     assert set(got) == {"matthews_correlation"}
     assert got["matthews_correlation"] == pytest.approx(expected)  # 10 / sqrt(6*5*5*4) = 0.408
 
@@ -25,17 +25,17 @@ def test_mrpc_and_qqp_report_f1_of_the_positive_class_and_accuracy():
     precision, recall = TP / (TP + FP), TP / (TP + FN)
     f1 = 2 * precision * recall / (precision + recall)
     for task in ("mrpc", "QQP"):
-        got = compute_metrics(task, PRED, GOLD)
+        got = compute_metrics(get_task(task), PRED, GOLD)
         assert got == pytest.approx({"f1": f1, "accuracy": (TP + TN) / 10})
     # F1 of class 1, not of class 0 and not a macro average: swapping classes changes it.
-    swapped = compute_metrics("mrpc", [1 - p for p in PRED], [1 - g for g in GOLD])["f1"]
+    swapped = compute_metrics(get_task("mrpc"), [1 - p for p in PRED], [1 - g for g in GOLD])["f1"]
     assert swapped == pytest.approx(2 * TN / (2 * TN + FN + FP))
     assert swapped != pytest.approx(f1)
 
 
 def test_logits_are_turned_into_predicted_classes():
     logits = np.array([[0.1, 2.0], [3.0, -1.0], [0.0, 0.5]])
-    assert compute_metrics("sst2", logits, [1, 0, 0]) == {"accuracy": pytest.approx(2 / 3)}
+    assert compute_metrics(get_task("sst2"), logits, [1, 0, 0]) == {"accuracy": pytest.approx(2 / 3)}
 
 
 def _ranks(x):
@@ -64,7 +64,7 @@ def _pearson(a, b):
 def test_stsb_pearson_and_spearman_match_the_formulas_with_tied_ranks():
     pred = [0.5, 2.0, 2.0, 3.1, 4.8, 1.0, 3.1, 0.2]
     gold = [0.0, 2.4, 1.8, 3.0, 5.0, 1.6, 2.8, 0.8]
-    got = compute_metrics("STS-B", np.array(pred)[:, None], gold)  # [N, 1] regression logits
+    got = compute_metrics(get_task("STS-B"), np.array(pred)[:, None], gold)  # [N, 1] regression logits
     assert set(got) == {"pearson", "spearmanr"}
     assert got["pearson"] == pytest.approx(_pearson(pred, gold))
     assert got["spearmanr"] == pytest.approx(_pearson(_ranks(pred), _ranks(gold)))
@@ -72,13 +72,13 @@ def test_stsb_pearson_and_spearman_match_the_formulas_with_tied_ranks():
 
 
 def test_a_constant_regressor_scores_zero_not_nan():
-    got = compute_metrics("stsb", [2.5] * 4, [0.0, 1.0, 4.0, 5.0])
+    got = compute_metrics(get_task("stsb"), [2.5] * 4, [0.0, 1.0, 4.0, 5.0])
     assert got == {"pearson": 0.0, "spearmanr": 0.0}
 
 
 def test_mnli_matched_and_mismatched_are_computed_separately_never_pooled():
-    matched = compute_metrics("mnli", [0, 1, 2, 2], [0, 1, 2, 0])
-    mismatched = compute_metrics("mnli", [0, 0], [1, 1])
+    matched = compute_metrics(get_task("mnli"), [0, 1, 2, 2], [0, 1, 2, 0])
+    mismatched = compute_metrics(get_task("mnli"), [0, 0], [1, 1])
     assert matched == {"accuracy": 0.75} and mismatched == {"accuracy": 0.0}
     mnli = get_task("mnli")
     assert mnli.dev_splits == ("validation_matched", "validation_mismatched")

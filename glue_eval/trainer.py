@@ -1,0 +1,142 @@
+"""The GLUE ``Trainer`` subclasses: plain fine-tuning, and fine-tuning with teacher terms (TinyBERT's task stage).
+
+This module imports neither :mod:`glue_eval.finetune` nor :mod:`glue_eval.distillation`:
+both build on it. Features come from :func:`distill.models.extract`, the one adaptor the
+pre-training engine uses too, so the task stage reads models exactly as ``distill-train`` does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from distill.models import Features, extract
+
+# Batch columns the distillation trainer reads itself; the model never sees them.
+ROW, LABELLED = "row", "labelled"
+
+
+class GlueTrainer(Trainer):
+    """``Trainer`` told that the loss it gets is a per-batch mean.
+
+    transformers 5 skips dividing the loss by the gradient-accumulation steps for every model whose forward
+    takes ``**kwargs`` (BERT's does), assuming the model normalised by ``num_items_in_batch``; the
+    sequence-classification heads do not, so without this ``--gradient_accumulation_steps 2`` doubles the loss
+    and the gradient (and changes what ``--max_grad_norm`` clips).
+    """
+
+    loss_is_scaled_for_ga = False
+
+
+class DistillationTrainer(GlueTrainer):
+    """``Trainer`` whose training loss is the distillation objective; evaluation stays the task loss.
+
+    soft: an :class:`distill.objective.Objective` (sequence level) of every term but ``hard_ce``; it
+        counts on every training row: original, augmented and unlabelled alike.
+    hard: the ``hard_ce`` objective alone; it counts only on rows whose ``labelled`` column is 1
+        (original training examples), as the mean over those rows of the batch. Either may be None.
+    teacher_cache: a :class:`glue_eval.teacher_cache.TeacherCache` over the training rows (their
+        ``row`` column), or None to run the teacher on every batch.
+
+    The objective's learned width projections (if any) train with the student in an extra optimiser
+    group and are never saved with it. The mean of each term over a logging window is logged as
+    ``distill/<term>`` (unweighted; hard_ce over the batches that held labelled rows).
+    """
+
+    def __init__(self, *args, teacher, soft=None, hard=None, teacher_cache=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device)
+        self.soft = soft.to(self.args.device) if soft is not None else None
+        self.hard = hard.to(self.args.device) if hard is not None else None
+        self.teacher_cache = teacher_cache
+        self._terms = defaultdict(float)
+        self._term_batches = defaultdict(int)
+        self.teacher_forwards = 0  # training batches the teacher ran on (0 when the cache held all it needed)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # Keep the row number and the labelled flag in the batches (Trainer drops what forward does not take).
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, ROW, LABELLED]))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        extra = [p for p in self.soft.parameters() if p.requires_grad] if self.soft is not None else []
+        if extra and not any(p is extra[0] for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            inputs = {k: v for k, v in inputs.items() if k not in (ROW, LABELLED)}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, terms, student = self.distillation_loss(model, inputs)
+        for name, value in terms.items():
+            self._terms[name] += float(value)
+            self._term_batches[name] += 1
+        return (loss, {"logits": student.logits}) if return_outputs else loss
+
+    def distillation_loss(self, model, inputs) -> tuple[torch.Tensor, dict, Features]:
+        """(loss, unweighted terms, student features) of one training batch.
+
+        inputs: the collated batch: ``input_ids``, ``attention_mask`` ``[B, S]`` (maybe
+        ``token_type_ids``), ``labels`` ``[B]``, and optionally ``row`` ``[B]`` (needed with a
+        teacher cache) and ``labelled`` ``[B]`` (absent: every row is labelled).
+        """
+        ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
+        labels = inputs["labels"]
+        labelled = inputs.get(LABELLED)
+        labelled = torch.ones_like(mask[:, 0], dtype=torch.bool) if labelled is None else labelled.bool()
+        request = self.soft.requests()["student"] if self.soft is not None else None
+        student = extract(model, ids, mask, token_type_ids=types, sequence_logits=True,
+                          hidden=bool(request and request.hidden), attentions=bool(request and request.attentions),
+                          value_layers=request.value_layers if request else ())
+        total, terms = None, {}
+        if self.soft is not None:
+            teacher = self.teacher_features(inputs)
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            total, terms = self.soft(student, teacher, batch)
+        if self.hard is not None and bool(labelled.any()):
+            # Augmented and unlabelled rows carry no gold label: hard_ce sees the original examples only.
+            batch = {"input_ids": ids[labelled], "attention_mask": mask[labelled], "labels": labels[labelled]}
+            value, hard_terms = self.hard(Features(logits=student.logits[labelled]), Features(), batch)
+            total = value if total is None else total + value
+            terms = {**terms, **hard_terms}
+        if total is None:  # a batch of unlabelled rows and hard_ce as the only term: nothing to learn here
+            total = student.logits.sum() * 0.0
+        return total, terms, student
+
+    def teacher_features(self, inputs) -> Features:
+        """The teacher's features for the batch: from the cache where it holds them, else one forward."""
+        mask = inputs["attention_mask"]
+        cache = self.teacher_cache
+        request = self.soft.requests()["teacher"]
+        needs_representations = bool(request.hidden or request.attentions or request.value_layers)
+        if cache is not None and ROW in inputs and (cache.has_representations or not needs_representations):
+            return cache.features(inputs[ROW], mask)
+        self.teacher_forwards += 1
+        with torch.no_grad(), self._teacher_autocast():
+            out = extract(self.teacher, inputs["input_ids"], mask, token_type_ids=inputs.get("token_type_ids"),
+                          hidden=request.hidden, attentions=request.attentions, value_layers=request.value_layers,
+                          sequence_logits=True)
+        if cache is not None and ROW in inputs:  # representations did not fit: the logits still come from the cache
+            out.logits = cache.logits[inputs[ROW].tolist()].to(mask.device)
+        return out
+
+    def _teacher_autocast(self):
+        # The teacher is not wrapped by accelerate, so it would run in fp32 under --bf16/--fp16.
+        return teacher_autocast(self.args)
+
+    def log(self, logs, start_time=None):
+        if self._term_batches and "loss" in logs:
+            logs.update({f"distill/{k}": round(v / self._term_batches[k], 5) for k, v in self._terms.items()})
+            self._terms.clear()
+            self._term_batches.clear()
+        super().log(logs, start_time)
+
+
+def teacher_autocast(args):
+    """The autocast context the teacher runs under for ``args`` (TrainingArguments): bf16, fp16 or none."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
