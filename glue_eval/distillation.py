@@ -28,7 +28,6 @@ from distill.errors import UsageError
 from .tasks import Task
 
 
-
 def task_terms() -> tuple[str, ...]:
     """The terms of task distillation: the registry's sequence-level ones (read when asked, so a term
     registered later counts)."""
@@ -44,15 +43,6 @@ def regression_terms() -> tuple[str, ...]:
     """Sequence-level terms that compare the teacher's logits and fit a one-output regression head."""
     return tuple(k for k in task_terms()
                  if terms.TERMS[k].feature == "logits" and terms.TERMS[k].teacher and not terms.TERMS[k].softmax_outputs)
-
-
-def __getattr__(name):
-    # The old constant names, derived from the registry when read.
-    derived = {"TASK_TERMS": task_terms, "SOFT_TERMS": soft_terms,
-               "ATTENTION_TERMS": lambda: terms.select(feature="attentions", sequence_level=True)}
-    if name in derived:
-        return derived[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
@@ -204,7 +194,8 @@ def load_checked_teacher(glue, task: Task, student, eager: bool):
 
 
 def stage_objectives(weights: dict, glue, student, teacher):
-    """(soft, hard) objectives of one stage: every term but hard_ce, and hard_ce alone (either None)."""
+    """(soft, hard) objectives of one stage: the terms that read the teacher, and those against the gold labels
+    (the registry's ``teacher=False`` terms, which the unlabelled and augmented rows must not reach); either None."""
     from distill.objective import Objective
 
     def build(part):
@@ -213,8 +204,8 @@ def stage_objectives(weights: dict, glue, student, teacher):
         return Objective.from_config(part, glue.temperature, student_config=student, teacher_config=teacher,
                                      student_layers=glue.student_layers, projection=True, sequence_level=True)
 
-    soft = {k: v for k, v in weights.items() if k != "hard_ce" and v}
-    hard = {k: v for k, v in weights.items() if k == "hard_ce" and v}
+    soft = {k: v for k, v in weights.items() if terms.TERMS[k].teacher and v}
+    hard = {k: v for k, v in weights.items() if not terms.TERMS[k].teacher and v}
     return build(soft), build(hard)
 
 

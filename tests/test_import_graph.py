@@ -125,13 +125,7 @@ def test_the_checker_sees_lazy_relative_and_nested_imports(tmp_path):
 
 # --- the real packages ---------------------------------------------------------------------------
 
-GLUE_CYCLES = "glue_eval still has the cycles distillation<->finetune and metrics<->tasks"
-
-
-@pytest.mark.parametrize("package", [
-    "distill",
-    pytest.param("glue_eval", marks=pytest.mark.xfail(strict=True, reason=GLUE_CYCLES)),
-])
+@pytest.mark.parametrize("package", ["distill", "glue_eval"])
 def test_no_import_cycle_in_the_package(package):
     graph = import_graph()
     assert any(name.startswith("distill.precision.") for name in graph)  # the package's subpackages are walked
