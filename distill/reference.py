@@ -64,9 +64,9 @@ def configuration_markdown() -> str:
             lines += ["", f"## {section}", "", "| field | default | meaning |", "|---|---|---|"]
             current = section
         help_text = f.metadata.get("help", "")
-        allowed = f.metadata.get("range") or f.metadata.get("choices")
-        if allowed:
-            help_text += f" (allowed: {allowed if isinstance(allowed, str) else json.dumps(allowed)})"
+        allowed = f.metadata.get("range")
+        if allowed is not None:
+            help_text += f"; allowed: {allowed}" + (' or "auto"' if f.metadata.get("auto") else "")
         lines.append(f"| `{f.name}` | `{_cell(json.dumps(_default(f)))}` | {_cell(help_text)} |")
     return "\n".join(lines) + "\n"
 
