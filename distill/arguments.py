@@ -28,7 +28,7 @@ from transformers import HfArgumentParser
 
 from .errors import ArgumentParser, UsageError
 
-_ARGPARSE_KEYS = ("help", "choices", "metavar", "aliases")
+_ARGPARSE_KEYS = ("help", "choices", "metavar", "aliases", "nargs", "const")
 _NONE = ("none", "null")
 
 
@@ -43,13 +43,17 @@ def _split_optional(hint) -> tuple[object, bool]:
 
 
 def _kind(hint) -> str:
-    """"json", "int_list", "bool", "int", "float", "str" or "other" for a (non-optional) type."""
+    """"json", "int_list", "int_or_str", "bool", "int", "float", "str" or "other" for a (non-optional) type.
+
+    ``list[str]`` stays "other": argparse's ``nargs="+"`` (transformers' own convention for such flags)."""
     origin = typing.get_origin(hint) or hint
     if origin is dict:
         return "json"
     if origin is list:
         (item,) = typing.get_args(hint) or (None,)
-        return "int_list" if item is int else "json"
+        return "int_list" if item is int else "json" if typing.get_origin(item) is list else "other"
+    if (origin is typing.Union or origin is types.UnionType) and set(typing.get_args(hint)) == {int, str}:
+        return "int_or_str"  # a count or a word, e.g. threads: 4 or "auto"
     return {bool: "bool", int: "int", float: "float", str: "str"}.get(hint, "other")
 
 
@@ -77,6 +81,9 @@ def coerce(name: str, hint, raw):
             if raw.lower() in ("false", "0", "no"):
                 return False
             raise ValueError(raw)
+        if kind == "int_or_str":
+            text = raw.strip()
+            return int(text) if text.lstrip("+-").isdigit() else text
         if kind == "int":
             return int(raw)
         if kind == "float":
@@ -109,13 +116,13 @@ class DataclassParser(HfArgumentParser):
         base, optional = _split_optional(field.type)
         kind = _kind(base)
         meta = {k: v for k, v in field.metadata.items() if k in _ARGPARSE_KEYS}
-        if kind in ("json", "int_list") or (optional and kind in ("int", "float", "str")):
+        if kind in ("json", "int_list", "int_or_str") or (optional and kind in ("int", "float", "str")):
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             options = [f"--{field.name}"] + ([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])
-            metavar = {"json": "JSON", "int_list": "L1,L2,..."}.get(kind, kind.upper())
+            metavar = {"json": "JSON", "int_list": "L1,L2,...", "int_or_str": "INT|auto"}.get(kind, kind.upper())
             parser.add_argument(*options, type=_converter(field.name, field.type),
                                 default=default, metavar=meta.get("metavar", metavar), help=meta.get("help"),
-                                **({"choices": meta["choices"]} if "choices" in meta else {}))
+                                **{k: meta[k] for k in ("choices", "nargs", "const") if k in meta})
             return
         field = copy.copy(field)
         field.metadata = types.MappingProxyType(meta)

@@ -126,7 +126,7 @@ class DistillConfig:
     threads: int | str = _f(AUTO, "torch CPU threads; auto: the cores this process may use (its CPU affinity mask, "
                                   "capped by OMP_NUM_THREADS when set)", range=AT_LEAST_1, auto=True)
     progress: bool = _f(True, "draw a progress bar")
-    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train")
+    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train", range=NON_NEGATIVE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
+from distill import losses, terms
 from distill.cli import train_main
 from distill.config import make_config, parse_config
 from distill.train import train
@@ -118,14 +119,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus,
 
 
 def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, corpus, tmp_path, capsys):
-    out = tmp_path / "nan"
-    values = run_config(bert_mlm_dir, corpus, out, tmp_path, learning_rate=1e12, max_grad_norm=0.0, max_steps=30,
-                        weights={"mlm": 1.0, "hid_mse": 1.0}, warmup_ratio=0.0)
-    assert train_main(cli_args(values)) == 1
+    # A registered term that turns NaN at its 7th call (step 7): every input is in range, the loss is not.
+    calls = []
+
+    def poisoned(student, teacher, mask):
+        calls.append(1)
+        value = losses.hidden_mse(student, teacher, mask)
+        return value * float("nan") if len(calls) > 6 else value
+
+    terms.register(terms.TermSpec("poisoned_mse", "hidden", poisoned, "hid_mse that turns NaN at step 7",
+                                  layers="map"))
+    try:
+        out = tmp_path / "nan"
+        values = run_config(bert_mlm_dir, corpus, out, tmp_path, max_steps=30,
+                            weights={"mlm": 1.0, "poisoned_mse": 1.0}, warmup_ratio=0.0,
+                            layer_map=[[2, 3]])  # one layer pair: one call per step
+        assert train_main(cli_args(values)) == 1
+    finally:
+        terms.unregister("poisoned_mse")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: loss is") and "--resume" in err
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
-    assert saved, "the last good state was not saved"
+    assert [p.name for p in saved] == ["step-00000006.pt"], "the last good state (step 6) was not saved"
     state = torch.load(saved[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
