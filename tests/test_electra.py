@@ -12,7 +12,7 @@ import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer, ElectraForMaskedLM,
                           ElectraForPreTraining)
 
-from distill.batches import CorruptedBatches, chunk_generator, make_batches
+from distill.batches import CorruptedBatches, chunk_generator, make_batches, uniform_weights
 from distill.cli import train_main
 from distill.config import make_config
 from distill.electra import GENERATOR_DIR, sample_tokens, setup_generator
@@ -151,6 +151,30 @@ def test_padding_and_special_tokens_are_never_corrupted(teacher_dir, electra_gen
     again = batches.corrupt({"input_ids": junk, "attention_mask": mask}, torch.Generator().manual_seed(0))
     assert torch.equal(again["replaced_labels"], out["replaced_labels"])
     assert torch.equal(again["input_ids"][mask.bool()], out["input_ids"][mask.bool()])
+
+
+def test_the_frozen_generator_runs_under_the_runs_autocast_not_a_dtype_of_its_own(teacher_dir, electra_gen_dir,
+                                                                                   corpus, work, vocab_dir):
+    from distill.precision import Precision
+
+    cfg = make_config(recipe(teacher_dir, electra_gen_dir, corpus, work))
+    tokenizer, teacher = AutoTokenizer.from_pretrained(vocab_dir), load_model(teacher_dir)
+    ids, mask = tiny.random_batch(batch=4, seq=16, seed=2)
+    masked = CorruptedBatches([], uniform_weights(tiny.VOCAB_SIZE, tokenizer.all_special_ids), tokenizer.mask_token_id,
+                              batch_size=4, global_batch=4, seed=0, pad_id=0, grouped=False,
+                              device=torch.device("cpu")).masked({"input_ids": ids, "attention_mask": mask},
+                                                                 torch.Generator().manual_seed(0))
+    seen = []
+    for name in ("fp32", "bf16"):
+        precision = Precision.from_config(name, device="cpu", cpu_flags=frozenset({"avx512_bf16"}))
+        corruptor, trained = setup_generator(cfg, tokenizer, teacher, torch.device("cpu"), precision)
+        layer = corruptor.generator_step.generator.electra.encoder.layer[0].output.dense
+        hook = layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        out = corruptor(masked)
+        hook.remove()
+        assert trained is None and set(out) == {"input_ids", "attention_mask", "replaced_labels", "mlm_labels"}
+        assert not any(p.requires_grad for p in corruptor.generator_step.parameters())  # frozen
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_a_sample_equal_to_the_original_counts_as_original(electra_gen_dir, teacher_dir, corpus, work, vocab_dir):
