@@ -22,7 +22,6 @@ from .finetune import glue_trainer_class
 from .tasks import Task
 
 
-
 def task_terms() -> tuple[str, ...]:
     """The terms of task distillation: the registry's sequence-level ones (read when asked, so a term
     registered later counts)."""
@@ -36,8 +35,8 @@ def soft_terms() -> tuple[str, ...]:
 
 def regression_terms() -> tuple[str, ...]:
     """Sequence-level terms that compare the teacher's logits and fit a one-output regression head."""
-    return tuple(k for k in task_terms()
-                 if terms.TERMS[k].feature == "logits" and terms.TERMS[k].teacher and not terms.TERMS[k].softmax_outputs)
+    specs = {k: terms.TERMS[k] for k in task_terms()}
+    return tuple(k for k, s in specs.items() if s.feature == "logits" and s.teacher and not s.softmax_outputs)
 
 
 def __getattr__(name):
