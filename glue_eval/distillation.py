@@ -55,10 +55,11 @@ def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
         weights = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(
-            f"--distill_weights {text!r} is not JSON ({err}): e.g. '{{\"kl\": 1.0, \"hard_ce\": 1.0}}'"
+            f"--distill_weights {text!r} is not JSON ({err}): e.g. '{json.dumps(terms.TASK_WEIGHTS)}'"
         ) from None
     if not isinstance(weights, dict) or not weights:
-        raise UsageError(f"--distill_weights {text!r} must be a JSON object of term -> weight, e.g. {{\"kl\": 1.0}}")
+        raise UsageError(f"--distill_weights {text!r} must be a JSON object of term -> weight, "
+                         f"e.g. {json.dumps(terms.TASK_WEIGHTS)}")
     terms.check_weights(weights, sequence_level=True, what="--distill_weights")
     if task is not None and task.is_regression:
         soft = [n for n in soft_terms() if weights.get(n)]
