@@ -9,6 +9,7 @@ regression), the task labels, and intermediate terms over the layer map given by
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 
@@ -121,6 +122,30 @@ def distillation_kwargs(glue, task: Task, student) -> dict:
     return {"teacher": teacher, "objective": objective}
 
 
+@contextlib.contextmanager
+def captured_values(model, layers):
+    """``{layer: value vectors [B, heads, S, d]}`` of the 1-based ``layers`` during one forward of ``model``
+    (what :func:`distill.models.extract` captures for ``val_kl``), filled when the forward runs."""
+    from distill.layers import module_index
+    from distill.models import family_of, get_path, num_heads, transformer_layers
+
+    captured, hooks = {}, []
+    model = getattr(model, "module", model)  # a DDP / DataParallel wrapper holds the model
+    if layers:
+        family, heads, blocks = family_of(model), num_heads(model), transformer_layers(model)
+        for layer in layers:
+            def hook(_module, _inp, out, layer=layer):
+                b, s, _ = out.shape
+                captured[layer] = out.view(b, s, heads, -1).transpose(1, 2)
+
+            hooks.append(get_path(blocks[module_index(layer)], family.value_path).register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class DistillationTrainer(glue_trainer_class()):
     """``Trainer`` whose training loss is ``objective(student, teacher)``; evaluation stays the task loss.
 
@@ -151,13 +176,17 @@ class DistillationTrainer(glue_trainer_class()):
         requests = self.objective.requests()
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        out = model(**features, output_hidden_states=requests["student"].hidden,
-                    output_attentions=requests["student"].attentions)
-        with torch.no_grad(), self._teacher_autocast():
+        with captured_values(model, requests["student"].value_layers) as s_values:
+            out = model(**features, output_hidden_states=requests["student"].hidden,
+                        output_attentions=requests["student"].attentions)
+        with torch.no_grad(), self._teacher_autocast(), \
+                captured_values(self.teacher, requests["teacher"].value_layers) as t_values:
             t_out = self.teacher(**features, output_hidden_states=requests["teacher"].hidden,
                                  output_attentions=requests["teacher"].attentions)
-        student = Features(hidden_states=out.hidden_states, attentions=out.attentions, logits=out.logits)
-        teacher = Features(hidden_states=t_out.hidden_states, attentions=t_out.attentions, logits=t_out.logits)
+        student = Features(hidden_states=out.hidden_states, attentions=out.attentions, values=s_values,
+                           logits=out.logits)
+        teacher = Features(hidden_states=t_out.hidden_states, attentions=t_out.attentions, values=t_values,
+                           logits=t_out.logits)
         batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
         loss, terms = self.objective(student, teacher, batch)
         for name, value in terms.items():
