@@ -2,9 +2,10 @@
 
 Modules, one idea each: ``layers`` (1-based layer conventions), ``models`` (model
 families and feature extraction), ``student`` (initialisation by layer selection),
-``losses`` (pure loss functions), ``objective`` (weighted terms from a config),
-``data`` and ``masking`` (corpus to masked batches), ``precision`` (fp32/bf16/fp16
-O1-O3), ``train`` (the loop), ``electra`` (the discriminator path), ``cli``.
+``losses`` (pure loss functions), ``terms`` (the loss-term registry: every fact of
+each term), ``objective`` (weighted terms from a config), ``data`` and ``masking``
+(corpus to masked batches), ``precision`` (fp32/bf16/fp16 O1-O3), ``train`` (the
+loop), ``electra`` (the discriminator path), ``cli``.
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from .errors import ArgumentParser, UsageError
 from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 from .layers import parse_layer_map
-from .terms import DISTILBERT_WEIGHTS, REPRESENTATION_WEIGHTS, format_weights, select, term_list
+from .terms import DISTILBERT_WEIGHTS, REPRESENTATION_WEIGHTS, SOFT, format_weights, select, term_list
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
@@ -78,7 +78,7 @@ class DistillConfig:
     temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
                             range=Range(0, 100, low_open=True))
     layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
-    restrict_ce_to_mask: bool = _f(False, "compute ce/kl on masked positions only (default: every real token)")
+    restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
     # --- ELECTRA ---
     generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")

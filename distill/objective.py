@@ -42,7 +42,8 @@ from .errors import UsageError
 from .layers import attention_index, hidden_index, parse_layer_map, parse_layers
 from .losses import check_temperature
 from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
-from .terms import CORRUPTED_INPUT, MASKED, REAL, SEQUENCE, SOFT, TERMS, TermSpec, check_weights
+from .terms import (CORRUPTED_INPUT, MASKED, REAL, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT, TERMS, TermSpec,
+                    check_weights, format_weights)
 
 __all__ = ["Objective", "Request", "TERMS", "TermSpec"]  # TERMS, TermSpec: the registry, re-exported
 
@@ -445,9 +446,10 @@ def _check_heads(specs: dict[str, TermSpec], student, teacher) -> None:
             if cls_name.endswith("ForSequenceClassification"):
                 hint = "for task distillation between classification heads pass sequence_level=True"
             elif role == "rtd" and "mlm" in allowed:
-                hint = 'an ELECTRA discriminator is distilled with "rtd" / "rtd_kl" (and representation terms)'
+                rtd_terms = " / ".join(f'"{k}"' for k, s in TERMS.items() if s.student_heads == {"rtd"})
+                hint = f"an ELECTRA discriminator is distilled with {rtd_terms} (and representation terms)"
             elif "mlm" in allowed:
-                hint = 'distil its representations instead, e.g. weights {"cos": 1, "hid_mse": 1, "att_mse": 1}'
+                hint = f"distil its representations instead, e.g. weights {format_weights(REPRESENTATION_WEIGHTS)}"
             else:
                 hint = "load the ELECTRA discriminator (ElectraForPreTraining)"
             raise UsageError(f"term {name!r} needs {need} on the {who}, but the {who} ({cls_name}) has none: {hint}")

@@ -147,12 +147,6 @@ def unregister(key: str) -> TermSpec:
     return TERMS.pop(key)
 
 
-def get(key: str) -> TermSpec:
-    if key not in TERMS:
-        raise UsageError(f"unknown loss term {key!r}: valid terms are {', '.join(TERMS)}")
-    return TERMS[key]
-
-
 def select(**facts) -> tuple[str, ...]:
     """Keys of the terms whose fields equal ``facts``, in registry order, e.g.
     ``select(temperature=True)`` -> ``("ce", "kl", "rtd_kl")``."""

@@ -113,7 +113,8 @@ def reference_terms(student, teacher, batch, T, s_layers, t_layers):
     cos = (1 - (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1))).mean()
     hid = torch.stack([((hs[i][real] - ht[j][real]) ** 2).mean() for i, j in pairs]).mean()
     emb = ((hs[0][real] - ht[0][real]) ** 2).mean()
-    att_mse = torch.stack([((a_s[i - 1] - a_t[j - 1]) ** 2)[valid.expand_as(a_s[i - 1])].mean() for i, j in pairs]).mean()
+    att_mse = torch.stack([((a_s[i - 1] - a_t[j - 1]) ** 2)[valid.expand_as(a_s[i - 1])].mean()
+                           for i, j in pairs]).mean()
 
     def row_kl(p, q):  # KL(p || q) per query row over real keys, then the mean over real rows and heads
         per_key = torch.where(valid, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0)

@@ -267,29 +267,59 @@ def test_a_term_defined_in_a_test_trains_through_distill_train(hid_l1, bert_mlm_
     assert "1*hid_l1[s1=t2,s2=t4]" in (out / "README.md").read_text()
 
 
-def test_a_term_defined_in_a_test_trains_through_glue_eval_with_a_teacher(hid_l1, bert_mlm_dir, vocab_dir,
-                                                                       tmp_path):
-    from glue_eval.cli import main
-
+def toy_task_and_teacher(folder: Path) -> tuple[str, str]:
+    """A two-label local task (random words, random labels) and an untrained classifier teacher for it."""
     rng = random.Random(0)
     for split, n in (("train", 32), ("dev", 16)):
-        with open(tmp_path / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("text", "label"), *[(" ".join(rng.choice(tiny.WORDS) for _ in range(6)),
                                                            rng.choice(["no", "yes"])) for _ in range(n)]])
     spec = {"name": "toy", "train": "train.csv", "dev": "dev.csv", "text_columns": ["text"],
             "label_column": "label", "labels": ["no", "yes"], "metric": "accuracy"}
-    (tmp_path / "task.json").write_text(json.dumps(spec))
+    (folder / "task.json").write_text(json.dumps(spec))
     torch.manual_seed(3)
-    teacher = BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=2))
-    teacher.save_pretrained(tmp_path / "teacher")
-    out = tmp_path / "kd"
-    main(["--model", bert_mlm_dir, "--task", str(tmp_path / "task.json"), "--output_dir", str(out),
-          "--teacher", str(tmp_path / "teacher"), "--distill_weights", '{"hid_l1": 1.0, "hard_ce": 1.0}',
-          "--student_layers", "1,2,3,4", "--use_cpu", "--max_steps", "2", "--per_device_train_batch_size", "8",
-          "--disable_tqdm", "true"])
+    teacher = BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=2,
+                                                             _attn_implementation="eager"))
+    teacher.save_pretrained(folder / "teacher")
+    return str(folder / "task.json"), str(folder / "teacher")
+
+
+def glue_kd(student: str, task: str, teacher: str, out: Path, weights: dict) -> dict:
+    from glue_eval.cli import main
+
+    main(["--model", student, "--task", task, "--output_dir", str(out), "--teacher", teacher,
+          "--distill_weights", json.dumps(weights), "--student_layers", "1,2,3,4", "--use_cpu", "--max_steps", "2",
+          "--per_device_train_batch_size", "8", "--disable_tqdm", "true"])
     (result,) = out.rglob("result.json")
-    assert json.loads(result.read_text())["settings"]["distill_weights"] == {"hid_l1": 1.0, "hard_ce": 1.0}
+    return json.loads(result.read_text())
+
+
+def test_a_term_defined_in_a_test_trains_through_glue_eval_with_a_teacher(hid_l1, bert_mlm_dir, tmp_path):
+    task, teacher = toy_task_and_teacher(tmp_path)
+    record = glue_kd(bert_mlm_dir, task, teacher, tmp_path / "kd", {"hid_l1": 1.0, "hard_ce": 1.0})
+    assert record["settings"]["distill_weights"] == {"hid_l1": 1.0, "hard_ce": 1.0}
     # 2 steps x 4 layer pairs, on [8, S, 32] hidden states of both models, and a real distance each time
     assert len(hid_l1.calls) == 2 * 4
     assert all(c[1] == c[2] and c[1][0] == 8 and c[1][2] == 32 for c in hid_l1.calls)
     assert all(math.isfinite(c[0]) and c[0] > 0 for c in hid_l1.calls)
+
+
+def test_every_term_glue_eval_accepts_also_runs_there(bert_mlm_dir, tmp_path):
+    task, teacher = toy_task_and_teacher(tmp_path)
+    weights = dict.fromkeys(terms.level_terms(sequence_level=True), 1.0)
+    record = glue_kd(bert_mlm_dir, task, teacher, tmp_path / "kd", weights)
+    assert record["settings"]["distill_weights"] == weights and math.isfinite(record["train"]["loss"])
+
+
+def test_glue_eval_captures_the_value_vectors_extract_gives():
+    from distill.models import extract
+    from glue_eval.distillation import captured_values
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=2)).eval()
+    ids, mask = tiny.random_batch()
+    with torch.no_grad(), captured_values(model, (2, 4)) as values:
+        model(input_ids=ids, attention_mask=mask)
+    reference = extract(model, ids, mask, value_layers=(2, 4)).values  # the engine's adaptor
+    assert set(values) == {2, 4} and all(torch.equal(values[k], reference[k]) for k in (2, 4))
+    assert values[2].shape == (3, 4, 12, 8)  # [B, heads, S, head size]
