@@ -341,3 +341,24 @@ def test_fp16_o2_saves_the_pooler_bit_for_bit(pooled_teachers, tmp_path, monkeyp
     assert not torch.equal(weight.half().float(), weight)  # an fp16 round trip would show
     for k in POOLER_KEYS:
         assert saved[k].dtype == torch.float32 and torch.equal(saved[k], expect[k]), k
+
+
+def test_the_pooler_is_read_from_sharded_and_pickled_checkpoints(pooled_teachers, tmp_path):
+    from distill.models import checkpoint_pooler
+
+    source = pooled_teachers["bert_mlm_pooled"]
+    expect = {k.removeprefix("bert.pooler."): v for k, v in tiny.saved_weights(source).items() if k in POOLER_KEYS}
+    config = AutoConfig.from_pretrained(source)
+    model = load_model(source)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(Path(source) / "config.json", pickled / "config.json")
+    torch.save(tiny.saved_weights(source), pickled / "pytorch_model.bin")
+    for folder in (sharded, pickled):
+        got = checkpoint_pooler(str(folder), config)
+        assert got.keys() == expect.keys(), folder
+        for k in expect:
+            assert torch.equal(got[k], expect[k]), (folder, k)
