@@ -86,6 +86,16 @@ class Family:
     students: dict = field(default_factory=dict)  # student family name -> StudentRule (own family implied)
     note: str = ""  # one line for help texts: what makes this family's pair special
 
+    def __post_init__(self):
+        # an entry is checked once, when it is written, not when a run first needs the missing part
+        unknown = set(self.classes) - set(ROLES)
+        headless = [r for r in self.classes if r != "base" and r not in self.heads]
+        if unknown or headless or "base" not in self.classes:
+            raise ValueError(f"family {self.name!r}: roles must be among {ROLES}, include 'base', and every role "
+                             f"but 'base' needs a head (unknown {sorted(unknown)}, headless {headless})")
+        if (self.pooler_path is None) != (self.pooler_class is None):
+            raise ValueError(f"family {self.name!r}: pooler_path and pooler_class go together")
+
     def cls(self, role: str):
         """The transformers class of ``role`` (imported on first use)."""
         import transformers

@@ -248,3 +248,14 @@ def test_a_new_family_is_one_registry_entry(monkeypatch, tmp_path, bpe_dir, voca
     out = tmp_path / "run"
     assert train_main(_train_args(str(teacher_dir), _corpus(tmp_path / "c.txt"), out, tmp_path, max_steps=2)) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "camembert"
+
+
+def test_an_incomplete_family_entry_is_refused_when_written():
+    import dataclasses
+
+    from distill.families import FAMILIES
+
+    with pytest.raises(ValueError, match="headless"):
+        dataclasses.replace(FAMILIES["roberta"], name="x", heads={})
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(FAMILIES["roberta"], name="x", pooler_class=None)

@@ -341,3 +341,43 @@ def test_fp16_o2_saves_the_pooler_bit_for_bit(pooled_teachers, tmp_path, monkeyp
     assert not torch.equal(weight.half().float(), weight)  # an fp16 round trip would show
     for k in POOLER_KEYS:
         assert saved[k].dtype == torch.float32 and torch.equal(saved[k], expect[k]), k
+
+
+def test_the_pooler_is_read_from_sharded_and_pickled_checkpoints(pooled_teachers, tmp_path):
+    from distill.models import checkpoint_pooler
+
+    source = pooled_teachers["bert_mlm_pooled"]
+    expect = {k.removeprefix("bert.pooler."): v for k, v in tiny.saved_weights(source).items() if k in POOLER_KEYS}
+    config = AutoConfig.from_pretrained(source)
+    model = load_model(source)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(Path(source) / "config.json", pickled / "config.json")
+    torch.save(tiny.saved_weights(source), pickled / "pytorch_model.bin")
+    for folder in (sharded, pickled):
+        got = checkpoint_pooler(str(folder), config)
+        assert got.keys() == expect.keys(), folder
+        for k in expect:
+            assert torch.equal(got[k], expect[k]), (folder, k)
+
+
+@pytest.mark.parametrize("kind", ["bert_mlm", "distilbert_mlm", "electra_disc", "electra_gen", "roberta_mlm", "xlmr_mlm"])
+def test_every_family_entrys_paths_name_real_modules(kind):
+    """The registry's query/key/value, attention and pooler paths resolve in a real model of the family."""
+    from distill.models import family_of, get_path, hidden_size, num_heads, num_layers, transformer_layers
+
+    model = tiny.build_roberta(kind, 50) if kind.split("_")[0] in ("roberta", "xlmr") else tiny.build_model(kind)
+    family = family_of(model)
+    layers = transformer_layers(model)
+    assert len(layers) == num_layers(model) > 0  # layers_path and num_layers_field agree
+    assert hidden_size(model) % num_heads(model) == 0
+    for path in (family.query_path, family.key_path, family.value_path):
+        proj = get_path(layers[0], path)
+        assert isinstance(proj, torch.nn.Linear) and proj.out_features == hidden_size(model), path
+    assert isinstance(get_path(layers[0], family.self_attention_path).dropout, (torch.nn.Dropout, float))
+    if family.pooler_path:
+        built = family.build_pooler(model.config)
+        assert type(built).__name__.endswith("Pooler") and built.dense.in_features == hidden_size(model)
