@@ -107,6 +107,7 @@ class OutputLock:
         self.enabled = enabled
         self.created: list[Path] = []
         self.record: dict | None = None
+        self.nested = False  # this process already holds the folder (e.g. a study running grids): nothing to do
 
     def __enter__(self):
         if not self.enabled:
@@ -134,6 +135,9 @@ class OutputLock:
                 holder = read_lock(path)
                 if holder is None:  # released between our create and our read
                     continue
+                if holder.get("pid") == os.getpid() and holder.get("host") == _host():
+                    self.nested = True
+                    return
                 if not _is_stale(holder):
                     raise _busy(self.folder, holder) from None
                 if self._take_over(path, holder):
@@ -170,7 +174,7 @@ class OutputLock:
         if not self.enabled:
             return False
         path = lock_path(self.folder)
-        current = read_lock(path, tries=1) if path.exists() else None
+        current = read_lock(path, tries=1) if path.exists() and not self.nested else None
         if current is not None and current.get("pid") == os.getpid() and current.get("host") == _host():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

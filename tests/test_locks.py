@@ -103,11 +103,13 @@ import sys, time
 from pathlib import Path
 from distill.locks import output_lock
 from distill.errors import UsageError
-folder, report = sys.argv[1], Path(sys.argv[2])
+folder, report, others = sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 try:
     with output_lock(folder, "holder"):
         report.write_text("won")
-        time.sleep(3)
+        deadline = time.time() + 120
+        while not all(p.exists() for p in others) and time.time() < deadline:
+            time.sleep(0.05)  # hold the lock until every other process has tried
 except UsageError as err:
     report.write_text("refused: " + str(err))
 """
@@ -116,7 +118,8 @@ except UsageError as err:
 def test_of_processes_racing_for_one_folder_exactly_one_wins(tmp_path):
     folder = tmp_path / "out"
     reports = [tmp_path / f"r{i}" for i in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(r)], env=ENV) for r in reports]
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(r), *[str(o) for o in reports if o != r]],
+                              env=ENV) for r in reports]
     for p in procs:
         assert p.wait(timeout=120) == 0
     outcomes = [r.read_text() for r in reports]
@@ -158,7 +161,7 @@ def test_a_lock_from_another_host_is_refused_with_how_to_clear_it(bert_mlm_dir, 
 
 def test_distill_init_does_not_replace_a_folder_that_a_live_process_holds(bert_mlm_dir, tmp_path, capsys):
     out = tmp_path / "student"
-    with output_lock(out, "distill-train"):  # held by this very process, which is alive
+    with output_lock(out, "distill-train"):
         (out / "x").write_text("keep")
         lock = json.loads((out / LOCK_NAME).read_text())
         lock["pid"] = os.getppid()  # pose as another live process on this host
@@ -167,3 +170,12 @@ def test_distill_init_does_not_replace_a_folder_that_a_live_process_holds(bert_m
             init_main(["--teacher", bert_mlm_dir, "--layers", "1,3", "--output", str(out), "--overwrite"])
         assert exc.value.code == 2 and "in use by distill-train" in capsys.readouterr().err
         assert (out / "x").read_text() == "keep"
+
+
+def test_a_process_that_holds_a_folder_may_enter_it_again(tmp_path):
+    out = tmp_path / "grid"
+    with output_lock(out, "bench"):
+        with output_lock(out, "glue-eval") as inner:  # e.g. a study running a grid in its own folder
+            assert inner.nested
+        assert json.loads((out / LOCK_NAME).read_text())["command"] == "bench"  # still held by the outer one
+    assert not out.exists()
