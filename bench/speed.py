@@ -6,7 +6,7 @@ Run from the repository root::
     python bench/speed.py --out docs/speed.json         # the full report (~15 min there)
     python bench/speed.py --smoke                       # every code path on tiny models, seconds
 
-Three measurements, each a median of repeated runs. The compared variants run
+Four measurements, each a median of repeated runs. The compared variants run
 interleaved, one round after another (A B C, C B A, ...), so load from other
 processes hits all alike; a ratio is the median over rounds of the ratio within a
 round (the ratio of the medians and of the CPU times are in the JSON too).
@@ -43,10 +43,17 @@ bf16 in the full report); the named ratios are the fp32 ones.
    The full report also times the pieces of a step apart (teacher encoder, heads,
    loss, backward, optimizer): what dominates each variant.
 
+   **The demo recipe's step** (section ``demo``): ``distill-train``'s default recipe (the
+   real all-MiniLM-L6-v2 teacher, 3-layer student from layers 2,4,6, cos + hid_mse +
+   att_mse, batch 16 x 128) at precision ``auto`` against ``fp32`` and ``bf16``: what
+   ``auto`` chose on this machine, and what that choice is worth.
+
 2. **Data preparation**: ``distill.data.load_corpus_blocks`` (fresh cache folder each
    repetition, 128-token packed blocks) against a line-by-line ``tokenizer.encode``
    loop with the same MiniLM tokenizer over the same paragraphs (then the same
-   packing in numpy and ``np.save``). Both read the same text file: the clean
+   packing in numpy and ``np.save``), each with ``TOKENIZERS_PARALLELISM`` unset and
+   set to ``false``; ``prep_vs_loop`` is the lower of the two ratios (the pipeline
+   should use the cores in either environment). Both read the same text file: the clean
    paragraphs of the real Wikipedia extract, one per line. Each repetition runs in a
    fresh subprocess so peak memory (VmHWM above the post-import baseline) is its own.
    Also reported: the pipeline from the raw MediaWiki dump (markup cleaning

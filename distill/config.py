@@ -161,7 +161,7 @@ def _parse_value(name: str, raw: Any):
         if ftype.startswith("float"):
             return float(raw)
     except ValueError:
-        raise UsageError(f"--{name} {raw!r} is not a valid {ftype}") from None
+        raise UsageError(f"--{name} {raw!r} is not a valid {_type_text(f)}") from None
     return raw
 
 
