@@ -49,7 +49,7 @@ def mlm_source(vocab_dir):
 
 
 def test_words_are_letter_runs_outside_special_tokens():
-    text = "the city [SEP] was 42, new-ish!"
+    text = "the city [SEP] was 42, new-ish! 1930s snake_case [UNK]"
     spans = augment.word_spans(text, SPECIALS)
     assert [text[a:b] for a, b in spans] == ["the", "city", "was", "new", "ish"]
 
