@@ -1000,7 +1000,8 @@ def main(argv=None) -> int:
                              "threads fighting other processes for 2 cores ran 2x slower than 1 thread, and "
                              "erratically)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one engine step")
-    parser.add_argument("--task-stage", action="store_true", help="also time a glue-eval KD epoch, teacher cached vs not")
+    parser.add_argument("--task-stage", action="store_true",
+                        help="also time a glue-eval KD epoch, teacher cached vs not")
     parser.add_argument("--prep-worker", help=argparse.SUPPRESS)
     parser.add_argument("--text-file", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 """TinyBERT's data augmentation: N variants of every training example with words replaced.
 
-For each word of a text (a run of letters; special tokens written in the text and
-everything that is not a letter stay as they are), a list of candidate words:
+For each word of a text (a run of letters between non-word characters; special tokens
+written in the text, digits, punctuation and words glued to digits such as ``1930s``
+stay as they are), a list of candidate words:
 
 - from a masked LM, for a word that is one token: the word is replaced by the mask
   token and the LM's top ``candidates`` predictions there are kept;
@@ -35,6 +36,8 @@ from distill.io import atomic_write_text
 PROBABILITY = 0.4  # TinyBERT's p_t
 CANDIDATES = 15  # TinyBERT's K
 WORD = r"[^\W\d_]+"  # a run of letters, any script
+# A word in a text: a letter run not glued to digits or underscores ("1930s", "snake_case" stay as they are).
+TEXT_WORD = rf"(?<!\w){WORD}(?!\w)"
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,10 @@ class AugmentSettings:
 
 def word_spans(text: str, specials=()) -> list[tuple[int, int]]:
     """``(start, end)`` of each replaceable word of ``text``: letter runs outside any special token."""
-    pattern = WORD
+    pattern = TEXT_WORD
     if specials:
         alternatives = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
-        pattern = f"(?:{alternatives})|({WORD})"
+        pattern = f"(?:{alternatives})|({TEXT_WORD})"
     spans = []
     for m in re.finditer(pattern, text):
         if specials and m.group(1) is None:

@@ -106,7 +106,9 @@ def parse_stages(text: str, task: Task | None = None) -> list[dict]:
     comes from the run's own TrainingArguments. Returns the stages with weights checked.
     """
     where = "--stages"
-    if text.endswith(".json") and os.path.isfile(text):
+    if text.endswith(".json") and not os.path.isfile(text):
+        raise UsageError(f"--stages file {text!r} does not exist: give a JSON list of stages, or that list itself")
+    if text.endswith(".json"):
         where = f"--stages file {text!r}"
         with open(text, encoding="utf-8") as f:
             text = f.read()
@@ -118,12 +120,13 @@ def parse_stages(text: str, task: Task | None = None) -> list[dict]:
             f"{{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}]'"
         ) from None
     if not isinstance(stages, list) or not stages:
-        raise UsageError(f"{where} must be a non-empty JSON list of stages, e.g. [{{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}]")
+        raise UsageError(f"{where} must be a non-empty JSON list of stages, e.g. "
+                         '[{"weights": {"kl": 1}, "epochs": 3}]')
     out = []
     for i, stage in enumerate(stages, start=1):
         name = f"{where}: stage {i}"
         if not isinstance(stage, dict) or "weights" not in stage:
-            raise UsageError(f"{name} must be an object with \"weights\", e.g. {{\"weights\": {{\"kl\": 1}}, \"epochs\": 3}}")
+            raise UsageError(f'{name} must be an object with "weights", e.g. {{"weights": {{"kl": 1}}, "epochs": 3}}')
         unknown = sorted(set(stage) - set(STAGE_KEYS))
         if unknown:
             raise UsageError(f"{name} has unknown keys {unknown}: a stage takes {', '.join(STAGE_KEYS)}")
@@ -239,7 +242,8 @@ def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Tas
         set_attention_dropout(model, 0.0 if needs_attention(stage["weights"]) else dropout)
         changes = {k: stage[k] for k in ("learning_rate",) if stage[k] is not None}
         if stage["epochs"] is not None:
-            changes["num_train_epochs"] = float(stage["epochs"])
+            # A stage's epochs count even when the command line set --max_steps for the run.
+            changes.update(num_train_epochs=float(stage["epochs"]), max_steps=-1)
         if stage["max_steps"] is not None:
             changes["max_steps"] = int(stage["max_steps"])
         stage_args = dataclasses.replace(args, **changes) if changes else args

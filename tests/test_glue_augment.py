@@ -49,7 +49,7 @@ def mlm_source(vocab_dir):
 
 
 def test_words_are_letter_runs_outside_special_tokens():
-    text = "the city [SEP] was 42, new-ish!"
+    text = "the city [SEP] was 42, new-ish! 1930s snake_case [UNK]"
     spans = augment.word_spans(text, SPECIALS)
     assert [text[a:b] for a, b in spans] == ["the", "city", "was", "new", "ish"]
 
@@ -97,7 +97,8 @@ def test_the_candidate_source_is_the_named_lm_else_the_teachers_own_head_else_it
     classifier.save_pretrained(str(tmp_path / "classifier"))
     assert augment.has_mlm_head(bert_mlm_dir) and not augment.has_mlm_head(str(tmp_path / "classifier"))
     assert augment.describe_source(bert_mlm_dir, None)[:2] == ("mlm", bert_mlm_dir)
-    assert augment.describe_source(str(tmp_path / "classifier"), None)[:2] == ("embeddings", str(tmp_path / "classifier"))
+    classifier_dir = str(tmp_path / "classifier")
+    assert augment.describe_source(classifier_dir, None)[:2] == ("embeddings", classifier_dir)
     kind, folder, name = augment.describe_source(str(tmp_path / "classifier"), bert_mlm_dir)
     assert (kind, folder) == ("mlm", bert_mlm_dir) and name == augment.describe_source(bert_mlm_dir, None)[2]
 
@@ -404,3 +405,26 @@ def test_task_stage_settings_that_cannot_work_are_refused(task_dir, bert_mlm_dir
     assert "--augment_probability 1.5" in refused("--augment", "1", "--augment_probability", "1.5")
     assert "does not exist" in refused("--unlabelled_file", str(tmp_path / "missing.txt"))
     assert "needs --teacher" in refused("--stages", '[{"weights": {"kl": 1}}]', teacher=False)
+    assert "does not exist" in refused("--stages", str(tmp_path / "stages.json"))
+    (tmp_path / "stages.json").write_text('[{"weights": {"kl": 1}, "max_steps": 0}]')
+    assert f"--stages file {str(tmp_path / 'stages.json')!r}: stage 1: max_steps is 0" in refused(
+        "--stages", str(tmp_path / "stages.json"))
+
+
+def test_unlabelled_text_is_read_per_line_or_from_a_table(tmp_path):
+    from distill.errors import UsageError
+    from glue_eval.data import load_unlabelled
+    from glue_eval.tasks import get_task
+
+    rte = get_task("rte")
+    (tmp_path / "pairs.txt").write_text("a city\tthe school\n\nthe world\tnew state\n")
+    assert load_unlabelled(rte, str(tmp_path / "pairs.txt")) == {
+        "sentence1": ["a city", "the world"], "sentence2": ["the school", "new state"]}
+    (tmp_path / "bad.txt").write_text("a city\tthe school\nno tab here\n")
+    with pytest.raises(UsageError, match="bad.txt line 2: 1 tab-separated texts where RTE has 2"):
+        load_unlabelled(rte, str(tmp_path / "bad.txt"))
+    with open(tmp_path / "sst.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("id", "sentence"), (1, "one, two"), (2, "three")])
+    assert load_unlabelled(get_task("sst2"), str(tmp_path / "sst.csv")) == {"sentence": ["one, two", "three"]}
+    with pytest.raises(UsageError, match="no column 'sentence1'"):
+        load_unlabelled(rte, str(tmp_path / "sst.csv"))
