@@ -24,7 +24,8 @@ setup(
         "safetensors",
         "mwparserfromhell>=0.6",  # strips MediaWiki markup from raw Wikipedia dumps
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # TextBrewer: tests/test_peers.py checks bench/peers.py's TextBrewer path (its deps are all ours already)
+    extras_require={"test": ["pytest>=7", "textbrewer==0.2.1.post1"]},
     entry_points={
         "console_scripts": [
             "distill-init=distill.cli:init_main",
