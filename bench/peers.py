@@ -76,7 +76,8 @@ from distill.student import build_student  # noqa: E402
 from glue_eval.distillation import DistillationTrainer, distillation_kwargs  # noqa: E402
 
 # Timing, batches and the machine record, shared with the speed report.
-from speed import Clock, interleaved, machine, make_batch, paired_ratio, summary, teacher_config  # noqa: E402
+from speed import (Clock, interleaved, machine, make_batch, paired_ratio, set_threads, summary,  # noqa: E402
+                   teacher_config)
 
 SEQ = 128
 AGNOSTIC_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
@@ -323,6 +324,8 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
     log(f"TextBrewer step, batch {cfg['agnostic_batch']} x {SEQ}, {cfg['repeats']} rounds")
     times = interleaved(variants, cfg["repeats"], 1, clock)
     ratios = {v: paired_ratio(times, f"textbrewer_{v}", f"ours_{v}") for v in ("full", "masked")}
+    steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()}
+    profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
     return {
         "setup": {"teacher": f"BertForMaskedLM {teacher.config.num_hidden_layers} x {teacher.config.hidden_size} "
                              "(random weights)", "student_layers": AGNOSTIC_LAYERS,
@@ -333,10 +336,11 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
         "peer_config": {v: textbrewer_config(teacher, student0, v == "masked") for v in ("full", "masked")},
         "loss_match": match,
         "loss_match_textbrewer": max(m["relative_difference"] for m in match.values()),
-        "steps": {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()},
+        "steps": steps,
         "ratio_details": ratios,
         "vs_textbrewer_full": ratios["full"]["value"],
         "vs_textbrewer_masked": ratios["masked"]["value"],
+        "profiles": profiles,
     }
 
 
@@ -352,6 +356,9 @@ def task_models(device: torch.device, folder: str, **shape):
     config = BertConfig(**{**teacher_config(**shape).to_dict(), "num_hidden_layers": TASK_TEACHER_LAYERS,
                            "num_labels": TASK_LABELS, "architectures": ["BertForSequenceClassification"]})
     teacher = BertForSequenceClassification(config)
+    # A fine-tuned teacher is confident. At init (std 0.02) its logits are ~0 and both models near uniform, so
+    # the KL would vanish and the loss match would check hard_ce alone.
+    torch.nn.init.normal_(teacher.classifier.weight, std=1.0)
     teacher_dir = os.path.join(folder, "teacher")
     teacher.save_pretrained(teacher_dir)
     base = BertModel.from_pretrained(teacher_dir)
@@ -481,6 +488,8 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     log(f"torchdistill step, batch {cfg['task_batch']} x {SEQ}, {cfg['repeats']} rounds")
     times = interleaved(variants, cfg["repeats"], 1, clock)
     ratio = paired_ratio(times, "torchdistill_task", "ours_task")
+    steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()}
+    profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
     box.clean_modules()
     return {
         "setup": {"teacher": f"BertForSequenceClassification {TASK_TEACHER_LAYERS} x {teacher.config.hidden_size} "
@@ -493,9 +502,10 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
         "peer_config": torchdistill_train_config(),
         "loss_match": match,
         "loss_match_torchdistill": match["relative_difference"],
-        "steps": {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()},
+        "steps": steps,
         "ratio_details": {"task": ratio},
         "vs_torchdistill_task": ratio["value"],
+        "profiles": profiles,
     }
 
 
@@ -508,6 +518,22 @@ def _measured(step, memory: PeakMemory, peaks: list):
         step()
         peaks.append(memory.stop(base))
     return run
+
+
+def profile_steps(steps: dict, device: torch.device, top: int = 12) -> dict[str, str]:
+    """torch.profiler table (top ops by self time) of one step of each side, for the "why" of a ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, step in steps.items():
+        with profile(activities=activities, record_shapes=True) as prof:
+            step()
+        tables[name] = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=top, max_name_column_width=32, max_shapes_column_width=48)
+        log(f"profile of one {name} step:\n{tables[name]}")
+    return tables
 
 
 def _mb(x: float) -> float | None:
@@ -539,7 +565,8 @@ def report_markdown(report: dict) -> str:
         f"{' --smoke' if report['smoke'] else ''}` on {report['date']}"
         + (" (smoke: narrow models, not figures to quote)." if report["smoke"] else "."),
         "",
-        f"Machine (as measured): {m.get('cpu')}, {m.get('cpu_count')} CPUs, {report['threads']} torch threads"
+        f"Machine (as measured): {m.get('cpu')}, {m.get('cpu_count')} CPUs, {report['threads']} torch threads "
+        f"({report['threads_choice']})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f", device `{report['device']}`; "
         f"bf16 CPU flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}; load average at start "
         f"{m.get('load_average_at_start')}. The machine was shared with other jobs while this ran: the two sides "
@@ -609,7 +636,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="every code path on narrow models, seconds (no figures)")
     p.add_argument("--only", default="textbrewer,torchdistill", help="comma list of textbrewer, torchdistill")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--threads", default="auto", help="torch CPU threads: a number, or auto (default): torch's own "
+                   "on an idle machine, 1 when the load average says other processes hold the cores (as speed.py)")
+    p.add_argument("--profile", action="store_true", help="also a torch.profiler table of one step of each side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "docs" / "peers"), help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -621,19 +650,20 @@ def main(argv=None) -> int:
         import_peer(part)  # refuse before any work, with the install line
     cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
     shape = SMOKE_SHAPE if args.smoke else {}
+    cfg["profile"] = args.profile
     if args.repeats is not None:
         if args.repeats < 1:
             raise UsageError(f"--repeats {args.repeats}: give at least 1 round")
         cfg["repeats"] = args.repeats
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: give at least 1 thread")
-        torch.set_num_threads(args.threads)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise UsageError(f"--threads {args.threads!r}: give a number >= 1 or auto")
+    threads_choice = set_threads(args.threads)
+    log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
     device = torch.device(args.device)
     clock = Clock(device)
     report = {"quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "device": str(device),
-              "threads": torch.get_num_threads(), "config": cfg}
+              "threads": torch.get_num_threads(), "threads_choice": threads_choice, "config": cfg}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peers-") as work:
         report["textbrewer"] = bench_textbrewer(cfg, device, clock, work, shape) if "textbrewer" in parts else None
