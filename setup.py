@@ -24,8 +24,9 @@ setup(
         "safetensors",
         "mwparserfromhell>=0.6",  # strips MediaWiki markup from raw Wikipedia dumps
     ],
-    # sentence-transformers: the client the tests load sentence-transformers students in
-    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7"]},
+    # sentence-transformers: the client the tests load sentence-transformers students in;
+    # TextBrewer: tests/test_peers.py checks bench/peers.py's TextBrewer path (its deps are all ours already)
+    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7", "textbrewer==0.2.1.post1"]},
     entry_points={
         "console_scripts": [
             "distill-init=distill.cli:init_main",

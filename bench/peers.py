@@ -1,0 +1,689 @@
+"""Side by side with the peers: the same distillation step in TextBrewer, torchdistill and this toolkit.
+
+Run from the repository root, in an environment that holds the peers (see
+``bench/requirements-peers.txt``; neither peer is a dependency of the toolkit)::
+
+    python bench/peers.py --quick                 # < 15 min on a 2-core CPU
+    python bench/peers.py                         # batch 8 for part 1, more rounds
+    python bench/peers.py --only textbrewer       # part 1 only (torchdistill not installed)
+
+Two comparisons, each on one torch build, both sides in the same process, same threads,
+same precision (fp32), same weights:
+
+1. **Task-agnostic step, against TextBrewer's ``GeneralDistiller``.** A BERT-base-shaped
+   ``BertForMaskedLM`` teacher (random weights), a 4-layer student from its layers 1,5,8,12
+   (``distill.student.build_student``), batch ``B x 128`` of packed blocks masked the
+   DistilBERT way, the DistilBERT objective ``5*ce + 2*mlm + 1*cos`` at T=2, with ``ce`` on
+   every real token (``full``) or on the MLM targets only (``masked``).
+   TextBrewer runs the same objective through its own adaptor and configuration, converted to
+   its conventions: its ``kd_loss_type="ce"`` is the same soft cross-entropy as our ``ce`` (not a
+   KL) but without the T^2 factor, so ``kd_loss_weight = 5 * T^2``; MLM enters as its hard-label
+   loss (the model's own ``loss`` from ``labels``, ``hard_label_weight = 2``); ``cos`` is an
+   intermediate match of the last hidden states (weight 1, the attention mask as inputs mask);
+   ``logits_mask`` is the attention mask (full) or the MLM targets (masked).
+2. **Task step, against torchdistill.** A 6-layer BERT sequence classifier (width 768) as the
+   teacher and a 3-layer student from its layers 2,4,6, ``kl`` at T=1 + ``hard_ce``, batch
+   ``32 x 128`` (padded to the longest row). Ours is ``glue-eval --teacher``'s step:
+   ``glue_eval.distillation.DistillationTrainer.training_step`` (the Trainer's forward, loss and
+   backward), then the clip and AdamW step the Trainer's loop does. torchdistill's is its
+   ``DistillationBox`` (``forward_process`` + ``post_forward_process``: backward, clip, step)
+   with ``WeightedSumLoss`` over ``KDLoss(temperature=1, alpha=1, beta=1)``, the classifier's
+   output taken by its forward hook: ``1 * CE + 1 * T^2 * KL(batchmean)``.
+
+**Same math first.** On one batch, with the same weights and dropout off, both sides compute the
+total loss; ``loss_match_*`` is the largest relative difference (must be <= 1e-5). Then one
+optimiser step per side (forward, loss, backward, grad clip, AdamW step) is timed in interleaved
+rounds (A B C D, D C B A, ...): ``vs_*`` is the median over rounds of peer time / our time
+(> 1: we are faster). Peak memory per side is the largest rise of the process's resident set
+(CPU; VmHWM, reset before every step) or of allocated CUDA memory during one of its steps.
+
+Writes ``docs/peers.json`` and ``docs/peers.md`` (``--out``), then prints one ``name: value`` line
+per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (str(ROOT), str(ROOT / "bench")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+
+# "Ours": the toolkit's public pieces, imported here only, so they can be re-pointed in one place.
+from distill.errors import UsageError, quiet_library_progress  # noqa: E402
+from distill.io import atomic_write_json, atomic_write_text  # noqa: E402
+from distill.models import extract  # noqa: E402
+from distill.objective import Objective  # noqa: E402
+from distill.precision import Precision  # noqa: E402
+from distill.student import build_student  # noqa: E402
+from glue_eval.distillation import DistillationTrainer, distillation_kwargs  # noqa: E402
+
+# Timing, batches and the machine record, shared with the speed report.
+from speed import (Clock, interleaved, machine, make_batch, paired_ratio, set_threads, summary,  # noqa: E402
+                   teacher_config)
+
+SEQ = 128
+AGNOSTIC_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
+AGNOSTIC_T = 2.0
+AGNOSTIC_LAYERS = [1, 5, 8, 12]
+AGNOSTIC_OPTIM = dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)  # DistilBERT's
+AGNOSTIC_CLIP = 5.0
+TASK_WEIGHTS = {"kl": 1.0, "hard_ce": 1.0}
+TASK_T = 1.0
+TASK_TEACHER_LAYERS = 6
+TASK_LAYERS = [2, 4, 6]
+TASK_LABELS = 2
+TASK_OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # torchdistill's GLUE KD sample
+TASK_CLIP = 1.0  # the Trainer's default max_grad_norm, and torchdistill's GLUE KD sample
+
+PEERS = {
+    "textbrewer": "textbrewer==0.2.1.post1",
+    "torchdistill": "torchdistill==1.1.5",
+}
+INSTALL_HINT = ("pip install -r bench/requirements-peers.txt in a bench-only environment "
+                "(see the file for why), or leave the part out with --only")
+
+QUICK = dict(agnostic_batch=4, task_batch=32, repeats=5)
+FULL = dict(agnostic_batch=8, task_batch=32, repeats=9)
+# --smoke: every code path and the report on narrow models (same layer counts), in seconds; no figures to quote.
+SMOKE = dict(agnostic_batch=1, task_batch=2, repeats=1)
+SMOKE_SHAPE = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+FIGURES = ("loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked",
+           "loss_match_torchdistill", "vs_torchdistill_task")
+TARGETS = {"loss_match_textbrewer": ("<=", 1e-5), "vs_textbrewer_full": (">=", 1.3),
+           "vs_textbrewer_masked": (">=", 1.5), "loss_match_torchdistill": ("<=", 1e-5),
+           "vs_torchdistill_task": (">=", 1.1)}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def import_peer(name: str):
+    """The peer's module, or one UsageError line saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise UsageError(f"{name} is not importable here ({err}): the peer comparison needs {PEERS[name]}; "
+                         f"{INSTALL_HINT}") from None
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = float(a), float(b)
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every ``nn.Dropout`` in ``model`` to ``p`` (0: the training-mode forward equals eval mode's)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+# --------------------------------------------------------------------------------------- memory
+
+
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory a step adds above what was held before it: CUDA allocations, or resident set on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_resettable = device.type == "cpu" and self._reset_hwm()
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+                f.write("5")  # VmHWM := current RSS
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if not self.cpu_resettable:
+            return float("nan")
+        self._reset_hwm()
+        return _vm_kb("VmRSS") * 1024.0
+
+    def stop(self, base: float) -> float:
+        """Bytes above ``base`` at the peak since :meth:`start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        if not self.cpu_resettable:
+            return float("nan")
+        return _vm_kb("VmHWM") * 1024.0 - base
+
+
+# --------------------------------------------------------------------------------------- 1. TextBrewer
+
+
+def agnostic_models(device: torch.device, **shape):
+    """BERT-base-shaped BertForMaskedLM teacher (random weights, eval, frozen) and its 1,5,8,12 student."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(teacher_config(**shape)).to(device).eval()
+    teacher.requires_grad_(False)
+    student, _ = build_student(teacher, AGNOSTIC_LAYERS)
+    return teacher, student.to(device)
+
+
+class OursAgnostic:
+    """The engine's step for ``5*ce + 2*mlm + 1*cos``: teacher ``extract`` under no_grad, student
+    ``extract``, ``Objective`` (heads only where a term reads them)."""
+
+    def __init__(self, teacher, student, layers, restrict_ce_to_mask: bool):
+        self.teacher, self.student = teacher, student
+        device = next(student.parameters()).device
+        self.objective = Objective.from_config(
+            AGNOSTIC_WEIGHTS, AGNOSTIC_T, student_config=student, teacher_config=teacher, student_layers=layers,
+            restrict_ce_to_mask=restrict_ce_to_mask).to(device)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            t = extract(self.teacher, ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        s = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
+        return self.objective(s, t, batch)[0]
+
+
+def textbrewer_config(teacher, student, restrict_ce_to_mask: bool) -> dict:
+    """TextBrewer's DistillationConfig arguments for our objective, converted to its conventions."""
+    return {
+        "temperature": AGNOSTIC_T,
+        "kd_loss_type": "ce",  # -sum p_t log p_s, mean over rows: our ce without T^2
+        "kd_loss_weight": AGNOSTIC_WEIGHTS["ce"] * AGNOSTIC_T ** 2,
+        "hard_label_weight": AGNOSTIC_WEIGHTS["mlm"],  # the student's own MLM loss, from "labels"
+        "intermediate_matches": [{
+            "layer_T": teacher.config.num_hidden_layers, "layer_S": student.config.num_hidden_layers,
+            "feature": "hidden", "loss": "cos", "weight": AGNOSTIC_WEIGHTS["cos"]}],
+        "logits_mask": "mlm targets" if restrict_ce_to_mask else "attention mask",
+    }
+
+
+class TextBrewerAgnostic:
+    """TextBrewer's GeneralDistiller on the same models: its adaptors, its loss, its batch layout."""
+
+    def __init__(self, teacher, student, restrict_ce_to_mask: bool, output_dir: str):
+        import_peer("textbrewer")
+        from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
+
+        self.config = textbrewer_config(teacher, student, restrict_ce_to_mask)
+        d_config = DistillationConfig(**{k: v for k, v in self.config.items() if k != "logits_mask"})
+        device = next(student.parameters()).device
+        t_config = TrainingConfig(device=device, output_dir=output_dir, log_dir=None)
+        self.restrict_ce_to_mask = restrict_ce_to_mask
+        self._logits_mask = None  # set per batch in loss(): the rows the soft loss reads
+
+        def adaptor_t(batch, out):
+            return {"logits": out.logits, "hidden": out.hidden_states, "inputs_mask": batch["attention_mask"],
+                    "logits_mask": self._logits_mask}
+
+        def adaptor_s(batch, out):
+            return {**adaptor_t(batch, out), "losses": out.loss}
+
+        self.distiller = GeneralDistiller(t_config, d_config, teacher, student, adaptor_t, adaptor_s)
+
+    @staticmethod
+    def batch(batch: dict) -> dict:
+        """Our batch in TextBrewer's layout: the student's inputs carry the MLM labels, the teacher's do not."""
+        common = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"teacher": common, "student": {**common, "labels": batch["mlm_labels"]}}
+
+    def loss(self, tb_batch: dict) -> torch.Tensor:
+        student = tb_batch["student"]
+        self._logits_mask = (student["labels"] != -100) if self.restrict_ce_to_mask else student["attention_mask"]
+        total, _ = self.distiller.train_on_batch(tb_batch, {"output_hidden_states": True})
+        return total
+
+
+def textbrewer_step(distiller: TextBrewerAgnostic, optimizer, tb_batch: dict, max_grad_norm: float):
+    """One step as TextBrewer's own training loop does it (fp32: backward, clip, step, zero_grad)."""
+    total = distiller.loss(tb_batch)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(distiller.distiller.model_S.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return total.detach()
+
+
+def loss_match_textbrewer(teacher, student, layers, batch: dict, output_dir: str) -> dict:
+    """Both sides' total loss on one batch, same weights, dropout off (eval mode), per variant."""
+    student = copy.deepcopy(student).eval()
+    out = {}
+    with torch.no_grad():
+        for variant, masked in (("full", False), ("masked", True)):
+            ours = OursAgnostic(teacher, student, layers, masked).loss(batch)
+            peer = TextBrewerAgnostic(teacher, student, masked, output_dir).loss(TextBrewerAgnostic.batch(batch))
+            out[variant] = {"ours": float(ours), "textbrewer": float(peer), "relative_difference":
+                            relative_difference(ours, peer)}
+    return out
+
+
+def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, shape: dict | None = None) -> dict:
+    teacher, student0 = agnostic_models(device, **(shape or {}))
+    batch = {k: v.to(device) for k, v in make_batch(cfg["agnostic_batch"], teacher.config.vocab_size).items()}
+    match = loss_match_textbrewer(teacher, student0, AGNOSTIC_LAYERS, batch, work)
+    log("TextBrewer loss match: " + ", ".join(f"{v} {m['relative_difference']:.2e}" for v, m in match.items()))
+
+    tb_batch = TextBrewerAgnostic.batch(batch)
+    memory = PeakMemory(device)
+    peaks: dict[str, list[float]] = {}
+    variants = {}
+    for variant, masked in (("masked", True), ("full", False)):
+        # each side trains its own copy with its own AdamW, from the same start
+        prec = Precision.from_config("fp32", device=device)
+        ours_student = copy.deepcopy(student0).train()
+        ours = OursAgnostic(teacher, ours_student, AGNOSTIC_LAYERS, masked)
+        ours_opt = prec.make_optimizer(list(ours_student.parameters()), torch.optim.AdamW, **AGNOSTIC_OPTIM)
+        tb_student = copy.deepcopy(student0).train()
+        tb = TextBrewerAgnostic(teacher, tb_student, masked, work)
+        tb_opt = torch.optim.AdamW(tb_student.parameters(), **AGNOSTIC_OPTIM)
+
+        def ours_step(ours=ours, ours_opt=ours_opt, prec=prec):
+            with prec.autocast():
+                loss = ours.loss(batch)
+            prec.backward(loss)
+            prec.step(ours_opt, AGNOSTIC_CLIP)
+
+        def tb_step(tb=tb, tb_opt=tb_opt):
+            textbrewer_step(tb, tb_opt, tb_batch, AGNOSTIC_CLIP)
+
+        for name, step in ((f"ours_{variant}", ours_step), (f"textbrewer_{variant}", tb_step)):
+            variants[name] = _measured(step, memory, peaks.setdefault(name, []))
+    log(f"TextBrewer step, batch {cfg['agnostic_batch']} x {SEQ}, {cfg['repeats']} rounds")
+    times = interleaved(variants, cfg["repeats"], 1, clock)
+    ratios = {v: paired_ratio(times, f"textbrewer_{v}", f"ours_{v}") for v in ("full", "masked")}
+    steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()}
+    profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
+    return {
+        "setup": {"teacher": f"BertForMaskedLM {teacher.config.num_hidden_layers} x {teacher.config.hidden_size} "
+                             "(random weights)", "student_layers": AGNOSTIC_LAYERS,
+                  "batch": cfg["agnostic_batch"], "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
+                  "masked_positions": int((batch["mlm_labels"] != -100).sum()),
+                  "objective": "5*ce + 2*mlm + 1*cos, T=2", "optimizer": {"AdamW": _jsonable(AGNOSTIC_OPTIM)},
+                  "max_grad_norm": AGNOSTIC_CLIP, "precision": "fp32"},
+        "peer_config": {v: textbrewer_config(teacher, student0, v == "masked") for v in ("full", "masked")},
+        "loss_match": match,
+        "loss_match_textbrewer": max(m["relative_difference"] for m in match.values()),
+        "steps": steps,
+        "ratio_details": ratios,
+        "vs_textbrewer_full": ratios["full"]["value"],
+        "vs_textbrewer_masked": ratios["masked"]["value"],
+        "profiles": profiles,
+    }
+
+
+# --------------------------------------------------------------------------------------- 2. torchdistill
+
+
+def task_models(device: torch.device, folder: str, **shape):
+    """A 6-layer BERT classifier teacher and the glue-eval student (a 2,4,6 copy with a fresh head), both
+    saved and reloaded with ``from_pretrained``; returns (teacher folder, teacher, student)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(**{**teacher_config(**shape).to_dict(), "num_hidden_layers": TASK_TEACHER_LAYERS,
+                           "num_labels": TASK_LABELS, "architectures": ["BertForSequenceClassification"]})
+    teacher = BertForSequenceClassification(config)
+    # A fine-tuned teacher is confident. At init (std 0.02) its logits are ~0 and both models near uniform, so
+    # the KL would vanish and the loss match would check hard_ce alone.
+    torch.nn.init.normal_(teacher.classifier.weight, std=1.0)
+    teacher_dir = os.path.join(folder, "teacher")
+    teacher.save_pretrained(teacher_dir)
+    base = BertModel.from_pretrained(teacher_dir)
+    student_base, _ = build_student(base, TASK_LAYERS)
+    student_dir = os.path.join(folder, "student")
+    student_base.save_pretrained(student_dir)
+    torch.manual_seed(1)
+    student = BertForSequenceClassification.from_pretrained(student_dir, num_labels=TASK_LABELS)
+    teacher = BertForSequenceClassification.from_pretrained(teacher_dir).to(device).eval()
+    return teacher_dir, teacher, student.to(device)
+
+
+def task_batch(batch: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
+    """``[CLS] ... [SEP]`` rows of 32..128 tokens padded to the longest (as DataCollatorWithPadding does),
+    with random labels."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(32, SEQ + 1, (batch,), generator=g)
+    lengths[0] = SEQ
+    ids = torch.randint(999, vocab, (batch, SEQ), generator=g)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 101
+    ids[torch.arange(batch), lengths - 1] = 102
+    ids = ids * mask
+    return {"input_ids": ids.to(device), "token_type_ids": torch.zeros_like(ids).to(device),
+            "attention_mask": mask.to(device), "labels": torch.randint(0, TASK_LABELS, (batch,), generator=g).to(device)}
+
+
+def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str):
+    """``glue-eval --teacher``'s trainer for this student: DistillationTrainer with the objective
+    ``distillation_kwargs`` builds from the glue arguments (kl at T=1 + hard_ce)."""
+    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
+    from glue_eval.tasks import get_task
+
+    glue = GlueArguments(model="(in memory)", task="SST-2", teacher=teacher_dir,
+                         distill_weights=json.dumps(TASK_WEIGHTS), temperature=TASK_T)
+    args = GlueTrainingArguments(output_dir=os.path.join(work, "glue"), report_to="none", use_cpu=device.type == "cpu",
+                                 learning_rate=TASK_OPTIM["lr"], adam_beta1=TASK_OPTIM["betas"][0],
+                                 adam_beta2=TASK_OPTIM["betas"][1], adam_epsilon=TASK_OPTIM["eps"],
+                                 weight_decay=TASK_OPTIM["weight_decay"], max_grad_norm=TASK_CLIP,
+                                 per_device_train_batch_size=32, disable_tqdm=True)
+    kwargs = distillation_kwargs(glue, get_task("SST-2"), student)
+    trainer = DistillationTrainer(model=student, args=args, **kwargs)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop, which we do not run
+    return trainer
+
+
+def ours_task_step(trainer, batch: dict):
+    """What the Trainer's loop does per step: training_step (forward, loss, backward), clip, step, zero_grad."""
+    loss = trainer.training_step(trainer.model, dict(batch))
+    trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    return loss
+
+
+def torchdistill_train_config() -> dict:
+    """torchdistill's train config for kl(T=1) + hard_ce: KDLoss on the classifier's output (forward hook)."""
+    model = {"forward_proc": "forward_batch_only_as_kwargs", "adaptations": None, "sequential": [],
+             "wrapper": None, "frozen_modules": [], "forward_hook": {"input": [], "output": ["classifier"]}}
+    return {
+        "num_epochs": 1,
+        "teacher": {**model, "requires_grad": False},
+        "student": {**model, "requires_grad": True},
+        "optimizer": {"key": "AdamW", "kwargs": _jsonable(TASK_OPTIM), "filters_params": True,
+                      "max_grad_norm": TASK_CLIP, "grad_accum_step": 1},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": {
+                "student_module_path": "classifier", "student_module_io": "output",
+                "teacher_module_path": "classifier", "teacher_module_io": "output",
+                "temperature": TASK_T, "alpha": TASK_WEIGHTS["hard_ce"], "beta": TASK_WEIGHTS["kl"],
+                "reduction": "batchmean"}},
+            "weight": 1.0}}}},
+    }
+
+
+def torchdistill_box(teacher, student, device: torch.device):
+    import_peer("torchdistill")
+    from torchdistill.core.distillation import get_distillation_box
+
+    return get_distillation_box(teacher, student, {}, copy.deepcopy(torchdistill_train_config()), device,
+                                [device.index] if device.type == "cuda" else None, False, 1)
+
+
+def torchdistill_step(box, batch: dict):
+    """One step of torchdistill's loop: forward_process (teacher no_grad, student, criterion) and
+    post_forward_process (backward, clip, step, zero_grad)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    loss = box.forward_process(inputs, targets=batch["labels"])
+    box.post_forward_process(loss=loss)
+    return loss.detach()
+
+
+def loss_match_torchdistill(teacher_dir, teacher, student, device, batch: dict, work: str) -> dict:
+    """Both sides' total loss on one batch, same weights, dropout off. The trainer's compute_loss adds the
+    teacher terms in training mode only, so both students are in training mode with every dropout at 0."""
+    student = copy.deepcopy(student)
+    set_dropout(student, 0.0)
+    student.train()
+    trainer = ours_task_trainer(teacher_dir, student, device, work)
+    set_dropout(trainer.teacher, 0.0)
+    box = torchdistill_box(trainer.teacher, student, device)
+    with torch.no_grad():
+        ours = trainer.compute_loss(student, dict(batch))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        peer = box.forward_process(inputs, targets=batch["labels"])
+    box.clean_modules()
+    return {"ours": float(ours), "torchdistill": float(peer), "relative_difference": relative_difference(ours, peer)}
+
+
+def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str, shape: dict | None = None) -> dict:
+    import_peer("torchdistill")
+    teacher_dir, teacher, student0 = task_models(device, work, **(shape or {}))
+    batch = task_batch(cfg["task_batch"], teacher.config.vocab_size, device)
+    match = loss_match_torchdistill(teacher_dir, teacher, student0, device, batch, work)
+    log(f"torchdistill loss match: {match['relative_difference']:.2e}")
+
+    ours_student = copy.deepcopy(student0).train()
+    trainer = ours_task_trainer(teacher_dir, ours_student, device, work)
+    td_student = copy.deepcopy(student0).train()
+    box = torchdistill_box(teacher, td_student, device)
+    memory = PeakMemory(device)
+    peaks = {"ours_task": [], "torchdistill_task": []}
+    variants = {"ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
+                "torchdistill_task": _measured(lambda: torchdistill_step(box, batch), memory,
+                                               peaks["torchdistill_task"])}
+    log(f"torchdistill step, batch {cfg['task_batch']} x {SEQ}, {cfg['repeats']} rounds")
+    times = interleaved(variants, cfg["repeats"], 1, clock)
+    ratio = paired_ratio(times, "torchdistill_task", "ours_task")
+    steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n]))} for n, t in times.items()}
+    profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
+    box.clean_modules()
+    return {
+        "setup": {"teacher": f"BertForSequenceClassification {TASK_TEACHER_LAYERS} x {teacher.config.hidden_size} "
+                             "(random weights), "
+                             f"{TASK_LABELS} labels", "student_layers": TASK_LAYERS, "batch": cfg["task_batch"],
+                  "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
+                  "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable(TASK_OPTIM)},
+                  "max_grad_norm": TASK_CLIP, "precision": "fp32",
+                  "ours": "glue_eval.distillation.DistillationTrainer.training_step + clip + AdamW step"},
+        "peer_config": torchdistill_train_config(),
+        "loss_match": match,
+        "loss_match_torchdistill": match["relative_difference"],
+        "steps": steps,
+        "ratio_details": {"task": ratio},
+        "vs_torchdistill_task": ratio["value"],
+        "profiles": profiles,
+    }
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _measured(step, memory: PeakMemory, peaks: list):
+    def run():
+        base = memory.start()
+        step()
+        peaks.append(memory.stop(base))
+    return run
+
+
+def profile_steps(steps: dict, device: torch.device, top: int = 12) -> dict[str, str]:
+    """torch.profiler table (top ops by self time) of one step of each side, for the "why" of a ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, step in steps.items():
+        with profile(activities=activities, record_shapes=True) as prof:
+            step()
+        tables[name] = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=top, max_name_column_width=32, max_shapes_column_width=48)
+        log(f"profile of one {name} step:\n{tables[name]}")
+    return tables
+
+
+def _mb(x: float) -> float | None:
+    return None if x != x else round(x / 2**20, 1)
+
+
+def _jsonable(optim: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in optim.items()}
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "transformers", "textbrewer", "torchdistill", "torchvision", "accelerate"):
+        try:
+            module = importlib.import_module(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    out["torch_cuda_build"] = torch.version.cuda
+    return out
+
+
+def report_markdown(report: dict) -> str:
+    m, v = report["machine"], report["versions"]
+    lines = [
+        "# Side by side with TextBrewer and torchdistill",
+        "",
+        f"Generated by `python bench/peers.py{' --quick' if report['quick'] else ''}"
+        f"{' --smoke' if report['smoke'] else ''}` on {report['date']}"
+        + (" (smoke: narrow models, not figures to quote)." if report["smoke"] else "."),
+        "",
+        f"Machine (as measured): {m.get('cpu')}, {m.get('cpu_count')} CPUs, {report['threads']} torch threads "
+        f"({report['threads_choice']})"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f", device `{report['device']}`; "
+        f"bf16 CPU flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}; load average at start "
+        f"{m.get('load_average_at_start')}. The machine was shared with other jobs while this ran: the two sides "
+        "of each ratio ran interleaved, round by round, and a ratio is the median over rounds of the ratio "
+        "within a round.",
+        "",
+        f"Versions: torch {v['torch']} (CUDA build {v['torch_cuda_build'] or 'none: CPU build'}), transformers "
+        f"{v['transformers']}, TextBrewer {v['textbrewer']}, torchdistill {v['torchdistill']}, torchvision "
+        f"{v['torchvision']}, accelerate {v['accelerate']}. Both sides of each comparison ran in this one process, "
+        "on this torch build, in fp32.",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+    ]
+    for name in FIGURES:
+        value = report["figures"].get(name)
+        op, target = TARGETS[name]
+        shown = "not run" if value is None else (f"{value:.2e}" if name.startswith("loss_match") else f"{value:.2f}x")
+        lines.append(f"| `{name}` | {shown} | {op} {target:g} |")
+    lines.append("")
+    lines.append("`vs_*` = peer step time / our step time (median over rounds; > 1 means we are faster). "
+                 "`loss_match_*` = largest relative difference of the two sides' total loss on one batch, "
+                 "same weights, dropout off.")
+    for part, title in (("textbrewer", "1. Task-agnostic step vs TextBrewer GeneralDistiller"),
+                        ("torchdistill", "2. Task step vs torchdistill DistillationBox")):
+        res = report.get(part)
+        lines += ["", f"## {title}", ""]
+        if res is None:
+            lines.append("Not run: left out with --only.")
+            continue
+        s = res["setup"]
+        lines.append(f"Setup: {s['teacher']}, student from teacher layers {','.join(map(str, s['student_layers']))}, "
+                     f"batch {s['batch']} x {s['seq']} ({s['tokens_per_step']} real tokens), {s['objective']}, "
+                     f"AdamW {s['optimizer']['AdamW']}, grad-norm clip {s['max_grad_norm']}, {s['precision']}.")
+        lines += ["", "| step | median s | min s | max s | peak memory MB |", "|---|---|---|---|---|"]
+        for name, st in res["steps"].items():
+            lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
+                         f"{st['peak_memory_mb']} |")
+        lines += ["", "Loss match (same batch, same weights, dropout off):", ""]
+        match = res["loss_match"]
+        rows = match.items() if part == "textbrewer" else [("task", match)]
+        peer = "textbrewer" if part == "textbrewer" else "torchdistill"
+        for variant, mm in rows:
+            lines.append(f"- {variant}: ours {mm['ours']:.7f}, {peer} {mm[peer]:.7f}, relative difference "
+                         f"{mm['relative_difference']:.2e}")
+        lines += ["", "Per-round ratios (peer / ours): " + "; ".join(
+            f"{k}: {', '.join(map(str, d['per_round']))}" for k, d in res["ratio_details"].items()), "",
+            "Peer configuration as run:", "", "```json", json.dumps(res["peer_config"], indent=1), "```"]
+    lines += ["", "## Conventions converted", "",
+              "- TextBrewer has no T^2: its `kd_loss_weight` is our `ce` weight times T^2 (5 x 4 = 20). Its "
+              "`kd_loss_type=\"ce\"` is the soft cross-entropy `-sum p_t log p_s` (mean over rows), the same "
+              "CE-shaped quantity as our `ce`, so the totals compare like with like (no entropy to add).",
+              "- MLM is TextBrewer's hard-label loss: the student's own `loss` from `labels` "
+              "(`hard_label_weight` 2). It runs the vocabulary head at every position of both models.",
+              "- `cos` is an intermediate match of the last hidden states (`layer_T` 12, `layer_S` 4, the "
+              "attention mask as `inputs_mask`).",
+              "- torchdistill's `KDLoss` is `alpha * CE + beta * T^2 * KL(batchmean)`; with T=1, alpha=beta=1 it "
+              "is our `1*kl + 1*hard_ce` (`kl` = T^2 x mean KL over rows = batchmean). The labels go in as "
+              "`targets`: without them (as its GLUE example loop passes `targets=None`) `KDLoss` returns the "
+              "soft term alone.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="batch 4 for part 1 and 5 rounds (< 15 min on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="every code path on narrow models, seconds (no figures)")
+    p.add_argument("--only", default="textbrewer,torchdistill", help="comma list of textbrewer, torchdistill")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
+    p.add_argument("--threads", default="auto", help="torch CPU threads: a number, or auto (default): torch's own "
+                   "on an idle machine, 1 when the load average says other processes hold the cores (as speed.py)")
+    p.add_argument("--profile", action="store_true", help="also a torch.profiler table of one step of each side")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "docs" / "peers"), help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    quiet_library_progress()
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    for part in parts:
+        if part not in PEERS:
+            raise UsageError(f"--only {args.only!r}: {part!r} is not one of {', '.join(PEERS)}")
+        import_peer(part)  # refuse before any work, with the install line
+    cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
+    shape = SMOKE_SHAPE if args.smoke else {}
+    cfg["profile"] = args.profile
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise UsageError(f"--repeats {args.repeats}: give at least 1 round")
+        cfg["repeats"] = args.repeats
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        raise UsageError(f"--threads {args.threads!r}: give a number >= 1 or auto")
+    threads_choice = set_threads(args.threads)
+    log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
+    device = torch.device(args.device)
+    clock = Clock(device)
+    report = {"quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "versions": versions(), "device": str(device),
+              "threads": torch.get_num_threads(), "threads_choice": threads_choice, "config": cfg}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peers-") as work:
+        report["textbrewer"] = bench_textbrewer(cfg, device, clock, work, shape) if "textbrewer" in parts else None
+        report["torchdistill"] = (bench_torchdistill(cfg, device, clock, work, shape) if "torchdistill" in parts
+                                  else None)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["figures"] = {name: (report[part] or {}).get(name) for part in PEERS for name in FIGURES if part in name}
+    atomic_write_json(args.out + ".json", report)
+    atomic_write_text(args.out + ".md", report_markdown(report))
+    log(f"wrote {args.out}.json and {args.out}.md in {report['wall_s']} s")
+    for name in FIGURES:
+        value = report["figures"].get(name)
+        if value is not None:
+            print(f"{name}: {value:.3g}" if name.startswith("loss_match") else f"{name}: {value:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
