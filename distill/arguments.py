@@ -111,6 +111,17 @@ class DataclassParser(HfArgumentParser):
 
     error = ArgumentParser.error
 
+    def __init__(self, dataclass_types, **kwargs):
+        # HfArgumentParser writes each field's resolved type into the dataclass's shared Field objects;
+        # put back what the class declared, so building a parser changes nothing that others read.
+        types_ = dataclass_types if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]
+        declared = [(f, f.type) for t in types_ for f in dataclasses.fields(t)]
+        try:
+            super().__init__(dataclass_types, **kwargs)
+        finally:
+            for f, hint in declared:
+                f.type = hint
+
     @staticmethod
     def _parse_dataclass_field(parser, field: dataclasses.Field):
         base, optional = _split_optional(field.type)

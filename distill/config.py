@@ -8,13 +8,16 @@ transformers' examples). The resolved recipe is saved next to the student as
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import typing
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ArgumentParser, UsageError
+from .arguments import DataclassParser, coerce
+from .errors import UsageError
 from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 from .layers import parse_layer_map
@@ -135,34 +138,12 @@ class DistillConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 
 
+HINTS = typing.get_type_hints(DistillConfig)
+
+
 def _parse_value(name: str, raw: Any):
-    """Turn a JSON value or a command-line string into the field's type."""
-    f = FIELDS[name]
-    ftype = str(f.type)
-    if f.metadata["auto"] and isinstance(raw, str) and raw.strip().lower() == AUTO:
-        return AUTO
-    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and "None" in ftype):
-        return None
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if ftype.startswith(("dict", "list[list")):
-            return json.loads(raw)
-        if ftype.startswith("list[int]"):
-            return json.loads(raw) if raw.strip().startswith("[") else [int(x) for x in raw.split(",") if x.strip()]
-        if ftype.startswith("bool"):
-            if raw.lower() in ("true", "1", "yes"):
-                return True
-            if raw.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(raw)
-        if ftype.startswith("int"):
-            return int(raw)
-        if ftype.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise UsageError(f"--{name} {raw!r} is not a valid {_type_text(f)}") from None
-    return raw
+    """A recipe-file value or a command-line string as the field's type (one conversion for both)."""
+    return coerce(name, HINTS[name], raw)
 
 
 def _type_text(f) -> str:
@@ -217,8 +198,14 @@ def load_config_file(path: str) -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document recipes
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
+class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog as written, and each field's default after its help."""
+
+
+def build_parser() -> DataclassParser:
+    """distill-train's flags: one per DistillConfig field (the same convention as glue-eval's), plus --config."""
+    p = DataclassParser(
+        DistillConfig,
         prog="distill-train",
         description="Distil a student from a teacher. With no arguments: the offline demo (MiniLM teacher, "
                     "Wikipedia extract, 3-layer student, cos + hid_mse + att_mse).",
@@ -227,18 +214,13 @@ def build_parser() -> ArgumentParser:
                "  distill-train                                      # the offline demo\n"
                "  distill-train --config student_configs/bert_4l_1-5-8-12.json --output_dir runs/bert4l\n"
                "  torchrun --nproc_per_node 4 --no-python distill-train --config student_configs/bert_4l_1-5-8-12.json\n",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormat,
     )
+    for action in p._actions:  # the allowed values, as the checks will hold them, after each field's help
+        f = FIELDS.get(action.dest)
+        if f is not None and f.metadata.get("range") is not None:
+            action.help += f"; allowed: {f.metadata['range']}" + (' or "auto"' if f.metadata["auto"] else "")
     p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")
-    for name, f in FIELDS.items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        allowed = f" in {f.metadata['range']}" if f.metadata["range"] is not None else ""
-        metavar = "INT|auto" if f.metadata["auto"] else str(f.type).split(" |")[0].upper().replace(" ", "")
-        kwargs = dict(dest=name, default=None, metavar=metavar,
-                      help=f"{f.metadata['help']} (default: {json.dumps(default)}{allowed})")
-        if str(f.type) == "bool":
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        p.add_argument(f"--{name}", **kwargs)
     return p
 
 
@@ -254,13 +236,14 @@ DEMO_RECIPE = {
 
 def parse_config(argv=None) -> DistillConfig:
     """Defaults <- --config JSON (or the demo recipe when there is none) <- command-line overrides."""
-    args = build_parser().parse_args(argv)
-    values = load_config_file(args.config) if args.config else dict(DEMO_RECIPE)
-    for name in FIELDS:
-        raw = getattr(args, name)
-        if raw is not None:
-            values[name] = raw
-    return make_config(values)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
+    parser = build_parser()
+    parser.set_defaults(**values)  # a file's values stand in for the defaults; flags given override them
+    ns = parser.parse_args(argv)
+    return make_config({name: getattr(ns, name) for name in FIELDS})
 
 
 def make_config(values: dict) -> DistillConfig:

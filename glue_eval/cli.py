@@ -4,7 +4,8 @@
     glue-eval --model STUDENT --grid default --output_dir OUT
     glue-eval report OUT [--teacher_results TEACHER_OUT]
 
-Arguments are parsed with ``HfArgumentParser`` over :class:`GlueArguments` and
+Arguments are parsed with :class:`distill.arguments.DataclassParser` (the convention distill-train
+shares: transformers' ``HfArgumentParser`` plus JSON-valued fields) over :class:`GlueArguments` and
 ``TrainingArguments`` (so ``--learning_rate``, ``--per_device_train_batch_size``,
 ``--num_train_epochs``, ``--seed``, ``--fp16``, ``--bf16`` ... are Trainer's own);
 a single ``.json`` argument holds them all, as in transformers' examples.
@@ -18,16 +19,13 @@ from distill.errors import ArgumentParser, UsageError, cli_entry
 
 
 def _parse(argv: list[str]):
-    from transformers import HfArgumentParser
+    from distill.arguments import DataclassParser
 
     from .finetune import GlueArguments, GlueTrainingArguments
 
-    class Parser(HfArgumentParser):
-        error = ArgumentParser.error  # a bad flag is one stderr line and exit 2, like every other bad input
-
-    parser = Parser((GlueArguments, GlueTrainingArguments), prog="glue-eval",
-                    description="Fine-tune on GLUE tasks with transformers' Trainer and grade on dev. "
-                                "'glue-eval report OUT' writes the results table.")
+    parser = DataclassParser((GlueArguments, GlueTrainingArguments), prog="glue-eval",
+                             description="Fine-tune on GLUE tasks with transformers' Trainer and grade on dev. "
+                                         "'glue-eval report OUT' writes the results table.")
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             import json
