@@ -73,7 +73,7 @@ from distill.models import extract  # noqa: E402
 from distill.objective import Objective  # noqa: E402
 from distill.precision import Precision  # noqa: E402
 from distill.student import build_student  # noqa: E402
-from glue_eval.distillation import DistillationTrainer, distillation_kwargs  # noqa: E402
+from glue_eval.trainer import DistillationTrainer, distillation_kwargs  # noqa: E402
 
 # Timing, batches and the machine record, shared with the speed report.
 from speed import (Clock, interleaved, machine, make_batch, paired_ratio, set_threads, summary,  # noqa: E402

@@ -20,7 +20,7 @@ from .data import (check_block_size, collate, epoch_order, length_grouped_order,
                    sequence_lengths, token_counts)
 from .errors import UsageError
 from .masking import mask_tokens, masking_weights
-from .models import max_positions
+from .families import max_positions
 from .terms import MASKED_INPUT, TERMS
 
 ELECTRA_MASK_FRAC = 0.85  # ELECTRA: of the chosen tokens, 85% become [MASK] in the generator's input, 15% stay

@@ -143,6 +143,8 @@ HINTS = typing.get_type_hints(DistillConfig)
 
 def _parse_value(name: str, raw: Any):
     """A recipe-file value or a command-line string as the field's type (one conversion for both)."""
+    if FIELDS[name].metadata["auto"] and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
     return coerce(name, HINTS[name], raw)
 
 

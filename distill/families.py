@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from .errors import UsageError
 from .layers import module_index
 
 if TYPE_CHECKING:  # help texts read this module: keep torch and transformers out of its import
@@ -163,7 +164,6 @@ def _bert_to_distilbert_source(key: str, layers: list[int]) -> Source | None:
 def _bert_to_distilbert_config(c, n_layers: int):
     from transformers import DistilBertConfig
 
-    from .errors import UsageError
 
     if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise UsageError(f"a BERT teacher with {c.position_embedding_type!r} position embeddings cannot become a DistilBERT student")
@@ -273,3 +273,22 @@ def role_from_architecture(arch: str) -> str:
 __all__ = ["FAMILIES", "Family", "ROLES", "STUDENT_TYPES", "SUPPORTED_PAIRS", "StudentRule", "Tokens",
            "family_notes", "pairs_text", "role_from_architecture", "student_rule", "student_types",
            "supported_pairs"]
+
+
+# --- looking a model up (configs and models alike; no model code) ---------------------------------
+
+def family_of(config_or_model) -> Family:
+    """The :class:`Family` of a config or model; a clear error for unsupported model types."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UsageError(
+            f"model type {model_type!r} is not supported: supported families are {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def max_positions(config_or_model) -> int:
+    """The longest sequence the model's position embeddings hold (RoBERTa: 2 rows fewer than the table)."""
+    config = getattr(config_or_model, "config", config_or_model)
+    return family_of(config).max_positions(config)

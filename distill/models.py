@@ -17,24 +17,13 @@ from torch import nn
 from transformers import AutoConfig
 
 from .errors import UsageError
-from .families import FAMILIES, Family, role_from_architecture
+from .families import FAMILIES, Family, family_of, max_positions, role_from_architecture  # noqa: F401
 from .layers import module_index
 
 
 # files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "vocab.json")
-
-
-def family_of(config_or_model) -> Family:
-    """The :class:`Family` of a config or model; a clear error for unsupported model types."""
-    config = getattr(config_or_model, "config", config_or_model)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise UsageError(
-            f"model type {model_type!r} is not supported: supported families are {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[model_type]
 
 
 def role_of(model: nn.Module) -> str:
@@ -209,12 +198,6 @@ def get_path(module: nn.Module, path: str) -> nn.Module:
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
     return get_path(model.base_model, family_of(model).layers_path)
-
-
-def max_positions(config_or_model) -> int:
-    """The longest sequence the model's position embeddings hold (RoBERTa: 2 rows fewer than the table)."""
-    config = getattr(config_or_model, "config", config_or_model)
-    return family_of(config).max_positions(config)
 
 
 def num_layers(config_or_model) -> int:

@@ -172,7 +172,7 @@ def test_calibrate_refuses_resume_and_negative_counts(bert_mlm_dir, tmp_path, ca
     from tests.test_train import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.txt", lines=50)
-    for extra, needle in (({"calibrate": -1}, "calibrate=-1 must be >= 0"),
+    for extra, needle in (({"calibrate": -1}, "calibrate=-1 is out of range"),
                           ({"calibrate": 2, "resume": True}, "drop --resume")):
         with pytest.raises(SystemExit) as exc:
             train_main(cli_args(run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, **extra)))

@@ -138,5 +138,5 @@ def test_help_shows_each_range(capsys):
     from distill.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "peak AdamW learning rate (default: 0.0005 in (0, 1])" in text
-    assert "AdamW beta2 (default: 0.98 in [0, 1))" in text
+    assert "peak AdamW learning rate; allowed: (0, 1] (default: 0.0005)" in text
+    assert "AdamW beta2; allowed: [0, 1) (default: 0.98)" in text

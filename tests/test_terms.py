@@ -311,15 +311,3 @@ def test_every_term_glue_eval_accepts_also_runs_there(bert_mlm_dir, tmp_path):
     assert record["settings"]["distill_weights"] == weights and math.isfinite(record["train"]["loss"])
 
 
-def test_glue_eval_captures_the_value_vectors_extract_gives():
-    from distill.models import extract
-    from glue_eval.distillation import captured_values
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=2)).eval()
-    ids, mask = tiny.random_batch()
-    with torch.no_grad(), captured_values(model, (2, 4)) as values:
-        model(input_ids=ids, attention_mask=mask)
-    reference = extract(model, ids, mask, value_layers=(2, 4)).values  # the engine's adaptor
-    assert set(values) == {2, 4} and all(torch.equal(values[k], reference[k]) for k in (2, 4))
-    assert values[2].shape == (3, 4, 12, 8)  # [B, heads, S, head size]
