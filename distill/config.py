@@ -21,7 +21,7 @@ from .errors import UsageError
 from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 from .layers import parse_layer_map
-from .terms import DISTILBERT_WEIGHTS, REPRESENTATION_WEIGHTS, SOFT, format_weights, select, term_list
+from .terms import DISTILBERT_WEIGHTS, RELATION_HEADS, REPRESENTATION_WEIGHTS, SOFT, format_weights, select, term_list
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
@@ -81,6 +81,8 @@ class DistillConfig:
     temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
                             range=Range(0, 100, low_open=True))
     layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
+    relation_heads: int = _f(RELATION_HEADS, f"relation heads of the MiniLMv2 terms ({term_list(select(feature='qkv'))}): split both models' query/key/value vectors into this many heads of their own size; must divide both widths (MiniLMv2: 48 for base-size teachers, 64 for large)", range=AT_LEAST_1)
+    relation_teacher_layer: int | None = _f(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
     restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
     # --- ELECTRA ---

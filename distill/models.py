@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from .errors import UsageError
 from .families import FAMILIES, Family, family_of, max_positions, role_from_architecture  # noqa: F401
 from .layers import module_index
+from .relations import capture_qkv
 
 
 # files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
@@ -239,6 +240,8 @@ class Features:
     hidden_states: L+1 tensors ``[B, S, H]`` (index 0 = embedding output) or None.
     attentions: L tensors ``[B, heads, S, S]`` of probabilities, or None.
     values: 1-based layer -> value vectors ``[B, heads, S, head_dim]``.
+    qkv: ``(1-based layer, "query" | "key" | "value")`` -> that projection's output
+        ``[B, S, width]`` (all heads concatenated, before dropout), for relation terms.
     logits: head output at ``positions`` only: ``[N, vocab]`` (masked LM) or ``[N]``
         (ELECTRA discriminator), rows in ``positions.nonzero()`` order; None if not asked.
     """
@@ -246,6 +249,7 @@ class Features:
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     values: dict = field(default_factory=dict)
+    qkv: dict = field(default_factory=dict)
     logits: torch.Tensor | None = None
 
 
@@ -257,6 +261,7 @@ def extract(
     hidden: bool = False,
     attentions: bool = False,
     value_layers: tuple[int, ...] = (),
+    qkv: tuple[tuple[int, str], ...] = (),
     positions: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
     sequence_logits: bool = False,
@@ -266,6 +271,8 @@ def extract(
     ``positions`` (bool ``[B, S]``) selects where the prediction head runs: the
     vocabulary projection is the costliest matmul of a small student, so it is
     evaluated only at positions a loss term uses. ``value_layers`` are 1-based.
+    ``qkv``: ``(layer, "query" | "key" | "value")`` pairs whose projection outputs to keep
+    (hooks on the family's query/key/value modules during this same forward).
     ``sequence_logits=True`` is for a task model (``*ForSequenceClassification``): the
     whole model runs, and ``logits`` is its own head's ``[B, classes]``.
     ``token_type_ids`` (``[B, S]``) tells sentence pairs apart where the family uses them.
@@ -281,17 +288,20 @@ def extract(
             captured[layer] = out.view(b, s, heads, -1).transpose(1, 2)
 
         hooks.append(get_path(layers[module_index(layer)], family.value_path).register_forward_hook(hook))
+    paths = {"query": family.query_path, "key": family.key_path, "value": family.value_path}
+    projections = {(layer, name): get_path(layers[module_index(layer)], paths[name]) for layer, name in qkv}
     extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
     try:
-        # A task model's head (pooler, dropout, classifier) differs by family: let the model run it.
-        out = (model if sequence_logits else model.base_model)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=hidden,
-            output_attentions=attentions,
-            return_dict=True,
-            **extra,
-        )
+        with capture_qkv(projections) as captured_qkv:
+            # A task model's head (pooler, dropout, classifier) differs by family: let the model run it.
+            out = (model if sequence_logits else model.base_model)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=hidden,
+                output_attentions=attentions,
+                return_dict=True,
+                **extra,
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -307,5 +317,6 @@ def extract(
         hidden_states=out.hidden_states if hidden else None,
         attentions=out.attentions if attentions else None,
         values=captured,
+        qkv=dict(captured_qkv),
         logits=logits,
     )

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from .errors import UsageError
 from .layers import attention_index, hidden_index, parse_layer_map, parse_layers
-from .losses import check_temperature
+from .losses import check_relation_heads, check_temperature
 from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
-from .terms import (CORRUPTED_INPUT, MASKED, REAL, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT, TERMS, TermSpec,
+from .terms import (CORRUPTED_INPUT, MASKED, REAL, RELATION_HEADS, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT, TERMS, TermSpec,
                     check_weights, format_weights)
 
 __all__ = ["Objective", "Request", "TERMS", "TermSpec"]  # TERMS, TermSpec: the registry, re-exported
@@ -54,7 +54,7 @@ ROLES = ("student", "teacher")
 class Request:
     """What one model must produce, in :func:`distill.models.extract` terms.
 
-    hidden / attentions / value_layers: as ``extract``'s arguments (value layers 1-based).
+    hidden / attentions / value_layers / qkv: as ``extract``'s arguments (layers 1-based).
     logits: where the prediction head must run: None (nowhere), ``"real"`` (every real
         token), ``"masked"`` (MLM targets only) or ``"sequence"`` (a task head's
         ``[B, classes]``, produced by the caller). :meth:`Objective.positions` turns the
@@ -64,6 +64,7 @@ class Request:
     hidden: bool = False
     attentions: bool = False
     value_layers: tuple[int, ...] = ()
+    qkv: tuple[tuple[int, str], ...] = ()
     logits: str | None = None
 
 
@@ -97,10 +98,12 @@ class Objective(nn.Module):
         sequence_level: bool,
         restrict_ce_to_mask: bool,
         record: dict,
+        relation_heads: int = RELATION_HEADS,
     ):
         super().__init__()
         self.weights = dict(weights)
         self.temperature = float(temperature)
+        self.relation_heads = int(relation_heads)
         self.layer_pairs = dict(layer_pairs)
         self.sequence_level = sequence_level
         self.restrict_ce_to_mask = restrict_ce_to_mask
@@ -127,6 +130,8 @@ class Objective(nn.Module):
         restrict_ce_to_mask: bool = False,
         projection: bool = False,
         sequence_level: bool = False,
+        relation_heads: int = RELATION_HEADS,
+        relation_teacher_layer: int | None = None,
     ) -> "Objective":
         """Validate a config and build the objective. Every bad value is a one-line :class:`UsageError`.
 
@@ -150,6 +155,10 @@ class Objective(nn.Module):
             sequence_level: task distillation: logits are ``[B, classes]`` from
                 sequence-classification heads that the caller runs (``Features.logits``
                 filled by the caller, positions None). Enables hard_ce; disables mlm/rtd terms.
+            relation_heads: MiniLMv2's relation heads for the qkv terms (qq_rel, kk_rel,
+                vv_rel): must divide both models' widths (48 for base-size teachers).
+            relation_teacher_layer: the 1-based teacher layer those terms compare with the
+                student's last layer (default: the teacher's last; e.g. 21 of 24 for large ones).
         """
         active = check_weights(weights)
         temperature = check_temperature(temperature)
@@ -185,9 +194,15 @@ class Objective(nn.Module):
                 )
         pairs_map = _layer_map(layer_map, student_layers, n_student, n_teacher, specs)
 
+        relations = [n for n, spec in specs.items() if spec.layers == "relation"]
+        if relations:
+            relation_teacher_layer = _check_relations(relations, relation_heads, relation_teacher_layer,
+                                                      student_cfg, teacher_cfg)
         layer_pairs: dict[str, tuple[tuple[int, int], ...]] = {}
         for name, spec in specs.items():
-            if spec.layers == "last":
+            if spec.layers == "relation":
+                layer_pairs[name] = ((n_student, relation_teacher_layer),)
+            elif spec.layers == "last":
                 layer_pairs[name] = ((n_student, n_teacher),)
             elif spec.layers == "embeddings":
                 layer_pairs[name] = ((0, 0),)
@@ -210,6 +225,7 @@ class Objective(nn.Module):
             "restrict_ce_to_mask": bool(restrict_ce_to_mask),
             "projection": bool(projection),
             "sequence_level": bool(sequence_level),
+            **({"relation_heads": relation_heads, "relation_teacher_layer": relation_teacher_layer} if relations else {}),
         }
         return cls(
             weights=active,
@@ -220,6 +236,7 @@ class Objective(nn.Module):
             sequence_level=bool(sequence_level),
             restrict_ce_to_mask=bool(restrict_ce_to_mask),
             record=record,
+            relation_heads=relation_heads,
         )
 
     def _request_for(self, role: str) -> Request:
@@ -228,10 +245,12 @@ class Objective(nn.Module):
             specs = [(n, s) for n, s in specs if s.teacher]
         index = 0 if role == "student" else 1
         value_layers = sorted({pair[index] for n, s in specs if s.feature == "values" for pair in self.layer_pairs[n]})
+        qkv = sorted({(pair[index], s.vectors) for n, s in specs if s.feature == "qkv" for pair in self.layer_pairs[n]})
         return Request(
             hidden=any(s.feature == "hidden" for _, s in specs),
             attentions=any(s.feature == "attentions" for _, s in specs),
             value_layers=tuple(value_layers),
+            qkv=tuple(qkv),
             logits=self._logits_at[role],
         )
 
@@ -284,6 +303,7 @@ class Objective(nn.Module):
             "hidden": request.hidden,
             "attentions": request.attentions,
             "value_layers": request.value_layers,
+            "qkv": request.qkv,
             "positions": self.positions(batch, role),
         }
 
@@ -373,6 +393,10 @@ class Objective(nn.Module):
                 values.append(spec.loss(a_s, a_t, mask))
             elif spec.feature == "values":
                 values.append(spec.loss(_value(student, s, "student", name), _value(teacher, t, "teacher", name), mask))
+            elif spec.feature == "qkv":
+                xs = _vectors(student, (s, spec.vectors), "student", name)
+                xt = _vectors(teacher, (t, spec.vectors), "teacher", name)
+                values.append(spec.loss(self, xs, xt, mask))
             else:
                 raise AssertionError(f"term {name!r}: unknown feature {spec.feature!r}")
         return values[0] if len(values) == 1 else torch.stack(values).mean()
@@ -538,6 +562,34 @@ def _feature(features: Features, attr: str, role: str, name: str):
             f"extract with objective.extract_kwargs(batch, {role!r})"
         )
     return value
+
+
+def _vectors(features: Features, key: tuple[int, str], role: str, name: str) -> Tensor:
+    if key not in features.qkv:
+        raise UsageError(
+            f"term {name!r} needs the {role}'s {key[1]} vectors of layer {key[0]}: "
+            f"extract with objective.extract_kwargs(batch, {role!r})"
+        )
+    return features.qkv[key]
+
+
+def _check_relations(names, relation_heads, relation_teacher_layer, student_cfg, teacher_cfg) -> int:
+    """MiniLMv2's settings for the qkv terms: the teacher layer (1-based, default the last), and relation
+    heads that divide both models' query/key/value widths. Returns the teacher layer."""
+    n_teacher = num_layers(teacher_cfg)
+    if relation_teacher_layer is None:
+        relation_teacher_layer = n_teacher
+    if isinstance(relation_teacher_layer, bool) or not isinstance(relation_teacher_layer, int) \
+            or not 1 <= relation_teacher_layer <= n_teacher:
+        raise UsageError(
+            f"relation_teacher_layer {relation_teacher_layer!r} is out of range: the teacher has {n_teacher} layers "
+            f"(1-based); {names[0]!r} compares the student's last layer with one of them (default: the last)"
+        )
+    try:
+        check_relation_heads(relation_heads, student=hidden_size(student_cfg), teacher=hidden_size(teacher_cfg))
+    except ValueError as err:
+        raise UsageError(f"term {names[0]!r}: {err}") from None
+    return relation_teacher_layer
 
 
 def _value(features: Features, layer: int, role: str, name: str) -> Tensor:

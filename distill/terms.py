@@ -13,6 +13,9 @@ A term's ``loss`` is called as
 - ``loss(objective, student_logits, teacher_logits_or_None, batch)`` for ``feature="logits"``
   (the objective gives ``objective.temperature`` and ``objective.targets(batch, key)``:
   labels gathered at the student's logit rows);
+- ``loss(objective, student_x, teacher_x, mask)`` for ``feature="qkv"`` (MiniLMv2's
+  relations: ``objective.relation_heads``; one layer's query, key or value vectors
+  ``[B, S, width]``);
 - ``loss(student, teacher, mask)`` otherwise: one layer pair's tensors and the attention
   mask ``[B, S]``, as every representation loss of :mod:`distill.losses` takes them.
 """
@@ -38,8 +41,9 @@ PLAIN_INPUT = "plain"  # the text as it is
 MASKED_INPUT = "masked"  # DistilBERT's masking (80/10/10 of 15% targets), the same for both models
 CORRUPTED_INPUT = "corrupted"  # ELECTRA: a generator's samples put in place of the chosen tokens
 
-FEATURES = ("logits", "hidden", "attentions", "values")
-LAYERS = (None, "map", "last", "embeddings")
+FEATURES = ("logits", "hidden", "attentions", "values", "qkv")
+LAYERS = (None, "map", "last", "embeddings", "relation")
+VECTORS = ("query", "key", "value")  # a qkv term's projection (TermSpec.vectors)
 HEADS = frozenset({"mlm", "rtd"})  # model roles (distill.models) that carry a prediction head
 
 
@@ -49,7 +53,8 @@ class TermSpec:
 
     key: the config key (``weights: {key: weight}``) and the name in logs.
     feature: what it compares: "logits", "hidden" (hidden states), "attentions"
-        (probabilities) or "values" (value vectors).
+        (probabilities), "values" (value vectors per head) or "qkv" (one layer's query,
+        key or value projection output, all heads concatenated: ``vectors`` says which).
     loss: the function (see the module docstring for its two call forms).
     doc: what it is, one line (docs table, help texts).
     formula / over: its value and what it is averaged over (docs table).
@@ -59,7 +64,9 @@ class TermSpec:
     token_level / sequence_level: whether it exists in pre-training (token) distillation
         and in task (sequence-classification) distillation.
     layers: for layered features, which pairs: "map" (the layer map), "last"
-        (student last <-> teacher last) or "embeddings" (0 <-> 0).
+        (student last <-> teacher last), "embeddings" (0 <-> 0) or "relation" (student
+        last <-> the objective's ``relation_teacher_layer``, MiniLMv2's choice).
+    vectors: for ``feature="qkv"``, "query", "key" or "value".
     logits_at: for logit terms, where the student's head runs: SOFT, REAL, MASKED or SEQUENCE.
     student_heads / teacher_heads: heads (roles "mlm", "rtd") the model must carry at
         token level; None = any.
@@ -89,6 +96,7 @@ class TermSpec:
     same_head: bool = False
     softmax_outputs: bool = False
     projects: bool = False
+    vectors: str | None = None
     source: str = ""
 
     def __post_init__(self):
@@ -112,6 +120,10 @@ class TermSpec:
                 problems.append(f"heads {sorted(heads)} must be among {', '.join(sorted(HEADS))}")
         if not (self.token_level or self.sequence_level):
             problems.append("a term must exist at token level, sequence level or both")
+        if (self.feature == "qkv") != (self.vectors is not None) or self.vectors not in (None, *VECTORS):
+            problems.append(f"vectors {self.vectors!r}: a qkv term names one of {', '.join(VECTORS)}, and only it")
+        if (self.layers == "relation") != (self.feature == "qkv"):
+            problems.append("relation layers (student last <-> relation_teacher_layer) are for qkv terms, and only them")
         if self.projects and self.feature != "hidden":
             problems.append("only hidden-state terms can go through a width projection")
         if not callable(self.loss):
@@ -237,8 +249,15 @@ def _rtd_kl(o, zs, zt, batch):
     return losses.rtd_kl(zs, zt, o.temperature)
 
 
+def _relation(o, xs, xt, mask):
+    return losses.relation_kl(xs, xt, mask, o.relation_heads)
+
+
 _MLM = frozenset({"mlm"})
 _RTD = frozenset({"rtd"})
+_RELATION = ("KL between `softmax(x_r x_rᵀ / √d)` of teacher and student, `x` = one layer's {}s split into "
+             "`relation_heads` heads of each model's own size `d`, over real keys")
+_RELATION_OVER = "real query rows and relation heads; student last layer vs `relation_teacher_layer`"
 _SOFT_OVER = "real tokens (masked targets only with `restrict_ce_to_mask`); examples at sequence level"
 
 for _spec in (
@@ -282,6 +301,10 @@ for _spec in (
              "KL between `softmax(V Vᵀ / √d)` of teacher and student, per head and query row, over real keys "
              "(`d` = each model's head size)", "real query rows and heads; last layers", layers="last",
              source="MiniLM"),
+    *(TermSpec(key, "qkv", _relation, f"{what} self-attention relation KL", _RELATION.format(vec), _RELATION_OVER,
+               layers="relation", vectors=vec, sequence_level=False, source="MiniLMv2")
+      for key, vec, what in (("qq_rel", "query", "query-query"), ("kk_rel", "key", "key-key"),
+                             ("vv_rel", "value", "value-value"))),
 ):
     register(_spec)
 del _spec
@@ -290,6 +313,8 @@ del _spec
 DISTILBERT_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}  # Sanh et al. 2019, at T = 2
 REPRESENTATION_WEIGHTS = {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}  # needs no head: the demo and the default
 TASK_WEIGHTS = {"kl": 1.0, "hard_ce": 1.0}  # glue-eval --teacher's default (TinyBERT's prediction layer)
+RELATION_WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}  # MiniLMv2 (Wang et al. 2021)
+RELATION_HEADS = 48  # MiniLMv2's relation heads for base-size teachers (64 for large ones)
 
 
 # -----------------------------------------------------------------------------------------
@@ -317,7 +342,8 @@ def _heads(spec: TermSpec) -> str:
     return f"student: {words(spec.student_heads)}; teacher: {words(spec.teacher_heads)}"
 
 
-_LAYER_WORDS = {None: "—", "map": "layer map", "last": "last ↔ last", "embeddings": "0 ↔ 0"}
+_LAYER_WORDS = {None: "—", "map": "layer map", "last": "last ↔ last", "embeddings": "0 ↔ 0",
+                "relation": "last ↔ `relation_teacher_layer`"}
 
 
 def markdown() -> str:

@@ -211,7 +211,7 @@ def _train(cfg: DistillConfig) -> str:
     objective = Objective.from_config(
         cfg.weights, temperature=cfg.temperature, student_config=student_config, teacher_config=teacher_config,
         student_layers=layers, layer_map=cfg.layer_map, restrict_ce_to_mask=cfg.restrict_ce_to_mask,
-        projection=cfg.projection,
+        projection=cfg.projection, relation_heads=cfg.relation_heads, relation_teacher_layer=cfg.relation_teacher_layer,
     )
     precision = Precision.from_config(cfg.precision, cfg.fp16_opt_level, device=env.device, force_o3=cfg.force_o3,
                                       amp_backend=cfg.amp_backend)
