@@ -62,6 +62,7 @@ def corpus(tmp_path_factory):
 
 # --- the real all-MiniLM-L6-v2 ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_all_layer_student_of_all_minilm_gives_the_teachers_sentence_embeddings(tmp_path):
     teacher = load_st(minilm_dir())
     out = tmp_path / "student"
@@ -91,6 +92,7 @@ def test_the_card_names_the_hub_teacher_and_parses_as_a_hub_card(tmp_path):
     assert [type(m).__name__ for m in student] == ["Transformer", "Pooling", "Normalize"]
 
 
+@pytest.mark.slow
 def test_distill_train_from_the_offline_teacher_writes_a_sentence_transformers_student(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     values = run_config("offline:all-MiniLM-L6-v2", corpus, out, tmp_path, student_layers=[1, 6], student_type="bert",

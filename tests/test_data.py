@@ -161,6 +161,7 @@ def test_mediawiki_dump_gives_only_the_articles_clean_text(tmp_path, tok):
     assert list(data.iter_documents(plain)) == [DUMP_PARAGRAPHS]
 
 
+@pytest.mark.slow
 def test_real_wikipedia_extract_yields_real_english(tmp_path, minilm_tok):
     path = wiki_extract_path()  # named ...-shortened.bz2: recognised by content, not name
     assert data.file_format(path) == "mediawiki"

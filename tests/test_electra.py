@@ -269,6 +269,7 @@ def test_a_short_run_lowers_the_objective_and_agrees_more_with_the_teacher(teach
     assert "ELECTRA-corrupted sequences (frozen generator)" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run_with_a_trained_generator(teacher_dir, electra_gen_dir,
                                                                                       corpus, work):
     # dropout stays on; the generator trains, so its weights and Adam state must come back too

@@ -340,6 +340,7 @@ def _run(task_dir, out, student, *extra):
     return [json.loads(p.read_text()) for p in results]
 
 
+@pytest.mark.slow
 def test_glue_eval_trains_on_augmented_and_unlabelled_rows(task_dir, bert_mlm_dir, tmp_path):
     out = tmp_path / "run"
     extra = ["--augment", "2", "--unlabelled_file", str(task_dir / "unlabelled.txt"), "--max_steps", "2",

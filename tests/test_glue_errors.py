@@ -80,6 +80,7 @@ def test_missing_output_dir_and_fp16_on_cpu(bert_mlm_dir, glue_dir, tmp_path, ca
         assert "--fp16 needs a CUDA GPU" in line
 
 
+@pytest.mark.slow
 def test_the_console_script_prints_one_line_and_exits_2(bert_mlm_dir, glue_dir, tmp_path):
     with open(glue_dir / "RTE" / "dev.tsv", "a", encoding="utf-8") as f:
         f.write("5\ta\tb\tmaybe\n")

@@ -13,6 +13,9 @@ import glue_eval.grid as grid_module
 from glue_eval.cli import main
 from glue_eval.samples import write_glue_sample
 
+pytestmark = pytest.mark.slow  # end to end through subprocesses and real runs
+
+
 GLUE_NAMES = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
 
 

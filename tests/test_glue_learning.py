@@ -63,6 +63,7 @@ def teacher(keyword_task, bert_mlm_dir):
     return out
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_a_keyword_task_well_above_chance(teacher):
     record = _result(teacher)
     assert record["task"] == "has_city" and record["train"]["examples"] == 160
@@ -102,6 +103,7 @@ def test_a_finished_cell_is_kept_for_the_same_data_and_refused_for_other_data(te
     refused(task / "task.json")  # the same files read with the labels the other way round
 
 
+@pytest.mark.slow
 def test_a_student_learns_from_the_teacher_alone_on_randomly_labelled_data(teacher, keyword_task, vocab_dir):
     student = tiny.save_model("bert_mlm", keyword_task / "student", vocab_dir, seed=1)
     teacher_model = next(teacher.rglob("model"))

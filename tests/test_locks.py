@@ -67,6 +67,7 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_a_run_writes_and_the_run_finishes_unharmed(bert_mlm_dir, corpus, tmp_path):
     out = tmp_path / "run"
     values = run_config(bert_mlm_dir, corpus, out, tmp_path, max_steps=4, save_steps=2, save_total_limit=2)
@@ -115,6 +116,7 @@ except UsageError as err:
 """
 
 
+@pytest.mark.slow
 def test_of_processes_racing_for_one_folder_exactly_one_wins(tmp_path):
     folder = tmp_path / "out"
     reports = [tmp_path / f"r{i}" for i in range(4)]

@@ -378,6 +378,7 @@ def _two_rank_worker(rank, store, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_with_different_inits_share_rank0s_exact_masters(tmp_path):
     import torch.multiprocessing as mp
 

@@ -146,6 +146,7 @@ def test_a_block_longer_than_the_usable_positions_is_refused(roberta_mlm_dir, tm
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_glue_eval_fine_tunes_a_roberta_student(roberta_mlm_dir, tmp_path):
     from glue_eval.cli import main
 

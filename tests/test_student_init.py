@@ -114,6 +114,7 @@ def test_saved_folder_loads_with_auto_classes(bert_mlm_dir, electra_disc_dir, tm
     assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_real_minilm_teacher_layers_2_4_6(tmp_path):
     from distill.assets import minilm_dir
 

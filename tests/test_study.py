@@ -12,6 +12,9 @@ import pytest
 from glue_eval.samples import write_glue_sample
 from tests.test_train import write_corpus
 
+pytestmark = pytest.mark.slow  # end to end through subprocesses and real runs
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

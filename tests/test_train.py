@@ -83,6 +83,7 @@ def test_a_short_run_lowers_the_objective_and_saves_a_loadable_student(bert_mlm_
     assert not list(out.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(quiet_teacher, corpus, tmp_path):
     base = run_config(quiet_teacher, corpus, tmp_path / "one", tmp_path, max_steps=4, per_device_batch_size=3)
     train(make_config({**base, "gradient_accumulation_steps": 2}))
@@ -102,6 +103,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(quiet_teacher, corpu
     assert read_log(tmp_path / "one")[-1]["loss"] == pytest.approx(read_log(tmp_path / "two")[-1]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(bert_mlm_dir, corpus, tmp_path):
     # dropout stays on: the RNG state is part of the checkpoint
     base = run_config(bert_mlm_dir, corpus, tmp_path / "whole", tmp_path, max_steps=80, save_steps=10,
@@ -166,6 +168,7 @@ def test_without_arguments_the_config_is_the_offline_demo_recipe():
     assert parse_config([]).student_layers == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_on_the_real_teacher_and_corpus(tmp_path):
     out = tmp_path / "demo"
     assert train_main(["--config", str(Path(__file__).parent.parent / "student_configs" / "demo_minilm_3l.json"),
@@ -271,6 +274,7 @@ def test_student_layers_must_agree_with_the_student_folder(capsys, bert_mlm_dir,
     assert "[2, 4]" in err and "[1, 3]" in err
 
 
+@pytest.mark.slow
 def test_recipe_script_runs_through_torchrun_and_keeps_the_global_batch(quiet_teacher, corpus, tmp_path):
     """scripts/distill_bert_4l.sh with the hub teacher swapped for a tiny one: the real script path."""
     script = Path(__file__).parent.parent / "scripts" / "distill_bert_4l.sh"
