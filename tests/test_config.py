@@ -106,7 +106,7 @@ def test_out_of_range_values_stop_before_anything_is_written(capsys, tmp_path, n
 
 def test_the_range_message_reads_as_written(capsys):
     assert _bad(capsys, ["--learning_rate", "nan"]) == (
-        "error: learning_rate=nan is out of range: it must be a finite number in (0, 1]")
+        "error: learning_rate=nan is out of range: it must be a finite number in (0, inf)")
     assert _bad(capsys, ["--adam_beta2", "1"]) == (
         "error: adam_beta2=1.0 is out of range: it must be a finite number in [0, 1)")
     assert _bad(capsys, ["--threads", "0"]) == (
@@ -141,5 +141,5 @@ def test_help_shows_each_range(capsys):
     from distill.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "peak AdamW learning rate (default: 0.0005 in (0, 1])" in text
+    assert "peak AdamW learning rate (default: 0.0005 in (0, inf))" in text
     assert "AdamW beta2 (default: 0.98 in [0, 1))" in text
