@@ -102,6 +102,7 @@ class DistillConfig:
     mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing",
                                range=UNIT)
     # --- optimisation (defaults: the DistilBERT recipe) ---
+    # no upper bound: a divergent rate is how the non-finite-loss guard is exercised
     learning_rate: float = _f(5e-4, "peak AdamW learning rate", range=Range(0, 1, low_open=True))
     adam_beta1: float = _f(0.9, "AdamW beta1", range=Range(0, 1, high_open=True))
     adam_beta2: float = _f(0.98, "AdamW beta2", range=Range(0, 1, high_open=True))
