@@ -84,16 +84,18 @@ def save_model(kind: str, folder, tokenizer_dir: str | None = None, seed: int = 
     return str(folder)
 
 
-def random_batch(batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4):
-    """Token ids with [CLS] ... [SEP] and right padding on every row but the first."""
+def random_batch(batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4, *, vocab_size: int = VOCAB_SIZE,
+                 first_id: int = 5, cls: int = 2, sep: int = 3, pad: int = 0):
+    """Token ids ``[CLS] ... [SEP]`` (ids ``cls``/``sep``, others drawn from ``first_id..vocab_size-1``) and right
+    padding (``pad``) on every row but the first."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB_SIZE, (batch, seq), generator=g)
+    ids = torch.randint(first_id, vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    ids[:, 0] = 2
+    ids[:, 0] = cls
     for row in range(batch):
         length = seq - (pad_last * row // max(batch - 1, 1))
-        ids[row, length - 1] = 3
-        ids[row, length:] = 0
+        ids[row, length - 1] = sep
+        ids[row, length:] = pad
         mask[row, length:] = 0
     return ids, mask
 
@@ -198,16 +200,8 @@ def save_roberta(kind: str, folder, tokenizer_dir: str, seed: int = 0, **overrid
 
 def roberta_batch(vocab_size: int, batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4):
     """Token ids ``<s> ... </s>`` and right padding with ``<pad>`` (id 1) on every row but the first."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(len(BPE_SPECIALS), vocab_size, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    ids[:, 0] = 0
-    for row in range(batch):
-        length = seq - (pad_last * row // max(batch - 1, 1))
-        ids[row, length - 1] = 2
-        ids[row, length:] = 1
-        mask[row, length:] = 0
-    return ids, mask
+    return random_batch(batch, seq, seed, pad_last, vocab_size=vocab_size, first_id=len(BPE_SPECIALS), cls=0, sep=2,
+                        pad=1)
 
 
 # --- BERT checkpoints that hold a pooler beside their head -------------------------------------
