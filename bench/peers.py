@@ -511,7 +511,7 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     }
 
 
-# --------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------- shared pieces
 
 
 def _measured(step, memory: PeakMemory, peaks: list):
@@ -635,7 +635,19 @@ def report_markdown(report: dict) -> str:
               "- torchdistill's `KDLoss` is `alpha * CE + beta * T^2 * KL(batchmean)`; with T=1, alpha=beta=1 it "
               "is our `1*kl + 1*hard_ce` (`kl` = T^2 x mean KL over rows = batchmean). The labels go in as "
               "`targets`: without them (as its GLUE example loop passes `targets=None`) `KDLoss` returns the "
-              "soft term alone.", ""]
+              "soft term alone.",
+              "- Optimisers: glue-eval's step uses the Trainer's own, transformers 5's default `adamw_torch_fused` "
+              "(torch AdamW with `fused=True`); torchdistill's `AdamW` key and the TextBrewer side build torch's "
+              "default AdamW; ours in part 1 is `distill.precision.Precision.make_optimizer`'s AdamW.", "",
+              "## What the peers needed (torchdistill 1.1.5, TextBrewer 0.2.1.post1)", "",
+              "- torchdistill: `optimizer.filters_params: false` with a plain optimizer key (`AdamW`) hands the "
+              "module itself to `torch.optim` and fails (`optimizer can only optimize Tensors`); the bench keeps "
+              "the default `true`. Its default `func2extract_model_loss` returns every output field (`loss` and "
+              "`logits`), so a `model_term` weight cannot carry the hard loss; the labels go to `KDLoss` as "
+              "`targets` instead. It imports only beside the CUDA torch build its torchvision wheel was built for.",
+              "- TextBrewer: its `TrainingConfig` creates `output_dir` on construction, and `fp16` means apex "
+              "(`apex.amp`, removed upstream in 2025): it has no native mixed precision, so on a CPU it runs fp32 "
+              "only. Its distillers need an adaptor per model; no patch to either peer was needed.", ""]
     return "\n".join(lines)
 
 
