@@ -13,6 +13,7 @@ import dataclasses
 import json
 import typing
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +249,10 @@ def parse_config(argv=None) -> DistillConfig:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
+    if not known.config and any(a.split("=")[0] in ("--student", "--student_num_layers") for a in argv or sys.argv[1:]):
+        # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
+        # the demo's own layer selection was not asked for
+        values.pop("student_layers")
     parser = build_parser()
     parser.set_defaults(**values)  # a file's values stand in for the defaults; flags given override them
     ns = parser.parse_args(argv)

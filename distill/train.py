@@ -379,11 +379,12 @@ def student_plan(cfg: DistillConfig, teacher_config):
     from .student import check_pair, sized_student_config, student_config
 
     sized = [name for name in SIZE_FIELDS if getattr(cfg, name) is not None]
-    if sized and (cfg.student or cfg.student_layers is not None or cfg.student_num_layers is None):
-        clash = "student" if cfg.student else "student_layers" if cfg.student_layers is not None else None
-        raise UsageError(
-            f"{', '.join(sized)} build a student of chosen size at random, which {clash} contradicts: drop one of them"
-            if clash else f"{', '.join(sized)} need student_num_layers (the depth of a student of chosen size), e.g. 6")
+    if sized and cfg.student_num_layers is None:
+        raise UsageError(f"{', '.join(sized)} need student_num_layers (the depth of a student of chosen size), e.g. 6")
+    if sized and (cfg.student or cfg.student_layers is not None):
+        clash = "student" if cfg.student else "student_layers"
+        raise UsageError(f"{', '.join(sized)} build a student of chosen size at random, which {clash} contradicts "
+                         "(it names a student built from teacher layers): drop one of them")
     if cfg.student_num_layers is not None:
         s_config = sized_student_config(teacher_config, student_size(cfg), cfg.student_type)
         s_config.architectures = [FAMILIES[family_of(s_config).name].classes[role_from_architectures(teacher_config)]]
