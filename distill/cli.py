@@ -38,7 +38,8 @@ position count, token types, layer-norm eps and activation come from the teacher
 def build_init_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="distill-init",
-        description="Build a student from chosen teacher layers and save it as a transformers folder.",
+        description="Build a student from chosen teacher layers (or at a chosen size, initialised at random) "
+                    "and save it as a transformers folder.",
         epilog=_init_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

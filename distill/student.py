@@ -272,7 +272,7 @@ def init_sized_student(teacher: str, size: StudentSize, output: str, student_typ
                          "save the tokenizer in the teacher folder") from None
     check_tokenizer(config, tokenizer)
     student = build_sized_student(config, size, student_type, seed=seed)
-    teacher_class = (getattr(config, "architectures", None) or [FAMILIES[family_of(config).name].classes["base"]])[0]
+    teacher_class = (getattr(config, "architectures", None) or [family_of(config).classes["base"]])[0]
     record = {"teacher": teacher, "teacher_class": teacher_class, "student_type": student_type, "layers": None,
               **size_record(s_config, config), "seed": seed}
     with atomic_dir(output, overwrite=overwrite) as tmp:
