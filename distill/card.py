@@ -92,8 +92,9 @@ def sentence_usage() -> list[str]:
 
 
 def training_card(cfg, layers, objective, stats, steps, world, device, precision, student_class, data_desc,
-                  auto_reason: str | None = None, machine: str | None = None) -> str:
-    """``auto_reason``: the line precision "auto" printed; ``machine``: hardware.describe_machine() of the run."""
+                  auto_reason: str | None = None, machine: str | None = None, size: dict | None = None) -> str:
+    """``auto_reason``: the line precision "auto" printed; ``machine``: hardware.describe_machine() of the run;
+    ``size``: a student of chosen size (``layers`` None): ``distill.student.size_record``."""
     from .assets import resolve_model_name
     from .sentence_models import pipeline_source
 
@@ -101,13 +102,17 @@ def training_card(cfg, layers, objective, stats, steps, world, device, precision
     final = stats.last_terms or {}
     sentence = pipeline_source(resolve_model_name(cfg.teacher), cfg.student) is not None
     teacher = teacher_label(cfg.teacher)
+    n_layers = size["num_layers"] if size else len(layers)
+    init = (f"hidden size {size['hidden_size']}, {size['num_heads']} heads, feed-forward {size['intermediate_size']}; "
+            f"initialised: {size['initialised']}" if size else
+            f"initialised from teacher layers {','.join(map(str, layers))} (1-based)")
     lines = [
         *front_matter(card_metadata(cfg.teacher, student_class, sentence, cfg.corpus)), "",
-        f"# {len(layers)}-layer student distilled from `{teacher}`", "",
+        f"# {n_layers}-layer student distilled from `{teacher}`", "",
         f"Distilled with the `distill` toolkit {__version__}. The full recipe is in `distill_config.json`.", "",
         "| | |", "|---|---|",
         f"| teacher | `{teacher}`{f' (given as `{cfg.teacher}`)' if teacher != cfg.teacher else ''} |",
-        f"| student | {student_class}, {len(layers)} layers, initialised from teacher layers {','.join(map(str, layers))} (1-based) |",
+        f"| student | {student_class}, {n_layers} layers, {init} |",
         f"| objective | {' + '.join(f'{w:g}*{k}' for k, w in weights.items())} |",
         f"| terms and layer pairs (s = student layer, t = teacher layer) | `{objective.describe()}` |",
         *([f"| temperature | {cfg.temperature:g} (soft-target terms multiplied by T^2) |"]

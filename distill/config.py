@@ -13,6 +13,7 @@ import dataclasses
 import json
 import typing
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,10 @@ class DistillConfig:
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
     student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
+    student_num_layers: int | None = _f(None, "build the student at this depth with random weights instead of copying teacher layers (MiniLM's students; no student, no student_layers); the other student_* sizes default to the teacher's", range=AT_LEAST_1)
+    student_hidden_size: int | None = _f(None, "width of a student built with student_num_layers (default: the teacher's)", range=AT_LEAST_1)
+    student_num_heads: int | None = _f(None, "attention heads of a student built with student_num_layers; must divide its width (default: the teacher's)", range=AT_LEAST_1)
+    student_intermediate_size: int | None = _f(None, "feed-forward width of a student built with student_num_layers (default: the teacher's feed-forward/width ratio times its width)", range=AT_LEAST_1)
     # --- objective ---
     weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
     temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
@@ -245,6 +250,10 @@ def parse_config(argv=None) -> DistillConfig:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
+    if not known.config and any(a.split("=")[0] in ("--student", "--student_num_layers") for a in argv or sys.argv[1:]):
+        # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
+        # the demo's own layer selection was not asked for
+        values.pop("student_layers")
     parser = build_parser()
     parser.set_defaults(**values)  # a file's values stand in for the defaults; flags given override them
     ns = parser.parse_args(argv)

@@ -80,6 +80,7 @@ class Family:
     num_layers_field: str
     hidden_size_field: str
     num_heads_field: str
+    intermediate_size_field: str = "intermediate_size"  # the feed-forward width (a student of chosen size)
     pooler_path: str | None = None  # the pooler of the base model; None: the family has none
     pooler_class: str | None = None  # "module:Class" that builds it from the config
     tokens: Tokens = field(default_factory=Tokens)
@@ -205,7 +206,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         "distilbert", {"base": "DistilBertModel", "mlm": "DistilBertForMaskedLM"}, {"mlm": _distilbert_head},
         layers_path="transformer.layer", self_attention_path="attention", query_path="attention.q_lin",
         key_path="attention.k_lin", value_path="attention.v_lin", num_layers_field="n_layers",
-        hidden_size_field="dim", num_heads_field="n_heads",
+        hidden_size_field="dim", num_heads_field="n_heads", intermediate_size_field="hidden_dim",
     ),
     Family(
         "roberta", {"base": "RobertaModel", "mlm": "RobertaForMaskedLM"}, {"mlm": lambda m, h: m.lm_head(h)},

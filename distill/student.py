@@ -1,10 +1,16 @@
-"""Student initialisation by layer selection.
+"""Student initialisation: by layer selection, or at a chosen size from scratch.
 
-A student of ``len(layers)`` layers gets the teacher's embeddings, the selected
-teacher layers (1-based, in order) and the teacher's whole prediction head, with
+Layer selection: a student of ``len(layers)`` layers gets the teacher's embeddings, the
+selected teacher layers (1-based, in order) and the teacher's whole prediction head, with
 an explicit parameter mapping per (teacher family, student family) pair. Every
 student parameter is accounted for: copied from a named teacher tensor, or listed
 in ``InitReport.not_copied`` (only possible when the teacher has no such part).
+
+Chosen size (:class:`StudentSize`, MiniLM's 6x384 students): depth, width, heads and
+feed-forward width are the user's; no teacher tensor fits a different width, so every
+weight is initialised at random (the family's own ``_init_weights``, seeded). What is
+reused is what does not depend on the width: the tokenizer and vocabulary, the number
+of positions and token types, layer-norm epsilon, activation, dropout and init range.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from .layers import parse_layers
 from .models import attach_pooler, check_tokenizer, family_of, load_config, load_model, num_layers, pooler_module, role_of
 
 INIT_RECORD = "student_init.json"  # written beside the weights: the layer selection the loss map defaults to
+RANDOM_WIDTH = "random (width differs)"  # how a chosen-size student narrower or wider than its teacher starts
+RANDOM_SAME_WIDTH = "random (chosen size; nothing copied)"  # ... and one of the teacher's width
+REUSED = "tokenizer and vocabulary, position count, token types, layer-norm eps, activation, dropout, init range"
 
 
 @dataclass
@@ -134,6 +143,150 @@ def build_student(teacher, layers, student_type: str | None = None, teacher_name
     return student, report
 
 
+# --- a student of chosen size, initialised at random ------------------------------------------
+
+@dataclass(frozen=True)
+class StudentSize:
+    """The shape of a student built from scratch. ``None`` fields follow the teacher: its width and
+    head count, and its feed-forward/width ratio (BERT: 4, so 384 wide -> 1536)."""
+
+    num_layers: int
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+
+
+def sized_student_config(teacher_config, size: StudentSize, student_type: str | None = None):
+    """The teacher's config (as :func:`student_config` makes it for ``student_type``) with depth,
+    width, heads and feed-forward width replaced; the field names come from the family registry.
+
+    Raises UsageError for a size that cannot be built (a width the heads do not divide).
+    """
+    t_family = family_of(teacher_config)
+    student_type = student_type or t_family.name
+    check_pair(t_family.name, student_type)
+    for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size"):
+        value = getattr(size, name)
+        if value is None and name == "num_layers":
+            raise UsageError("num_layers is not set: a student of chosen size needs its depth, e.g. 6")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name}={value!r}: a student's {name.replace('_', ' ')} must be a whole number >= 1")
+    t_hidden = getattr(teacher_config, t_family.hidden_size_field)
+    hidden = size.hidden_size or t_hidden
+    heads = size.num_heads or getattr(teacher_config, t_family.num_heads_field)
+    if hidden % heads:
+        near = max(heads, round(hidden / heads) * heads)
+        raise UsageError(f"hidden_size {hidden} is not divisible by num_heads {heads}: every head needs the same "
+                         f"whole size; use a multiple of {heads} (e.g. {near}) or a num_heads that divides {hidden}")
+    t_inter = getattr(teacher_config, t_family.intermediate_size_field)
+    inter = size.intermediate_size or max(1, round(t_inter * hidden / t_hidden))
+    config = student_config(teacher_config, size.num_layers, student_type)
+    s_family = FAMILIES[student_type]
+    for field_name, value in ((s_family.hidden_size_field, hidden), (s_family.num_heads_field, heads),
+                              (s_family.intermediate_size_field, inter)):
+        setattr(config, field_name, value)
+    return config
+
+
+def size_record(student_config_, teacher_config) -> dict:
+    """What a chosen-size student is, for its card and ``student_init.json``."""
+    s_family, t_family = family_of(student_config_), family_of(teacher_config)
+    hidden = getattr(student_config_, s_family.hidden_size_field)
+    return {
+        "num_layers": getattr(student_config_, s_family.num_layers_field), "hidden_size": hidden,
+        "num_heads": getattr(student_config_, s_family.num_heads_field),
+        "intermediate_size": getattr(student_config_, s_family.intermediate_size_field),
+        "initialised": RANDOM_WIDTH if hidden != getattr(teacher_config, t_family.hidden_size_field) else RANDOM_SAME_WIDTH,
+        "reused_from_teacher": REUSED,
+    }
+
+
+def build_sized_student(teacher_config, size: StudentSize, student_type: str | None = None, seed: int = 0,
+                        attn_implementation: str | None = None) -> torch.nn.Module:
+    """A randomly initialised student of ``size``, of the class the teacher's head asks for
+    (a masked-LM teacher gives a masked-LM student). Only the teacher's config is read.
+
+    The global RNG is left as it was; ``seed`` alone decides the weights.
+    """
+    from .models import role_from_architectures
+
+    student_type = student_type or family_of(teacher_config).name
+    config = sized_student_config(teacher_config, size, student_type)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    role = role_from_architectures(teacher_config)
+    family = FAMILIES[student_type]
+    if role not in family.classes:
+        raise UsageError(f"a {family.name} student has no {role!r} head: roles are {', '.join(family.classes)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = family.cls(role)(config)
+    student.eval()
+    return student
+
+
+def sized_model_card(teacher: str, teacher_class: str, student_class: str, student_type: str, record: dict,
+                     sentence=None) -> str:
+    from .card import card_metadata, front_matter, sentence_usage, teacher_label
+
+    label = teacher_label(teacher)
+    lines = [
+        *front_matter(card_metadata(teacher, student_class, sentence is not None, extra_tags=["random-init"])), "",
+        f"# {record['num_layers']}x{record['hidden_size']} {student_type} student of `{label}`", "",
+        "Built at a chosen size with the `distill` toolkit and initialised at random; not yet distilled.", "",
+        f"- teacher: `{label}` ({teacher_class})",
+        f"- student class: {student_class}: {record['num_layers']} layers, hidden size {record['hidden_size']}, "
+        f"{record['num_heads']} heads, feed-forward {record['intermediate_size']}",
+        f"- initialised: {record['initialised']}: no teacher tensor is copied (MiniLM and MiniLMv2 train "
+        "their students from scratch the same way)",
+        f"- reused from the teacher: {record['reused_from_teacher']}",
+    ]
+    if sentence is not None:
+        lines.append(f"- sentence-transformers pipeline, as the teacher's: {sentence.describe()}")
+    lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
+              "```", ""]
+    if sentence is not None:
+        lines += sentence_usage()
+    return "\n".join(lines)
+
+
+def init_sized_student(teacher: str, size: StudentSize, output: str, student_type: str | None = None,
+                       overwrite: bool = False, seed: int = 0) -> dict:
+    """Write a randomly initialised student of ``size`` with the teacher's tokenizer; return its record.
+
+    The teacher's weights are never loaded: nothing of them is used. Nothing is written if anything fails.
+    """
+    check_output_dir(output, overwrite)
+    if student_type is not None and student_type not in student_types():
+        raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
+    config = load_config(teacher, "teacher")
+    student_type = student_type or family_of(config).name
+    s_config = sized_student_config(config, size, student_type)
+    from .sentence_models import read_pipeline
+
+    sentence = read_pipeline(teacher, s_config)  # a sentence teacher's pooling, fitted to the student's width
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"teacher {teacher!r} has no loadable tokenizer ({err.__class__.__name__}): "
+                         "save the tokenizer in the teacher folder") from None
+    check_tokenizer(config, tokenizer)
+    student = build_sized_student(config, size, student_type, seed=seed)
+    teacher_class = (getattr(config, "architectures", None) or [family_of(config).classes["base"]])[0]
+    record = {"teacher": teacher, "teacher_class": teacher_class, "student_type": student_type, "layers": None,
+              **size_record(s_config, config), "seed": seed}
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if sentence is not None:
+            sentence.write(tmp)
+        (Path(tmp) / "README.md").write_text(
+            sized_model_card(teacher, teacher_class, type(student).__name__, student_type, record, sentence),
+            encoding="utf-8")
+        atomic_write_json(Path(tmp) / INIT_RECORD, record)
+    return {**record, "student_class": type(student).__name__}
+
+
 # --- the saved folder -------------------------------------------------------------------------
 
 def model_card(report: InitReport, student_type: str, sentence=None) -> str:
@@ -209,5 +362,6 @@ def read_init_record(folder: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-__all__ = ["build_student", "init_student", "read_init_record", "student_config", "weight_sources",
-           "InitReport", "STUDENT_TYPES"]
+__all__ = ["build_sized_student", "build_student", "init_sized_student", "init_student", "read_init_record",
+           "size_record", "sized_student_config", "student_config", "weight_sources", "InitReport", "StudentSize",
+           "STUDENT_TYPES"]

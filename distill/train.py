@@ -35,7 +35,7 @@ from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
 from .models import (TOKENIZER_FILES, Features, check_tokenizer, extract, family_of, load_config, load_model,
                      num_layers, pooler_module, set_attention_dropout)
-from .student import INIT_RECORD, build_student, read_init_record
+from .student import INIT_RECORD, StudentSize, build_sized_student, build_student, read_init_record, size_record
 
 CHECKPOINTS = "checkpoints"
 # buffers (position ids) are equal on every rank: no need to broadcast them each forward
@@ -203,7 +203,7 @@ def _train(cfg: DistillConfig) -> str:
     from .electra import check_recipe, setup_generator
 
     check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
-    layers, student_config = student_plan(cfg, teacher_config)
+    layers, student_config, size = student_plan(cfg, teacher_config)
     from .sentence_models import pipeline_source, read_pipeline
 
     source = pipeline_source(teacher_path, cfg.student)  # sentence-transformers in, sentence-transformers out
@@ -220,6 +220,9 @@ def _train(cfg: DistillConfig) -> str:
     teacher.requires_grad_(False)
     if cfg.student:
         student = load_model(cfg.student, eager=objective.needs_attention, what="student")
+    elif size is not None:  # a student of chosen size: random weights, nothing of the teacher's copied
+        student = build_sized_student(teacher_config, student_size(cfg), cfg.student_type, seed=cfg.seed,
+                                      attn_implementation=teacher.config._attn_implementation)
     else:
         student, _ = build_student(teacher, layers, cfg.student_type, teacher_name=cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -345,7 +348,7 @@ def _train(cfg: DistillConfig) -> str:
     if env.main:
         save_student(out, student, precision, tokenizer, cfg, layers, objective, stats, total_steps, env,
                      batches.describe(), pooler_start, machine=describe_machine(),
-                     sentence=sentence)
+                     sentence=sentence, size=size)
         print(f"student saved to {out} (load it with from_pretrained({str(out)!r}))", file=sys.stderr)
         if generator is not None:
             from .electra import save_generator
@@ -359,16 +362,43 @@ def _train(cfg: DistillConfig) -> str:
     return str(out)
 
 
+SIZE_FIELDS = ("student_num_layers", "student_hidden_size", "student_num_heads", "student_intermediate_size")
+
+
+def student_size(cfg: DistillConfig) -> StudentSize:
+    return StudentSize(cfg.student_num_layers, cfg.student_hidden_size, cfg.student_num_heads,
+                       cfg.student_intermediate_size)
+
+
 def student_plan(cfg: DistillConfig, teacher_config):
-    """The teacher layers the student comes from, and the student's config."""
+    """The teacher layers the student comes from (None for one of chosen size), the student's config, and
+    for a student of chosen size its :func:`distill.student.size_record` (else None)."""
     from .layers import parse_layers
     from .families import FAMILIES
     from .models import role_from_architectures
-    from .student import check_pair, student_config
+    from .student import check_pair, sized_student_config, student_config
 
+    sized = [name for name in SIZE_FIELDS if getattr(cfg, name) is not None]
+    if sized and cfg.student_num_layers is None:
+        raise UsageError(f"{', '.join(sized)} need student_num_layers (the depth of a student of chosen size), e.g. 6")
+    if sized and (cfg.student or cfg.student_layers is not None):
+        clash = "student" if cfg.student else "student_layers"
+        raise UsageError(f"{', '.join(sized)} build a student of chosen size at random, which {clash} contradicts "
+                         "(it names a student built from teacher layers): drop one of them")
+    if cfg.student_num_layers is not None:
+        s_config = sized_student_config(teacher_config, student_size(cfg), cfg.student_type)
+        s_config.architectures = [FAMILIES[family_of(s_config).name].classes[role_from_architectures(teacher_config)]]
+        return None, s_config, size_record(s_config, teacher_config)
     if cfg.student:
         s_config = load_config(cfg.student, "student")
         record = read_init_record(cfg.student)
+        if record and record.get("layers") is None and "initialised" in record:
+            # a student of chosen size (distill-init --num_layers): no layer selection to default the loss map to
+            if cfg.student_layers is not None:
+                raise UsageError(f"student_layers {cfg.student_layers}: {cfg.student!r} was built at a chosen size "
+                                 f"with random weights, not from teacher layers; use layer_map for a loss map")
+            return None, s_config, {k: record[k] for k in ("num_layers", "hidden_size", "num_heads",
+                                                          "intermediate_size", "initialised") if k in record}
         if record and cfg.student_layers is not None and list(cfg.student_layers) != record["layers"]:
             raise UsageError(
                 f"student_layers {cfg.student_layers} disagree with {cfg.student!r}, built from teacher layers "
@@ -381,17 +411,17 @@ def student_plan(cfg: DistillConfig, teacher_config):
             raise UsageError(
                 f"student {cfg.student!r} has {num_layers(s_config)} layers but student_layers {layers} has "
                 f"{len(layers)}: give the teacher layers it was built from")
-        return parse_layers(layers, num_layers(teacher_config)), s_config
+        return parse_layers(layers, num_layers(teacher_config)), s_config, None
     if cfg.student_layers is None:
         raise UsageError("student_layers is not set: give the teacher layers to build the student from, "
-                         "e.g. --student_layers 1,5,8,12")
+                         "e.g. --student_layers 1,5,8,12 (or student_num_layers for a student of chosen size)")
     layers = parse_layers(cfg.student_layers, num_layers(teacher_config), what="teacher")
     student_type = cfg.student_type or family_of(teacher_config).name
     check_pair(family_of(teacher_config).name, student_type)
     s_config = student_config(teacher_config, len(layers), student_type)
     # the class build_student will make, so the objective can check the student's head from the config
     s_config.architectures = [FAMILIES[student_type].classes[role_from_architectures(teacher_config)]]
-    return layers, s_config
+    return layers, s_config, None
 
 
 def check_calibrate(cfg: DistillConfig, env: Dist) -> None:
@@ -562,7 +592,7 @@ def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, pre
 
 # Fields that decide what each step computes: a resumed run must keep them (logging, checkpoint
 # cadence, device and tokenisation workers may change).
-RESUME_FIELDS = ("teacher", "student", "student_layers", "student_type", "weights", "temperature", "layer_map",
+RESUME_FIELDS = ("teacher", "student", "student_layers", "student_type", *SIZE_FIELDS, "weights", "temperature", "layer_map",
                  "restrict_ce_to_mask", "projection", "generator", "train_generator", "generator_weight", "corpus",
                  "block_size", "data_mode", "max_documents", "mlm_probability", "mask_smoothing", "learning_rate",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "warmup_ratio", "max_grad_norm",
@@ -605,10 +635,11 @@ def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, en
 # --- the saved student ------------------------------------------------------------------------
 
 def save_student(out: Path, student, precision, tokenizer, cfg, layers, objective, stats, steps, env, data_desc,
-                 pooler_state=None, machine: str | None = None, sentence=None):
+                 pooler_state=None, machine: str | None = None, sentence=None, size: dict | None = None):
     """save_pretrained (fp32 weights, safetensors), tokenizer, model card; config.json written last.
 
     ``sentence``: the teacher's sentence-transformers pipeline (``sentence_models``), written beside the weights.
+    ``size``: a student of chosen size (``layers`` is then None): its shape and how it was initialised.
     """
     from .card import training_card
 
@@ -625,10 +656,12 @@ def save_student(out: Path, student, precision, tokenizer, cfg, layers, objectiv
         sentence.write(tmp)
     (tmp / "README.md").write_text(
         training_card(cfg, layers, objective, stats, steps, env.world, env.device.type, precision.description,
-                      type(export).__name__, data_desc, auto_reason=precision.auto_reason, machine=machine),
+                      type(export).__name__, data_desc, auto_reason=precision.auto_reason, machine=machine,
+                      size=size),
         encoding="utf-8")
     atomic_write_json(tmp / INIT_RECORD, {"teacher": cfg.teacher, "student_type": family_of(export).name,
-                                          "layers": list(layers), "distilled": True})
+                                          "layers": list(layers) if layers is not None else None, **(size or {}),
+                                          "distilled": True})
     names = sorted(p.name for p in tmp.iterdir())
     for name in names:
         if (tmp / name).is_file():
