@@ -23,15 +23,24 @@ same precision (fp32), same weights:
    ``logits_mask`` is the attention mask (full) or the MLM targets (masked).
 2. **Task step, against torchdistill.** A 6-layer BERT sequence classifier (width 768) as the
    teacher and a 3-layer student from its layers 2,4,6, ``kl`` at T=1 + ``hard_ce``, batch
-   ``32 x 128`` (padded to the longest row). Ours is ``glue-eval --teacher``'s step:
-   ``glue_eval.distillation.DistillationTrainer.training_step`` (the Trainer's forward, loss and
-   backward), then the clip and AdamW step the Trainer's loop does. torchdistill's is its
+   ``32 x 128`` (padded to the longest row). Ours is ``glue-eval --teacher``'s step, its pieces built
+   as ``glue_eval.distillation.train_with_teacher`` builds them (``load_checked_teacher``,
+   ``stage_objectives``, ``TeacherCache.build`` over ``plan_for``): ``DistillationTrainer.training_step``
+   (the Trainer's forward, loss and backward), then the clip and optimiser step the Trainer's loop
+   does. Timed twice: with the teacher cache, glue-eval's default (``vs_torchdistill_task``; the cache
+   is built once over the rows the timed steps use, its build time reported apart and, per row, as
+   its cost over an epoch of SST-2's training set), and with ``--no_teacher_cache``
+   (``vs_torchdistill_task_uncached``: the teacher runs every step, as torchdistill's does); a third
+   figure adds the build, amortised over a one-epoch run, to every cached step. A memory probe then
+   splits our uncached step's peak into forward + backward and the optimiser step, with the Trainer's
+   optimiser and with torch's default AdamW. torchdistill's is its
    ``DistillationBox`` (``forward_process`` + ``post_forward_process``: backward, clip, step)
    with ``WeightedSumLoss`` over ``KDLoss(temperature=1, alpha=1, beta=1)``, the classifier's
    output taken by its forward hook: ``1 * CE + 1 * T^2 * KL(batchmean)``.
 
 **Same math first.** On one batch, with the same weights and dropout off, both sides compute the
-total loss; ``loss_match_*`` is the largest relative difference (must be <= 1e-5). Then one
+total loss (ours in part 2 cached and uncached: the cached logits equal a fresh forward);
+``loss_match_*`` is the largest relative difference (must be <= 1e-5). Then one
 optimiser step per side (forward, loss, backward, grad clip, AdamW step) is timed in interleaved
 rounds (A B C D, D C B A, ...): ``vs_*`` is the median over rounds of peer time / our time
 (> 1: we are faster). Peak memory per side is the largest rise of the process's resident set
@@ -408,7 +417,8 @@ def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str
     """``glue-eval --teacher``'s trainer for this student, built as ``train_with_teacher`` builds it: the checked
     teacher, the stage's (soft, hard) objectives (kl at T=1 + hard_ce), and, with ``cache_over`` (a batch), the
     teacher cache glue-eval uses by default, built over that batch's rows. Returns (trainer, cache build s or
-    None); the cached trainer's steps take ``rows_of(batch)[1]`` (the batch with its ``row`` column)."""
+    None) and the zero-argument function that builds that cache again (None without ``cache_over``), for timing;
+    the cached trainer's steps take ``rows_of(batch)[1]`` (the batch with its ``row`` column)."""
     from glue_eval.finetune import GlueArguments, GlueTrainingArguments
     from glue_eval.tasks import get_task
 
@@ -423,21 +433,20 @@ def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str
     task = get_task("SST-2")
     teacher = load_checked_teacher(glue, task, student, needs_attention(TASK_WEIGHTS))
     soft, hard = stage_objectives(TASK_WEIGHTS, glue, student, teacher)
-    cache, build_s = None, None
+    build = None
     if glue.teacher_cache:
         teacher.to(args.device)
         dataset, _ = rows_of(cache_over)
-        clock = Clock(args.device)
-        t0 = clock.now()
-        cache = TeacherCache.build(teacher, dataset, pad_rows, plan_for([soft]), limit_mb=glue.teacher_cache_mb,
-                                   batch_size=args.per_device_eval_batch_size, device=args.device,
-                                   autocast=lambda: teacher_autocast(args))
-        build_s = clock.now() - t0
+
+        def build():
+            return TeacherCache.build(teacher, dataset, pad_rows, plan_for([soft]), limit_mb=glue.teacher_cache_mb,
+                                      batch_size=args.per_device_eval_batch_size, device=args.device,
+                                      autocast=lambda: teacher_autocast(args))
     trainer = DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=hard,
-                                  teacher_cache=cache)
+                                  teacher_cache=build() if build else None)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop, which we do not run
-    return trainer, build_s
+    return trainer, build
 
 
 def ours_task_step(trainer, batch: dict):
@@ -552,7 +561,7 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     ours_student = copy.deepcopy(student0).train()
     trainer, _ = ours_task_trainer(teacher_dir, ours_student, device, work)
     cached_student = copy.deepcopy(student0).train()
-    cached, build_s = ours_task_trainer(teacher_dir, cached_student, device, work, cache_over=batch)
+    cached, build_cache = ours_task_trainer(teacher_dir, cached_student, device, work, cache_over=batch)
     cached_batch = rows_of(batch)[1]
     td_student = copy.deepcopy(student0).train()
     box = torchdistill_box(teacher, td_student, device)
@@ -562,9 +571,12 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
                                               peaks["ours_task_cached"]),
                 "ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
                 "torchdistill_task": _measured(lambda: torchdistill_step(box, batch), memory,
-                                               peaks["torchdistill_task"])}
+                                               peaks["torchdistill_task"]),
+                # timed in the same rounds, so the same load: once cold, its first build would overstate it
+                "teacher_cache_build": build_cache}
     log(f"torchdistill step, batch {cfg['task_batch']} x {SEQ}, {cfg['repeats']} rounds")
     times = interleaved(variants, cfg["repeats"], 1, clock)
+    build_times = times.pop("teacher_cache_build")
     assert cached.teacher_forwards == 0, "the cached step ran the teacher"
     ratios = {"task": paired_ratio(times, "torchdistill_task", "ours_task_cached"),
               "task_uncached": paired_ratio(times, "torchdistill_task", "ours_task")}
@@ -573,16 +585,20 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     # The cache is built once per run over the whole training set: per epoch it costs one teacher pass over
     # the set, i.e. its per-row build time times the batch on every step of the first epoch (or that / E over
     # E epochs). The figure with it is the one-epoch worst case.
+    build_s = summary(build_times)["median_s"]
     per_row_s = build_s / cfg["task_batch"]
     amortised = per_row_s * cfg["task_batch"]
-    cached_with_build = [(w + amortised, c + amortised, None) for w, c, _ in times["ours_task_cached"]]
+    cached_with_build = [(w + bw, c + bc, None) for (w, c, _), (bw, bc, _) in zip(times["ours_task_cached"],
+                                                                                  build_times)]
     ratios["task_cached_with_build_1_epoch"] = paired_ratio(
         {"td": times["torchdistill_task"], "ours": cached_with_build}, "td", "ours")
-    cache = {"rows": cfg["task_batch"], "build_s": build_s, "build_s_per_row": per_row_s,
+    cache = {"rows": cfg["task_batch"], "build_s": build_s, "build_runs_s": summary(build_times)["runs_s"],
+             "build_s_per_row": per_row_s,
              "build_batch_size": 128, "task_train_rows": SST2_TRAIN_ROWS,
              "build_s_per_epoch_of_task": per_row_s * SST2_TRAIN_ROWS,
              "build_s_per_step_over_1_epoch": amortised,
-             "note": "build_s times the batch's rows, measured once; per_epoch = per_row x the SST-2 training rows "
+             "note": "build_s: median over the rounds of building the cache over the batch's rows; per_epoch = "
+                     "per_row x the SST-2 training rows "
                      "(a projection: the cache is built once per run, so over E epochs divide by E)"}
     probe = memory_probe(trainer, box, batch, memory) if cfg.get("memory_probe", True) else None
     profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
@@ -728,7 +744,8 @@ def report_markdown(report: dict) -> str:
         cache = res.get("teacher_cache")
         if cache:
             lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
-                      f"({cache['build_s_per_row'] * 1e3:.1f} ms a row, batches of {cache['build_batch_size']}); "
+                      f"(median over the same rounds; {cache['build_s_per_row'] * 1e3:.1f} ms a row, batches of "
+                      f"{cache['build_batch_size']}); "
                       f"projected over an epoch of SST-2's {cache['task_train_rows']} training rows: "
                       f"{cache['build_s_per_epoch_of_task']:.0f} s once per run, i.e. "
                       f"{cache['build_s_per_step_over_1_epoch']:.3f} s per step of a one-epoch run, "
