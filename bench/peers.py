@@ -23,15 +23,24 @@ same precision (fp32), same weights:
    ``logits_mask`` is the attention mask (full) or the MLM targets (masked).
 2. **Task step, against torchdistill.** A 6-layer BERT sequence classifier (width 768) as the
    teacher and a 3-layer student from its layers 2,4,6, ``kl`` at T=1 + ``hard_ce``, batch
-   ``32 x 128`` (padded to the longest row). Ours is ``glue-eval --teacher``'s step:
-   ``glue_eval.distillation.DistillationTrainer.training_step`` (the Trainer's forward, loss and
-   backward), then the clip and AdamW step the Trainer's loop does. torchdistill's is its
+   ``32 x 128`` (padded to the longest row). Ours is ``glue-eval --teacher``'s step, its pieces built
+   as ``glue_eval.distillation.train_with_teacher`` builds them (``load_checked_teacher``,
+   ``stage_objectives``, ``TeacherCache.build`` over ``plan_for``): ``DistillationTrainer.training_step``
+   (the Trainer's forward, loss and backward), then the clip and optimiser step the Trainer's loop
+   does. Timed twice: with the teacher cache, glue-eval's default (``vs_torchdistill_task``; the cache
+   is built once over the rows the timed steps use, its build time reported apart and, per row, as
+   its cost over an epoch of SST-2's training set), and with ``--no_teacher_cache``
+   (``vs_torchdistill_task_uncached``: the teacher runs every step, as torchdistill's does); a third
+   figure adds the build, amortised over a one-epoch run, to every cached step. A memory probe then
+   splits our uncached step's peak into forward + backward and the optimiser step, with the Trainer's
+   optimiser and with torch's default AdamW. torchdistill's is its
    ``DistillationBox`` (``forward_process`` + ``post_forward_process``: backward, clip, step)
    with ``WeightedSumLoss`` over ``KDLoss(temperature=1, alpha=1, beta=1)``, the classifier's
    output taken by its forward hook: ``1 * CE + 1 * T^2 * KL(batchmean)``.
 
 **Same math first.** On one batch, with the same weights and dropout off, both sides compute the
-total loss; ``loss_match_*`` is the largest relative difference (must be <= 1e-5). Then one
+total loss (ours in part 2 cached and uncached: the cached logits equal a fresh forward);
+``loss_match_*`` is the largest relative difference (must be <= 1e-5). Then one
 optimiser step per side (forward, loss, backward, grad clip, AdamW step) is timed in interleaved
 rounds (A B C D, D C B A, ...): ``vs_*`` is the median over rounds of peer time / our time
 (> 1: we are faster). Peak memory per side is the largest rise of the process's resident set
@@ -73,11 +82,13 @@ from distill.models import extract  # noqa: E402
 from distill.objective import Objective  # noqa: E402
 from distill.precision import Precision  # noqa: E402
 from distill.student import build_student  # noqa: E402
-from glue_eval.trainer import DistillationTrainer, distillation_kwargs  # noqa: E402
+from glue_eval.distillation import load_checked_teacher, needs_attention, stage_objectives  # noqa: E402
+from glue_eval.teacher_cache import TeacherCache, plan_for  # noqa: E402
+from glue_eval.trainer import DistillationTrainer, teacher_autocast  # noqa: E402
 
-# Timing, batches and the machine record, shared with the speed report.
-from speed import (Clock, interleaved, machine, make_batch, paired_ratio, set_threads, summary,  # noqa: E402
-                   teacher_config)
+# Timing, batches, /proc readings and the machine record, shared with the speed report.
+from speed import (Clock, _vm_kb, interleaved, machine, make_batch, paired_ratio, set_threads,  # noqa: E402
+                   summary, teacher_config)
 
 SEQ = 128
 AGNOSTIC_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
@@ -92,6 +103,7 @@ TASK_LAYERS = [2, 4, 6]
 TASK_LABELS = 2
 TASK_OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # torchdistill's GLUE KD sample
 TASK_CLIP = 1.0  # the Trainer's default max_grad_norm, and torchdistill's GLUE KD sample
+SST2_TRAIN_ROWS = 67349  # GLUE SST-2's training split: what one epoch of the cache's build cost is projected over
 
 PEERS = {
     "textbrewer": "textbrewer==0.2.1.post1",
@@ -106,10 +118,13 @@ FULL = dict(agnostic_batch=8, task_batch=32, repeats=9)
 SMOKE = dict(agnostic_batch=1, task_batch=2, repeats=1)
 SMOKE_SHAPE = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
 FIGURES = ("loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked",
-           "loss_match_torchdistill", "vs_torchdistill_task")
+           "loss_match_torchdistill", "vs_torchdistill_task", "vs_torchdistill_task_uncached",
+           "vs_torchdistill_task_cached_with_build_1_epoch")
+# vs_torchdistill_task is glue-eval's default step (teacher cache); the other two are its honest brackets.
 TARGETS = {"loss_match_textbrewer": ("<=", 1e-5), "vs_textbrewer_full": (">=", 1.3),
            "vs_textbrewer_masked": (">=", 1.5), "loss_match_torchdistill": ("<=", 1e-5),
-           "vs_torchdistill_task": (">=", 1.1)}
+           "vs_torchdistill_task": (">=", 1.1), "vs_torchdistill_task_uncached": None,
+           "vs_torchdistill_task_cached_with_build_1_epoch": None}
 
 
 def log(msg: str) -> None:
@@ -138,14 +153,6 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 # --------------------------------------------------------------------------------------- memory
-
-
-def _vm_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class PeakMemory:
@@ -387,24 +394,59 @@ def task_batch(batch: int, vocab: int, device: torch.device, seed: int = 0) -> d
             "attention_mask": mask.to(device), "labels": torch.randint(0, TASK_LABELS, (batch,), generator=g).to(device)}
 
 
-def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str):
-    """``glue-eval --teacher``'s trainer for this student: DistillationTrainer with the objective
-    ``distillation_kwargs`` builds from the glue arguments (kl at T=1 + hard_ce)."""
+def rows_of(batch: dict):
+    """The padded batch as the tokenized training rows glue-eval caches over (real tokens only, a ``row``
+    column 0..B-1), and the batch with that ``row`` column added (what the Trainer's collator hands over)."""
+    from datasets import Dataset
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    columns = ("input_ids", "token_type_ids", "attention_mask")
+    data = {c: [batch[c][i, :n].tolist() for i, n in enumerate(lengths)] for c in columns}
+    data["row"] = list(range(len(lengths)))
+    return Dataset.from_dict(data), {**batch, "row": torch.arange(len(lengths), device=batch["labels"].device)}
+
+
+def pad_rows(rows: list[dict]) -> dict:
+    """List of tokenized rows -> ``[B, longest]`` tensors, zeros after each row (DataCollatorWithPadding's
+    layout for BERT, whose [PAD] id is 0; the bench's random ids have no tokenizer)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    return {k: torch.tensor([r[k] + [0] * (longest - len(r[k])) for r in rows]) for k in rows[0] if k != "row"}
+
+
+def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str, cache_over: dict | None = None):
+    """``glue-eval --teacher``'s trainer for this student, built as ``train_with_teacher`` builds it: the checked
+    teacher, the stage's (soft, hard) objectives (kl at T=1 + hard_ce), and, with ``cache_over`` (a batch), the
+    teacher cache glue-eval uses by default, built over that batch's rows. Returns (trainer, cache build s or
+    None) and the zero-argument function that builds that cache again (None without ``cache_over``), for timing;
+    the cached trainer's steps take ``rows_of(batch)[1]`` (the batch with its ``row`` column)."""
     from glue_eval.finetune import GlueArguments, GlueTrainingArguments
     from glue_eval.tasks import get_task
 
     glue = GlueArguments(model="(in memory)", task="SST-2", teacher=teacher_dir,
-                         distill_weights=json.dumps(TASK_WEIGHTS), temperature=TASK_T)
+                         distill_weights=json.dumps(TASK_WEIGHTS), temperature=TASK_T,
+                         teacher_cache=cache_over is not None)
     args = GlueTrainingArguments(output_dir=os.path.join(work, "glue"), report_to="none", use_cpu=device.type == "cpu",
                                  learning_rate=TASK_OPTIM["lr"], adam_beta1=TASK_OPTIM["betas"][0],
                                  adam_beta2=TASK_OPTIM["betas"][1], adam_epsilon=TASK_OPTIM["eps"],
                                  weight_decay=TASK_OPTIM["weight_decay"], max_grad_norm=TASK_CLIP,
                                  per_device_train_batch_size=32, disable_tqdm=True)
-    kwargs = distillation_kwargs(glue, get_task("SST-2"), student)
-    trainer = DistillationTrainer(model=student, args=args, **kwargs)
+    task = get_task("SST-2")
+    teacher = load_checked_teacher(glue, task, student, needs_attention(TASK_WEIGHTS))
+    soft, hard = stage_objectives(TASK_WEIGHTS, glue, student, teacher)
+    build = None
+    if glue.teacher_cache:
+        teacher.to(args.device)
+        dataset, _ = rows_of(cache_over)
+
+        def build():
+            return TeacherCache.build(teacher, dataset, pad_rows, plan_for([soft]), limit_mb=glue.teacher_cache_mb,
+                                      batch_size=args.per_device_eval_batch_size, device=args.device,
+                                      autocast=lambda: teacher_autocast(args))
+    trainer = DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=hard,
+                                  teacher_cache=build() if build else None)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop, which we do not run
-    return trainer
+    return trainer, build
 
 
 def ours_task_step(trainer, batch: dict):
@@ -454,20 +496,59 @@ def torchdistill_step(box, batch: dict):
 
 
 def loss_match_torchdistill(teacher_dir, teacher, student, device, batch: dict, work: str) -> dict:
-    """Both sides' total loss on one batch, same weights, dropout off. The trainer's compute_loss adds the
-    teacher terms in training mode only, so both students are in training mode with every dropout at 0."""
+    """Both sides' total loss on one batch, same weights, dropout off: ours uncached and cached (the cached
+    logits must equal a fresh forward), torchdistill's. The trainer's compute_loss adds the teacher terms in
+    training mode only, so the students are in training mode with every dropout at 0."""
     student = copy.deepcopy(student)
     set_dropout(student, 0.0)
     student.train()
-    trainer = ours_task_trainer(teacher_dir, student, device, work)
+    trainer, _ = ours_task_trainer(teacher_dir, student, device, work)
+    cached, _ = ours_task_trainer(teacher_dir, student, device, work, cache_over=batch)
     set_dropout(trainer.teacher, 0.0)
     box = torchdistill_box(trainer.teacher, student, device)
     with torch.no_grad():
         ours = trainer.compute_loss(student, dict(batch))
+        ours_cached = cached.compute_loss(student, rows_of(batch)[1])
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         peer = box.forward_process(inputs, targets=batch["labels"])
     box.clean_modules()
-    return {"ours": float(ours), "torchdistill": float(peer), "relative_difference": relative_difference(ours, peer)}
+    assert cached.teacher_forwards == 0, "the cached step ran the teacher"
+    return {"ours": float(ours), "ours_cached": float(ours_cached), "torchdistill": float(peer),
+            "relative_difference": max(relative_difference(ours, peer), relative_difference(ours_cached, peer))}
+
+
+def memory_probe(trainer, box, batch: dict, memory: PeakMemory) -> dict:
+    """Where our uncached step's extra peak memory comes from: the peak of one step (MB above the memory held
+    before it) with the Trainer's optimiser, of the forward + backward alone (no optimiser step), and of one
+    step with that optimiser swapped for torch's default AdamW (the one torchdistill builds); torchdistill's
+    forward + backward alone beside them. Every optimiser's state exists before its measured step."""
+
+    def peak(fn):
+        base = memory.start()
+        fn()
+        return _mb(memory.stop(base))
+
+    def ours_backward():
+        trainer.training_step(trainer.model, dict(batch))
+        trainer.model.zero_grad()
+
+    def td_backward():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        box.forward_process(inputs, targets=batch["labels"]).backward()
+        box.student_model.zero_grad()
+
+    opt = trainer.optimizer
+    out = {"trainer_optimizer": type(opt.optimizer if hasattr(opt, "optimizer") else opt).__name__,
+           "trainer_optimizer_defaults": {k: v for k, v in (getattr(opt, "defaults", None) or {}).items()
+                                          if k in ("fused", "foreach")},
+           "ours_step_trainer_optimizer_mb": peak(lambda: ours_task_step(trainer, batch)),
+           "ours_forward_backward_mb": peak(ours_backward),
+           "torchdistill_forward_backward_mb": peak(td_backward)}
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), **TASK_OPTIM)
+    ours_task_step(trainer, batch)  # its state
+    out["ours_step_torch_default_adamw_mb"] = peak(lambda: ours_task_step(trainer, batch))
+    log(f"memory probe: {out}")
+    return out
 
 
 def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str, shape: dict | None = None) -> dict:
@@ -478,19 +559,48 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     log(f"torchdistill loss match: {match['relative_difference']:.2e}")
 
     ours_student = copy.deepcopy(student0).train()
-    trainer = ours_task_trainer(teacher_dir, ours_student, device, work)
+    trainer, _ = ours_task_trainer(teacher_dir, ours_student, device, work)
+    cached_student = copy.deepcopy(student0).train()
+    cached, build_cache = ours_task_trainer(teacher_dir, cached_student, device, work, cache_over=batch)
+    cached_batch = rows_of(batch)[1]
     td_student = copy.deepcopy(student0).train()
     box = torchdistill_box(teacher, td_student, device)
     memory = PeakMemory(device)
-    peaks = {"ours_task": [], "torchdistill_task": []}
-    variants = {"ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
+    peaks = {"ours_task": [], "ours_task_cached": [], "torchdistill_task": []}
+    variants = {"ours_task_cached": _measured(lambda: ours_task_step(cached, cached_batch), memory,
+                                              peaks["ours_task_cached"]),
+                "ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
                 "torchdistill_task": _measured(lambda: torchdistill_step(box, batch), memory,
-                                               peaks["torchdistill_task"])}
+                                               peaks["torchdistill_task"]),
+                # timed in the same rounds, so the same load: once cold, its first build would overstate it
+                "teacher_cache_build": build_cache}
     log(f"torchdistill step, batch {cfg['task_batch']} x {SEQ}, {cfg['repeats']} rounds")
     times = interleaved(variants, cfg["repeats"], 1, clock)
-    ratio = paired_ratio(times, "torchdistill_task", "ours_task")
+    build_times = times.pop("teacher_cache_build")
+    assert cached.teacher_forwards == 0, "the cached step ran the teacher"
+    ratios = {"task": paired_ratio(times, "torchdistill_task", "ours_task_cached"),
+              "task_uncached": paired_ratio(times, "torchdistill_task", "ours_task")}
     # peaks of the timed rounds only: the warm-up steps also allocate AdamW's state
     steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n][-cfg["repeats"]:]))} for n, t in times.items()}
+    # The cache is built once per run over the whole training set: per epoch it costs one teacher pass over
+    # the set, i.e. its per-row build time times the batch on every step of the first epoch (or that / E over
+    # E epochs). The figure with it is the one-epoch worst case.
+    build_s = summary(build_times)["median_s"]
+    per_row_s = build_s / cfg["task_batch"]
+    amortised = per_row_s * cfg["task_batch"]
+    cached_with_build = [(w + bw, c + bc, None) for (w, c, _), (bw, bc, _) in zip(times["ours_task_cached"],
+                                                                                  build_times)]
+    ratios["task_cached_with_build_1_epoch"] = paired_ratio(
+        {"td": times["torchdistill_task"], "ours": cached_with_build}, "td", "ours")
+    cache = {"rows": cfg["task_batch"], "build_s": build_s, "build_runs_s": summary(build_times)["runs_s"],
+             "build_s_per_row": per_row_s,
+             "build_batch_size": 128, "task_train_rows": SST2_TRAIN_ROWS,
+             "build_s_per_epoch_of_task": per_row_s * SST2_TRAIN_ROWS,
+             "build_s_per_step_over_1_epoch": amortised,
+             "note": "build_s: median over the rounds of building the cache over the batch's rows; per_epoch = "
+                     "per_row x the SST-2 training rows "
+                     "(a projection: the cache is built once per run, so over E epochs divide by E)"}
+    probe = memory_probe(trainer, box, batch, memory) if cfg.get("memory_probe", True) else None
     profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
     box.clean_modules()
     return {
@@ -500,13 +610,19 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
                   "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
                   "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable(TASK_OPTIM)},
                   "max_grad_norm": TASK_CLIP, "precision": "fp32",
-                  "ours": "glue_eval.distillation.DistillationTrainer.training_step + clip + AdamW step"},
+                  "ours": "glue_eval.trainer.DistillationTrainer.training_step + clip + the Trainer's optimizer step; "
+                          "ours_task_cached: with glue-eval's default teacher cache (TeacherCache over the batch's "
+                          "rows), ours_task: --no_teacher_cache"},
         "peer_config": torchdistill_train_config(),
         "loss_match": match,
         "loss_match_torchdistill": match["relative_difference"],
         "steps": steps,
-        "ratio_details": {"task": ratio},
-        "vs_torchdistill_task": ratio["value"],
+        "teacher_cache": cache,
+        "ratio_details": ratios,
+        "vs_torchdistill_task": ratios["task"]["value"],
+        "vs_torchdistill_task_uncached": ratios["task_uncached"]["value"],
+        "vs_torchdistill_task_cached_with_build_1_epoch": ratios["task_cached_with_build_1_epoch"]["value"],
+        "memory_probe": probe,
         "profiles": profiles,
     }
 
@@ -558,6 +674,12 @@ def versions() -> dict:
     return out
 
 
+def ratio_key(figure: str) -> str:
+    """``vs_textbrewer_full`` -> ``full``, ``vs_torchdistill_task_uncached`` -> ``task_uncached``: its key in
+    the part's ``ratio_details``."""
+    return figure.split("_", 2)[2]
+
+
 def report_markdown(report: dict) -> str:
     m, v = report["machine"], report["versions"]
     lines = [
@@ -567,10 +689,8 @@ def report_markdown(report: dict) -> str:
         f"{' --smoke' if report['smoke'] else ''}` on {report['date']}"
         + (" (smoke: narrow models, not figures to quote)." if report["smoke"] else "."),
         "",
-        f"Machine (as measured): {m.get('cpu')}, {m.get('cpu_count')} CPUs, {report['threads']} torch threads "
-        f"({report['threads_choice']})"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f", device `{report['device']}`; "
-        f"bf16 CPU flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}; load average at start "
+        f"Machine (as measured): {m.get('description')}; {report['threads']} torch threads "
+        f"({report['threads_choice']}), device `{report['device']}`; load average at start "
         f"{m.get('load_average_at_start')}. The machine was shared with other jobs while this ran: the two sides "
         "of each ratio ran interleaved, round by round, and a ratio is the median over rounds of the ratio "
         "within a round.",
@@ -585,13 +705,13 @@ def report_markdown(report: dict) -> str:
     ]
     for name in FIGURES:
         value = report["figures"].get(name)
-        op, target = TARGETS[name]
         shown = "not run" if value is None else (f"{value:.2e}" if name.startswith("loss_match") else f"{value:.2f}x")
         cpu = ""
         if value is not None and name.startswith("vs_"):
             part = "textbrewer" if "textbrewer" in name else "torchdistill"
-            cpu = f"{report[part]['ratio_details'][name.rsplit('_', 1)[1]]['cpu_time_ratio_of_medians']:.2f}x"
-        lines.append(f"| `{name}` | {shown} | {op} {target:g} | {cpu} |")
+            cpu = f"{report[part]['ratio_details'][ratio_key(name)]['cpu_time_ratio_of_medians']:.2f}x"
+        target = "(bracket)" if TARGETS[name] is None else f"{TARGETS[name][0]} {TARGETS[name][1]:g}"
+        lines.append(f"| `{name}` | {shown} | {target} | {cpu} |")
     lines.append("")
     lines.append("`vs_*` = peer step time / our step time (median over rounds of the within-round ratio of wall "
                  "times; > 1 means we are faster). The CPU-time ratio divides the median process CPU times "
@@ -599,6 +719,13 @@ def report_markdown(report: dict) -> str:
                  "from the time it waited for a core. `loss_match_*` = largest relative difference of the two "
                  "sides' total loss on one batch, same weights, dropout off. Profiles of one step per side "
                  "(`--profile`) are in the JSON file.")
+    lines.append("")
+    lines.append("`vs_torchdistill_task` times glue-eval --teacher's default step, which reads the teacher's logits "
+                 "from its cache (`glue_eval.teacher_cache`, built once per run); `vs_torchdistill_task_uncached` "
+                 "times the same step with `--no_teacher_cache` (the teacher runs every step, as in "
+                 "torchdistill); `vs_torchdistill_task_cached_with_build_1_epoch` adds the cache's build time, "
+                 "per row times the batch, to every cached step: its cost when the run is a single epoch (over "
+                 "E epochs it is 1/E of that).")
     for part, title in (("textbrewer", "1. Task-agnostic step vs TextBrewer GeneralDistiller"),
                         ("torchdistill", "2. Task step vs torchdistill DistillationBox")):
         res = report.get(part)
@@ -614,13 +741,33 @@ def report_markdown(report: dict) -> str:
         for name, st in res["steps"].items():
             lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
                          f"{st['peak_memory_mb']} |")
+        cache = res.get("teacher_cache")
+        if cache:
+            lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
+                      f"(median over the same rounds; {cache['build_s_per_row'] * 1e3:.1f} ms a row, batches of "
+                      f"{cache['build_batch_size']}); "
+                      f"projected over an epoch of SST-2's {cache['task_train_rows']} training rows: "
+                      f"{cache['build_s_per_epoch_of_task']:.0f} s once per run, i.e. "
+                      f"{cache['build_s_per_step_over_1_epoch']:.3f} s per step of a one-epoch run, "
+                      f"{cache['build_s_per_step_over_1_epoch'] / 3:.3f} s over three epochs."]
+        probe = res.get("memory_probe")
+        if probe:
+            lines += ["", "Memory probe (peak MB above the memory held before one step; every optimiser's state "
+                      "already allocated):", "",
+                      f"- ours, one step with the Trainer's optimiser ({probe['trainer_optimizer']}, "
+                      f"{probe['trainer_optimizer_defaults']}): {probe['ours_step_trainer_optimizer_mb']}",
+                      f"- ours, forward + backward only: {probe['ours_forward_backward_mb']}",
+                      f"- ours, one step with torch's default AdamW instead: "
+                      f"{probe['ours_step_torch_default_adamw_mb']}",
+                      f"- torchdistill, forward + backward only: {probe['torchdistill_forward_backward_mb']}"]
         lines += ["", "Loss match (same batch, same weights, dropout off):", ""]
         match = res["loss_match"]
         rows = match.items() if part == "textbrewer" else [("task", match)]
         peer = "textbrewer" if part == "textbrewer" else "torchdistill"
         for variant, mm in rows:
-            lines.append(f"- {variant}: ours {mm['ours']:.7f}, {peer} {mm[peer]:.7f}, relative difference "
-                         f"{mm['relative_difference']:.2e}")
+            cached = f", ours cached {mm['ours_cached']:.7f}" if "ours_cached" in mm else ""
+            lines.append(f"- {variant}: ours {mm['ours']:.7f}{cached}, {peer} {mm[peer]:.7f}, largest relative "
+                         f"difference {mm['relative_difference']:.2e}")
         lines += ["", "Per-round ratios (peer / ours): " + "; ".join(
             f"{k}: {', '.join(map(str, d['per_round']))}" for k, d in res["ratio_details"].items()), "",
             "Peer configuration as run:", "", "```json", json.dumps(res["peer_config"], indent=1), "```"]

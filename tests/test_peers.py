@@ -1,4 +1,5 @@
-"""bench/peers.py's TextBrewer path on tiny models: the same math as ours, checked against a float64 reference.
+"""bench/peers.py on tiny models: its TextBrewer path and our side of the torchdistill comparison (glue-eval
+--teacher's step, with and without the teacher cache), each checked against a float64 reference.
 
 TextBrewer is a test dependency (the "test" extra), so none of this is skipped. The torchdistill path
 needs its own environment (bench/requirements-peers.txt) and runs in the bench's quick mode.
@@ -149,3 +150,69 @@ def test_smoke_run_of_the_textbrewer_part_writes_the_report(peers, tmp_path, cap
     assert set(printed) == {"loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked"}
     md = out.with_suffix(".md").read_text()
     assert "kd_loss_weight" in md and "Not run: left out with --only." in md
+
+
+# ----------------------------------------------------------------- part 2, our side: glue-eval --teacher's step
+
+
+@pytest.fixture(scope="module")
+def task_setup(peers, tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("peers-task"))
+    teacher_dir, teacher, student = peers.task_models(torch.device("cpu"), work, **peers.SMOKE_SHAPE)
+    batch = peers.task_batch(3, teacher.config.vocab_size, torch.device("cpu"), seed=2)
+    return work, teacher_dir, teacher, student, batch
+
+
+def test_the_cache_rows_collate_back_into_the_padded_batch(peers, task_setup):
+    *_, batch = task_setup
+    dataset, with_rows = peers.rows_of(batch)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert [len(ids) for ids in dataset["input_ids"]] == lengths and dataset["row"] == [0, 1, 2]
+    padded = peers.pad_rows([dataset[i] for i in range(len(dataset))])
+    assert set(padded) == {"input_ids", "token_type_ids", "attention_mask"}
+    for key, value in padded.items():
+        assert torch.equal(value, batch[key][:, :max(lengths)])
+    assert torch.equal(with_rows["row"], torch.arange(3))
+
+
+def test_glue_eval_step_cached_and_uncached_equals_a_float64_kl_plus_ce(peers, task_setup):
+    work, teacher_dir, _, student0, batch = task_setup
+    student = copy.deepcopy(student0)
+    peers.set_dropout(student, 0.0)
+    student.train()
+    plain, no_build = peers.ours_task_trainer(teacher_dir, student, torch.device("cpu"), work)
+    cached, build = peers.ours_task_trainer(teacher_dir, student, torch.device("cpu"), work, cache_over=batch)
+    assert no_build is None
+    peers.set_dropout(plain.teacher, 0.0)
+    with torch.no_grad():
+        ours = float(plain.compute_loss(student, dict(batch)))
+        ours_cached = float(cached.compute_loss(student, peers.rows_of(batch)[1]))
+    assert plain.teacher_forwards == 1 and cached.teacher_forwards == 0  # the cache held the logits
+
+    # independent reference: both models in float64, KL(teacher || student) at T=1 over rows + CE on the labels
+    t_model, s_model = [copy.deepcopy(m).double().eval() for m in (plain.teacher, student)]
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        t, s = t_model(**inputs).logits, s_model(**inputs).logits
+    kl = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+    ce = F.cross_entropy(s, batch["labels"])
+    assert kl > 1e-3  # the confident teacher makes the soft term count
+    # the bench's timed rebuild makes the same cache: the teacher's logits of every row
+    assert torch.allclose(build().logits.double(), t, rtol=1e-5, atol=1e-6)
+    assert torch.equal(build().logits, cached.teacher_cache.logits)
+    assert ours == pytest.approx(float(kl + ce), rel=1e-5)
+    assert ours_cached == pytest.approx(float(kl + ce), rel=1e-5)
+
+
+def test_one_cached_glue_eval_step_updates_the_student_without_running_the_teacher(peers, task_setup):
+    work, teacher_dir, _, student0, batch = task_setup
+    student = copy.deepcopy(student0).train()
+    trainer, _ = peers.ours_task_trainer(teacher_dir, student, torch.device("cpu"), work, cache_over=batch)
+    before_t = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    before_s = {k: v.clone() for k, v in student.state_dict().items()}
+    loss = peers.ours_task_step(trainer, peers.rows_of(batch)[1])
+    assert torch.isfinite(loss) and trainer.teacher_forwards == 0
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())  # zeroed after the step
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before_s[k])]
+    assert any("classifier" in k for k in changed) and any("encoder.layer" in k for k in changed)
+    assert all(torch.equal(v, before_t[k]) for k, v in trainer.teacher.state_dict().items())
