@@ -216,3 +216,14 @@ def test_one_cached_glue_eval_step_updates_the_student_without_running_the_teach
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before_s[k])]
     assert any("classifier" in k for k in changed) and any("encoder.layer" in k for k in changed)
     assert all(torch.equal(v, before_t[k]) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_the_memory_finding_blames_the_order_only_when_running_the_teacher_first_closes_the_gap(peers):
+    steps = {"ours_task": {"peak_memory_mb": 540.0}, "torchdistill_task": {"peak_memory_mb": 364.0},
+             "ours_task_cached": {"peak_memory_mb": 347.0}}
+    probe = {"ours_task_mb": 1033.0, "ours_task_cached_mb": 947.0, "torchdistill_task_mb": 947.0,
+             "ours_task_teacher_first_mb": 947.5}
+    text = peers.memory_finding(probe, steps)
+    assert "optimiser is not the cause" in text and "+86.0 MB left is the order of the forwards" in text
+    text = peers.memory_finding({**probe, "ours_task_teacher_first_mb": 1030.0, "ours_task_cached_mb": 990.0}, steps)
+    assert "order of the forwards" not in text and "not the cause" not in text and "1030.0 MB" in text
