@@ -227,7 +227,7 @@ def build_sized_student(teacher_config, size: StudentSize, student_type: str | N
 
 def sized_model_card(teacher: str, teacher_class: str, student_class: str, student_type: str, record: dict,
                      sentence=None) -> str:
-    from .card import card_metadata, front_matter, sentence_usage, teacher_label
+    from .card import card_metadata, front_matter, teacher_label
 
     label = teacher_label(teacher)
     lines = [
@@ -241,13 +241,7 @@ def sized_model_card(teacher: str, teacher_class: str, student_class: str, stude
         "their students from scratch the same way)",
         f"- reused from the teacher: {record['reused_from_teacher']}",
     ]
-    if sentence is not None:
-        lines.append(f"- sentence-transformers pipeline, as the teacher's: {sentence.describe()}")
-    lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
-              "```", ""]
-    if sentence is not None:
-        lines += sentence_usage()
-    return "\n".join(lines)
+    return _card_with_usage(lines, sentence)
 
 
 def init_sized_student(teacher: str, size: StudentSize, output: str, student_type: str | None = None,
@@ -290,7 +284,7 @@ def init_sized_student(teacher: str, size: StudentSize, output: str, student_typ
 # --- the saved folder -------------------------------------------------------------------------
 
 def model_card(report: InitReport, student_type: str, sentence=None) -> str:
-    from .card import card_metadata, front_matter, sentence_usage, teacher_label
+    from .card import card_metadata, front_matter, teacher_label
 
     teacher = teacher_label(report.teacher)
     lines = [
@@ -308,6 +302,13 @@ def model_card(report: InitReport, student_type: str, sentence=None) -> str:
         lines.append(f"- the teacher's pooler (`{pooler}`), so a sequence classifier built from this folder starts from it")
     if report.not_copied:
         lines.append(f"- randomly initialised (the teacher has no such part): {', '.join(report.not_copied)}")
+    return _card_with_usage(lines, sentence)
+
+
+def _card_with_usage(lines: list[str], sentence) -> str:
+    """A student card's lines, then its sentence-transformers pipeline (if any) and how to load the folder."""
+    from .card import sentence_usage
+
     if sentence is not None:
         lines.append(f"- sentence-transformers pipeline, as the teacher's: {sentence.describe()}")
     lines += ["", "```python", "from transformers import AutoModel", "model = AutoModel.from_pretrained(\"<this folder>\")",
