@@ -251,14 +251,28 @@ def resolve_task_specs(ns) -> list:
     return tasks
 
 
+def clip_words(text: str, n: int) -> str:
+    """``text`` up to the end of its ``n``-th whitespace-separated chunk.
+
+    Lossless for a model that reads at most ``n`` tokens of it: WordPiece gives every chunk one token or more, so
+    the first ``n`` chunks hold the first ``n`` tokens. It keeps augmentation (which looks up candidates for every
+    word of the text) from spending its time on words truncation would drop: whole BBC articles, for instance.
+    """
+    import re
+
+    m = re.match(r"\s*(?:\S+\s+){%d}" % n, text)
+    return text if m is None else text[:m.end()].rstrip()
+
+
 def subset_task(task, ns):
-    """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir."""
+    """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir, each text clipped to
+    max_seq_length words (:func:`clip_words`: the models see the same tokens)."""
     import csv
 
     from glue_eval.data import load_splits
     from glue_eval.tasks import load_task_spec
 
-    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}")
+    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}-w{ns.max_seq_length}")
     spec_path = os.path.join(folder, f"{task.name}.json")
     if not os.path.isfile(spec_path):
         os.makedirs(folder, exist_ok=True)
@@ -271,7 +285,7 @@ def subset_task(task, ns):
                 w.writerow([*task.text_fields, "label"])
                 for row in ds:
                     label = row["label"] if task.is_regression else task.labels[row["label"]]
-                    w.writerow([*(row[c] for c in task.text_fields), label])
+                    w.writerow([*(clip_words(row[c], ns.max_seq_length) for c in task.text_fields), label])
         spec = {"name": task.name, "train": "train.csv", "dev": "dev.csv", "text_columns": list(task.text_fields),
                 "label_column": "label", "metric": list(task.metrics)}
         spec.update({"regression": True} if task.is_regression else {"labels": list(task.labels)})

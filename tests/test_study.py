@@ -195,3 +195,16 @@ def test_the_default_rows(study, bert_mlm_dir):
         "L2-4-6_hid_mse+att_mse_kd_kl+hard_ce+hid_mse+att_mse", "L2-4-6_hid_mse+att_mse@cal",
         "L2-4-6_qq_rel+kk_rel+vv_rel", "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse",
         "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse_aug4", "L1-2-3_none", "L4-5-6_none"]
+
+
+def test_clipping_texts_to_max_seq_length_words_keeps_every_token_the_model_reads(study, vocab_dir):
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(vocab_dir)
+    texts = ["one two, three-four  five\tsix seven eight nine ten eleven", "a b", "  lead x,y,z w v u t s r q p o"]
+    for text in texts:
+        for n in (1, 3, 5, 8):
+            clipped = study.clip_words(text, n)
+            assert text.startswith(clipped) and len(clipped.split()) == min(n, len(text.split()))
+            full = tok(text, truncation=True, max_length=n + 2)["input_ids"]  # n tokens plus [CLS] and [SEP]
+            assert tok(clipped, truncation=True, max_length=n + 2)["input_ids"] == full
