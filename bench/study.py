@@ -342,7 +342,7 @@ def make_rows(ns) -> list[dict]:
                       "model": row["name"], "task_kd": list(terms),
                       "label": row["label"] + (" + augmented task KD" if aug else " + task KD")
                       + ("" if default and not aug else
-                         f" ({'+'.join(terms)}" + (f", {ns.augment} variants per example)" if aug else ")"))}
+                         f" ({'+'.join(terms)}" + (f", {ns.augment} variant{'s' if ns.augment != 1 else ''} per example)" if aug else ")"))}
                 if aug:  # the variant count is part of what the row is
                     kd.update(name=kd["name"] + f"_aug{ns.augment}", augment=ns.augment)
                 rows.append(kd)
@@ -614,8 +614,9 @@ def row_compute(row: dict, timings: dict, ns) -> dict:
 def fmt_compute(c: dict) -> tuple[str, str]:
     distil = "–"
     if "distill_tokens" in c:
+        tokens = c["distill_tokens"]
         distil = (f"{c['distill_min']:.1f}" if c["distill_min"] is not None else "?") + \
-            f" ({c['distill_tokens'] / 1e6:.1f}M tok)"
+            (f" ({tokens / 1e6:.1f}M tok)" if tokens >= 1e5 else f" ({tokens / 1e3:.0f}k tok)")
     ft = f"{c['finetune_min_per_seed']:.1f}" if c.get("finetune_min_per_seed") is not None else "–"
     return distil, ft
 
@@ -938,14 +939,7 @@ def main(argv=None) -> int:
         state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
         save_state(ns, state)
     elif not ns.report_only:
-        # 1. speed and size: one architecture for all students, so the first student folder serves
-        first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
-        if not ns.skip_speed and "speed" not in state and first:
-            prepare_model(first, ns)
-            log("measuring inference speed")
-            state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
-            save_state(ns, state)
-        # 2. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
+        # 1. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
         # model folder is made (distilled) when first needed, then fine-tuned on every task
         for seed, row in execution_plan(rows, ns):
             folder, spent = prepare_model(row, ns)
@@ -960,6 +954,15 @@ def main(argv=None) -> int:
                 save_state(ns, state)
                 write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
                              params_of(rows, ns, state), timings, command)
+        # 2. speed and size, last: the machine is most likely quiet once the run's own work is done (a figure taken
+        # beside other processes is not the model's speed; --remeasure_speed takes it again). One architecture for
+        # all students, so the first student folder serves.
+        first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
+        if not ns.skip_speed and "speed" not in state and first:
+            prepare_model(first, ns)
+            log("measuring inference speed")
+            state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
+            save_state(ns, state)
     write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
                  timings, command)
     if not ns.report_only:
