@@ -681,7 +681,9 @@ def findings(summary, speed, ns) -> list[str]:
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
         if base and r["avg"] is not None and base["avg"] is not None:
-            lines.append(f"Task distillation ({'+'.join(r['task_kd'])}) on top of {base['label']} "
+            lines.append(f"Task distillation ({'+'.join(r['task_kd'])}"
+                         + (f", on {r['augment']} augmented variants of each example too" if r.get("augment") else "")
+                         + f") on top of {base['label']} "
                          f"({base['retained']:.1f}%): "
                          f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
     distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
