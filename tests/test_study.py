@@ -33,11 +33,13 @@ def finished(study, bert_mlm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     glue = write_glue_sample(str(root / "glue"), "tsv", tasks=["sst2", "stsb"], sizes=(24, 12, 8))
     argv = ["--teacher", bert_mlm_dir, "--tasks", "sst2,stsb", "--data_dir", glue, "--inits", "1,3",
-            "--objectives", "none,hid_mse+att_mse", "--reference", "none", "--seeds", "1,2",
+            "--objectives", "none,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel", "--relation_heads", "4",
+            "--augment", "1", "--reference", "none", "--seeds", "1,2",
             "--corpus", write_corpus(root / "corpus.txt", lines=200), "--distill_steps", "2", "--distill_batch", "2",
             "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
             "--precision", "fp32", "--skip_speed", "--work_dir", str(root / "work"),
             "--task_kd", "1,3:hid_mse+att_mse", "1,3:hid_mse+att_mse:kl+hard_ce+hid_mse+att_mse",
+            "1,3:qq_rel+kk_rel+vv_rel:kl+hard_ce+hid_mse+att_mse:aug",
             "--data_cache", str(root / "cache"), "--out", str(root / "out" / "study")]
     assert study.main(argv) == 0
     return root, json.loads((root / "out" / "study.json").read_text()), argv
@@ -56,7 +58,9 @@ def test_every_row_is_fine_tuned_on_every_task_and_seed(finished):
     root, report, _ = finished
     rows = [r["name"] for r in report["rows"]]
     assert rows == ["teacher", "random", "L1-3_none", "L1-3_hid_mse+att_mse_map2-4",
-                    "L1-3_hid_mse+att_mse_map2-4_kd", "L1-3_hid_mse+att_mse_map2-4_kd_kl+hard_ce+hid_mse+att_mse"]
+                    "L1-3_hid_mse+att_mse_map2-4_kd", "L1-3_hid_mse+att_mse_map2-4_kd_kl+hard_ce+hid_mse+att_mse",
+                    "L1-3_hid_mse+att_mse@cal_map2-4", "L1-3_qq_rel+kk_rel+vv_rel",
+                    "L1-3_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse_aug1"]
     assert set(cells(root)) == {(r, t, s) for r in rows for t in ("sst2", "stsb") for s in (1, 2)}
     md = (root / "out" / "study.md").read_text()
     for r in report["rows"]:
@@ -79,14 +83,21 @@ def test_the_table_is_the_mean_of_the_cells_and_percent_is_against_the_same_seed
 
 def test_the_distilled_student_targets_uniform_teacher_layers_and_kd_uses_the_same_seed_teacher(finished):
     root, report, _ = finished
-    (model,) = (root / "work" / "models").glob("L1-3_hid_mse+att_mse_map2-4_*")
+    (model,) = (root / "work" / "models").glob("L1-3_hid_mse+att_mse_map2-4_s*")
     config = json.loads((model / "distill_config.json").read_text())
     assert config["student_layers"] == [1, 3] and config["layer_map"] == [[1, 2], [2, 4]]
     assert config["max_steps"] == 2 and config["block_size"] == 32
     by_cell = cells(root)
     for (row, task, seed), record in by_cell.items():
         settings = record["settings"]
-        if "_kd" in row:
+        soft = "out_mse" if task == "stsb" else "kl"
+        if "_kd" in row and "qq_rel" in row:  # relations student, augmented TinyBERT stage over the uniform map
+            assert settings["distill_weights"] == {soft: 1.0, "hard_ce": 1.0, "hid_mse": 1.0, "att_mse": 1.0}
+            assert settings["student_layers"] == "2,4" and settings["augment"]["variants"] == 1
+            train = record["train"]
+            assert train["augmented"]["examples"] == train["original_examples"] == 24  # one variant per example
+            assert train["examples"] == 48
+        elif "_kd" in row:
             teacher_model = Path(settings["teacher"])
             assert teacher_model.name == "model" and (teacher_model / "config.json").is_file()
             # the teacher fine-tuned on this task with this seed
@@ -101,6 +112,46 @@ def test_the_distilled_student_targets_uniform_teacher_layers_and_kd_uses_the_sa
                 assert settings["student_layers"] == "2,4"
         else:
             assert settings["teacher"] is None
+
+
+def test_the_calibrated_row_distils_with_the_weights_its_calibration_suggests(finished):
+    root, report, _ = finished
+    (cal,) = (root / "work" / "models").glob("L1-3_hid_mse+att_mse@cal_map2-4_*.calibration")
+    record = json.loads((cal / "calibration.json").read_text())
+    terms = record["terms"]
+    assert set(terms) == {"hid_mse", "att_mse"} and record["batches"] == 8
+    # equal gradient shares (w_k / g_k) * sum_j w_j g_j / sum_j w_j, from the calibration's own norms (weights 1)
+    pull = sum(t["grad_norm"] for t in terms.values()) / len(terms)
+    for k, t in terms.items():
+        assert record["suggested_weights"][k] == pytest.approx(pull / t["grad_norm"], rel=1e-3)
+    (model,) = (root / "work" / "models").glob("L1-3_hid_mse+att_mse@cal_map2-4_*_cal8")
+    config = json.loads((model / "distill_config.json").read_text())
+    assert config["weights"] == record["suggested_weights"] and config["layer_map"] == [[1, 2], [2, 4]]
+    assert report["calibrations"]["L1-3_hid_mse+att_mse@cal_map2-4"] == record
+    md = (root / "out" / "study.md").read_text()
+    assert json.dumps(record["suggested_weights"]) in md
+
+
+def test_the_relations_row_distils_the_three_relation_terms(finished):
+    root, _, _ = finished
+    (model,) = (root / "work" / "models").glob("L1-3_qq_rel+kk_rel+vv_rel_*_rh4")
+    config = json.loads((model / "distill_config.json").read_text())
+    assert config["weights"] == {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0} and config["relation_heads"] == 4
+    assert config["layer_map"] is None  # the relation terms compare last layers: no map
+
+
+def test_each_row_reports_its_own_measured_compute(finished):
+    root, report, argv = finished
+    state = json.loads((root / "work" / "state.json").read_text())["timings"]
+    for row in report["rows"]:
+        c = row["compute"]
+        if row["kind"] == "student" and row["objective"] != "none":
+            assert c["distill_tokens"] == 2 * 2 * 32  # steps x batch x block size
+            assert c["distill_min"] == pytest.approx(state[f"prepare {row.get('model', row['name'])}"] / 60)
+        else:
+            assert "distill_tokens" not in c
+        runs = [state[k] for k in (f"finetune {row['name']} seed {s}" for s in (1, 2)) if k in state]
+        assert c["finetune_min_per_seed"] == (pytest.approx(statistics.mean(runs) / 60) if runs else None)
 
 
 def test_a_rerun_redoes_nothing(study, finished):
@@ -121,12 +172,42 @@ def test_a_teacher_cell_finished_without_its_model_is_redone_once_kd_rows_need_i
 
 
 def test_task_kd_rows_follow_the_flag(study, bert_mlm_dir):
-    base = ["--teacher", bert_mlm_dir, "--inits", "1,3", "2,4", "--objectives", "none,cos,att_mse"]
+    base = ["--teacher", bert_mlm_dir, "--inits", "1,3", "2,4", "--objectives", "none,cos,att_mse",
+            "--other_objectives", "same"]
     names = lambda ns: [r["name"] for r in study.make_rows(ns) if r.get("task_kd")]  # noqa: E731
     assert names(study.parse_args(base)) == []  # the default pairs the first init with hid_mse+att_mse: absent here
     assert names(study.parse_args(base + ["--task_kd", "2,4:cos", "1,3:att_mse", "2,4:cos:kl+hid_mse"])) == [
         "L1-3_att_mse_map2-4_kd", "L2-4_cos_kd", "L2-4_cos_kd_kl+hid_mse"]
     assert names(study.parse_args(base + ["--objectives", "none,hid_mse+att_mse", "--task_kd"])) == []
-    for bad in ("3,4:cos", "2,4:none", "2,4:cos:kl+mlm"):
+    assert names(study.parse_args(base + ["--task_kd", "2,4:cos:kl:aug", "--augment", "3"])) == ["L2-4_cos_kd_kl_aug3"]
+    # the other inits have only the fine-tuned row by default, so a task-KD row there is refused
+    for bad in ("3,4:cos", "2,4:none", "2,4:cos:kl+mlm", "2,4:cos:kl:augx"):
         with pytest.raises(SystemExit):
             study.parse_args(base + ["--task_kd", bad])
+    with pytest.raises(SystemExit):
+        study.parse_args(base[:-2] + ["--task_kd", "2,4:cos"])
+    for bad in ("none,cos@cal", "none,none@cal", "none,foo"):  # one term has nothing to balance
+        with pytest.raises(SystemExit):
+            study.parse_args(base + ["--objectives", bad])
+
+
+def test_the_default_rows(study, bert_mlm_dir):
+    ns = study.parse_args(["--teacher", bert_mlm_dir, "--reference", "none", "--layer_map", "init"])
+    assert [r["name"] for r in study.make_rows(ns)] == [
+        "teacher", "random", "L2-4-6_none", "L2-4-6_cos", "L2-4-6_hid_mse+att_mse",
+        "L2-4-6_hid_mse+att_mse_kd_kl+hard_ce+hid_mse+att_mse", "L2-4-6_hid_mse+att_mse@cal",
+        "L2-4-6_qq_rel+kk_rel+vv_rel", "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse",
+        "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse_aug4", "L1-2-3_none", "L4-5-6_none"]
+
+
+def test_clipping_texts_to_max_seq_length_words_keeps_every_token_the_model_reads(study, vocab_dir):
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(vocab_dir)
+    texts = ["one two, three-four  five\tsix seven eight nine ten eleven", "a b", "  lead x,y,z w v u t s r q p o"]
+    for text in texts:
+        for n in (1, 3, 5, 8):
+            clipped = study.clip_words(text, n)
+            assert text.startswith(clipped) and len(clipped.split()) == min(n, len(text.split()))
+            full = tok(text, truncation=True, max_length=n + 2)["input_ids"]  # n tokens plus [CLS] and [SEP]
+            assert tok(clipped, truncation=True, max_length=n + 2)["input_ids"] == full
