@@ -112,13 +112,20 @@ class CandidateSource:
         spans = [word_spans(t, self.specials) for t in texts]
         out = [[None] * len(s) for s in spans]
         masked = []  # (text index, word index, masked text) for one-token words
+        pieces_of: dict[str, list[int]] = {}  # a word's pieces, and its neighbours, are looked up once per word
+        neighbours: dict[str, list[str]] = {}
         for i, (text, text_spans) in enumerate(zip(texts, spans)):
             for j, (a, b) in enumerate(text_spans):
-                pieces = self.tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+                word = text[a:b]
+                if word not in pieces_of:
+                    pieces_of[word] = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+                pieces = pieces_of[word]
                 if self.mlm is not None and len(pieces) == 1:
                     masked.append((i, j, text[:a] + self.tokenizer.mask_token + text[b:], pieces[0]))
                 else:
-                    out[i][j] = self._neighbours(pieces, k)
+                    if word not in neighbours:
+                        neighbours[word] = self._neighbours(pieces, k)
+                    out[i][j] = list(neighbours[word])
         for start in range(0, len(masked), self.batch_size):
             chunk = masked[start:start + self.batch_size]
             for (i, j, _, own), words in zip(chunk, self._predict([m[2] for m in chunk], [m[3] for m in chunk], k)):
