@@ -7,8 +7,6 @@ needs its own environment (bench/requirements-peers.txt) and runs in the bench's
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +17,13 @@ from distill.errors import UsageError
 from distill.student import build_student
 from tests import tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [2, 4]
 MASK_ID = 4  # [MASK] in tests/tiny.py's vocabulary
 
 
 @pytest.fixture(scope="module")
 def peers():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import peers
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return peers
+    return tiny.bench_module("peers")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ from a GLUE folder (classification and regression), and a table that agrees with
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import tiny
 
 from glue_eval.samples import write_glue_sample
 from tests.test_train import write_corpus
@@ -15,17 +16,11 @@ from tests.test_train import write_corpus
 pytestmark = pytest.mark.slow  # end to end through subprocesses and real runs
 
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import study
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return study
+    return tiny.bench_module("study")
 
 
 @pytest.fixture(scope="module")

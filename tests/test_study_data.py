@@ -2,24 +2,18 @@
 dev example of the evaluation tasks is in it (checked here with code of its own, not the filter's)."""
 
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import tiny
+
 
 
 @pytest.fixture(scope="module")
 def prep():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import prepare_study_data
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return prepare_study_data
+    return tiny.bench_module("prepare_study_data")
 
 
 LONG_DEV = ("Shares in the telecoms group rose sharply on Tuesday after it agreed to buy its former parent company "

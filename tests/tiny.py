@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import sys
 from pathlib import Path
 
 import torch
@@ -231,3 +232,15 @@ def save_bert_with_pooler(kind: str, folder, tokenizer_dir: str | None = None, s
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(folder))
     return str(folder)
+
+
+def bench_module(name: str):
+    """A module of bench/ (``peers``, ``study``, ``prepare_study_data``), imported as the bench scripts run."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
