@@ -279,6 +279,9 @@ def extract(
     """
     family = family_of(model)
     layers = transformer_layers(model)
+    # modules looked up before any hook goes on, so a bad layer leaves the model as it was
+    paths = {"query": family.query_path, "key": family.key_path, "value": family.value_path}
+    projections = {(layer, name): get_path(layers[module_index(layer)], paths[name]) for layer, name in qkv}
     captured: dict[int, torch.Tensor] = {}
     hooks = []
     heads = num_heads(model)
@@ -288,8 +291,6 @@ def extract(
             captured[layer] = out.view(b, s, heads, -1).transpose(1, 2)
 
         hooks.append(get_path(layers[module_index(layer)], family.value_path).register_forward_hook(hook))
-    paths = {"query": family.query_path, "key": family.key_path, "value": family.value_path}
-    projections = {(layer, name): get_path(layers[module_index(layer)], paths[name]) for layer, name in qkv}
     extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
     try:
         with capture_qkv(projections) as captured_qkv:

@@ -255,7 +255,7 @@ def _relation(o, xs, xt, mask):
 
 _MLM = frozenset({"mlm"})
 _RTD = frozenset({"rtd"})
-_RELATION = ("KL between `softmax(x_r x_rᵀ / √d)` of teacher and student, `x` = one layer's {}s split into "
+_RELATION = ("KL between `softmax(x_r x_rᵀ / √d)` of teacher and student, `x` = one layer's {} split into "
              "`relation_heads` heads of each model's own size `d`, over real keys")
 _RELATION_OVER = "real query rows and relation heads; student last layer vs `relation_teacher_layer`"
 _SOFT_OVER = "real tokens (masked targets only with `restrict_ce_to_mask`); examples at sequence level"
@@ -301,7 +301,7 @@ for _spec in (
              "KL between `softmax(V Vᵀ / √d)` of teacher and student, per head and query row, over real keys "
              "(`d` = each model's head size)", "real query rows and heads; last layers", layers="last",
              source="MiniLM"),
-    *(TermSpec(key, "qkv", _relation, f"{what} self-attention relation KL", _RELATION.format(vec), _RELATION_OVER,
+    *(TermSpec(key, "qkv", _relation, f"{what} self-attention relation KL", _RELATION.format({"query": "queries", "key": "keys", "value": "values"}[vec]), _RELATION_OVER,
                layers="relation", vectors=vec, sequence_level=False, source="MiniLMv2")
       for key, vec, what in (("qq_rel", "query", "query-query"), ("kk_rel", "key", "key-key"),
                              ("vv_rel", "value", "value-value"))),

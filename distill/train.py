@@ -593,7 +593,8 @@ def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, pre
 # Fields that decide what each step computes: a resumed run must keep them (logging, checkpoint
 # cadence, device and tokenisation workers may change).
 RESUME_FIELDS = ("teacher", "student", "student_layers", "student_type", *SIZE_FIELDS, "weights", "temperature", "layer_map",
-                 "restrict_ce_to_mask", "projection", "generator", "train_generator", "generator_weight", "corpus",
+                 "relation_heads", "relation_teacher_layer", "restrict_ce_to_mask", "projection", "generator",
+                 "train_generator", "generator_weight", "corpus",
                  "block_size", "data_mode", "max_documents", "mlm_probability", "mask_smoothing", "learning_rate",
                  "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "warmup_ratio", "max_grad_norm",
                  "per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps", "seed",

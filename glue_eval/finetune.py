@@ -355,8 +355,13 @@ def apply_precision(glue: GlueArguments, args: TrainingArguments) -> tuple[Train
         raise UsageError(f"--precision {glue.precision!r}: choose auto, fp32, bf16 or fp16")
     if chosen == "fp32":
         return args, line
-    # replace() re-runs TrainingArguments' own checks and derives its mixed-precision setting from the flag
-    return dataclasses.replace(args, bf16=chosen == "bf16", fp16=chosen == "fp16"), line
+    # replace() re-runs TrainingArguments' own checks and derives its mixed-precision setting from the flag;
+    # on a CPU those checks want use_cpu with bf16, which is where the run goes anyway.
+    changes = {"bf16": chosen == "bf16", "fp16": chosen == "fp16", **({"use_cpu": True} if device == "cpu" else {})}
+    try:
+        return dataclasses.replace(args, **changes), line
+    except ValueError as err:
+        raise UsageError(f"--precision {glue.precision} -> {chosen}: {str(err).splitlines()[0]}") from None
 
 
 def precision_check(args: TrainingArguments) -> None:

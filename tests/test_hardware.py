@@ -205,11 +205,11 @@ def test_a_run_prints_and_records_the_resolved_precision_and_threads(bert_mlm_di
 # --------------------------------------------------------------------------- glue-eval --precision
 
 
-def _glue(monkeypatch, argv):
+def _glue(monkeypatch, argv, use_cpu=True):
     from glue_eval.cli import _parse
     from glue_eval.finetune import apply_precision
 
-    glue, args = _parse(argv + ["--model", "m", "--output_dir", "o", "--use_cpu"])
+    glue, args = _parse(argv + ["--model", "m", "--output_dir", "o"] + (["--use_cpu"] if use_cpu else []))
     return apply_precision(glue, args)
 
 
@@ -221,6 +221,15 @@ def test_glue_eval_auto_sets_trainer_bf16_only_where_the_cpu_has_it(monkeypatch,
     assert line.startswith(f"precision: auto -> {'bf16' if bf16 else 'fp32'} (")
     if bf16:
         assert str(getattr(args, "mixed_precision", "bf16")) == "bf16"  # Trainer's derived setting followed
+
+
+@pytest.mark.parametrize("argv", [[], ["--precision", "bf16"]])
+def test_glue_eval_bf16_on_a_cpu_needs_no_use_cpu_flag(monkeypatch, argv):
+    # Trainer refuses bf16 on a CPU unless use_cpu is set: the CPU's own choice must not crash on that
+    monkeypatch.setattr(hardware, "read_cpu_flags", lambda *a: SAPPHIRE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args, _ = _glue(monkeypatch, argv, use_cpu=False)
+    assert args.bf16 and args.use_cpu
 
 
 def test_glue_eval_explicit_precision_and_trainer_flags(monkeypatch):
