@@ -48,9 +48,11 @@ def regression_terms() -> tuple[str, ...]:
 def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
     """``'{"kl": 1.0, "hard_ce": 1.0}'`` (a JSON object of term -> weight) -> dict; one clear error for anything
     else (the weights are checked by :func:`distill.terms.check_weights`, as the objective checks them)."""
+    if isinstance(text, dict):  # an arguments .json file holds the object itself
+        text = json.dumps(text)
     try:
         weights = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, TypeError) as err:
         raise UsageError(
             f"--distill_weights {text!r} is not JSON ({err}): e.g. '{{\"kl\": 1.0, \"hard_ce\": 1.0}}'"
         ) from None
@@ -106,6 +108,10 @@ def parse_stages(text: str, task: Task | None = None) -> list[dict]:
     comes from the run's own TrainingArguments. Returns the stages with weights checked.
     """
     where = "--stages"
+    if isinstance(text, list):  # an arguments .json file holds the list itself
+        text = json.dumps(text)
+    if not isinstance(text, str):
+        raise UsageError(f"--stages {text!r} must be a JSON list of stages (or a .json file holding one)")
     if text.endswith(".json") and not os.path.isfile(text):
         raise UsageError(f"--stages file {text!r} does not exist: give a JSON list of stages, or that list itself")
     if text.endswith(".json"):

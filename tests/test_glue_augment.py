@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.errors import UsageError
 from glue_eval import augment
 from glue_eval.cli import main
 from tests import tiny
@@ -429,3 +430,14 @@ def test_unlabelled_text_is_read_per_line_or_from_a_table(tmp_path):
     assert load_unlabelled(get_task("sst2"), str(tmp_path / "sst.csv")) == {"sentence": ["one, two", "three"]}
     with pytest.raises(UsageError, match="no column 'sentence1'"):
         load_unlabelled(rte, str(tmp_path / "sst.csv"))
+
+
+def test_weights_and_stages_read_the_same_from_a_flag_and_from_an_arguments_file():
+    # an arguments .json file holds the JSON values themselves, a flag holds their text
+    from glue_eval.distillation import parse_stages, parse_weights
+
+    assert parse_weights({"kl": 1, "hard_ce": 2}) == parse_weights('{"kl": 1, "hard_ce": 2}')
+    stages = [{"weights": {"hid_mse": 1}, "epochs": 2}, {"weights": {"kl": 1}, "epochs": 1}]
+    assert parse_stages(stages) == parse_stages(json.dumps(stages))
+    with pytest.raises(UsageError, match="must be a JSON list of stages"):
+        parse_stages(3)
