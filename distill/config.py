@@ -13,7 +13,6 @@ import dataclasses
 import json
 import typing
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,9 +247,11 @@ def parse_config(argv=None) -> DistillConfig:
     """Defaults <- --config JSON (or the demo recipe when there is none) <- command-line overrides."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--student")  # the same spellings the full parser takes
+    pre.add_argument("--student_num_layers", "--student-num-layers")
     known, _ = pre.parse_known_args(argv)
     values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
-    if not known.config and any(a.split("=")[0] in ("--student", "--student_num_layers") for a in argv or sys.argv[1:]):
+    if not known.config and (known.student is not None or known.student_num_layers is not None):
         # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
         # the demo's own layer selection was not asked for
         values.pop("student_layers")

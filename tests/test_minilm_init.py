@@ -222,3 +222,12 @@ def test_a_chosen_size_on_the_demo_recipe_drops_only_the_demos_layer_selection()
     cfg = parse_config(["--student_num_layers", "2", "--student_hidden_size", "192"])
     assert cfg.student_layers is None and (cfg.student_num_layers, cfg.student_hidden_size) == (2, 192)
     assert parse_config([]).student_layers == [2, 4, 6]  # the demo itself is unchanged
+
+
+def test_the_demo_with_a_chosen_size_drops_its_own_layer_selection_whichever_spelling_names_it():
+    from distill.config import parse_config
+
+    for flag in ("--student_num_layers", "--student-num-layers"):
+        cfg = parse_config([flag, "2", "--student_hidden_size", "16", "--student_num_heads", "2"])
+        assert cfg.student_num_layers == 2 and cfg.student_layers is None
+    assert parse_config([]).student_layers == [2, 4, 6]  # the demo itself keeps its layers
