@@ -169,6 +169,12 @@ def check_task_stage(glue, tasks) -> None:
     if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
         raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
                          "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
+    from distill.losses import check_temperature
+
+    try:
+        check_temperature(glue.temperature)
+    except UsageError as err:
+        raise UsageError(f"--{err}") from None
     for task in tasks:
         run_stages(glue, task)
     if glue.augment < 0:

@@ -441,3 +441,14 @@ def test_weights_and_stages_read_the_same_from_a_flag_and_from_an_arguments_file
     assert parse_stages(stages) == parse_stages(json.dumps(stages))
     with pytest.raises(UsageError, match="must be a JSON list of stages"):
         parse_stages(3)
+
+
+def test_a_bad_teacher_temperature_is_refused_before_anything_loads(tmp_path):
+    from glue_eval.distillation import check_task_stage
+    from glue_eval.finetune import GlueArguments
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"^--temperature 0.0 must be a number > 0"):
+        check_task_stage(GlueArguments(model="m", teacher=str(teacher), temperature=0.0), [])
