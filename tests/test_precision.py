@@ -376,3 +376,25 @@ def test_every_mode_and_backend_has_exactly_one_class():
     assert native == {"fp32", "bf16", "fp16 O1", "fp16 O2", "fp16 O3"}
     assert {mode for backend, mode in MODES if backend == "apex"} == {"fp16 O1", "fp16 O2", "fp16 O3"}
     assert all(MODES[("apex", m)] is ApexAmp for m in ("fp16 O1", "fp16 O2", "fp16 O3"))
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_adamw_is_fused_unless_the_caller_chose(mode):
+    """make_optimizer builds torch's AdamW fused (one kernel) by default; it takes the same step as the loop."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    results = {}
+    for flags in ({}, {"fused": False}, {"foreach": False}):
+        prec = Precision.from_config(mode, device=torch.device("cpu"))
+        m = copy.deepcopy(model)
+        opt = prec.make_optimizer(m.parameters(), torch.optim.AdamW, lr=1e-2, **flags)
+        assert opt.defaults["fused"] is (True if not flags else None if "foreach" in flags else False)
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+        results[str(flags)] = [p.detach().clone() for p in m.parameters()]
+    for a, b in zip(results["{}"], results["{'fused': False}"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    sgd = Precision.from_config(mode, device=torch.device("cpu")).make_optimizer(model.parameters(), torch.optim.SGD, lr=1.0)
+    assert "fused" not in sgd.defaults or not sgd.defaults["fused"]

@@ -18,6 +18,7 @@ from .base import Precision, StepResult, clip_value
 class ApexAmp(Precision):
     modes = tuple(("apex", f"fp16 {level}") for level in ("O1", "O2", "O3"))
     backend = "apex"
+    fused_optimizer = False  # apex's amp.initialize wraps the optimiser it is given, as it is
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -100,6 +100,7 @@ class Precision:
     summary: ClassVar[str] = ""  # the description, before any note on a fallback
     autocast_dtype: ClassVar[torch.dtype | None] = None  # None: no autocast
     keeps_masters: ClassVar[bool] = False  # whether state_dict() holds fp32 master weights
+    fused_optimizer: ClassVar[bool] = True  # torch Adam/AdamW built with fused=True (make_optimizer)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -212,9 +213,16 @@ class Precision:
         master (its exact pre-``prepare`` value); fp32 parameters (norms, unprepared
         modules) are their own masters. With torch.distributed initialised, masters are
         broadcast from rank 0, so DDP may wrap the model before or after this call.
+        torch's Adam and AdamW are built with ``fused=True`` on a CPU or CUDA device unless
+        ``fused`` or ``foreach`` is given.
         """
         if self._optimizer is not None:
             raise UsageError("make_optimizer was called twice on one Precision: build one optimiser per run")
+        if self.fused_optimizer and optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) \
+                and self.device.type in ("cpu", "cuda") and not {"fused", "foreach"} & set(kwargs):
+            # one kernel over all parameters instead of a Python loop over them: at BERT-base student size
+            # the AdamW step is about 5x faster on a CPU (bench/peers.py)
+            kwargs = {**kwargs, "fused": True}
         self._optimizer = self._build_optimizer(params_or_groups, optimizer_cls, **kwargs)
         return self._optimizer
 
