@@ -21,7 +21,7 @@ from .errors import UsageError
 from .families import STUDENT_TYPES, pairs_text
 from .io import read_json_object
 from .layers import parse_layer_map
-from .terms import DISTILBERT_WEIGHTS, RELATION_HEADS, REPRESENTATION_WEIGHTS, SOFT, format_weights, select, term_list
+from .terms import DISTILBERT_WEIGHTS, RELATION_HEADS, REPRESENTATION_WEIGHTS, SOFT, TERMS, format_weights, select, term_list
 
 DEMO_TEACHER = "offline:all-MiniLM-L6-v2"
 DEMO_CORPUS = "offline:wikipedia-extract"
@@ -89,6 +89,7 @@ class DistillConfig:
     relation_teacher_layer: int | None = _f(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
     restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
+    logit_chunk_rows: int = _f(0, f"run the vocabulary head over this many logit rows at a time, each chunk's gradient taken at once, so no [tokens, vocab] logits are held (the values are the whole head's); 0: auto (about 2^22 logits a chunk), -1: never chunk; applies when every logit term is a mean over rows ({term_list(k for k, spec in TERMS.items() if spec.row_mean)})", range=Range(-1))
     # --- ELECTRA ---
     generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
     train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")

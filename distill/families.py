@@ -65,13 +65,42 @@ class StudentRule:
 
 
 @dataclass(frozen=True)
+class VocabHead:
+    """A masked-LM head that ends in one linear layer onto the vocabulary.
+
+    ``transform(model, hidden)`` is everything before that layer; ``decoder`` is the layer's
+    path from the model (``nn.Linear`` with ``weight [vocab, H']`` and a bias). Called as a head,
+    it is ``decoder(transform(hidden))``, the model's own head; split, it lets the objective run
+    the decoder chunk by chunk (:mod:`distill.vocab_head`).
+    """
+
+    transform: Callable
+    decoder: str
+
+    def decoder_of(self, model):
+        module = model
+        for part in self.decoder.split("."):
+            module = getattr(module, part)
+        return module
+
+    def __call__(self, model, hidden):
+        return self.decoder_of(model)(self.transform(model, hidden))
+
+
+def _gelu(x):
+    import torch.nn.functional as F
+
+    return F.gelu(x)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family. Module paths are relative to the base model (``model.base_model``)
     or, for the per-layer paths, to one transformer layer."""
 
     name: str  # the config's model_type, and the --student-type choice
     classes: dict  # role -> transformers class name
-    heads: dict  # role -> fn(model, hidden [..., H]) -> head output; every role but "base"
+    heads: dict  # role -> fn(model, hidden [..., H]) -> head output (a VocabHead for a vocabulary); all roles but "base"
     layers_path: str  # ModuleList of transformer layers
     self_attention_path: str  # inside a layer: the module whose ``dropout.p`` is attention dropout
     query_path: str  # inside a layer: the query projection
@@ -181,8 +210,8 @@ def _bert_to_distilbert_config(c, n_layers: int):
     )
 
 
-def _distilbert_head(model, hidden):
-    return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
+_DISTILBERT_HEAD = VocabHead(lambda m, h: m.vocab_layer_norm(m.activation(m.vocab_transform(h))), "vocab_projector")
+_ROBERTA_HEAD = VocabHead(lambda m, h: m.lm_head.layer_norm(_gelu(m.lm_head.dense(h))), "lm_head.decoder")
 
 
 # BERT-style layers (BERT, RoBERTa, XLM-R, ELECTRA): the same paths inside a layer
@@ -194,7 +223,8 @@ _ROBERTA_TOKENS = Tokens(cls="<s>", sep="</s>", token_types=1, positions_from_pa
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
-        "bert", {"base": "BertModel", "mlm": "BertForMaskedLM"}, {"mlm": lambda m, h: m.cls(h)},
+        "bert", {"base": "BertModel", "mlm": "BertForMaskedLM"},
+        {"mlm": VocabHead(lambda m, h: m.cls.predictions.transform(h), "cls.predictions.decoder")},
         pooler_path="pooler", pooler_class="transformers.models.bert.modeling_bert:BertPooler",
         # BertForPreTraining checkpoints (bert-base-uncased's kind) carry the MLM head under the same names
         architectures={"BertForPreTraining": "mlm"},
@@ -203,24 +233,24 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         **_BERT_LAYER,
     ),
     Family(
-        "distilbert", {"base": "DistilBertModel", "mlm": "DistilBertForMaskedLM"}, {"mlm": _distilbert_head},
+        "distilbert", {"base": "DistilBertModel", "mlm": "DistilBertForMaskedLM"}, {"mlm": _DISTILBERT_HEAD},
         layers_path="transformer.layer", self_attention_path="attention", query_path="attention.q_lin",
         key_path="attention.k_lin", value_path="attention.v_lin", num_layers_field="n_layers",
         hidden_size_field="dim", num_heads_field="n_heads", intermediate_size_field="hidden_dim",
     ),
     Family(
-        "roberta", {"base": "RobertaModel", "mlm": "RobertaForMaskedLM"}, {"mlm": lambda m, h: m.lm_head(h)},
+        "roberta", {"base": "RobertaModel", "mlm": "RobertaForMaskedLM"}, {"mlm": _ROBERTA_HEAD},
         pooler_path="pooler", pooler_class="transformers.models.roberta.modeling_roberta:RobertaPooler",
         tokens=_ROBERTA_TOKENS, **_BERT_LAYER,
     ),
     Family(
-        "xlm-roberta", {"base": "XLMRobertaModel", "mlm": "XLMRobertaForMaskedLM"}, {"mlm": lambda m, h: m.lm_head(h)},
+        "xlm-roberta", {"base": "XLMRobertaModel", "mlm": "XLMRobertaForMaskedLM"}, {"mlm": _ROBERTA_HEAD},
         pooler_path="pooler", pooler_class="transformers.models.xlm_roberta.modeling_xlm_roberta:XLMRobertaPooler",
         tokens=_ROBERTA_TOKENS, **_BERT_LAYER,
     ),
     Family(
         "electra", {"base": "ElectraModel", "mlm": "ElectraForMaskedLM", "rtd": "ElectraForPreTraining"},
-        {"mlm": lambda m, h: m.generator_lm_head(m.generator_predictions(h)),
+        {"mlm": VocabHead(lambda m, h: m.generator_predictions(h), "generator_lm_head"),
          "rtd": lambda m, h: m.discriminator_predictions(h)},
         note="an ELECTRA teacher gives a discriminator or a generator student, as it is itself",
         **_BERT_LAYER,

@@ -17,9 +17,10 @@ from torch import nn
 from transformers import AutoConfig
 
 from .errors import UsageError
-from .families import FAMILIES, Family, family_of, max_positions, role_from_architecture  # noqa: F401
+from .families import FAMILIES, Family, VocabHead, family_of, max_positions, role_from_architecture  # noqa: F401
 from .layers import module_index
 from .relations import capture_qkv
+from .vocab_head import DeferredLogits, capture_autocast
 
 
 # files that mean "a tokenizer is saved here" (WordPiece, sentencepiece, BPE)
@@ -233,6 +234,13 @@ def apply_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
     return None if role == "base" else family_of(model).heads[role](model, hidden)
 
 
+def vocab_head(model: nn.Module):
+    """The model's :class:`distill.families.VocabHead` (a head onto the vocabulary), or None."""
+    role = role_of(model)
+    head = None if role == "base" else family_of(model).heads[role]
+    return head if isinstance(head, VocabHead) else None
+
+
 @dataclass
 class Features:
     """What one forward pass produced, in the layout the losses take.
@@ -244,6 +252,8 @@ class Features:
         ``[B, S, width]`` (all heads concatenated, before dropout), for relation terms.
     logits: head output at ``positions`` only: ``[N, vocab]`` (masked LM) or ``[N]``
         (ELECTRA discriminator), rows in ``positions.nonzero()`` order; None if not asked.
+        With ``extract(defer_head=True)`` a vocabulary head's output is a
+        :class:`distill.vocab_head.DeferredLogits` instead (the decoder not yet run).
     """
 
     hidden_states: tuple | None = None
@@ -265,6 +275,7 @@ def extract(
     positions: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
     sequence_logits: bool = False,
+    defer_head: bool = False,
 ) -> Features:
     """Run ``model`` once and return only what was asked for.
 
@@ -276,6 +287,9 @@ def extract(
     ``sequence_logits=True`` is for a task model (``*ForSequenceClassification``): the
     whole model runs, and ``logits`` is its own head's ``[B, classes]``.
     ``token_type_ids`` (``[B, S]``) tells sentence pairs apart where the family uses them.
+    ``defer_head=True``: where the head ends in a linear layer onto the vocabulary, ``logits`` is
+    a :class:`distill.vocab_head.DeferredLogits` (the transform run, the decoder not), for terms
+    that take the logits chunk by chunk.
     """
     family = family_of(model)
     layers = transformer_layers(model)
@@ -313,7 +327,14 @@ def extract(
         )
     logits = out.logits if sequence_logits else None
     if positions is not None:
-        logits = apply_head(model, out.last_hidden_state[positions])
+        head = vocab_head(model) if defer_head else None
+        rows = out.last_hidden_state[positions]
+        if head is None:
+            logits = apply_head(model, rows)
+        else:
+            decoder = head.decoder_of(model)
+            logits = DeferredLogits(head.transform(model, rows), decoder.weight, decoder.bias,
+                                    capture_autocast(rows.device.type))
     return Features(
         hidden_states=out.hidden_states if hidden else None,
         attentions=out.attentions if attentions else None,

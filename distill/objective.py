@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .errors import UsageError
 from .layers import attention_index, hidden_index, parse_layer_map, parse_layers
 from .losses import check_relation_heads, check_temperature
+from .vocab_head import DeferredLogits, chunk_rows, chunked
 from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
 from .terms import (CORRUPTED_INPUT, MASKED, REAL, RELATION_HEADS, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT, TERMS, TermSpec,
                     check_weights, format_weights)
@@ -99,6 +100,7 @@ class Objective(nn.Module):
         restrict_ce_to_mask: bool,
         record: dict,
         relation_heads: int = RELATION_HEADS,
+        logit_chunk_rows: int = 0,
     ):
         super().__init__()
         self.weights = dict(weights)
@@ -109,6 +111,15 @@ class Objective(nn.Module):
         self.restrict_ce_to_mask = restrict_ce_to_mask
         self._logits_at = dict(logits_at)
         self._record = dict(record)
+        # Vocabulary heads run chunk by chunk (distill.vocab_head) when every active logit term is a mean
+        # over logit rows: 0 = auto rows per chunk, N rows, -1 = never (the whole [N, vocab] logits).
+        self.logit_chunk_rows = int(logit_chunk_rows)
+        logit_terms = [TERMS[n] for n in self.weights if TERMS[n].feature == "logits"]
+        self._chunk_logits = (self.logit_chunk_rows != -1 and not sequence_level and bool(logit_terms)
+                              and all(spec.row_mean for spec in logit_terms))
+        # The factor the loop multiplies the loss by before backward (fp16: the GradScaler's scale, set per
+        # step from Precision.loss_scale): chunked heads take their gradients at it, in range.
+        self.gradient_scale = 1.0
         # One projection per term (TinyBERT shares W_h across hidden layers the same way):
         # student width -> teacher width, applied to the student's hidden states.
         self.projections = nn.ModuleDict({name: nn.Linear(w_in, w_out) for name, (w_in, w_out) in projections.items()})
@@ -132,6 +143,7 @@ class Objective(nn.Module):
         sequence_level: bool = False,
         relation_heads: int = RELATION_HEADS,
         relation_teacher_layer: int | None = None,
+        logit_chunk_rows: int = 0,
     ) -> "Objective":
         """Validate a config and build the objective. Every bad value is a one-line :class:`UsageError`.
 
@@ -159,7 +171,13 @@ class Objective(nn.Module):
                 vv_rel): must divide both models' widths (48 for base-size teachers).
             relation_teacher_layer: the 1-based teacher layer those terms compare with the
                 student's last layer (default: the teacher's last; e.g. 21 of 24 for large ones).
+            logit_chunk_rows: logit rows per chunk of the vocabulary head (0: auto, about 2**22
+                logits a chunk; -1: never chunk). Chunks apply when every active logit term is a
+                mean over rows (``TermSpec.row_mean``); the values are those of the whole head.
         """
+        if isinstance(logit_chunk_rows, bool) or not isinstance(logit_chunk_rows, int) or logit_chunk_rows < -1:
+            raise UsageError(f"logit_chunk_rows {logit_chunk_rows!r} must be an integer >= -1 "
+                             "(0: auto, -1: never chunk the vocabulary head)")
         active = check_weights(weights)
         temperature = check_temperature(temperature)
         specs = {name: TERMS[name] for name in active}
@@ -237,6 +255,7 @@ class Objective(nn.Module):
             restrict_ce_to_mask=bool(restrict_ce_to_mask),
             record=record,
             relation_heads=relation_heads,
+            logit_chunk_rows=logit_chunk_rows,
         )
 
     def _request_for(self, role: str) -> Request:
@@ -305,6 +324,7 @@ class Objective(nn.Module):
             "value_layers": request.value_layers,
             "qkv": request.qkv,
             "positions": self.positions(batch, role),
+            "defer_head": self._chunk_logits,
         }
 
     def to_dict(self) -> dict:
@@ -367,12 +387,61 @@ class Objective(nn.Module):
         """
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
+        names = list(self.weights)
         with _no_autocast(batch):
-            for name, weight in self.weights.items():
+            chunked = [n for n in names if TERMS[n].feature == "logits"]
+            if chunked and isinstance(student.logits, DeferredLogits):  # the logit terms together, chunk by chunk
+                total, parts = self._chunked_logit_terms(chunked, student, teacher, batch)
+                terms.update(zip(chunked, parts.unbind()))
+                names = [n for n in names if n not in terms]
+            for name in names:
+                weight = self.weights[name]
                 value = self._term(name, student, teacher, batch)
                 terms[name] = value.detach()
                 total = weight * value if total is None else total + weight * value
-        return total, terms
+        return total, {name: terms[name] for name in self.weights}
+
+    def _chunked_logit_terms(self, names: list[str], student: Features, teacher: Features, batch: Mapping):
+        """``(weighted sum, unweighted values [len(names)])`` of the logit terms ``names`` over the student's
+        deferred vocabulary head, chunk by chunk (:mod:`distill.vocab_head`)."""
+        head = student.logits
+        self._check_rows(head, "student", batch, names[0])
+        n = head.shape[0]
+        zt = None
+        if any(TERMS[name].teacher for name in names):
+            name = next(name for name in names if TERMS[name].teacher)
+            zt = teacher.logits if teacher.logits is not None else self._logits(teacher, "teacher", batch, name)
+            self._check_rows(zt, "teacher", batch, name)
+        targets = _Targets(self, batch)
+        # a term averaged over some rows only (mlm: the targets) counts each chunk by its share of them
+        counted = {}
+        for name in names:
+            key = TERMS[name].row_mean
+            if key != "rows":
+                keep = targets.get(key) != -100
+                counted[name] = (keep, keep.sum().clamp(min=1))
+        weights = [self.weights[name] for name in names]
+
+        def chunk_loss(rows: slice, zs: Tensor):
+            zt_rows = None
+            if zt is not None:
+                with torch.no_grad():
+                    zt_rows = zt.rows(rows) if isinstance(zt, DeferredLogits) else zt[rows]
+            view = _RowsView(self, targets, rows)
+            shares = []
+            for name in names:
+                spec = TERMS[name]
+                value = spec.loss(view, zs, zt_rows if spec.teacher else None, batch)
+                if name in counted:
+                    keep, count = counted[name]
+                    shares.append(value * (keep[rows].sum() / count))
+                else:
+                    shares.append(value * ((rows.stop - rows.start) / max(n, 1)))
+            value = sum(w * v for w, v in zip(weights, shares))
+            return value, torch.stack([v.detach() for v in shares])
+
+        rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1])
+        return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale)
 
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
         spec = TERMS[name]
@@ -416,6 +485,12 @@ class Objective(nn.Module):
                 f"term {name!r} needs the {role}'s logits but its Features have none: extract with "
                 f"objective.extract_kwargs(batch, {role!r}) from a model with a prediction head"
             )
+        self._check_rows(logits, role, batch, name)
+        if isinstance(logits, DeferredLogits):  # a term taken alone (e.g. --calibrate): the whole head, once
+            logits = features.logits = logits.materialize()
+        return logits
+
+    def _check_rows(self, logits, role: str, batch: Mapping, name: str) -> None:
         if self.sequence_level:
             rows = _batch_value(batch, "attention_mask").shape[0]
             what = "one row per example ([B, classes] from the task head)"
@@ -424,7 +499,31 @@ class Objective(nn.Module):
             what = f"one row per position in objective.positions(batch, {role!r})"
         if logits.shape[0] != rows:
             raise UsageError(f"term {name!r}: the {role}'s logits have {logits.shape[0]} rows, expected {rows}: {what}")
-        return logits
+
+
+class _Targets:
+    """``objective.targets(batch, key)`` gathered once per batch and key."""
+
+    def __init__(self, objective: "Objective", batch: Mapping):
+        self._objective, self._batch, self._cache = objective, batch, {}
+
+    def get(self, key: str) -> Tensor:
+        if key not in self._cache:
+            self._cache[key] = self._objective.targets(self._batch, key)
+        return self._cache[key]
+
+
+class _RowsView:
+    """The objective as a logit term sees it for one chunk of rows: ``targets`` gives that chunk's labels."""
+
+    def __init__(self, objective: "Objective", targets: _Targets, rows: slice):
+        self._objective, self._targets, self._rows = objective, targets, rows
+
+    def targets(self, batch: Mapping, key: str) -> Tensor:
+        return self._targets.get(key)[self._rows]
+
+    def __getattr__(self, name: str):
+        return getattr(self._objective, name)
 
 
 # -----------------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ class TermSpec:
     projects: the student's hidden states go through a learned width projection when
         the widths differ.
     source: where it comes from (paper or code base), for the docs.
+    row_mean: for a token-level logit term whose value is a mean over logit rows: ``"rows"``
+        (every row given counts) or the batch key of the labels whose ``-100`` rows do not count
+        (``"mlm_labels"``). Such terms run over a vocabulary head chunk by chunk, never holding
+        ``[N, vocab]`` logits (``logit_chunk_rows``); None: the term needs all its rows at once.
     """
 
     key: str
@@ -98,6 +102,7 @@ class TermSpec:
     projects: bool = False
     vectors: str | None = None
     source: str = ""
+    row_mean: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -124,6 +129,10 @@ class TermSpec:
             problems.append(f"vectors {self.vectors!r}: a qkv term names one of {', '.join(VECTORS)}, and only it")
         if (self.layers == "relation") != (self.feature == "qkv"):
             problems.append("relation layers (student last <-> relation_teacher_layer) are for qkv terms, and only them")
+        if self.row_mean is not None and (self.feature != "logits" or not self.token_level
+                                          or not isinstance(self.row_mean, str)):
+            problems.append(f"row_mean {self.row_mean!r}: only a token-level logit term is a mean over logit rows "
+                            "('rows' or a batch key of labels)")
         if self.projects and self.feature != "hidden":
             problems.append("only hidden-state terms can go through a width projection")
         if not callable(self.loss):
@@ -263,16 +272,20 @@ _SOFT_OVER = "real tokens (masked targets only with `restrict_ce_to_mask`); exam
 for _spec in (
     TermSpec("ce", "logits", _ce, "soft-target cross-entropy (DistilBERT's `L_ce`)",
              "`T² · −Σ_v p_t(v) log p_s(v)`", _SOFT_OVER, temperature=True, input=MASKED_INPUT,
-             logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="DistilBERT"),
+             logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="DistilBERT",
+             row_mean="rows"),
     TermSpec("kl", "logits", _kl, "KL divergence to the teacher's soft targets",
              "`T² · Σ_v p_t(v) log(p_t(v) / p_s(v))`", "as `ce`", temperature=True, input=MASKED_INPUT,
-             logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="Hinton et al."),
+             logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="Hinton et al.",
+             row_mean="rows"),
     TermSpec("out_mse", "logits", _out_mse, "MSE between raw logits (the soft term that fits a regression head)",
              "`(z_s − z_t)²`", "as `ce`, and over the logit entries", input=MASKED_INPUT, logits_at=SOFT,
-             student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD, same_head=True, source="Hentschel et al."),
+             student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD, same_head=True, source="Hentschel et al.",
+             row_mean="rows"),
     TermSpec("mlm", "logits", _mlm, "masked-LM loss against the original tokens",
              "`−log p_s(token)` at `T = 1`", "masked targets (`mlm_labels ≠ −100`)", teacher=False,
-             input=MASKED_INPUT, logits_at=MASKED, student_heads=_MLM, sequence_level=False, source="BERT"),
+             input=MASKED_INPUT, logits_at=MASKED, student_heads=_MLM, sequence_level=False, source="BERT",
+             row_mean="mlm_labels"),
     TermSpec("hard_ce", "logits", _hard_ce, "task loss against gold labels",
              "cross-entropy; MSE against float labels for a 1-column (regression) head",
              "examples (labels ≠ −100)", teacher=False, logits_at=SEQUENCE, token_level=False),

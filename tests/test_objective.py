@@ -464,7 +464,7 @@ def test_missing_features_at_run_time_say_how_to_extract(student, teacher):
         objective(Features(), Features(), batch)
     s, t = features(objective, student, teacher, batch)
     with pytest.raises(UsageError, match="logits have 5 rows, expected"):
-        objective(Features(hidden_states=s.hidden_states, logits=s.logits[:5]), t, batch)
+        objective(Features(hidden_states=s.hidden_states, logits=s.logits.materialize()[:5]), t, batch)
     with pytest.raises(UsageError, match="needs the student's hidden_states"):
         objective(Features(logits=s.logits), t, batch)
 

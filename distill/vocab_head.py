@@ -1,0 +1,172 @@
+"""The vocabulary head, chunk by chunk: logit terms that never hold ``[N, vocab]`` logits.
+
+A masked-LM head ends in one linear layer onto the vocabulary (30,522 outputs for BERT).
+At every real token of a batch of 8 x 128 that is a ``[1024, 30522]`` float32 tensor per
+model (125 MB), and the soft-target terms make several more of that size (softmaxes,
+log-softmaxes, their gradients), which autograd keeps until the backward pass. Here the
+decoder runs on a slice of rows at a time: for each chunk the student's and the teacher's
+logits are made, the chunk's share of every logit term is computed, and its gradient with
+respect to the decoder's input rows and parameters is taken at once, so the chunk's logits
+are freed before the next chunk starts. The backward pass then only scales the stored
+gradients. The matmuls are the ones the whole head does (no recomputation); what goes is
+the memory and the passes over full-size logits (the idea of Liger-Kernel's fused linear
+cross-entropy, here for soft targets and several terms at once).
+
+A term may be chunked when its value is a mean over logit rows (``TermSpec.row_mean``): over
+the whole batch it is then ``sum_c (rows counted in chunk c / rows counted) * value(chunk c)``,
+exactly. The registry's own loss functions compute each chunk's value, so a new row-mean term
+needs nothing here.
+
+Gradients are taken in the forward pass, before the loop's loss scale is known, so fp16 modes
+set :attr:`distill.objective.Objective.gradient_scale` to the scale the loop will multiply the
+loss by (``Precision.loss_scale``): the gradients are taken at that scale and keep the range
+it gives them; the backward pass divides by it again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# logits per chunk when logit_chunk_rows is 0 (auto): 2**22 float32 logits = 16 MB per tensor
+AUTO_CHUNK_LOGITS = 2 ** 22
+
+
+@dataclass
+class DeferredLogits:
+    """A vocabulary head's output, not computed yet: its decoder's input rows and the decoder.
+
+    hidden: ``[N, H']`` the head's transform at the gathered positions (``positions.nonzero()``
+        order), attached to the model's graph.
+    weight, bias: the decoder's ``[vocab, H']`` weight and ``[vocab]`` bias (or None).
+    autocast: ``(device_type, dtype)`` of the autocast active when the model ran, or None:
+        the decoder runs under the same, as it would have inside the model.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    autocast: tuple[str, torch.dtype] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.hidden.shape[0], self.weight.shape[0]))
+
+    def rows(self, rows: slice | None = None, hidden: Tensor | None = None, weight: Tensor | None = None,
+             bias: Tensor | None = None) -> Tensor:
+        """Logits of ``rows`` (all by default); ``hidden``/``weight``/``bias`` stand in for the stored ones."""
+        h = self.hidden if hidden is None else hidden
+        h = h if rows is None or hidden is not None else h[rows]
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
+        with _autocast(self.autocast, h.device.type):
+            return F.linear(h, w, b)
+
+    def materialize(self) -> Tensor:
+        """The whole ``[N, vocab]`` logits, attached to the graph (the unchunked path)."""
+        return self.rows()
+
+
+def capture_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
+    """The autocast state of ``device_type`` now, for :class:`DeferredLogits`."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state: tuple[str, torch.dtype] | None, device_type: str):
+    if state is None:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=state[0], dtype=state[1])
+
+
+def chunk_rows(setting: int, n_rows: int, vocab: int) -> int:
+    """Rows per chunk for ``logit_chunk_rows`` = ``setting`` (0: auto, about 2**22 logits per chunk;
+    -1: one chunk of all rows)."""
+    if setting < 0 or n_rows == 0:
+        return max(n_rows, 1)
+    if setting > 0:
+        return setting
+    # auto: as few chunks as keep each within the budget, of equal size (no small last chunk)
+    chunks = max(1, math.ceil(n_rows * vocab / AUTO_CHUNK_LOGITS))
+    return math.ceil(n_rows / chunks)
+
+
+ChunkLoss = Callable[[slice, Tensor], "tuple[Tensor, Tensor]"]
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """``(total, parts)`` of ``chunk_loss`` summed over row chunks of ``head``'s logits; gradients
+    taken per chunk in the forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float,
+                hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        needs = ctx.needs_input_grad[4:7]
+        n = hidden.shape[0]
+        grad_h = torch.zeros_like(hidden) if needs[0] else None
+        # the weight's gradient sums over chunks: accumulate in at least float32 (fp16 O2 weights)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if needs[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if needs[2] else None
+        w_leaf = weight.detach().requires_grad_(needs[1])
+        b_leaf = None if bias is None else bias.detach().requires_grad_(needs[2])
+        total, parts = None, None
+        for start in range(0, max(n, 1), rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, n))
+            with torch.set_grad_enabled(any(needs)):
+                h = hidden[rows].detach().requires_grad_(needs[0])
+                logits = head.rows(rows, hidden=h, weight=w_leaf, bias=b_leaf)
+                value, chunk_parts = chunk_loss(rows, logits)
+                wrt = [x for x, need in zip((h, w_leaf, b_leaf), needs) if need]
+                grads = list(torch.autograd.grad(value * scale, wrt, allow_unused=True)) if wrt else []
+            for need, target in zip(needs, ("h", "w", "b")):
+                if not need:
+                    continue
+                g = grads.pop(0)
+                if g is None:
+                    continue
+                if target == "h":
+                    grad_h[rows] = g
+                elif target == "w":
+                    grad_w += g.to(wide)
+                else:
+                    grad_b += g.to(wide)
+            value, chunk_parts = value.detach(), chunk_parts.detach()
+            total = value if total is None else total + value
+            parts = chunk_parts if parts is None else parts + chunk_parts
+        ctx.scale = scale
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_parts):
+        grad_h, grad_w, grad_b = ctx.grads
+        factor = grad_total / ctx.scale
+        out_h = None if grad_h is None else grad_h * factor.to(grad_h.dtype)
+        out_w = None if grad_w is None else (grad_w * factor).to(ctx.dtypes[0])
+        out_b = None if grad_b is None else (grad_b * factor).to(ctx.dtypes[1])
+        return None, None, None, None, out_h, out_w, out_b
+
+
+def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float = 1.0
+            ) -> tuple[Tensor, Tensor]:
+    """Sum ``chunk_loss(rows, logits_of_those_rows)`` over row chunks of ``head``.
+
+    ``chunk_loss`` returns ``(value, parts)``: the chunk's share of the loss (a scalar, attached to
+    ``logits``) and a detached vector of per-term shares for logs. Returns ``(total, parts)``:
+    ``total`` backpropagates into ``head.hidden``, ``head.weight`` and ``head.bias``, with the
+    gradients of the unchunked computation; ``scale``: the factor the caller's backward will
+    multiply by (a GradScaler's scale), so fp16 gradients are taken in range.
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"gradient scale {scale!r} must be a finite number > 0")
+    return _ChunkedHead.apply(chunk_loss, head, max(int(rows_per_chunk), 1), float(scale),
+                              head.hidden, head.weight, head.bias)

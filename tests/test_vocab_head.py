@@ -1,0 +1,228 @@
+"""The vocabulary head chunk by chunk (distill.vocab_head): same values and gradients as the whole head,
+checked against float64 formulas; no [N, vocab] tensor kept for backward; fp16 gradients in range."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.errors import UsageError
+from distill.families import FAMILIES, VocabHead
+from distill.models import extract, vocab_head
+from distill.objective import Objective
+from distill.terms import TERMS, TermSpec, register, unregister
+from distill.vocab_head import DeferredLogits, chunk_rows, chunked
+from tests.tiny import build_model
+
+T = 2.0
+WEIGHTS = {"ce": 5.0, "mlm": 2.0, "kl": 0.5, "out_mse": 0.1, "cos": 1.0}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = build_model("bert_mlm", seed=1).eval()
+    student = build_model("bert_mlm", seed=2, num_hidden_layers=2).eval()
+    return student, teacher
+
+
+def make_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (3, 14), generator=g)
+    mask = torch.ones(3, 14, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 12:] = 0
+    labels = torch.full((3, 14), -100)
+    for b, s in ((0, 2), (0, 7), (1, 3), (2, 5), (2, 11)):
+        labels[b, s] = int(torch.randint(5, vocab, (1,), generator=g))
+    return {"input_ids": ids, "attention_mask": mask, "mlm_labels": labels}
+
+
+def run(weights, student, teacher, batch, rows, **kw):
+    objective = Objective.from_config(weights, T, student_config=student, teacher_config=teacher,
+                                      student_layers=[2, 4], logit_chunk_rows=rows, **kw)
+    student = copy.deepcopy(student)
+    with torch.no_grad():
+        t = extract(teacher, batch["input_ids"], batch["attention_mask"], **objective.extract_kwargs(batch, "teacher"))
+    s = extract(student, batch["input_ids"], batch["attention_mask"], **objective.extract_kwargs(batch, "student"))
+    total, terms = objective(s, t, batch)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return s, total.detach(), terms, grads
+
+
+def float64_reference(student, teacher, batch):
+    """The logit terms written from their formulas, in float64, on the models' own full [B, S, V] logits."""
+    student, teacher = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    zs = student(input_ids=ids, attention_mask=batch["attention_mask"]).logits[mask]
+    with torch.no_grad():
+        zt = teacher(input_ids=ids, attention_mask=batch["attention_mask"]).logits[mask]
+    labels = batch["mlm_labels"][mask]
+    p_t = torch.softmax(zt / T, -1)
+    log_p_s = torch.log_softmax(zs / T, -1)
+    ce = (-(p_t * log_p_s).sum(-1)).mean() * T * T
+    kl = (p_t * (torch.log_softmax(zt / T, -1) - log_p_s)).sum(-1).mean() * T * T
+    out_mse = ((zs - zt) ** 2).mean()
+    keep = labels != -100
+    mlm = -torch.log_softmax(zs[keep], -1).gather(1, labels[keep, None]).mean()
+    total = 5 * ce + 2 * mlm + 0.5 * kl + 0.1 * out_mse
+    total.backward()
+    grad = student.cls.predictions.decoder.weight.grad
+    return {"ce": ce, "mlm": mlm, "kl": kl, "out_mse": out_mse}, grad
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 0, 1000])
+def test_chunked_terms_and_gradients_match_the_float64_formulas(pair, rows):
+    student, teacher = pair
+    batch = make_batch(student.config.vocab_size)
+    logit_weights = {k: v for k, v in WEIGHTS.items() if k != "cos"}
+    s, total, terms, grads = run(logit_weights, student, teacher, batch, rows)
+    assert isinstance(s.logits, DeferredLogits)  # the chunked path ran
+    reference, ref_grad = float64_reference(student, teacher, batch)
+    for name, value in reference.items():
+        assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
+    assert float(total) == pytest.approx(float(sum(logit_weights[k] * reference[k] for k in reference)), rel=1e-5)
+    # the decoder weight is tied to the word embeddings: its gradient holds the head's and the embedding's parts
+    decoder_grad = grads["cls.predictions.decoder.weight"] if "cls.predictions.decoder.weight" in grads else \
+        grads["bert.embeddings.word_embeddings.weight"]
+    torch.testing.assert_close(decoder_grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_chunks_equal_the_whole_head_everywhere_in_the_student(pair):
+    """Every parameter's gradient (the body's included), with a representation term beside the logit terms."""
+    student, teacher = pair
+    batch = make_batch(student.config.vocab_size, seed=3)
+    s_whole, total_whole, terms_whole, grads_whole = run(WEIGHTS, student, teacher, batch, -1)
+    assert isinstance(s_whole.logits, torch.Tensor)  # -1: the unchunked path
+    _, total, terms, grads = run(WEIGHTS, student, teacher, batch, 3)
+    assert float(total) == pytest.approx(float(total_whole), rel=1e-6)
+    assert list(terms) == list(terms_whole) == list(WEIGHTS)  # the log keeps the configured order
+    for name in WEIGHTS:
+        assert float(terms[name]) == pytest.approx(float(terms_whole[name]), rel=1e-5, abs=1e-7), name
+    assert grads.keys() == grads_whole.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_no_full_size_logits_are_kept_for_backward(pair):
+    """Autograd keeps no [N, vocab] tensor from a chunked head; the whole head keeps several."""
+    student, teacher = pair
+    batch = make_batch(student.config.vocab_size)
+    vocab = student.config.vocab_size
+    n = int(batch["attention_mask"].sum())
+
+    def largest_logit_rows(rows):
+        kept = []
+
+        def pack(x):
+            if x.dim() >= 2 and x.shape[-1] == vocab and x.shape[-2] != student.config.hidden_size:
+                kept.append(x.shape[-2])
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            run({"ce": 5, "mlm": 2}, student, teacher, batch, rows)
+        return max(kept, default=0)
+
+    assert largest_logit_rows(-1) == n
+    assert largest_logit_rows(4) == 4  # a chunk's logits, freed before the next chunk
+
+
+def test_fp16_gradients_are_taken_at_the_loss_scale():
+    """Gradients that underflow fp16 at scale 1 survive when taken at the loop's loss scale."""
+    torch.manual_seed(0)
+    n, width, vocab = 6, 8, 50
+    hidden64 = torch.randn(n, width, dtype=torch.float64)
+    weight64 = torch.randn(vocab, width, dtype=torch.float64) * 0.1
+    targets = torch.softmax(torch.randn(n, vocab, dtype=torch.float64), -1)
+    tiny = 1e-6  # the loss's weight: its gradients are ~1e-9, below fp16's smallest subnormal (6e-8)
+
+    def chunk_loss(rows, logits):
+        value = -(targets[rows] * torch.log_softmax(logits.double(), -1)).sum() * tiny / n
+        return value, value.detach()[None]
+
+    h64 = hidden64.clone().requires_grad_()
+    chunk_loss(slice(0, n), F.linear(h64, weight64))[0].backward()
+    results = {}
+    for scale in (1.0, 2.0 ** 16):
+        h = hidden64.half().requires_grad_()
+        w = weight64.half().requires_grad_()
+        total, _ = chunked(chunk_loss, DeferredLogits(h, w, None), 2, scale=scale)
+        (total * scale).backward()  # what GradScaler.scale(loss).backward() does
+        results[scale] = h.grad.double() / scale
+    assert results[1.0].abs().max() < h64.grad.abs().max() / 10  # underflowed: (mostly) zeros
+    torch.testing.assert_close(results[2.0 ** 16], h64.grad, rtol=2e-2, atol=1e-12)
+
+
+def test_bf16_autocast_runs_the_decoder_in_bf16_as_the_whole_head(pair):
+    student, teacher = pair
+    batch = make_batch(student.config.vocab_size)
+    out = {}
+    for rows in (-1, 5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, total, terms, _ = run({"ce": 5, "mlm": 2}, student, teacher, batch, rows)
+        out[rows] = total
+        if rows != -1:
+            assert s.logits.autocast == ("cpu", torch.bfloat16)
+            assert s.logits.rows(slice(0, 2)).dtype == torch.bfloat16
+    assert float(out[5]) == pytest.approx(float(out[-1]), rel=2e-2)
+
+
+def test_chunking_applies_only_when_every_logit_term_is_a_row_mean(pair):
+    student, teacher = pair
+    batch = make_batch(student.config.vocab_size)
+    spec = TERMS["ce"]
+    register(TermSpec("whole_ce", "logits", spec.loss, "ce, declared as needing all rows at once",
+                      logits_at=spec.logits_at, temperature=True, input=spec.input, student_heads=spec.student_heads,
+                      teacher_heads=spec.teacher_heads, softmax_outputs=True))
+    try:
+        objective = Objective.from_config({"whole_ce": 1, "mlm": 1}, T, student_config=student, teacher_config=teacher)
+        assert objective.extract_kwargs(batch, "student")["defer_head"] is False
+        s, _, terms, _ = run({"whole_ce": 1, "mlm": 1}, student, teacher, batch, 0)
+        assert isinstance(s.logits, torch.Tensor)
+        _, _, chunked_terms, _ = run({"ce": 1, "mlm": 1}, student, teacher, batch, 0)
+        assert float(terms["whole_ce"]) == pytest.approx(float(chunked_terms["ce"]), rel=1e-6)
+    finally:
+        unregister("whole_ce")
+    with pytest.raises(ValueError, match="row_mean"):
+        TermSpec("bad", "hidden", spec.loss, "x", layers="last", row_mean="rows")
+
+
+def test_chunk_sizes():
+    assert chunk_rows(-1, 512, 30522) == 512
+    assert chunk_rows(16, 512, 30522) == 16
+    auto = chunk_rows(0, 512, 30522)
+    assert auto * 30522 <= 2 ** 22 and 512 % auto == 0  # within the budget, equal chunks
+    assert chunk_rows(0, 10, 100) == 10  # small heads: one chunk
+    with pytest.raises(UsageError, match="logit_chunk_rows -2"):
+        Objective.from_config({"ce": 1}, T, student_config=build_model("bert_mlm"),
+                              teacher_config=build_model("bert_mlm"), logit_chunk_rows=-2)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "xlm-roberta", "electra"])
+def test_each_family_vocab_head_is_the_models_own_head(kind):
+    """decoder(transform(h)) of the registry entry equals the model's own forward logits."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    family = FAMILIES[kind]
+    head = family.heads["mlm"]
+    assert isinstance(head, VocabHead)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, dim=32,
+                 n_layers=2, n_heads=4, hidden_dim=48, embedding_size=32, vocab_size=99, max_position_embeddings=40)
+    config = AutoConfig.for_model(kind, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    assert vocab_head(model) is head
+    ids = torch.randint(5, 99, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        features = extract(model, ids, mask, positions=mask.bool(), defer_head=True)
+    assert isinstance(features.logits, DeferredLogits)
+    torch.testing.assert_close(features.logits.materialize(), expected.reshape(-1, 99), rtol=1e-5, atol=1e-5)
