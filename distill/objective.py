@@ -421,12 +421,14 @@ class Objective(nn.Module):
                 keep = targets.get(key) != -100
                 counted[name] = (keep, keep.sum().clamp(min=1))
         weights = [self.weights[name] for name in names]
+        with torch.no_grad():  # the teacher's decoder in its matmul dtype, once for all chunks
+            zt_cast = zt.cast() if isinstance(zt, DeferredLogits) else None
 
         def chunk_loss(rows: slice, zs: Tensor):
             zt_rows = None
             if zt is not None:
                 with torch.no_grad():
-                    zt_rows = zt.rows(rows) if isinstance(zt, DeferredLogits) else zt[rows]
+                    zt_rows = zt[rows] if zt_cast is None else zt.rows(rows, zt_cast)
             view = _RowsView(self, targets, rows)
             shares = []
             for name in names:

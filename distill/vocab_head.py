@@ -45,7 +45,7 @@ class DeferredLogits:
         order), attached to the model's graph.
     weight, bias: the decoder's ``[vocab, H']`` weight and ``[vocab]`` bias (or None).
     autocast: ``(device_type, dtype)`` of the autocast active when the model ran, or None:
-        the decoder runs under the same, as it would have inside the model.
+        the decoder runs in that dtype, as it would have inside the model.
     """
 
     hidden: Tensor
@@ -57,15 +57,21 @@ class DeferredLogits:
     def shape(self) -> torch.Size:
         return torch.Size((self.hidden.shape[0], self.weight.shape[0]))
 
-    def rows(self, rows: slice | None = None, hidden: Tensor | None = None, weight: Tensor | None = None,
-             bias: Tensor | None = None) -> Tensor:
-        """Logits of ``rows`` (all by default); ``hidden``/``weight``/``bias`` stand in for the stored ones."""
-        h = self.hidden if hidden is None else hidden
-        h = h if rows is None or hidden is not None else h[rows]
-        w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
-        with _autocast(self.autocast, h.device.type):
-            return F.linear(h, w, b)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The decoder matmul's dtype: autocast's where it was on (for floating weights), else the weight's."""
+        return self.autocast[1] if self.autocast is not None else self.weight.dtype
+
+    def cast(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias in :attr:`compute_dtype` (autocast's casts, done once for all chunks)."""
+        dtype = self.compute_dtype
+        return self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+
+    def rows(self, rows: slice | None = None, cast: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """Logits of ``rows`` (all by default), from :meth:`cast`'s weights (given, or made now)."""
+        weight, bias = self.cast() if cast is None else cast
+        hidden = self.hidden if rows is None else self.hidden[rows]
+        return F.linear(hidden.to(weight.dtype), weight, bias)
 
     def materialize(self) -> Tensor:
         """The whole ``[N, vocab]`` logits, attached to the graph (the unchunked path)."""
@@ -77,12 +83,6 @@ def capture_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return device_type, torch.get_autocast_dtype(device_type)
-
-
-def _autocast(state: tuple[str, torch.dtype] | None, device_type: str):
-    if state is None:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return torch.autocast(device_type=state[0], dtype=state[1])
 
 
 def chunk_rows(setting: int, n_rows: int, vocab: int) -> int:
@@ -109,34 +109,35 @@ class _ChunkedHead(torch.autograd.Function):
                 hidden: Tensor, weight: Tensor, bias: Tensor | None):
         needs = ctx.needs_input_grad[4:7]
         n = hidden.shape[0]
-        grad_h = torch.zeros_like(hidden) if needs[0] else None
-        # the weight's gradient sums over chunks: accumulate in at least float32 (fp16 O2 weights)
+        w_c, b_c = head.cast()  # the decoder in the matmul's dtype, once
+        w_c, b_c = w_c.detach(), None if b_c is None else b_c.detach()
+        # The parameters' gradients sum over chunks: accumulated in at least float32 (fp16 O2 weights),
+        # in place where the matmul's dtype is already that (no [vocab, H'] temporary per chunk).
         wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_h = torch.zeros_like(hidden) if needs[0] else None
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if needs[1] else None
         grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if needs[2] else None
-        w_leaf = weight.detach().requires_grad_(needs[1])
-        b_leaf = None if bias is None else bias.detach().requires_grad_(needs[2])
         total, parts = None, None
         for start in range(0, max(n, 1), rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, n))
-            with torch.set_grad_enabled(any(needs)):
-                h = hidden[rows].detach().requires_grad_(needs[0])
-                logits = head.rows(rows, hidden=h, weight=w_leaf, bias=b_leaf)
+            h = hidden[rows].detach().to(w_c.dtype)
+            with torch.enable_grad():
+                logits = F.linear(h, w_c, b_c).requires_grad_(any(needs))
                 value, chunk_parts = chunk_loss(rows, logits)
-                wrt = [x for x, need in zip((h, w_leaf, b_leaf), needs) if need]
-                grads = list(torch.autograd.grad(value * scale, wrt, allow_unused=True)) if wrt else []
-            for need, target in zip(needs, ("h", "w", "b")):
-                if not need:
-                    continue
-                g = grads.pop(0)
-                if g is None:
-                    continue
-                if target == "h":
-                    grad_h[rows] = g
-                elif target == "w":
-                    grad_w += g.to(wide)
+                if any(needs) and value.requires_grad:
+                    (grad_z,) = torch.autograd.grad(value * scale, logits, allow_unused=True)
                 else:
-                    grad_b += g.to(wide)
+                    grad_z = None
+            if grad_z is not None:
+                if grad_h is not None:
+                    grad_h[rows] = (grad_z @ w_c).to(grad_h.dtype)
+                if grad_w is not None:
+                    if grad_z.dtype == wide:
+                        grad_w.addmm_(grad_z.t(), h)
+                    else:
+                        grad_w += (grad_z.t() @ h).to(wide)
+                if grad_b is not None:
+                    grad_b += grad_z.sum(0).to(wide)
             value, chunk_parts = value.detach(), chunk_parts.detach()
             total = value if total is None else total + value
             parts = chunk_parts if parts is None else parts + chunk_parts
