@@ -117,14 +117,19 @@ FULL = dict(agnostic_batch=8, task_batch=32, repeats=9)
 # --smoke: every code path and the report on narrow models (same layer counts), in seconds; no figures to quote.
 SMOKE = dict(agnostic_batch=1, task_batch=2, repeats=1)
 SMOKE_SHAPE = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
-FIGURES = ("loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked",
+FIGURES = ("loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked", "vs_textbrewer_full_default_adamw",
            "loss_match_torchdistill", "vs_torchdistill_task", "vs_torchdistill_task_uncached",
-           "vs_torchdistill_task_cached_with_build_1_epoch")
+           "vs_torchdistill_task_cached_with_build_1_epoch", "vs_torchdistill_task_default_adamw")
 # vs_torchdistill_task is glue-eval's default step (teacher cache); the other two are its honest brackets.
 TARGETS = {"loss_match_textbrewer": ("<=", 1e-5), "vs_textbrewer_full": (">=", 1.3),
            "vs_textbrewer_masked": (">=", 1.5), "loss_match_torchdistill": ("<=", 1e-5),
            "vs_torchdistill_task": (">=", 1.1), "vs_torchdistill_task_uncached": None,
-           "vs_torchdistill_task_cached_with_build_1_epoch": None}
+           "vs_torchdistill_task_cached_with_build_1_epoch": None, "vs_textbrewer_full_default_adamw": None,
+           "vs_torchdistill_task_default_adamw": None}
+# Every side steps with torch's AdamW fused (one kernel over all parameters): what distill-train and the Trainer
+# build, and what each peer builds when asked. The *_default_adamw brackets give the peer torch's default AdamW
+# (a Python loop over the parameters), which is what its own examples and configs build unless told otherwise.
+FUSED = {"fused": True}
 
 
 def log(msg: str) -> None:
@@ -209,12 +214,12 @@ class OursAgnostic:
     """The engine's step for ``5*ce + 2*mlm + 1*cos``: teacher ``extract`` under no_grad, student
     ``extract``, ``Objective`` (heads only where a term reads them)."""
 
-    def __init__(self, teacher, student, layers, restrict_ce_to_mask: bool):
+    def __init__(self, teacher, student, layers, restrict_ce_to_mask: bool, logit_chunk_rows: int = 0):
         self.teacher, self.student = teacher, student
         device = next(student.parameters()).device
         self.objective = Objective.from_config(
             AGNOSTIC_WEIGHTS, AGNOSTIC_T, student_config=student, teacher_config=teacher, student_layers=layers,
-            restrict_ce_to_mask=restrict_ce_to_mask).to(device)
+            restrict_ce_to_mask=restrict_ce_to_mask, logit_chunk_rows=logit_chunk_rows).to(device)
 
     def loss(self, batch: dict) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -315,7 +320,8 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
         ours_opt = prec.make_optimizer(list(ours_student.parameters()), torch.optim.AdamW, **AGNOSTIC_OPTIM)
         tb_student = copy.deepcopy(student0).train()
         tb = TextBrewerAgnostic(teacher, tb_student, masked, work)
-        tb_opt = torch.optim.AdamW(tb_student.parameters(), **AGNOSTIC_OPTIM)
+        tb_opt = torch.optim.AdamW(tb_student.parameters(), **AGNOSTIC_OPTIM, **FUSED)
+        assert ours_opt.defaults["fused"] and tb_opt.defaults["fused"], "both sides step with fused AdamW"
 
         def ours_step(ours=ours, ours_opt=ours_opt, prec=prec):
             with prec.autocast():
@@ -328,9 +334,32 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
 
         for name, step in ((f"ours_{variant}", ours_step), (f"textbrewer_{variant}", tb_step)):
             variants[name] = _measured(step, memory, peaks.setdefault(name, []))
+        if variant == "full":  # our step with the whole vocabulary head at once (logit_chunk_rows -1): before/after
+            whole_student = copy.deepcopy(student0).train()
+            whole = OursAgnostic(teacher, whole_student, AGNOSTIC_LAYERS, masked, logit_chunk_rows=-1)
+            whole_prec = Precision.from_config("fp32", device=device)
+            whole_opt = whole_prec.make_optimizer(list(whole_student.parameters()), torch.optim.AdamW, **AGNOSTIC_OPTIM)
+
+            def whole_step(whole=whole, whole_opt=whole_opt, prec=whole_prec):
+                with prec.autocast():
+                    loss = whole.loss(batch)
+                prec.backward(loss)
+                prec.step(whole_opt, AGNOSTIC_CLIP)
+
+            name = "ours_full_whole_head"
+            variants[name] = _measured(whole_step, memory, peaks.setdefault(name, []))
+        if variant == "full":  # the bracket: TextBrewer with torch's default AdamW
+            tb_default_student = copy.deepcopy(student0).train()
+            tb_default = TextBrewerAgnostic(teacher, tb_default_student, masked, work)
+            tb_default_opt = torch.optim.AdamW(tb_default_student.parameters(), **AGNOSTIC_OPTIM)
+            name = "textbrewer_full_default_adamw"
+            variants[name] = _measured(lambda: textbrewer_step(tb_default, tb_default_opt, tb_batch, AGNOSTIC_CLIP),
+                                       memory, peaks.setdefault(name, []))
     log(f"TextBrewer step, batch {cfg['agnostic_batch']} x {SEQ}, {cfg['repeats']} rounds")
     times = interleaved(variants, cfg["repeats"], 1, clock)
     ratios = {v: paired_ratio(times, f"textbrewer_{v}", f"ours_{v}") for v in ("full", "masked")}
+    ratios["full_default_adamw"] = paired_ratio(times, "textbrewer_full_default_adamw", "ours_full")
+    ratios["chunked_head"] = paired_ratio(times, "ours_full_whole_head", "ours_full")
     # peaks of the timed rounds only: the warm-up steps also allocate AdamW's state
     steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n][-cfg["repeats"]:]))} for n, t in times.items()}
     profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
@@ -339,7 +368,7 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
                              "(random weights)", "student_layers": AGNOSTIC_LAYERS,
                   "batch": cfg["agnostic_batch"], "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
                   "masked_positions": int((batch["mlm_labels"] != -100).sum()),
-                  "objective": "5*ce + 2*mlm + 1*cos, T=2", "optimizer": {"AdamW": _jsonable(AGNOSTIC_OPTIM)},
+                  "objective": "5*ce + 2*mlm + 1*cos, T=2", "optimizer": {"AdamW": _jsonable({**AGNOSTIC_OPTIM, **FUSED})},
                   "max_grad_norm": AGNOSTIC_CLIP, "precision": "fp32"},
         "peer_config": {v: textbrewer_config(teacher, student0, v == "masked") for v in ("full", "masked")},
         "loss_match": match,
@@ -348,6 +377,8 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
         "ratio_details": ratios,
         "vs_textbrewer_full": ratios["full"]["value"],
         "vs_textbrewer_masked": ratios["masked"]["value"],
+        "vs_textbrewer_full_default_adamw": ratios["full_default_adamw"]["value"],
+        "chunked_head_speedup": ratios["chunked_head"]["value"],
         "profiles": profiles,
     }
 
@@ -458,15 +489,17 @@ def ours_task_step(trainer, batch: dict):
     return loss
 
 
-def torchdistill_train_config() -> dict:
-    """torchdistill's train config for kl(T=1) + hard_ce: KDLoss on the classifier's output (forward hook)."""
+def torchdistill_train_config(fused: bool = True) -> dict:
+    """torchdistill's train config for kl(T=1) + hard_ce: KDLoss on the classifier's output (forward hook);
+    its AdamW fused unless ``fused=False`` (torch's default, a loop over the parameters)."""
     model = {"forward_proc": "forward_batch_only_as_kwargs", "adaptations": None, "sequential": [],
              "wrapper": None, "frozen_modules": [], "forward_hook": {"input": [], "output": ["classifier"]}}
     return {
         "num_epochs": 1,
         "teacher": {**model, "requires_grad": False},
         "student": {**model, "requires_grad": True},
-        "optimizer": {"key": "AdamW", "kwargs": _jsonable(TASK_OPTIM), "filters_params": True,
+        "optimizer": {"key": "AdamW", "kwargs": _jsonable({**TASK_OPTIM, **(FUSED if fused else {})}),
+                      "filters_params": True,
                       "max_grad_norm": TASK_CLIP, "grad_accum_step": 1},
         "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
             "criterion": {"key": "KDLoss", "kwargs": {
@@ -478,11 +511,11 @@ def torchdistill_train_config() -> dict:
     }
 
 
-def torchdistill_box(teacher, student, device: torch.device):
+def torchdistill_box(teacher, student, device: torch.device, fused: bool = True):
     import_peer("torchdistill")
     from torchdistill.core.distillation import get_distillation_box
 
-    return get_distillation_box(teacher, student, {}, copy.deepcopy(torchdistill_train_config()), device,
+    return get_distillation_box(teacher, student, {}, copy.deepcopy(torchdistill_train_config(fused)), device,
                                 [device.index] if device.type == "cuda" else None, False, 1)
 
 
@@ -586,17 +619,22 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     cached_batch = rows_of(batch)[1]
     td_student = copy.deepcopy(student0).train()
     box = torchdistill_box(teacher, td_student, device)
+    assert box.optimizer.defaults["fused"], "torchdistill steps with fused AdamW, as the Trainer does"
+    td_default_student = copy.deepcopy(student0).train()
+    box_default = torchdistill_box(teacher, td_default_student, device, fused=False)  # the bracket
     memory = PeakMemory(device)
 
     def rebuild_cache() -> None:  # None: the clock reads a returned value as phase times
         build_cache()
 
-    peaks = {"ours_task": [], "ours_task_cached": [], "torchdistill_task": []}
+    peaks = {"ours_task": [], "ours_task_cached": [], "torchdistill_task": [], "torchdistill_task_default_adamw": []}
     variants = {"ours_task_cached": _measured(lambda: ours_task_step(cached, cached_batch), memory,
                                               peaks["ours_task_cached"]),
                 "ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
                 "torchdistill_task": _measured(lambda: torchdistill_step(box, batch), memory,
                                                peaks["torchdistill_task"]),
+                "torchdistill_task_default_adamw": _measured(lambda: torchdistill_step(box_default, batch), memory,
+                                                             peaks["torchdistill_task_default_adamw"]),
                 # timed in the same rounds, so the same load: once cold, its first build would overstate it
                 "teacher_cache_build": rebuild_cache}
     log(f"torchdistill step, batch {cfg['task_batch']} x {SEQ}, {cfg['repeats']} rounds")
@@ -604,7 +642,8 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     build_times = times.pop("teacher_cache_build")
     assert cached.teacher_forwards == 0, "the cached step ran the teacher"
     ratios = {"task": paired_ratio(times, "torchdistill_task", "ours_task_cached"),
-              "task_uncached": paired_ratio(times, "torchdistill_task", "ours_task")}
+              "task_uncached": paired_ratio(times, "torchdistill_task", "ours_task"),
+              "task_default_adamw": paired_ratio(times, "torchdistill_task_default_adamw", "ours_task_cached")}
     # peaks of the timed rounds only: the warm-up steps also allocate AdamW's state
     steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n][-cfg["repeats"]:]))} for n, t in times.items()}
     # The cache is built once per run over the whole training set: per epoch it costs one teacher pass over
@@ -628,12 +667,13 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     probe = memory_probe(trainer, cached, box, batch, memory) if cfg.get("memory_probe", True) else None
     profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
     box.clean_modules()
+    box_default.clean_modules()
     return {
         "setup": {"teacher": f"BertForSequenceClassification {TASK_TEACHER_LAYERS} x {teacher.config.hidden_size} "
                              "(random weights), "
                              f"{TASK_LABELS} labels", "student_layers": TASK_LAYERS, "batch": cfg["task_batch"],
                   "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
-                  "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable(TASK_OPTIM)},
+                  "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable({**TASK_OPTIM, **FUSED})},
                   "max_grad_norm": TASK_CLIP, "precision": "fp32",
                   "ours": "glue_eval.trainer.DistillationTrainer.training_step + clip + the Trainer's optimizer step; "
                           "ours_task_cached: with glue-eval's default teacher cache (TeacherCache over the batch's "
@@ -647,6 +687,7 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
         "vs_torchdistill_task": ratios["task"]["value"],
         "vs_torchdistill_task_uncached": ratios["task_uncached"]["value"],
         "vs_torchdistill_task_cached_with_build_1_epoch": ratios["task_cached_with_build_1_epoch"]["value"],
+        "vs_torchdistill_task_default_adamw": ratios["task_default_adamw"]["value"],
         "memory_probe": probe,
         "profiles": profiles,
     }
@@ -789,6 +830,13 @@ def report_markdown(report: dict) -> str:
         for name, st in res["steps"].items():
             lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
                          f"{st['peak_memory_mb']} |")
+        if res.get("chunked_head_speedup") is not None:
+            whole, chunked = res["steps"]["ours_full_whole_head"], res["steps"]["ours_full"]
+            lines += ["", f"`ours_full_whole_head` is our full step with the whole vocabulary head at once "
+                      f"(`logit_chunk_rows: -1`, the engine before the chunked head): the chunked head "
+                      f"(`ours_full`, the default) is {res['chunked_head_speedup']:.2f}x its speed (median of the "
+                      f"within-round ratios), at a peak of {chunked['peak_memory_mb']} MB against "
+                      f"{whole['peak_memory_mb']} MB."]
         cache = res.get("teacher_cache")
         if cache:
             lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
@@ -830,9 +878,13 @@ def report_markdown(report: dict) -> str:
               "is our `1*kl + 1*hard_ce` (`kl` = T^2 x mean KL over rows = batchmean). The labels go in as "
               "`targets`: without them (as its GLUE example loop passes `targets=None`) `KDLoss` returns the "
               "soft term alone.",
-              "- Optimisers: glue-eval's step uses the Trainer's own, transformers 5's default `adamw_torch_fused` "
-              "(torch AdamW with `fused=True`); torchdistill's `AdamW` key and the TextBrewer side build torch's "
-              "default AdamW; ours in part 1 is `distill.precision.Precision.make_optimizer`'s AdamW.", "",
+              "- Optimisers: every side steps with torch's AdamW with `fused=True` (one kernel over all "
+              "parameters): glue-eval's step uses the Trainer's own, transformers 5's default `adamw_torch_fused`; "
+              "ours in part 1 is `distill.precision.Precision.make_optimizer`'s (fused by default, as distill-train "
+              "builds it); TextBrewer is handed `torch.optim.AdamW(..., fused=True)` and torchdistill's `AdamW` "
+              "key gets `fused: true` in its kwargs. The `*_default_adamw` brackets give the peer torch's default "
+              "AdamW instead (a Python loop over the parameters), what its examples and configs build unless told "
+              "otherwise: the difference is the optimiser alone.", "",
               "## What the peers needed (torchdistill 1.1.5, TextBrewer 0.2.1.post1)", "",
               "- torchdistill: `optimizer.filters_params: false` with a plain optimizer key (`AdamW`) hands the "
               "module itself to `torch.optim` and fails (`optimizer can only optimize Tensors`); the bench keeps "

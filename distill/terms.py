@@ -388,6 +388,9 @@ def markdown() -> str:
         f"{keys(k for k, s in TERMS.items() if s.feature in ('attentions', 'values'))}.",
         f"- Go through a learned width projection when the widths differ: {keys(select(projects=True))}.",
         f"- Follow the layer map: {keys(select(layers='map'))}.",
+        f"- Are a mean over logit rows, so they run over a vocabulary head chunk by chunk, never holding "
+        f"`[tokens, vocab]` logits (`logit_chunk_rows`; on when every active logit term is one of them): "
+        f"{keys(k for k, s in TERMS.items() if s.row_mean)}.",
     ]
     return "\n".join(lines) + "\n"
 

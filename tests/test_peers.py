@@ -134,12 +134,16 @@ def test_smoke_run_of_the_textbrewer_part_writes_the_report(peers, tmp_path, cap
     report = json.loads(out.with_suffix(".json").read_text())
     tb = report["textbrewer"]
     assert tb["loss_match_textbrewer"] <= 1e-5
-    assert set(tb["steps"]) == {"ours_full", "ours_masked", "textbrewer_full", "textbrewer_masked"}
+    assert set(tb["steps"]) == {"ours_full", "ours_masked", "textbrewer_full", "textbrewer_masked",
+                                "textbrewer_full_default_adamw", "ours_full_whole_head"}
+    assert tb["chunked_head_speedup"] == pytest.approx(tb["ratio_details"]["chunked_head"]["value"])
+    assert tb["setup"]["optimizer"]["AdamW"]["fused"] is True  # both sides step with the same fused AdamW
     assert report["torchdistill"] is None and report["figures"]["vs_torchdistill_task"] is None
-    for name in ("vs_textbrewer_full", "vs_textbrewer_masked"):
-        assert tb[name] == pytest.approx(tb["ratio_details"][name.rsplit("_", 1)[1]]["value"]) and tb[name] > 0
+    for name in ("vs_textbrewer_full", "vs_textbrewer_masked", "vs_textbrewer_full_default_adamw"):
+        assert tb[name] == pytest.approx(tb["ratio_details"][peers.ratio_key(name)]["value"]) and tb[name] > 0
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
-    assert set(printed) == {"loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked"}
+    assert set(printed) == {"loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked",
+                            "vs_textbrewer_full_default_adamw"}
     md = out.with_suffix(".md").read_text()
     assert "kd_loss_weight" in md and "Not run: left out with --only." in md
 
