@@ -149,11 +149,15 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_parts):
+        if ctx.grads is None:
+            raise RuntimeError("a chunked vocabulary head's gradients were taken once already: backpropagate "
+                               "through it once per forward (or set logit_chunk_rows to -1)")
         grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None  # scaled in place and handed over: no second [vocab, H'] copy
         factor = grad_total / ctx.scale
-        out_h = None if grad_h is None else grad_h * factor.to(grad_h.dtype)
-        out_w = None if grad_w is None else (grad_w * factor).to(ctx.dtypes[0])
-        out_b = None if grad_b is None else (grad_b * factor).to(ctx.dtypes[1])
+        out_h = None if grad_h is None else grad_h.mul_(factor.to(grad_h.dtype))
+        out_w = None if grad_w is None else grad_w.mul_(factor).to(ctx.dtypes[0])
+        out_b = None if grad_b is None else grad_b.mul_(factor).to(ctx.dtypes[1])
         return None, None, None, None, out_h, out_w, out_b
 
 

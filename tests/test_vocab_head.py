@@ -226,3 +226,19 @@ def test_each_family_vocab_head_is_the_models_own_head(kind):
         features = extract(model, ids, mask, positions=mask.bool(), defer_head=True)
     assert isinstance(features.logits, DeferredLogits)
     torch.testing.assert_close(features.logits.materialize(), expected.reshape(-1, 99), rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_backward_through_a_chunked_head_is_refused_clearly():
+    h = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(7, 3, requires_grad=True)
+
+    def chunk_loss(rows, logits):
+        value = logits.logsumexp(-1).sum()
+        return value, value.detach()[None]
+
+    total, _ = chunked(chunk_loss, DeferredLogits(h, w, None), 2)
+    total.backward(retain_graph=True)
+    expected = torch.func.grad(lambda x: F.linear(x, w.detach()).logsumexp(-1).sum())(h.detach())
+    torch.testing.assert_close(h.grad, expected)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        total.backward()
