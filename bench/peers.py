@@ -830,13 +830,27 @@ def report_markdown(report: dict) -> str:
         for name, st in res["steps"].items():
             lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
                          f"{st['peak_memory_mb']} |")
+        if part == "textbrewer" and {"ours_full", "ours_masked", "textbrewer_full"} <= set(res["steps"]):
+            st = {k: v["median_s"] for k, v in res["steps"].items()}
+            target = TARGETS["vs_textbrewer_full"][1]
+            lines += ["", f"Full mode, where the gap is: our full step costs {st['ours_full'] - st['ours_masked']:.2f} s "
+                      f"more than our masked one ({st['ours_full']:.2f} against {st['ours_masked']:.2f} s median): "
+                      "the teacher's and the student's vocabulary heads and the head's backward at the "
+                      f"{res['setup']['tokens_per_step'] - res['setup']['masked_positions']} tokens that are not MLM "
+                      "targets, four [tokens, 768] x [768, 30522] matmuls that TextBrewer runs too (it runs every "
+                      "head at every token in both modes). A ratio of "
+                      f"{target:g} would need our full step at {st['textbrewer_full'] / target:.2f} s, i.e. "
+                      f"{st['ours_full'] - st['textbrewer_full'] / target:.2f} s less than measured, with those "
+                      "matmuls left in place; the lever beyond is the matmuls' own cost (bf16 heads: not part of "
+                      "this fp32 comparison)."]
         if res.get("chunked_head_speedup") is not None:
             whole, chunked = res["steps"]["ours_full_whole_head"], res["steps"]["ours_full"]
             lines += ["", f"`ours_full_whole_head` is our full step with the whole vocabulary head at once "
                       f"(`logit_chunk_rows: -1`, the engine before the chunked head): the chunked head "
                       f"(`ours_full`, the default) is {res['chunked_head_speedup']:.2f}x its speed (median of the "
                       f"within-round ratios), at a peak of {chunked['peak_memory_mb']} MB against "
-                      f"{whole['peak_memory_mb']} MB."]
+                      f"{whole['peak_memory_mb']} MB (resident-set peaks of the timed rounds, allocator as it is; "
+                      "`python bench/head_memory.py` measures each variant alone in a fresh process)."]
         cache = res.get("teacher_cache")
         if cache:
             lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
