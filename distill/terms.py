@@ -416,8 +416,12 @@ def main(argv=None) -> int:
     if args.write:
         from .io import atomic_write_text
 
-        with open(args.write, encoding="utf-8") as f:
-            page = f.read()
+        try:
+            with open(args.write, encoding="utf-8") as f:
+                page = f.read()
+        except OSError as err:
+            raise UsageError(f"--write {args.write!r}: {err.strerror}: give the page that holds the table "
+                             "(e.g. docs/objective.md)") from None
         atomic_write_text(args.write, page_with_table(page))
     if args.markdown or not args.write:
         print(markdown(), end="")
@@ -425,4 +429,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .errors import cli_entry
+
+    raise SystemExit(cli_entry(main)())

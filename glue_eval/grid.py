@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import sys
 
@@ -55,7 +56,30 @@ def load_grid(spec: str) -> dict:
             raise UsageError(f"grid file {spec!r}: {key!r} is not a TrainingArguments field (nor 'tasks')")
         if key in AXES and not (isinstance(value, list) and value):
             raise UsageError(f"grid file {spec!r}: {key} must be a non-empty list, e.g. [1e-5, 5e-5]")
+        if key in AXES:
+            for item in value:
+                if not _axis_value_ok(key, item):
+                    raise UsageError(f"grid file {spec!r}: {key} value {item!r} {AXIS_RULES[key]}")
+    if "max_seq_length" in grid and not _axis_value_ok("max_seq_length", grid["max_seq_length"]):
+        raise UsageError(f"grid file {spec!r}: max_seq_length {grid['max_seq_length']!r} "
+                         f"{AXIS_RULES['max_seq_length']}")
     return grid
+
+
+AXIS_RULES = {"learning_rate": "must be a number in (0, 1], e.g. 5e-5",
+              "per_device_train_batch_size": "must be a whole number >= 1, e.g. 32",
+              "seed": "must be a whole number >= 0, e.g. 42",
+              "max_seq_length": "must be a whole number >= 3 (two special tokens and one more), e.g. 128"}
+
+
+def _axis_value_ok(key: str, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if key == "learning_rate":
+        return 0 < value <= 1
+    if value != int(value):
+        return False
+    return value >= {"per_device_train_batch_size": 1, "seed": 0, "max_seq_length": 3}[key]
 
 
 def plan(grid: dict, args: GlueTrainingArguments, glue: GlueArguments):

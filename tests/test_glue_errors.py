@@ -92,3 +92,24 @@ def test_the_console_script_prints_one_line_and_exits_2(bert_mlm_dir, glue_dir, 
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "label 'maybe' is not one of RTE's labels ['entailment', 'not_entailment']" in proc.stderr
     assert _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("grid, named", [
+    ({"learning_rate": ["fast"]}, "learning_rate value 'fast'"),
+    ({"learning_rate": [0]}, "learning_rate value 0 "),
+    ({"per_device_train_batch_size": [16, 0]}, "per_device_train_batch_size value 0 "),
+    ({"per_device_train_batch_size": [2.5]}, "per_device_train_batch_size value 2.5 "),
+    ({"seed": [True]}, "seed value True "),
+    ({"max_seq_length": "long"}, "max_seq_length 'long' "),
+])
+def test_bad_grid_values_are_one_line_before_anything_runs(bert_mlm_dir, glue_dir, tmp_path, capsys, grid, named):
+    import json
+
+    spec = tmp_path / "grid.json"
+    spec.write_text(json.dumps(grid))
+    out = tmp_path / "out"
+    argv = ["--model", str(bert_mlm_dir), "--task", "rte", "--grid", str(spec), "--data_dir", str(glue_dir),
+            "--output_dir", str(out), "--use_cpu"]
+    line = _run(argv, capsys)
+    assert named in line and "e.g." in line
+    assert _nothing_written(out)

@@ -311,3 +311,16 @@ def test_every_term_glue_eval_accepts_also_runs_there(bert_mlm_dir, tmp_path):
     assert record["settings"]["distill_weights"] == weights and math.isfinite(record["train"]["loss"])
 
 
+
+
+def test_the_terms_command_says_in_one_line_when_the_page_is_missing(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nope" / "objective.md"
+    done = subprocess.run([sys.executable, "-m", "distill.terms", "--write", str(missing)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --write") and "docs/objective.md" in lines[0]
+    assert not missing.parent.exists()
