@@ -89,7 +89,7 @@ class DistillConfig:
     relation_teacher_layer: int | None = _f(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
     restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
     projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
-    logit_chunk_rows: int = _f(0, f"run the vocabulary head over this many logit rows at a time, each chunk's gradient taken at once, so no [tokens, vocab] logits are held (the values are the whole head's); 0: auto (about 2^22 logits a chunk), -1: never chunk; applies when every logit term is a mean over rows ({term_list(k for k, spec in TERMS.items() if spec.row_mean)})", range=Range(-1))
+    logit_chunk_rows: int = _f(0, f"run the vocabulary head over this many logit rows at a time, each chunk's gradient taken at once, so no [tokens, vocab] logits are held (the values are the whole head's); 0: auto (about 2^22 logits a chunk, at least a quarter of the head width in rows), -1: never chunk; applies when every logit term is a mean over rows ({term_list(k for k, spec in TERMS.items() if spec.row_mean)})", range=Range(-1))
     # --- ELECTRA ---
     generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
     train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
@@ -160,7 +160,8 @@ def _type_text(f) -> str:
     return "int or \"auto\"" if f.metadata["auto"] else str(f.type)
 
 
-def _check_types(cfg: DistillConfig) -> None:
+def check_config(cfg: DistillConfig) -> None:
+    """Every field's type and declared range, and the checks that need no model: one UsageError line."""
     for name, f in FIELDS.items():
         value, ftype = getattr(cfg, name), str(f.type)
         if value is None:
@@ -272,5 +273,5 @@ def make_config(values: dict) -> DistillConfig:
                        for k, v in cfg.weights.items()}
     if isinstance(cfg.temperature, int):
         cfg.temperature = float(cfg.temperature)
-    _check_types(cfg)
+    check_config(cfg)
     return cfg

@@ -117,9 +117,9 @@ class Objective(nn.Module):
         logit_terms = [TERMS[n] for n in self.weights if TERMS[n].feature == "logits"]
         self._chunk_logits = (self.logit_chunk_rows != -1 and not sequence_level and bool(logit_terms)
                               and all(spec.row_mean for spec in logit_terms))
-        # The factor the loop multiplies the loss by before backward (fp16: the GradScaler's scale, set per
-        # step from Precision.loss_scale): chunked heads take their gradients at it, in range.
-        self.gradient_scale = 1.0
+        # The factor the loop multiplies the loss by before backward: chunked heads take their gradients at
+        # it, in range. None: what Precision.autocast() says (the GradScaler's scale in fp16 modes), else 1.
+        self.gradient_scale: float | None = None
         # One projection per term (TinyBERT shares W_h across hidden layers the same way):
         # student width -> teacher width, applied to the student's hidden states.
         self.projections = nn.ModuleDict({name: nn.Linear(w_in, w_out) for name, (w_in, w_out) in projections.items()})
@@ -390,7 +390,8 @@ class Objective(nn.Module):
         names = list(self.weights)
         with _no_autocast(batch):
             chunked = [n for n in names if TERMS[n].feature == "logits"]
-            if chunked and isinstance(student.logits, DeferredLogits):  # the logit terms together, chunk by chunk
+            # the logit terms together, chunk by chunk, when each is a mean over rows (else _logits materialises)
+            if chunked and isinstance(student.logits, DeferredLogits) and all(TERMS[n].row_mean for n in chunked):
                 total, parts = self._chunked_logit_terms(chunked, student, teacher, batch)
                 terms.update(zip(chunked, parts.unbind()))
                 names = [n for n in names if n not in terms]
@@ -442,7 +443,7 @@ class Objective(nn.Module):
             value = sum(w * v for w, v in zip(weights, shares))
             return value, torch.stack([v.detach() for v in shares])
 
-        rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1])
+        rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1], head.hidden.shape[-1])
         return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale)
 
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .assets import minilm_dir, wiki_extract_path
-from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig
+from .config import DEMO_CORPUS, DEMO_TEACHER, DistillConfig, check_config
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text, check_output_dir, default_file_mode
 from .models import (TOKENIZER_FILES, Features, check_tokenizer, extract, family_of, load_config, load_model,
@@ -170,6 +170,7 @@ def train(cfg: DistillConfig) -> str:
     """
     from .locks import output_lock
 
+    check_config(cfg)  # a config built in code gets the checks a recipe or the command line gets
     with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0):
         return _train(cfg)
 
@@ -312,8 +313,6 @@ def _train(cfg: DistillConfig) -> str:
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         losses = []
-        if precision.scales_loss:  # chunked vocabulary heads take their gradients at the loss scale (in range)
-            objective.gradient_scale = precision.loss_scale / cfg.gradient_accumulation_steps
         for micro in range(cfg.gradient_accumulation_steps):
             chunk = micro * env.world + env.rank
             batch = batches.chunk(step, chunk)

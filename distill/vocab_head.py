@@ -17,14 +17,15 @@ the whole batch it is then ``sum_c (rows counted in chunk c / rows counted) * va
 exactly. The registry's own loss functions compute each chunk's value, so a new row-mean term
 needs nothing here.
 
-Gradients are taken in the forward pass, before the loop's loss scale is known, so fp16 modes
-set :attr:`distill.objective.Objective.gradient_scale` to the scale the loop will multiply the
-loss by (``Precision.loss_scale``): the gradients are taken at that scale and keep the range
-it gives them; the backward pass divides by it again.
+Gradients are taken in the forward pass, before the loop's backward scales the loss, so in fp16
+modes ``Precision.autocast()`` says which scale it will be (:func:`gradient_scale`): the gradients
+are taken at that scale and keep the range it gives them; the backward pass divides by it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -32,9 +33,26 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # logits per chunk when logit_chunk_rows is 0 (auto): 2**22 float32 logits = 16 MB per tensor
 AUTO_CHUNK_LOGITS = 2 ** 22
+_GRADIENT_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("gradient_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def gradient_scale(scale: float):
+    """Within it, chunked heads take their gradients at ``scale``: the factor the coming backward
+    multiplies the loss by (a GradScaler's scale). ``Precision.autocast()`` enters it in fp16 modes."""
+    token = _GRADIENT_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        _GRADIENT_SCALE.reset(token)
+
+
+def current_gradient_scale() -> float:
+    return _GRADIENT_SCALE.get()
 
 
 @dataclass
@@ -59,8 +77,10 @@ class DeferredLogits:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The decoder matmul's dtype: autocast's where it was on (for floating weights), else the weight's."""
-        return self.autocast[1] if self.autocast is not None else self.weight.dtype
+        """The decoder matmul's dtype: autocast's where it was on (autocast leaves float64 alone), else the weight's."""
+        if self.autocast is None or self.weight.dtype == torch.float64:
+            return self.weight.dtype
+        return self.autocast[1]
 
     def cast(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias in :attr:`compute_dtype` (autocast's casts, done once for all chunks)."""
@@ -85,15 +105,21 @@ def capture_autocast(device_type: str) -> tuple[str, torch.dtype] | None:
     return device_type, torch.get_autocast_dtype(device_type)
 
 
-def chunk_rows(setting: int, n_rows: int, vocab: int) -> int:
-    """Rows per chunk for ``logit_chunk_rows`` = ``setting`` (0: auto, about 2**22 logits per chunk;
-    -1: one chunk of all rows)."""
+def chunk_rows(setting: int, n_rows: int, vocab: int, width: int) -> int:
+    """Rows per chunk for ``logit_chunk_rows`` = ``setting`` (0: auto; -1: one chunk of all rows).
+
+    Auto: chunks of about 2**22 logits, but of at least a quarter of the decoder's input ``width`` in
+    rows: every chunk also reads and writes the whole ``[vocab, width]`` weight gradient, about
+    ``2 * width`` floats per vocabulary entry, against roughly 8 passes over its ``rows`` logits, so
+    below ``width / 4`` rows the accumulation would cost more memory traffic than the chunk's own
+    work (XLM-R's 250k vocabulary would otherwise give chunks of 17 rows). Chunks are of equal size,
+    none below that floor (no small last chunk)."""
     if setting < 0 or n_rows == 0:
         return max(n_rows, 1)
     if setting > 0:
         return setting
-    # auto: as few chunks as keep each within the budget, of equal size (no small last chunk)
-    chunks = max(1, math.ceil(n_rows * vocab / AUTO_CHUNK_LOGITS))
+    rows = max(math.ceil(AUTO_CHUNK_LOGITS / max(vocab, 1)), math.ceil(width / 4))
+    chunks = max(1, n_rows // rows)
     return math.ceil(n_rows / chunks)
 
 
@@ -134,10 +160,10 @@ class _ChunkedHead(torch.autograd.Function):
                 if grad_w is not None:
                     if grad_z.dtype == wide:
                         grad_w.addmm_(grad_z.t(), h)
-                    else:
-                        grad_w += (grad_z.t() @ h).to(wide)
+                    else:  # the matmul in its (fp16/bf16) dtype, promoted as it is added: no wide temporary
+                        grad_w.add_(grad_z.t() @ h)
                 if grad_b is not None:
-                    grad_b += grad_z.sum(0).to(wide)
+                    grad_b.add_(grad_z.sum(0))
             value, chunk_parts = value.detach(), chunk_parts.detach()
             total = value if total is None else total + value
             parts = chunk_parts if parts is None else parts + chunk_parts
@@ -148,6 +174,7 @@ class _ChunkedHead(torch.autograd.Function):
         return total, parts
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total, _grad_parts):
         if ctx.grads is None:
             raise RuntimeError("a chunked vocabulary head's gradients were taken once already: backpropagate "
@@ -155,13 +182,13 @@ class _ChunkedHead(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None  # scaled in place and handed over: no second [vocab, H'] copy
         factor = grad_total / ctx.scale
-        out_h = None if grad_h is None else grad_h.mul_(factor.to(grad_h.dtype))
+        out_h = None if grad_h is None else grad_h.mul_(factor)
         out_w = None if grad_w is None else grad_w.mul_(factor).to(ctx.dtypes[0])
         out_b = None if grad_b is None else grad_b.mul_(factor).to(ctx.dtypes[1])
         return None, None, None, None, out_h, out_w, out_b
 
 
-def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float = 1.0
+def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float | None = None
             ) -> tuple[Tensor, Tensor]:
     """Sum ``chunk_loss(rows, logits_of_those_rows)`` over row chunks of ``head``.
 
@@ -169,9 +196,21 @@ def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, sc
     ``logits``) and a detached vector of per-term shares for logs. Returns ``(total, parts)``:
     ``total`` backpropagates into ``head.hidden``, ``head.weight`` and ``head.bias``, with the
     gradients of the unchunked computation; ``scale``: the factor the caller's backward will
-    multiply by (a GradScaler's scale), so fp16 gradients are taken in range.
+    multiply by (a GradScaler's scale), so fp16 gradients are taken in range; None: the one
+    :func:`gradient_scale` set (``Precision.autocast()`` does in fp16 modes), else 1.
     """
+    scale = current_gradient_scale() if scale is None else scale
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"gradient scale {scale!r} must be a finite number > 0")
+    if not torch.is_grad_enabled():  # no backward will come: the values alone, no gradients taken
+        rows_per_chunk = max(int(rows_per_chunk), 1)
+        cast = head.cast()
+        total = parts = None
+        for start in range(0, max(head.shape[0], 1), rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, head.shape[0]))
+            value, chunk_parts = chunk_loss(rows, head.rows(rows, cast))
+            total = value if total is None else total + value
+            parts = chunk_parts if parts is None else parts + chunk_parts
+        return total, parts
     return _ChunkedHead.apply(chunk_loss, head, max(int(rows_per_chunk), 1), float(scale),
                               head.hidden, head.weight, head.bias)

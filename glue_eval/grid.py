@@ -69,7 +69,7 @@ def load_grid(spec: str) -> dict:
 AXIS_RULES = {"learning_rate": "must be a number in (0, 1], e.g. 5e-5",
               "per_device_train_batch_size": "must be a whole number >= 1, e.g. 32",
               "seed": "must be a whole number >= 0, e.g. 42",
-              "max_seq_length": "must be a whole number >= 3 (two special tokens and one more), e.g. 128"}
+              "max_seq_length": "must be a whole number >= 8 (room for a sentence pair's special tokens and some text), e.g. 128"}
 
 
 def _axis_value_ok(key: str, value) -> bool:
@@ -79,7 +79,7 @@ def _axis_value_ok(key: str, value) -> bool:
         return 0 < value <= 1
     if value != int(value):
         return False
-    return value >= {"per_device_train_batch_size": 1, "seed": 0, "max_seq_length": 3}[key]
+    return value >= {"per_device_train_batch_size": 1, "seed": 0, "max_seq_length": 8}[key]
 
 
 def plan(grid: dict, args: GlueTrainingArguments, glue: GlueArguments):

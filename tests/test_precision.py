@@ -394,7 +394,8 @@ def test_adamw_is_fused_unless_the_caller_chose(mode):
             p.grad = g.clone()
         opt.step()
         results[str(flags)] = [p.detach().clone() for p in m.parameters()]
-    for a, b in zip(results["{}"], results["{'fused': False}"]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for other in ("{'fused': False}", "{'foreach': False}"):  # fused, the loop and the chosen path: one step
+        for a, b in zip(results["{}"], results[other]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     sgd = Precision.from_config(mode, device=torch.device("cpu")).make_optimizer(model.parameters(), torch.optim.SGD, lr=1.0)
     assert "fused" not in sgd.defaults or not sgd.defaults["fused"]

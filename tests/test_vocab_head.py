@@ -162,12 +162,15 @@ def test_bf16_autocast_runs_the_decoder_in_bf16_as_the_whole_head(pair):
     out = {}
     for rows in (-1, 5):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            s, total, terms, _ = run({"ce": 5, "mlm": 2}, student, teacher, batch, rows)
-        out[rows] = total
+            s, total, terms, grads = run({"ce": 5, "mlm": 2}, student, teacher, batch, rows)
+        out[rows] = total, grads
         if rows != -1:
             assert s.logits.autocast == ("cpu", torch.bfloat16)
             assert s.logits.rows(slice(0, 2)).dtype == torch.bfloat16
-    assert float(out[5]) == pytest.approx(float(out[-1]), rel=2e-2)
+    assert float(out[5][0]) == pytest.approx(float(out[-1][0]), rel=2e-2)
+    for name, grad in out[-1][1].items():  # bf16 matmuls on both paths: agreement to bf16's precision
+        scale = grad.abs().max().clamp(min=1e-12)
+        assert (out[5][1][name] - grad).abs().max() / scale < 5e-2, name
 
 
 def test_chunking_applies_only_when_every_logit_term_is_a_row_mean(pair):
@@ -191,11 +194,12 @@ def test_chunking_applies_only_when_every_logit_term_is_a_row_mean(pair):
 
 
 def test_chunk_sizes():
-    assert chunk_rows(-1, 512, 30522) == 512
-    assert chunk_rows(16, 512, 30522) == 16
-    auto = chunk_rows(0, 512, 30522)
-    assert auto * 30522 <= 2 ** 22 and 512 % auto == 0  # within the budget, equal chunks
-    assert chunk_rows(0, 10, 100) == 10  # small heads: one chunk
+    assert chunk_rows(-1, 512, 30522, 768) == 512
+    assert chunk_rows(16, 512, 30522, 768) == 16
+    auto = chunk_rows(0, 1024, 30522, 768)
+    assert 2 ** 22 <= auto * 30522 <= 2 * 2 ** 22 and -(-1024 // auto) * auto - 1024 < 5  # about the budget, equal chunks
+    assert chunk_rows(0, 1000, 250002, 768) == 200  # a 250k vocabulary: the floor of width / 4 rows, 5 chunks
+    assert chunk_rows(0, 10, 100, 8) == 10  # small heads: one chunk
     with pytest.raises(UsageError, match="logit_chunk_rows -2"):
         Objective.from_config({"ce": 1}, T, student_config=build_model("bert_mlm"),
                               teacher_config=build_model("bert_mlm"), logit_chunk_rows=-2)
@@ -226,6 +230,25 @@ def test_each_family_vocab_head_is_the_models_own_head(kind):
         features = extract(model, ids, mask, positions=mask.bool(), defer_head=True)
     assert isinstance(features.logits, DeferredLogits)
     torch.testing.assert_close(features.logits.materialize(), expected.reshape(-1, 99), rtol=1e-5, atol=1e-5)
+    # chunked through this family's own decoder (tied to its embeddings or not): the whole head's gradients
+    target = torch.softmax(torch.randn(18, 99), -1)
+
+    def chunk_loss(rows, logits):
+        value = -(target[rows] * torch.log_softmax(logits, -1)).sum() / 18
+        return value, value.detach()[None]
+
+    grads = {}
+    for rows in (None, 5):
+        model.zero_grad()
+        features = extract(model, ids, mask, positions=mask.bool(), defer_head=True)
+        if rows is None:
+            chunk_loss(slice(0, 18), features.logits.materialize())[0].backward()
+        else:
+            chunked(chunk_loss, features.logits, rows)[0].backward()
+        grads[rows] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[5].keys() == grads[None].keys()
+    for name, grad in grads[None].items():
+        torch.testing.assert_close(grads[5][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_second_backward_through_a_chunked_head_is_refused_clearly():
@@ -242,3 +265,75 @@ def test_a_second_backward_through_a_chunked_head_is_refused_clearly():
     torch.testing.assert_close(h.grad, expected)
     with pytest.raises(RuntimeError, match="once per forward"):
         total.backward()
+
+
+def test_fp16_o2_through_precision_matches_the_whole_head():
+    """Precision's fp16 O2 loop (GradScaler, fp16 weights): the chunked head's scaled gradients are the whole head's."""
+    from distill.precision import Precision
+
+    teacher = build_model("bert_mlm", seed=1).eval()
+    student0 = build_model("bert_mlm", seed=2, num_hidden_layers=2).eval()
+    batch = make_batch(student0.config.vocab_size)
+    grads = {}
+    for rows in (-1, 4):
+        prec = Precision.from_config("fp16", "O2", device=torch.device("cpu"), allow_cpu_fp16=True)
+        student = prec.prepare(copy.deepcopy(student0))
+        # small weights: at the GradScaler's first scale (2**16) no gradient overflows, and unscaled many
+        # would underflow fp16
+        objective = Objective.from_config({"ce": 5e-3, "mlm": 2e-3}, T, student_config=student,
+                                          teacher_config=teacher, student_layers=[2, 4], logit_chunk_rows=rows)
+        prec.make_optimizer(list(student.parameters()), torch.optim.AdamW, lr=1e-3)
+        with prec.autocast():
+            with torch.no_grad():
+                t = extract(teacher, batch["input_ids"], batch["attention_mask"],
+                            **objective.extract_kwargs(batch, "teacher"))
+            s = extract(student, batch["input_ids"], batch["attention_mask"],
+                        **objective.extract_kwargs(batch, "student"))
+            total, _ = objective(s, t, batch)
+        assert isinstance(s.logits, DeferredLogits) == (rows != -1)
+        prec.backward(total)  # scaled by the GradScaler, 2**16 at the start
+        grads[rows] = {n: p.grad.float() for n, p in student.named_parameters() if p.grad is not None}
+    assert grads[4].keys() == grads[-1].keys()
+    for name, grad in grads[-1].items():
+        assert torch.isfinite(grad).all() and torch.isfinite(grads[4][name]).all(), name
+        torch.testing.assert_close(grads[4][name], grad, rtol=2e-2, atol=2e-2 * float(grad.abs().max()), msg=name)
+
+
+def test_without_grad_mode_the_values_come_alone():
+    torch.manual_seed(0)
+    h = torch.randn(5, 3)
+    w = torch.nn.Parameter(torch.randn(7, 3))
+    taken = []
+
+    def chunk_loss(rows, logits):
+        taken.append(logits.requires_grad)
+        value = logits.logsumexp(-1).sum()
+        return value, value.detach()[None]
+
+    with torch.no_grad():
+        total, parts = chunked(chunk_loss, DeferredLogits(h, w, None), 2)
+    assert not total.requires_grad and taken == [False, False, False]  # no graph, no gradient work
+    assert float(total) == pytest.approx(float(F.linear(h, w.detach()).logsumexp(-1).sum()), rel=1e-6)
+    assert float(parts[0]) == pytest.approx(float(total), rel=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "bias"])
+def test_frozen_pieces_get_no_gradient_and_the_others_the_right_one(frozen):
+    torch.manual_seed(0)
+    h = torch.randn(5, 3, requires_grad=frozen != "hidden")
+    w = torch.randn(7, 3, requires_grad=frozen != "weight")
+    b = torch.randn(7, requires_grad=frozen != "bias")
+    target = torch.softmax(torch.randn(5, 7), -1)
+
+    def chunk_loss(rows, logits):
+        value = -(target[rows] * torch.log_softmax(logits, -1)).sum() / 5
+        return value, value.detach()[None]
+
+    total, _ = chunked(chunk_loss, DeferredLogits(h, w, b), 2)
+    total.backward()
+    ref = [x.detach().clone().requires_grad_(x.requires_grad) for x in (h, w, b)]
+    (-(target * torch.log_softmax(F.linear(*ref), -1)).sum() / 5).backward()
+    for x, r in zip((h, w, b), ref):
+        assert (x.grad is None) == (not x.requires_grad)
+        if x.requires_grad:
+            torch.testing.assert_close(x.grad, r.grad)

@@ -231,10 +231,17 @@ class Precision:
 
     # ------------------------------------------------------------------ per step
     def autocast(self):
-        """Context manager for the forward pass and loss (nullcontext where the mode does not autocast)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        """Context manager for the forward pass and loss: torch.autocast where the mode autocasts, and,
+        where backward() scales the loss, that scale for gradients taken inside the forward (the chunked
+        vocabulary head's, :func:`distill.vocab_head.gradient_scale`), so they keep its range."""
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.scales_loss:
+            from ..vocab_head import gradient_scale
+
+            stack.enter_context(gradient_scale(self.loss_scale))
+        return stack
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, scaled by the loss scale under fp16 O1/O2.
