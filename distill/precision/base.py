@@ -234,6 +234,8 @@ class Precision:
         """Context manager for the forward pass and loss: torch.autocast where the mode autocasts, and,
         where backward() scales the loss, that scale for gradients taken inside the forward (the chunked
         vocabulary head's, :func:`distill.vocab_head.gradient_scale`), so they keep its range."""
+        if self.autocast_dtype is None and not self.scales_loss:
+            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
