@@ -43,8 +43,8 @@ from .layers import attention_index, hidden_index, parse_layer_map, parse_layers
 from .losses import check_relation_heads, check_temperature
 from .vocab_head import DeferredLogits, chunk_rows, chunked
 from .models import Features, family_of, hidden_size, num_heads, num_layers, role_from_architectures, role_of
-from .terms import (CORRUPTED_INPUT, MASKED, REAL, RELATION_HEADS, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT, TERMS, TermSpec,
-                    check_weights, format_weights)
+from .terms import (CORRUPTED_INPUT, MASKED, PER_HEAD, REAL, RELATION_HEADS, REPRESENTATION_WEIGHTS, SEQUENCE, SOFT,
+                    TERMS, TermSpec, check_weights, format_weights)
 
 __all__ = ["Objective", "Request", "TERMS", "TermSpec"]  # TERMS, TermSpec: the registry, re-exported
 
@@ -631,7 +631,7 @@ def _check_shapes(specs: dict[str, TermSpec], student_cfg, teacher_cfg, projecti
                     "or drop the term"
                 )
             projections[name] = (ws, wt)
-        if spec.feature in ("attentions", "values") and hs != ht:
+        if spec.feature in PER_HEAD and hs != ht:
             raise UsageError(
                 f"term {name!r} compares attention heads one to one, but the student has {hs} heads and the "
                 f"teacher {ht}: give the student {ht} heads or drop the term"

@@ -42,6 +42,7 @@ MASKED_INPUT = "masked"  # DistilBERT's masking (80/10/10 of 15% targets), the s
 CORRUPTED_INPUT = "corrupted"  # ELECTRA: a generator's samples put in place of the chosen tokens
 
 FEATURES = ("logits", "hidden", "attentions", "values", "qkv")
+PER_HEAD = ("attentions", "values")  # features compared attention head by attention head (equal head counts)
 LAYERS = (None, "map", "last", "embeddings", "relation")
 VECTORS = ("query", "key", "value")  # a qkv term's projection (TermSpec.vectors)
 HEADS = frozenset({"mlm", "rtd"})  # model roles (distill.models) that carry a prediction head
@@ -385,7 +386,7 @@ def markdown() -> str:
         f"- Exist in pre-training (token-level) distillation, `distill-train`: {keys(level_terms(False))}.",
         f"- Read only the student (no teacher forward needed for them): {keys(select(teacher=False))}.",
         f"- Compare heads one to one (student and teacher need the same number of heads): "
-        f"{keys(k for k, s in TERMS.items() if s.feature in ('attentions', 'values'))}.",
+        f"{keys(k for k, s in TERMS.items() if s.feature in PER_HEAD)}.",
         f"- Go through a learned width projection when the widths differ: {keys(select(projects=True))}.",
         f"- Follow the layer map: {keys(select(layers='map'))}.",
         f"- Are a mean over logit rows, so they run over a vocabulary head chunk by chunk, never holding "
