@@ -146,18 +146,33 @@ class CandidateSource:
     def _predict(self, texts: list[str], own: list[int], k: int) -> list[list[str]]:
         device = next(self.mlm.parameters()).device
         enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        logits = self.mlm(**enc).logits  # [B, S, vocab]
-        out = []
+        masks = enc["input_ids"] == self.tokenizer.mask_token_id
+        first = masks & (masks.cumsum(1) == 1)  # each row's first mask (a text may hold the mask string itself)
+        at_mask = self._logits_at(enc, first)  # [rows with a mask, vocab], in row order
+        has_mask = first.any(1).tolist()
+        out, taken = [], 0
         for row, own_id in zip(range(len(texts)), own):
-            where = (enc["input_ids"][row] == self.tokenizer.mask_token_id).nonzero()
-            if len(where) == 0:  # the mask fell past the truncation: no candidates
+            if not has_mask[row]:  # the mask fell past the truncation: no candidates
                 out.append([])
                 continue
-            scores = logits[row, where[0, 0]].float()[self.allowed.to(device)]
+            scores = at_mask[taken].float()[self.allowed.to(device)]
+            taken += 1
             scores[self.allowed.to(device) == own_id] = -float("inf")
             top = scores.topk(min(k, len(scores))).indices.tolist()
             out.append([_word_of(self.tokenizer, self.allowed[t]) for t in top])
         return out
+
+    def _logits_at(self, enc, positions: torch.Tensor) -> torch.Tensor:
+        """The masked LM's logits at ``positions`` only: the vocabulary head (as costly as a small model's
+        body at these lengths) runs at one position per row instead of every one. A family the toolkit
+        does not know runs whole."""
+        from distill.families import FAMILIES
+        from distill.models import extract
+
+        if getattr(self.mlm.config, "model_type", None) in FAMILIES:
+            return extract(self.mlm, enc["input_ids"], enc["attention_mask"], positions=positions,
+                           token_type_ids=enc.get("token_type_ids")).logits
+        return self.mlm(**enc).logits[positions]
 
 
 def make_variants(text: str, spans, candidates, settings: AugmentSettings, example: int) -> list[str]:
