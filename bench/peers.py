@@ -279,6 +279,16 @@ class TextBrewerAgnostic:
         return total
 
 
+def engine_step(ours: OursAgnostic, optimizer, prec, batch: dict):
+    """Our step as distill-train runs it: forward and loss under the precision's autocast, backward, clip, step."""
+    def step():
+        with prec.autocast():
+            loss = ours.loss(batch)
+        prec.backward(loss)
+        prec.step(optimizer, AGNOSTIC_CLIP)
+    return step
+
+
 def textbrewer_step(distiller: TextBrewerAgnostic, optimizer, tb_batch: dict, max_grad_norm: float):
     """One step as TextBrewer's own training loop does it (fp32: backward, clip, step, zero_grad)."""
     total = distiller.loss(tb_batch)
@@ -323,11 +333,7 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
         tb_opt = torch.optim.AdamW(tb_student.parameters(), **AGNOSTIC_OPTIM, **FUSED)
         assert ours_opt.defaults["fused"] and tb_opt.defaults["fused"], "both sides step with fused AdamW"
 
-        def ours_step(ours=ours, ours_opt=ours_opt, prec=prec):
-            with prec.autocast():
-                loss = ours.loss(batch)
-            prec.backward(loss)
-            prec.step(ours_opt, AGNOSTIC_CLIP)
+        ours_step = engine_step(ours, ours_opt, prec, batch)
 
         def tb_step(tb=tb, tb_opt=tb_opt):
             textbrewer_step(tb, tb_opt, tb_batch, AGNOSTIC_CLIP)
@@ -339,15 +345,9 @@ def bench_textbrewer(cfg: dict, device: torch.device, clock: Clock, work: str, s
             whole = OursAgnostic(teacher, whole_student, AGNOSTIC_LAYERS, masked, logit_chunk_rows=-1)
             whole_prec = Precision.from_config("fp32", device=device)
             whole_opt = whole_prec.make_optimizer(list(whole_student.parameters()), torch.optim.AdamW, **AGNOSTIC_OPTIM)
-
-            def whole_step(whole=whole, whole_opt=whole_opt, prec=whole_prec):
-                with prec.autocast():
-                    loss = whole.loss(batch)
-                prec.backward(loss)
-                prec.step(whole_opt, AGNOSTIC_CLIP)
-
             name = "ours_full_whole_head"
-            variants[name] = _measured(whole_step, memory, peaks.setdefault(name, []))
+            variants[name] = _measured(engine_step(whole, whole_opt, whole_prec, batch), memory,
+                                       peaks.setdefault(name, []))
         if variant == "full":  # the bracket: TextBrewer with torch's default AdamW
             tb_default_student = copy.deepcopy(student0).train()
             tb_default = TextBrewerAgnostic(teacher, tb_default_student, masked, work)
