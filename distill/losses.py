@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .errors import UsageError
 
@@ -358,19 +359,69 @@ def value_relation_kl(student_values: Tensor, teacher_values: Tensor, mask: Tens
         )
     b, h, seq, _ = student_values.shape
     m = _token_mask(mask, b, seq, student_values.device)
-    pos = m[:, None, :, None]
-    key_valid = m[:, None, None, :].expand(b, h, seq, seq)
+    vs, vt = _wide(student_values), _wide(teacher_values)
+    padded = not bool(m.all())
+    if padded:  # padded rows become 0 (finite scores everywhere); their keys are masked out below
+        pos = m[:, None, :, None]
+        vs, vt = torch.where(pos, vs, 0.0), torch.where(pos, vt, 0.0)
+    key_invalid = ~m[:, None, None, :] if padded else None
+    return _RelationKL.apply(vs, vt, key_invalid, int(m.sum()) * h)
 
-    def relation_log_probs(v: Tensor) -> Tensor:
-        v = torch.where(pos, _wide(v), 0.0)  # padded rows become 0: finite scores everywhere
-        scores = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
-        return _masked_log_softmax(scores, key_valid)
 
-    log_r_s = relation_log_probs(student_values)
-    log_r_t = relation_log_probs(teacher_values)
-    per_entry = torch.where(key_valid, log_r_t.exp() * (log_r_t - log_r_s), 0.0)
-    per_row = per_entry.sum(dim=-1)  # [B, h, S]
-    return _mean(per_row[m[:, None, :].expand(b, h, seq)])
+class _RelationKL(torch.autograd.Function):
+    """``sum KL(R_t || R_s) / count`` over query rows, ``R = softmax(x x^T / sqrt(d))`` over the valid keys.
+
+    One pass of plain tensor operations, the student's (and, if it needs one, the teacher's)
+    gradient taken in the forward pass, so autograd keeps none of the ``[B, h, S, S]`` maps: about
+    a third of the passes over them that the same formula composed of autograd operations makes.
+
+    ``xs``, ``xt``: ``[B, h, S, d]`` wide vectors, zero at padded positions. A padded query row is
+    then uniform on both sides (KL 0, gradient 0) and needs no mask of its own; a padded key gets
+    the dtype's most negative finite score (probability 0, every log finite).
+    ``key_invalid``: ``[B, 1, 1, S]`` bool, True at padded keys, or None when nothing is padded.
+    ``count``: the rows averaged over (real query rows times heads).
+    """
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, xt: Tensor, key_invalid: Tensor | None, count: int):
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # x x^T / sqrt(d) as y y^T with y = x d^(-1/4): the scaling runs over [S, d], not over [S, S]
+        ys, yt = xs * xs.shape[-1] ** -0.25, xt * xt.shape[-1] ** -0.25
+
+        def log_relation(y: Tensor) -> Tensor:
+            scores = y @ y.transpose(-1, -2)
+            if key_invalid is not None:
+                scores.masked_fill_(key_invalid, torch.finfo(scores.dtype).min)
+            return torch.log_softmax(scores, dim=-1)
+
+        log_r_s, log_r_t = log_relation(ys), log_relation(yt)
+        r_t = log_r_t.exp()
+        diff = log_r_t.sub_(log_r_s)  # log R_t - log R_s; 0 at padded keys (both logs are the dtype's minimum)
+        weighted = diff * r_t if need_t else diff.mul_(r_t)
+        per_row = weighted.sum(dim=-1, keepdim=True)
+        total = per_row.sum()
+        denominator = max(count, 1)
+        grad_s = grad_t = None
+
+        def through_scores(g: Tensor, y: Tensor, x: Tensor) -> Tensor:  # dL/dscores -> dL/dx (scores = y y^T)
+            grad = g @ y
+            grad.add_(g.transpose(-1, -2) @ y)
+            return grad.mul_(x.shape[-1] ** -0.25 / denominator)
+
+        if need_t:  # d KL_row / d score_t = R_t (log R_t - log R_s - KL_row)
+            grad_t = through_scores(diff.sub_(per_row).mul_(r_t), yt, xt)
+        del diff, weighted
+        if need_s:  # d KL_row / d score_s = R_s - R_t
+            grad_s = through_scores(log_r_s.exp_().sub_(r_t), ys, xs)
+        ctx.grads = (grad_s, grad_t)
+        return total / denominator
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        grad_s, grad_t = ctx.grads  # [B, h, S, d]: small, so kept (a retained graph may backpropagate again)
+        return (None if grad_s is None else grad_s * grad_output,
+                None if grad_t is None else grad_t * grad_output, None, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,24 @@ def test_gradient_is_finite_and_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda x: relation_kl(x, teacher, mask, 3), (student,))
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_gradients_of_both_sides_match_finite_differences_with_and_without_padding(padded):
+    # the loss takes its gradients in the forward pass (losses._RelationKL): the student's and, when it asks
+    # for one, the teacher's, on the padded path and the no-padding path (which masks nothing)
+    mask = make_mask() if padded else None
+    student = randn(B, S, 8, seed=17).double().requires_grad_(True)
+    teacher = randn(B, S, 12, seed=18, scale=1.3).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s, t: relation_kl(s, t, mask, 4), (student, teacher))
+
+
+def test_a_retained_graph_backpropagates_twice_to_the_same_gradient():
+    student = randn(B, S, 8, seed=19).requires_grad_(True)
+    value = relation_kl(student, randn(B, S, 8, seed=20), make_mask(), 2) * 3.0
+    first = torch.autograd.grad(value, student, retain_graph=True)[0]
+    second = torch.autograd.grad(value, student)[0]
+    assert torch.equal(first, second) and first.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_give_finite_values_and_gradients(dtype):
     mask = make_mask()

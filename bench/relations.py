@@ -1,0 +1,161 @@
+"""MiniLMv2's relation terms: the engine's relation loss against the same formula composed of autograd operations.
+
+    python bench/relations.py                   # the study's shapes: 6 x 384 teacher, 3-layer student, 16 x 128
+    python bench/relations.py --quick           # 3 rounds
+    python bench/relations.py --precision fp32  # default: auto (distill-train's choice for this machine)
+
+``distill.losses.relation_kl`` computes the loss and the student's gradient in one pass of tensor operations
+(``losses._RelationKL``): autograd keeps none of the ``[B, relation_heads, S, S]`` maps. ``composed`` is the
+same formula written as autograd operations (the engine's implementation before), swapped in for the timing
+only. Both are timed in interleaved rounds on (1) the loss alone, forward and backward, for the query, key
+and value vectors of one layer pair, and (2) one whole distillation step of ``qq_rel + kk_rel + vv_rel``
+(teacher forward, student forward, loss, backward, fused AdamW step), as the study's relations row runs it.
+Random weights: the speed does not depend on them. Prints one ``name: value`` line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from speed import Clock, interleaved, log, machine, paired_ratio, set_threads, summary  # noqa: E402
+
+from distill import losses  # noqa: E402
+from distill.models import extract  # noqa: E402
+from distill.objective import Objective  # noqa: E402
+from distill.hardware import auto_precision_here  # noqa: E402
+from distill.precision import Precision  # noqa: E402
+from distill.student import build_student  # noqa: E402
+
+WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
+LAYERS = [2, 4, 6]
+
+
+def composed(xs, xt, key_invalid, count):
+    """``_RelationKL.apply``'s arguments and value, as autograd operations (the engine's former implementation)."""
+    def log_relation(x):
+        scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
+        if key_invalid is not None:
+            scores = scores.masked_fill(key_invalid, torch.finfo(scores.dtype).min)
+        return scores.log_softmax(dim=-1)
+
+    log_r_s, log_r_t = log_relation(xs), log_relation(xt)
+    return (log_r_t.exp() * (log_r_t - log_r_s)).sum() / max(count, 1)
+
+
+@contextmanager
+def implementation(name: str):
+    if name == "fused":
+        yield
+        return
+    with mock.patch.object(losses._RelationKL, "apply", composed):
+        yield
+
+
+def models(device, width: int, heads: int, teacher_layers: int, vocab: int):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=teacher_layers,
+                        num_attention_heads=heads, intermediate_size=4 * width, max_position_embeddings=512)
+    teacher = BertForMaskedLM(config).to(device).eval().requires_grad_(False)
+    student, _ = build_student(teacher, LAYERS)
+    return teacher, student.to(device).train()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 timed rounds (default 5)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (the study's 16)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence, packed: no padding (the study's 128)")
+    p.add_argument("--width", type=int, default=384, help="hidden width of both models (all-MiniLM-L6-v2's 384)")
+    p.add_argument("--relation_heads", type=int, default=48, help="MiniLMv2's 48")
+    p.add_argument("--precision", default="auto", help="fp32, bf16 or auto (distill-train's choice here)")
+    p.add_argument("--threads", default="auto", help="torch CPU threads: a number or auto (bench/speed.py's rule)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    threads_why = set_threads(args.threads)
+    device = torch.device("cpu")
+    precision_name = auto_precision_here("cpu")[0] if args.precision == "auto" else args.precision
+    if precision_name not in ("fp32", "bf16"):
+        p.error(f"--precision {args.precision!r}: this CPU bench runs fp32 or bf16 (or auto)")
+    prec = Precision.from_config(precision_name, device=device)
+    teacher, student = models(device, args.width, args.width // 32, 6, 30522)
+    objective = Objective.from_config(WEIGHTS, student_config=student, teacher_config=teacher, student_layers=LAYERS,
+                                      relation_heads=args.relation_heads).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (args.batch, args.seq), generator=g)
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    optimizer = prec.make_optimizer(list(student.parameters()), torch.optim.AdamW, lr=1e-4)
+    xs = [torch.randn(args.batch, args.seq, args.width, generator=g).requires_grad_(True) for _ in range(3)]
+    xt = [torch.randn(args.batch, args.seq, args.width, generator=g) for _ in range(3)]
+
+    def loss_only(name):
+        def run():
+            with implementation(name):
+                total = sum(losses.relation_kl(s, t, mask, args.relation_heads) for s, t in zip(xs, xt))
+                total.backward()
+        return run
+
+    def step(name):
+        def run():
+            with implementation(name), prec.autocast():
+                with torch.no_grad():
+                    t = extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
+                s = extract(student, ids, mask, **objective.extract_kwargs(batch, "student"))
+                loss = objective(s, t, batch)[0]
+            prec.backward(loss)
+            prec.step(optimizer, max_grad_norm=5.0)
+        return run
+
+    # the two implementations agree before anything is timed
+    values = {}
+    for name in ("fused", "composed"):
+        with implementation(name):
+            values[name] = float(sum(losses.relation_kl(s, t, mask, args.relation_heads) for s, t in zip(xs, xt)))
+    difference = abs(values["fused"] - values["composed"]) / max(abs(values["composed"]), 1e-12)
+    repeats = 3 if args.quick else 5
+    clock = Clock(device)
+    log("loss alone (3 vector kinds, forward + backward):")
+    loss_runs = interleaved({"composed": loss_only("composed"), "fused": loss_only("fused")}, repeats, 0, clock)
+    log(f"distillation step ({precision_name}):")
+    step_runs = interleaved({"composed": step("composed"), "fused": step("fused")}, repeats, 0, clock)
+    tokens = args.batch * args.seq
+    report = {
+        "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,
+        "precision": precision_name,
+        "setup": {"batch": args.batch, "seq": args.seq, "width": args.width, "relation_heads": args.relation_heads,
+                  "teacher_layers": 6, "student_layers": LAYERS, "terms": WEIGHTS},
+        "loss_relative_difference": difference,
+        "loss": {name: summary(runs) for name, runs in loss_runs.items()},
+        "step": {name: summary(runs, tokens) for name, runs in step_runs.items()},
+        "relation_loss_speedup": paired_ratio(loss_runs, "composed", "fused"),
+        "relation_step_speedup": paired_ratio(step_runs, "composed", "fused"),
+    }
+    if args.out:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.out)
+    print(f"loss_relative_difference: {difference:.2e}")
+    print(f"relation_loss_speedup: {report['relation_loss_speedup']['value']:.2f}")
+    print(f"relation_step_speedup: {report['relation_step_speedup']['value']:.2f}")
+    for name in ("composed", "fused"):
+        print(f"step_tokens_per_s_{name}: {report['step'][name]['tokens_per_s']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
