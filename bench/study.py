@@ -210,6 +210,19 @@ def objectives_of(layers: str, ns) -> list[str]:
     return ns.objective_list if layers == ns.inits[0] else ns.other_objective_list
 
 
+def shown_path(value, ns):
+    """A path as the report prints it: under the study's cache as ``CACHE/...`` (prepare_study_data.py's
+    cache directory), under the home directory as ``~/...``; anything else as given. A report names no
+    directory of the machine that wrote it."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    path = os.path.abspath(value)
+    for root, name in ((os.path.abspath(ns.cache_dir), "CACHE"), (os.path.expanduser("~"), "~")):
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return name + path[len(root.rstrip(os.sep)):]
+    return value
+
+
 def default_corpus(cache_dir: str) -> str:
     """The prepared agnostic corpus when it is there (prepare_study_data.py, step 3), else the Wikipedia extract."""
     path = os.path.join(cache_dir, CORPUS_FILE)
@@ -707,9 +720,9 @@ def findings(summary, speed, ns) -> list[str]:
         best_a = max(agnostic, key=lambda r: r["retained"])
         gain = best_a["retained"] - base["retained"]
         lines.append(f"Target (task-agnostic distillation alone beats fine-tuning alone, layers {first}, by >= 2 "
-                     f"points): best is {best_a['label']} at {gain:+.1f} points ({best_a['retained']:.1f}% against "
+                     f"points): best is {best_a['label']} at {gain:+.2f} points ({best_a['retained']:.1f}% against "
                      f"{base['retained']:.1f}%)" + (" (quick mode: not a result)." if ns.quick else
-                                                   ": met." if gain >= 2 else f": not met (short by {2 - gain:.1f})."))
+                                                   ": met." if gain >= 2 else f": not met (short by {2 - gain:.2f})."))
     ref = next((r for r in done if r["kind"] == "reference"), None)
     if ref and distilled:
         gap = best["retained"] - ref["retained"]
@@ -759,7 +772,8 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         + f"; fine-tuning: lr {ns.learning_rate:g}, batch {ns.batch_size}, {ns.epochs:g} epochs, warm-up 10%, "
           f"weight decay 0.01, max_seq_length {ns.max_seq_length}, {ns.train_precision}; seeds "
           f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
-        f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size} tokens of `{ns.corpus}`, "
+        f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size} tokens of "
+        f"`{shown_path(ns.corpus, ns)}`, "
         f"{ns.train_precision}, AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
         + ("hid_mse/att_mse: student layer i against teacher layer i*Lt/Ls (uniform map: "
            + ",".join(map(str, loss_targets(ns.inits[0], ns) or [])) + " for every initialisation; with the "
@@ -830,7 +844,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
     atomic_write_text(str(out) + ".md", "\n".join(lines))
     atomic_write_text(str(out) + ".json", json.dumps({
         "mode": "quick" if ns.quick else "full", "command": command,
-        "settings": {k: v for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
+        "settings": {k: shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},

@@ -206,3 +206,16 @@ def test_clipping_texts_to_max_seq_length_words_keeps_every_token_the_model_read
             assert text.startswith(clipped) and len(clipped.split()) == min(n, len(text.split()))
             full = tok(text, truncation=True, max_length=n + 2)["input_ids"]  # n tokens plus [CLS] and [SEP]
             assert tok(clipped, truncation=True, max_length=n + 2)["input_ids"] == full
+
+
+def test_the_report_names_paths_under_the_cache_and_home_without_the_machine_s_directories(study, tmp_path,
+                                                                                            monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ns = SimpleNamespace(cache_dir=str(tmp_path / "home" / ".cache" / "distill" / "study"))
+    assert study.shown_path(ns.cache_dir + "/corpus/agnostic.txt", ns) == "CACHE/corpus/agnostic.txt"
+    assert study.shown_path(str(tmp_path / "home" / "wiki.txt"), ns) == "~/wiki.txt"
+    assert study.shown_path(str(tmp_path / "home-other" / "x.txt"), ns) == str(tmp_path / "home-other" / "x.txt")
+    assert study.shown_path("offline:wikipedia-extract", ns) == "offline:wikipedia-extract"
+    assert study.shown_path(3, ns) == 3
