@@ -49,6 +49,10 @@ def _parse(argv: list[str]):
         raise UsageError("--output_dir is required: results go to OUT/<task>/<cell>/result.json")
     if not glue.model:
         raise UsageError("--model is required: a model folder (e.g. a distilled student) or a hub id")
+    from .grid import AXIS_RULES, axis_value_ok
+
+    if not axis_value_ok("max_seq_length", glue.max_seq_length):  # the grid file's rule for the same setting
+        raise UsageError(f"--max_seq_length {glue.max_seq_length} {AXIS_RULES['max_seq_length']}")
     return glue, args
 
 

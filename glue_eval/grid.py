@@ -58,9 +58,9 @@ def load_grid(spec: str) -> dict:
             raise UsageError(f"grid file {spec!r}: {key} must be a non-empty list, e.g. [1e-5, 5e-5]")
         if key in AXES:
             for item in value:
-                if not _axis_value_ok(key, item):
+                if not axis_value_ok(key, item):
                     raise UsageError(f"grid file {spec!r}: {key} value {item!r} {AXIS_RULES[key]}")
-    if "max_seq_length" in grid and not _axis_value_ok("max_seq_length", grid["max_seq_length"]):
+    if "max_seq_length" in grid and not axis_value_ok("max_seq_length", grid["max_seq_length"]):
         raise UsageError(f"grid file {spec!r}: max_seq_length {grid['max_seq_length']!r} "
                          f"{AXIS_RULES['max_seq_length']}")
     return grid
@@ -72,7 +72,7 @@ AXIS_RULES = {"learning_rate": "must be a number in (0, 1], e.g. 5e-5",
               "max_seq_length": "must be a whole number >= 8 (room for a sentence pair's special tokens and some text), e.g. 128"}
 
 
-def _axis_value_ok(key: str, value) -> bool:
+def axis_value_ok(key: str, value) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     if key == "learning_rate":

@@ -113,3 +113,11 @@ def test_bad_grid_values_are_one_line_before_anything_runs(bert_mlm_dir, glue_di
     line = _run(argv, capsys)
     assert named in line and "e.g." in line
     assert _nothing_written(out)
+
+
+@pytest.mark.parametrize("length", ["0", "4"])
+def test_a_max_seq_length_too_short_for_a_sentence_pair_is_one_line(bert_mlm_dir, glue_dir, tmp_path, capsys, length):
+    out = tmp_path / "out"
+    line = _run(_args(bert_mlm_dir, glue_dir, out) + ["--max_seq_length", length], capsys)
+    assert f"--max_seq_length {length} must be a whole number >= 8" in line and "e.g. 128" in line
+    assert _nothing_written(out)
