@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .errors import UsageError
+from .families import FAMILIES
 from .masking import IGNORE_INDEX
 from .models import extract, load_config, load_model, role_from_architectures, role_of
 from .terms import CORRUPTED_INPUT, select
@@ -148,18 +149,25 @@ def check_recipe(cfg, teacher_config) -> None:
 def check_discriminator(config_or_model, name: str = "the teacher") -> None:
     """One error unless this is an ELECTRA discriminator (``ElectraForPreTraining``)."""
     config = getattr(config_or_model, "config", config_or_model)
+    family = _discriminator_family(config)
     if isinstance(config_or_model, nn.Module):
-        is_disc = getattr(config, "model_type", None) == "electra" and _role(config_or_model) == "rtd"
+        is_disc = family is not None and _role(config_or_model) == "rtd"
         what = type(config_or_model).__name__
     else:
         arch = (getattr(config, "architectures", None) or [None])[0]
-        is_disc = getattr(config, "model_type", None) == "electra" and (arch is None or arch == "ElectraForPreTraining")
+        is_disc = family is not None and (arch is None or family.role_of_class(arch) == "rtd")
         what = arch or f"{getattr(config, 'model_type', None)} model"
     if not is_disc:
         raise UsageError(
             f"an ELECTRA recipe (generator is set) distils an ELECTRA discriminator, but the teacher {name!r} is "
             f"{what}: use an ElectraForPreTraining teacher (e.g. google/electra-base-discriminator), or drop "
             "generator and the rtd terms for a masked-LM recipe")
+
+
+def _discriminator_family(config):
+    """The config's family when the registry gives it a replaced-token-detection head ("rtd"), else None."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return family if family is not None and "rtd" in family.classes else None
 
 
 def _role(model: nn.Module) -> str | None:
@@ -173,7 +181,8 @@ def check_generator(gen_config, disc_config, name: str = "generator") -> None:
     """The generator must be an ELECTRA masked LM that shares the discriminator's vocabulary."""
     gen_type = getattr(gen_config, "model_type", None)
     arch = (getattr(gen_config, "architectures", None) or [None])[0]
-    if gen_type != "electra" or (arch is not None and role_from_architectures(gen_config) != "mlm"):
+    # a masked LM of a family with a discriminator head (ELECTRA's generator and discriminator share one family)
+    if _discriminator_family(gen_config) is None or (arch is not None and role_from_architectures(gen_config) != "mlm"):
         raise UsageError(
             f"generator {name!r} is {arch or gen_type}, not an ELECTRA generator: give an ElectraForMaskedLM "
             "checkpoint (e.g. google/electra-base-generator)")

@@ -320,10 +320,12 @@ def test_a_generator_with_another_vocabulary_is_one_clear_error(teacher_dir, cor
 
 
 def test_other_ill_formed_electra_recipes_are_one_clear_error(teacher_dir, electra_gen_dir, corpus, work, capsys,
-                                                            tmp_path):
+                                                            tmp_path, bert_mlm_dir):
     base = recipe(teacher_dir, electra_gen_dir, corpus, work, output_dir=str(work / "bad3"))
     assert "needs corrupted input: set generator" in cli_error({**base, "generator": None}, capsys)
     assert "not an ELECTRA generator" in cli_error({**base, "generator": teacher_dir}, capsys)
+    # a masked LM of a family without a discriminator head is not a generator either
+    assert "BertForMaskedLM, not an ELECTRA generator" in cli_error({**base, "generator": bert_mlm_dir}, capsys)
     # a generator whose tokenizer numbers the special tokens differently
     vocab = tiny.vocab_tokens()
     vocab[1], vocab[4] = vocab[4], vocab[1]  # [UNK] <-> [MASK]
