@@ -108,7 +108,10 @@ def _kept_rows(x: Tensor, mask: Tensor | None, event_dims: int) -> Tensor:
             f"mask shape {tuple(mask.shape)} does not match the positions {tuple(lead)} "
             f"of an input of shape {tuple(x.shape)}"
         )
-    return _wide(x[mask.to(device=x.device, dtype=torch.bool)])
+    keep = mask.to(device=x.device, dtype=torch.bool)
+    if bool(keep.all()):  # nothing dropped (a packed batch): the rows as they are, no gather and no scatter back
+        return _wide(x.reshape(-1, *event))
+    return _wide(x[keep])
 
 
 def _kept_pair(student: Tensor, teacher: Tensor, mask: Tensor | None, event_dims: int, what: str):
@@ -305,6 +308,8 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     _check_attention(student_attn, teacher_attn, "attention_mse")
     b, h, seq, _ = student_attn.shape
     m = _token_mask(mask, b, seq, student_attn.device)
+    if bool(m.all()):  # nothing padded (a packed batch): every entry counts, no gather and no scatter back
+        return _mean((_wide(student_attn) - _wide(teacher_attn)) ** 2)
     valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
     return _mean((_wide(student_attn[valid]) - _wide(teacher_attn[valid])) ** 2)
 
@@ -327,14 +332,16 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | None
     _check_attention(student_attn, teacher_attn, "attention_kl")
     b, h, seq, _ = student_attn.shape
     m = _token_mask(mask, b, seq, student_attn.device)
-    valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
-    # where() (not * 0) so garbage in padding cannot turn into NaN, forward or backward.
-    a_s = torch.where(valid, _wide(student_attn), 0.0)
-    a_t = torch.where(valid, _wide(teacher_attn), 0.0)
+    a_s, a_t = _wide(student_attn), _wide(teacher_attn)
+    padded = not bool(m.all())  # a packed batch has nothing to drop: no where() and no gather
+    if padded:
+        valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
+        # where() (not * 0) so garbage in padding cannot turn into NaN, forward or backward.
+        a_s, a_t = torch.where(valid, a_s, 0.0), torch.where(valid, a_t, 0.0)
     a_s = a_s.clamp_min(torch.finfo(a_s.dtype).tiny)
     per_entry = torch.xlogy(a_t, a_t) - torch.xlogy(a_t, a_s)  # 0 where a_t == 0
     per_row = per_entry.sum(dim=-1)  # [B, h, S]
-    return _mean(per_row[m[:, None, :].expand(b, h, seq)])
+    return _mean(per_row[m[:, None, :].expand(b, h, seq)] if padded else per_row)
 
 
 @_full_precision

@@ -330,6 +330,47 @@ def test_padding_content_changes_no_loss_and_no_gradient(garbage):
         assert torch.isfinite(x.grad).all(), f"non-finite gradient reaches {key}"
 
 
+def test_a_batch_without_padding_takes_its_own_path_to_the_padded_path_s_values_and_gradients():
+    # A packed batch (every position real) skips the gathers and masks. Appending one all-padding example must
+    # change nothing: the padded path then gives the value and the gradients of the same real positions.
+    full = torch.ones(B, S, dtype=torch.long)
+    padded = torch.cat([full, torch.zeros(1, S, dtype=torch.long)])
+    inputs = dict(
+        z_s=randn(B, S, V, seed=60), z_t=randn(B, S, V, seed=61), h_s=randn(B, S, H, seed=62),
+        h_t=randn(B, S, H, seed=63), a_s=attention_probs(64, full), a_t=attention_probs(65, full),
+        v_s=randn(B, HEADS, S, 4, seed=66), v_t=randn(B, HEADS, S, 3, seed=67), r_s=randn(B, S, seed=68),
+        r_t=randn(B, S, seed=69),
+    )
+    labels = (randn(B, S, seed=70) > 0).long()
+    junk = {k: torch.full((1, *x.shape[1:]), 0.25) for k, x in inputs.items()}
+    packed = {k: x.double().requires_grad_(True) for k, x in inputs.items()}
+    longer = {k: x.double().requires_grad_(True) for k, x in inputs.items()}
+    want = _all_terms(padded, **{k: torch.cat([longer[k], junk[k].double()]) for k in inputs},
+                      labels=torch.cat([labels, labels[:1]]))
+    got = _all_terms(full, **packed, labels=labels)
+    for name in want:
+        assert got[name].item() == pytest.approx(want[name].item(), rel=1e-12, abs=1e-15), name
+    sum(want.values()).backward()
+    sum(got.values()).backward()
+    for key in inputs:
+        assert torch.allclose(packed[key].grad, longer[key].grad, rtol=1e-10, atol=1e-14), key
+    # relation_kl (MiniLMv2) and mlm_loss: the same check
+    xs, xt = randn(B, S, 8, seed=71).double().requires_grad_(True), randn(B, S, 12, seed=72).double()
+    xs2 = xs.detach().clone().requires_grad_(True)
+    a = losses.relation_kl(xs, xt, full, 4)
+    b = losses.relation_kl(torch.cat([xs2, torch.zeros(1, S, 8, dtype=xs.dtype)]),
+                           torch.cat([xt, torch.zeros(1, S, 12, dtype=xt.dtype)]), padded, 4)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+    a.backward()
+    b.backward()
+    assert torch.allclose(xs.grad, xs2.grad, rtol=1e-10, atol=1e-14)
+    z = randn(B, S, V, seed=73).double()
+    targets = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(74))
+    with_ignored = torch.cat([z, torch.zeros(1, S, V, dtype=z.dtype)])
+    assert losses.mlm_loss(z, targets).item() == pytest.approx(
+        losses.mlm_loss(with_ignored, torch.cat([targets, torch.full((1, S), -100)])).item(), rel=1e-12)
+
+
 def test_mlm_ignores_unlabelled_positions_even_if_garbage():
     z = randn(B, S, V, seed=51)
     labels = torch.full((B, S), -100)
