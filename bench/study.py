@@ -159,6 +159,9 @@ def parse_args(argv=None):
     p.add_argument("--skip_speed", action="store_true", help="do not measure inference speed")
     p.add_argument("--remeasure_speed", action="store_true",
                    help="measure the inference speed again (e.g. on a quieter machine), then write the report")
+    p.add_argument("--remeasure_distill", type=int, default=0, metavar="N",
+                   help="run N distillation steps of each distilled row's recipe with this checkout's engine, "
+                        "record its tokens/s and the full run's time at those rates, then write the report")
     ns = p.parse_args(argv)
     preset = QUICK if ns.quick else FULL
     for k, v in preset.items():
@@ -477,6 +480,69 @@ def distil(row: dict, folder: str, ns) -> None:
     train(cfg)
 
 
+def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
+    """The whole run's wall time with every distillation at the rates --remeasure_distill measured (keyed by
+    terms) and the fine-tuning as this run measured it: ``{"distill_s", "finetune_s", "total_s", "rates"}``, with
+    ``rates`` ``{terms: (tokens/s now, tokens/s in this run or None)}``."""
+    tokens = ns.distill_steps * ns.distill_batch * ns.block_size
+    distill, rates = 0.0, {}
+    for row in rows:
+        weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
+        key = "+".join(weights) if weights else None
+        if key not in distill_speed:
+            continue
+        rate = distill_speed[key]["tokens_per_s"]
+        distill += tokens / rate
+        spent = timings.get(f"prepare {row['name']}")
+        rates.setdefault(key, (rate, tokens / spent if spent else None))
+    finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
+    return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates}
+
+
+def distill_speed_line(projection: dict, steps: int) -> str:
+    """The report's line on --remeasure_distill (see :func:`projected_run`)."""
+    parts = [f"{key} {now:.0f} tokens/s" + (f" (this run: {then:.0f})" if then else "")
+             for key, (now, then) in projection["rates"].items()]
+    return (f"- Distillation speed of this checkout's engine (`--remeasure_distill {steps}`: {steps} steps of each "
+            f"recipe, measured after the run): {', '.join(parts)}. The whole run at these rates: about "
+            f"{projection['total_s'] / 3600:.1f} h (distillation {projection['distill_s'] / 60:.0f} min, "
+            f"fine-tuning {projection['finetune_s'] / 60:.0f} min as measured; data preparation and calibration "
+            "batches not counted)")
+
+
+def measure_distill_speed(rows, ns) -> dict:
+    """Tokens/s of ``ns.remeasure_distill`` steps of each distilled row's recipe, run now with this checkout's
+    engine (one run per set of terms: a calibrated row runs at its objective's speed), in a scratch folder under
+    the work dir; the first logged interval (warm-up) is left out. Keyed by the terms, ``+``-joined."""
+    import shutil
+    import statistics
+
+    from distill.config import make_config
+    from distill.train import train
+
+    steps = ns.remeasure_distill
+    interval = max(steps // 4, 1)
+    out = {}
+    for row in rows:
+        weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
+        if not weights:
+            continue
+        key = "+".join(weights)
+        if key in out:
+            continue
+        folder = os.path.join(ns.work_dir, "distill-speed", key)
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"measuring distillation speed of {key}: {steps} steps")
+        train(make_config({**distill_settings(row, weights, ns), "output_dir": folder, "max_steps": steps,
+                           "save_steps": steps + 1, "logging_steps": interval, "overwrite_output_dir": True}))
+        records = [json.loads(line) for line in open(os.path.join(folder, "logs", "train_log.jsonl"), encoding="utf-8")
+                   if line.strip()]
+        rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+        out[key] = {"tokens_per_s": statistics.median(rates), "steps": steps, "intervals": len(rates)}
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def finetune_dir(row: dict, ns) -> str:
     """The row's glue-eval output folder; the fine-tuning data and length are part of the key (a cell's own
     record holds the other settings)."""
@@ -736,7 +802,7 @@ def findings(summary, speed, ns) -> list[str]:
     return lines
 
 
-def write_report(ns, rows, tasks, results, speed, params, timings, command) -> None:
+def write_report(ns, rows, tasks, results, speed, params, timings, command, distill_speed=None) -> None:
     import transformers
 
     from distill.io import atomic_write_text
@@ -744,6 +810,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
     summary = summarise(rows, tasks, results, ns.seed_list)
     for r in summary:
         r["compute"] = row_compute(r, timings, ns)
+    projection = projected_run(rows, timings, distill_speed, ns) if distill_speed else None
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
@@ -801,6 +868,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
         f"- Compute spent (wall clock, as measured): "
         f"distillation {sum(v for k, v in timings.items() if k.startswith('prepare')) / 60:.0f} min, fine-tuning "
         f"{sum(v for k, v in timings.items() if k.startswith('finetune')) / 60:.0f} min",
+        *([distill_speed_line(projection, next(iter(distill_speed.values()))["steps"])] if projection else []),
         "",
     ]
     if incomplete:
@@ -849,6 +917,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command) -> N
                      "transformers": transformers.__version__},
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
         "rows": summary, "speed": speed, "params": params, "timings_s": timings,
+        "distill_speed": distill_speed, "projected_run": projection,
         "calibrations": calibrations(rows, ns),
     }, indent=2, default=str) + "\n")
     plot(summary, Path(str(out) + ".png"), ns, mode)
@@ -939,7 +1008,7 @@ def main(argv=None) -> int:
     ns.train_precision = auto_precision()[0] if ns.precision == "auto" else ns.precision
     command = "python bench/study.py " + " ".join(
         a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:]))
-    for flag in (" --report_only", " --remeasure_speed"):
+    for flag in (" --report_only", " --remeasure_speed", f" --remeasure_distill {ns.remeasure_distill}"):
         command = command.replace(flag, "")
     command = command.strip()
     if ns.prepare:
@@ -948,7 +1017,10 @@ def main(argv=None) -> int:
     rows = make_rows(ns)
     state = load_state(ns)
     timings = state.setdefault("timings", {})
-    if ns.remeasure_speed:
+    if ns.remeasure_distill:
+        state["distill_speed"] = measure_distill_speed(rows, ns)
+        save_state(ns, state)
+    elif ns.remeasure_speed:
         first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
         prepare_model(first, ns)
         log("measuring inference speed")
@@ -969,7 +1041,7 @@ def main(argv=None) -> int:
                 timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
                 save_state(ns, state)
                 write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
-                             params_of(rows, ns, state), timings, command)
+                             params_of(rows, ns, state), timings, command, state.get("distill_speed"))
         # 2. speed and size, last: the machine is most likely quiet once the run's own work is done (a figure taken
         # beside other processes is not the model's speed; --remeasure_speed takes it again). One architecture for
         # all students, so the first student folder serves.
@@ -980,7 +1052,7 @@ def main(argv=None) -> int:
             state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
             save_state(ns, state)
     write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
-                 timings, command)
+                 timings, command, state.get("distill_speed"))
     if not ns.report_only:
         save_state(ns, state)
     return 0

@@ -219,3 +219,23 @@ def test_the_report_names_paths_under_the_cache_and_home_without_the_machine_s_d
     assert study.shown_path(str(tmp_path / "home-other" / "x.txt"), ns) == str(tmp_path / "home-other" / "x.txt")
     assert study.shown_path("offline:wikipedia-extract", ns) == "offline:wikipedia-extract"
     assert study.shown_path(3, ns) == 3
+
+
+def test_remeasure_distill_records_each_recipe_s_speed_and_projects_the_whole_run(study, finished):
+    root, _, argv = finished
+    assert study.main(argv + ["--remeasure_distill", "4"]) == 0
+    state = json.loads((root / "work" / "state.json").read_text())
+    speeds = state["distill_speed"]
+    # one measurement per set of terms: the calibrated row runs its objective's terms
+    assert set(speeds) == {"hid_mse+att_mse", "qq_rel+kk_rel+vv_rel"}
+    assert all(v["tokens_per_s"] > 0 and v["steps"] == 4 and v["intervals"] == 3 for v in speeds.values())
+    out = json.loads((root / "out" / "study.json").read_text())
+    tokens = 2 * 2 * 32  # --distill_steps x --distill_batch x --block_size
+    # three distilled folders: hid_mse+att_mse, its @cal row, the relations row (task-KD rows reuse them)
+    want = 2 * tokens / speeds["hid_mse+att_mse"]["tokens_per_s"] + tokens / speeds["qq_rel+kk_rel+vv_rel"]["tokens_per_s"]
+    assert out["projected_run"]["distill_s"] == pytest.approx(want)
+    finetune = sum(v for k, v in state["timings"].items() if k.startswith("finetune"))
+    assert out["projected_run"]["finetune_s"] == pytest.approx(finetune)
+    assert "`--remeasure_distill 4`" in (root / "out" / "study.md").read_text()
+    assert "--remeasure_distill" not in out["command"]  # the run's command, not the measurement's
+    assert not (root / "work" / "distill-speed").exists() or not any((root / "work" / "distill-speed").iterdir())
