@@ -181,7 +181,7 @@ def check_generator(gen_config, disc_config, name: str = "generator") -> None:
     """The generator must be an ELECTRA masked LM that shares the discriminator's vocabulary."""
     gen_type = getattr(gen_config, "model_type", None)
     arch = (getattr(gen_config, "architectures", None) or [None])[0]
-    # a masked LM of a family with a discriminator head (ELECTRA's generator and discriminator share one family)
+    # a masked LM of a family with a discriminator head (ELECTRA: the generator is a masked LM of that family)
     if _discriminator_family(gen_config) is None or (arch is not None and role_from_architectures(gen_config) != "mlm"):
         raise UsageError(
             f"generator {name!r} is {arch or gen_type}, not an ELECTRA generator: give an ElectraForMaskedLM "

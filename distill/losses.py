@@ -372,7 +372,8 @@ def value_relation_kl(student_values: Tensor, teacher_values: Tensor, mask: Tens
         pos = m[:, None, :, None]
         vs, vt = torch.where(pos, vs, 0.0), torch.where(pos, vt, 0.0)
     key_invalid = ~m[:, None, None, :] if padded else None
-    return _RelationKL.apply(vs, vt, key_invalid, int(m.sum()) * h)
+    # grad mode is off inside a Function's forward: whether a backward can come is read here
+    return _RelationKL.apply(vs, vt, key_invalid, int(m.sum()) * h, torch.is_grad_enabled())
 
 
 class _RelationKL(torch.autograd.Function):
@@ -386,12 +387,13 @@ class _RelationKL(torch.autograd.Function):
     then uniform on both sides (KL 0, gradient 0) and needs no mask of its own; a padded key gets
     the dtype's most negative finite score (probability 0, every log finite).
     ``key_invalid``: ``[B, 1, 1, S]`` bool, True at padded keys, or None when nothing is padded.
-    ``count``: the rows averaged over (real query rows times heads).
+    ``count``: the rows averaged over (real query rows times heads). ``grad_enabled``: whether grad mode
+    was on at the call (under no_grad no gradient is taken).
     """
 
     @staticmethod
-    def forward(ctx, xs: Tensor, xt: Tensor, key_invalid: Tensor | None, count: int):
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, xs: Tensor, xt: Tensor, key_invalid: Tensor | None, count: int, grad_enabled: bool):
+        need_s, need_t = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         # x x^T / sqrt(d) as y y^T with y = x d^(-1/4): the scaling runs over [S, d], not over [S, S]
         ys, yt = xs * xs.shape[-1] ** -0.25, xt * xt.shape[-1] ** -0.25
 
@@ -420,15 +422,15 @@ class _RelationKL(torch.autograd.Function):
         del diff, weighted
         if need_s:  # d KL_row / d score_s = R_s - R_t
             grad_s = through_scores(log_r_s.exp_().sub_(r_t), ys, xs)
-        ctx.grads = (grad_s, grad_t)
+        ctx.save_for_backward(grad_s, grad_t)  # freed after the backward (unless the graph is retained)
         return total / denominator
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        grad_s, grad_t = ctx.grads  # [B, h, S, d]: small, so kept (a retained graph may backpropagate again)
+        grad_s, grad_t = ctx.saved_tensors
         return (None if grad_s is None else grad_s * grad_output,
-                None if grad_t is None else grad_t * grad_output, None, None)
+                None if grad_t is None else grad_t * grad_output, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,6 +133,18 @@ def test_a_retained_graph_backpropagates_twice_to_the_same_gradient():
     assert torch.equal(first, second) and first.abs().sum() > 0
 
 
+def test_the_gradients_taken_in_the_forward_are_freed_by_the_backward_and_no_grad_gives_the_value_alone():
+    student = randn(B, S, 8, seed=21).requires_grad_(True)
+    teacher = randn(B, S, 8, seed=22)
+    value = relation_kl(student, teacher, make_mask(), 2)
+    value.backward()
+    with pytest.raises(RuntimeError, match="freed"):  # nothing of the size of the input kept past the backward
+        value.grad_fn.saved_tensors
+    with torch.no_grad():
+        quiet = relation_kl(student, teacher, make_mask(), 2)
+    assert quiet.grad_fn is None and quiet.item() == pytest.approx(value.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_give_finite_values_and_gradients(dtype):
     mask = make_mask()
