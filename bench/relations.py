@@ -6,8 +6,10 @@
 
 ``distill.losses.relation_kl`` computes the loss and the student's gradient in one pass of tensor operations
 (``losses._RelationKL``): autograd keeps none of the ``[B, relation_heads, S, S]`` maps. ``composed`` is the
-same formula written as autograd operations (the engine's implementation before), swapped in for the timing
-only. Both are timed in interleaved rounds on (1) the loss alone, forward and backward, for the query, key
+same formula written as autograd operations, swapped in for ``_RelationKL`` only (the inputs are prepared as the
+engine prepares them), so the ratio is the one-pass computation's alone; the engine's implementation before it
+also masked and gathered on packed batches, so its step was slower than ``composed`` (``bench/study.py
+--remeasure_distill`` compares a whole run's speed with the run's own). Both are timed in interleaved rounds on (1) the loss alone, forward and backward, for the query, key
 and value vectors of one layer pair, and (2) one whole distillation step of ``qq_rel + kk_rel + vv_rel``
 (teacher forward, student forward, loss, backward, fused AdamW step), as the study's relations row runs it.
 Random weights: the speed does not depend on them. Prints one ``name: value`` line per figure.
@@ -42,8 +44,8 @@ WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
 LAYERS = [2, 4, 6]
 
 
-def composed(xs, xt, key_invalid, count):
-    """``_RelationKL.apply``'s arguments and value, as autograd operations (the engine's former implementation)."""
+def composed(xs, xt, key_invalid, count, grad_enabled=True):
+    """``_RelationKL.apply``'s arguments and value, as autograd operations."""
     def log_relation(x):
         scores = x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
         if key_invalid is not None:
@@ -126,12 +128,16 @@ def main(argv=None) -> int:
         with implementation(name):
             values[name] = float(sum(losses.relation_kl(s, t, mask, args.relation_heads) for s, t in zip(xs, xt)))
     difference = abs(values["fused"] - values["composed"]) / max(abs(values["composed"]), 1e-12)
+    if difference > 1e-5:
+        print(f"error: the two implementations disagree (relative difference {difference:.2e} > 1e-5): "
+              "nothing was timed", file=sys.stderr)
+        return 1
     repeats = 3 if args.quick else 5
     clock = Clock(device)
     log("loss alone (3 vector kinds, forward + backward):")
-    loss_runs = interleaved({"composed": loss_only("composed"), "fused": loss_only("fused")}, repeats, 0, clock)
+    loss_runs = interleaved({"composed": loss_only("composed"), "fused": loss_only("fused")}, repeats, 1, clock)
     log(f"distillation step ({precision_name}):")
-    step_runs = interleaved({"composed": step("composed"), "fused": step("fused")}, repeats, 0, clock)
+    step_runs = interleaved({"composed": step("composed"), "fused": step("fused")}, repeats, 1, clock)
     tokens = args.batch * args.seq
     report = {
         "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,

@@ -163,6 +163,9 @@ def parse_args(argv=None):
                    help="run N distillation steps of each distilled row's recipe with this checkout's engine, "
                         "record its tokens/s and the full run's time at those rates, then write the report")
     ns = p.parse_args(argv)
+    if ns.remeasure_distill and ns.remeasure_distill < 4:
+        p.error(f"--remeasure_distill {ns.remeasure_distill}: give 4 steps or more (the first logged quarter is "
+                "warm-up and left out), e.g. 60")
     preset = QUICK if ns.quick else FULL
     for k, v in preset.items():
         if getattr(ns, k) is None:
@@ -217,12 +220,14 @@ def shown_path(value, ns):
     """A path as the report prints it: under the study's cache as ``CACHE/...`` (prepare_study_data.py's
     cache directory), under the home directory as ``~/...``; anything else as given. A report names no
     directory of the machine that wrote it."""
-    if not isinstance(value, str) or not os.path.isabs(value):
+    if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
         return value
-    path = os.path.abspath(value)
-    for root, name in ((os.path.abspath(ns.cache_dir), "CACHE"), (os.path.expanduser("~"), "~")):
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return name + path[len(root.rstrip(os.sep)):]
+    path = os.path.realpath(os.path.expanduser(value))
+    roots = [(os.path.realpath(os.path.expanduser(ns.cache_dir)), "CACHE"),
+             (os.path.realpath(os.path.expanduser("~")), "~")]
+    for root, name in roots:
+        if root != os.sep and (path == root or path.startswith(root + os.sep)):
+            return name + path[len(root):]
     return value
 
 
@@ -332,7 +337,7 @@ def init_name(layers: str) -> str:
 
 def make_rows(ns) -> list[dict]:
     """Every model of the study: name, label, kind, how to get its folder."""
-    rows = [{"name": "teacher", "label": f"teacher ({ns.teacher.split(':')[-1]})", "kind": "teacher"}]
+    rows = [{"name": "teacher", "label": f"teacher ({shown_path(ns.teacher, ns).split(':')[-1]})", "kind": "teacher"}]
     for layers in ns.inits:
         for obj in objectives_of(layers, ns):
             label = f"3L {layers}: " + ("fine-tuned only" if obj == "none" else
@@ -480,40 +485,71 @@ def distil(row: dict, folder: str, ns) -> None:
     train(cfg)
 
 
+def distill_key(row: dict, ns) -> str | None:
+    """What a distillation's speed depends on, as --remeasure_distill keys it: the terms and the student's depth
+    (None for a row that distils nothing of its own: fine-tuned only, or task KD on another row's model)."""
+    weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
+    return f"{'+'.join(weights)}, {len(row['layers'].split(','))} layers" if weights else None
+
+
+def distill_speed_settings(ns) -> dict:
+    """The settings a --remeasure_distill figure holds for: one taken under others is not used."""
+    return {"teacher": shown_path(ns.teacher, ns), "distill_batch": ns.distill_batch, "block_size": ns.block_size,
+            "precision": ns.train_precision}
+
+
+def logged_tokens_per_s(folder: str) -> float | None:
+    """Median tokens/s of a distill-train run's logged intervals (its own figure, without loading and saving)."""
+    import statistics
+
+    path = os.path.join(folder, "logs", "train_log.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rates = [r["tokens_per_s"] for r in map(json.loads, filter(str.strip, open(path, encoding="utf-8")))
+             if "tokens_per_s" in r]
+    return statistics.median(rates) if rates else None
+
+
 def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
-    """The whole run's wall time with every distillation at the rates --remeasure_distill measured (keyed by
-    terms) and the fine-tuning as this run measured it: ``{"distill_s", "finetune_s", "total_s", "rates"}``, with
-    ``rates`` ``{terms: (tokens/s now, tokens/s in this run or None)}``."""
+    """The whole run's wall time with every distillation at the rates --remeasure_distill measured under the
+    current settings and the fine-tuning as this run measured it: ``{"distill_s", "finetune_s", "total_s",
+    "rates", "unmeasured"}``; ``rates`` ``{key: [tokens/s now, tokens/s in this run's own logs or None]}``,
+    ``unmeasured`` the distilled rows with no such figure (left out of the total)."""
     tokens = ns.distill_steps * ns.distill_batch * ns.block_size
-    distill, rates = 0.0, {}
+    settings = distill_speed_settings(ns)
+    distill, rates, unmeasured = 0.0, {}, []
     for row in rows:
-        weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
-        key = "+".join(weights) if weights else None
-        if key not in distill_speed:
+        key = distill_key(row, ns)
+        if key is None:
             continue
-        rate = distill_speed[key]["tokens_per_s"]
-        distill += tokens / rate
-        spent = timings.get(f"prepare {row['name']}")
-        rates.setdefault(key, (rate, tokens / spent if spent else None))
+        entry = distill_speed.get(key)
+        if entry is None or entry.get("settings") != settings:
+            unmeasured.append(row["name"])
+            continue
+        distill += tokens / entry["tokens_per_s"]
+        if key not in rates:
+            rates[key] = [entry["tokens_per_s"], logged_tokens_per_s(model_folder(row, ns))]
     finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
-    return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates}
+    return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates,
+            "unmeasured": unmeasured}
 
 
-def distill_speed_line(projection: dict, steps: int) -> str:
+def distill_speed_line(projection: dict) -> str:
     """The report's line on --remeasure_distill (see :func:`projected_run`)."""
-    parts = [f"{key} {now:.0f} tokens/s" + (f" (this run: {then:.0f})" if then else "")
+    parts = [f"{key}: {now:.0f} tokens/s" + (f" (this run's own log: {then:.0f})" if then else "")
              for key, (now, then) in projection["rates"].items()]
-    return (f"- Distillation speed of this checkout's engine (`--remeasure_distill {steps}`: {steps} steps of each "
-            f"recipe, measured after the run): {', '.join(parts)}. The whole run at these rates: about "
-            f"{projection['total_s'] / 3600:.1f} h (distillation {projection['distill_s'] / 60:.0f} min, "
+    return (f"- Distillation speed of this checkout's engine (`bench/study.py --remeasure_distill N`, measured "
+            f"after the run): {'; '.join(parts) or 'none under these settings'}. The whole run at these rates: "
+            f"about {projection['total_s'] / 3600:.1f} h (distillation {projection['distill_s'] / 60:.0f} min, "
             f"fine-tuning {projection['finetune_s'] / 60:.0f} min as measured; data preparation and calibration "
-            "batches not counted)")
+            "batches not counted" + (f"; not measured, so not counted: {', '.join(projection['unmeasured'])}"
+                                     if projection["unmeasured"] else "") + ")")
 
 
-def measure_distill_speed(rows, ns) -> dict:
+def measure_distill_speed(rows, ns, state: dict) -> dict:
     """Tokens/s of ``ns.remeasure_distill`` steps of each distilled row's recipe, run now with this checkout's
-    engine (one run per set of terms: a calibrated row runs at its objective's speed), in a scratch folder under
-    the work dir; the first logged interval (warm-up) is left out. Keyed by the terms, ``+``-joined."""
+    engine (once per :func:`distill_key`: a calibrated row runs at its objective's speed), in a scratch folder
+    under the work dir; the first logged quarter (warm-up) is left out. Each figure is saved as it is taken."""
     import shutil
     import statistics
 
@@ -522,25 +558,26 @@ def measure_distill_speed(rows, ns) -> dict:
 
     steps = ns.remeasure_distill
     interval = max(steps // 4, 1)
-    out = {}
+    done = {}
     for row in rows:
-        weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
-        if not weights:
+        key = distill_key(row, ns)
+        if key is None or key in done:
             continue
-        key = "+".join(weights)
-        if key in out:
-            continue
-        folder = os.path.join(ns.work_dir, "distill-speed", key)
+        weights = objective_weights(row["objective"])
+        folder = os.path.join(ns.work_dir, "distill-speed", row["name"])
         shutil.rmtree(folder, ignore_errors=True)
-        log(f"measuring distillation speed of {key}: {steps} steps")
+        log(f"measuring the distillation speed of {key}: {steps} steps")
         train(make_config({**distill_settings(row, weights, ns), "output_dir": folder, "max_steps": steps,
                            "save_steps": steps + 1, "logging_steps": interval, "overwrite_output_dir": True}))
         records = [json.loads(line) for line in open(os.path.join(folder, "logs", "train_log.jsonl"), encoding="utf-8")
                    if line.strip()]
         rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-        out[key] = {"tokens_per_s": statistics.median(rates), "steps": steps, "intervals": len(rates)}
+        done[key] = {"tokens_per_s": statistics.median(rates), "steps": steps, "intervals": len(rates),
+                     "settings": distill_speed_settings(ns)}
+        state.setdefault("distill_speed", {})[key] = done[key]
+        save_state(ns, state)
         shutil.rmtree(folder, ignore_errors=True)
-    return out
+    return done
 
 
 def finetune_dir(row: dict, ns) -> str:
@@ -821,7 +858,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
     incomplete = [r["label"] for r in summary if len(r["seeds"]) < len(ns.seed_list)]
     lines = [
         "# Distillation study: 3-layer students of all-MiniLM-L6-v2" if ns.teacher == "offline:all-MiniLM-L6-v2"
-        else f"# Distillation study: students of {ns.teacher}",
+        else f"# Distillation study: students of {shown_path(ns.teacher, ns)}",
         "",
         f"**{mode}.** Generated by `bench/study.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
@@ -833,7 +870,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
         f"- Machine: {describe_machine()}; {torch.get_num_threads()} torch threads",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
-        f"- Teacher: `{ns.teacher}`; tasks: {', '.join(t.name for t in tasks)}"
+        f"- Teacher: `{shown_path(ns.teacher, ns)}`; tasks: {', '.join(t.name for t in tasks)}"
         + (f" (first {ns.max_train} examples of each train split" if ns.max_train else " (whole train splits")
         + (f", first {ns.max_dev} of each dev split)" if ns.max_dev else ", whole dev splits)")
         + f"; fine-tuning: lr {ns.learning_rate:g}, batch {ns.batch_size}, {ns.epochs:g} epochs, warm-up 10%, "
@@ -868,7 +905,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
         f"- Compute spent (wall clock, as measured): "
         f"distillation {sum(v for k, v in timings.items() if k.startswith('prepare')) / 60:.0f} min, fine-tuning "
         f"{sum(v for k, v in timings.items() if k.startswith('finetune')) / 60:.0f} min",
-        *([distill_speed_line(projection, next(iter(distill_speed.values()))["steps"])] if projection else []),
+        *([distill_speed_line(projection)] if projection else []),
         "",
     ]
     if incomplete:
@@ -1002,15 +1039,31 @@ def collect_results(rows, tasks, ns) -> dict:
     return results
 
 
+def run_command(argv: list[str], ns) -> str:
+    """The command that made the run's pieces, as the report prints it: the measuring and report-only flags
+    left out, paths inside the repository relative to it, others as :func:`shown_path` prints them."""
+    out, skip = [], 0
+    for i, a in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        if a in ("--report_only", "--remeasure_speed") or a.startswith("--remeasure_distill="):
+            continue
+        if a == "--remeasure_distill":
+            skip = 1
+            continue
+        if os.path.isabs(a):
+            inside = os.path.realpath(a).startswith(str(ROOT) + os.sep)
+            a = os.path.relpath(a, ROOT) if inside else shown_path(a, ns)
+        out.append(a)
+    return " ".join(["python bench/study.py", *out])
+
+
 def main(argv=None) -> int:
     ns = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", torch.get_num_threads())))
     ns.train_precision = auto_precision()[0] if ns.precision == "auto" else ns.precision
-    command = "python bench/study.py " + " ".join(
-        a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:]))
-    for flag in (" --report_only", " --remeasure_speed", f" --remeasure_distill {ns.remeasure_distill}"):
-        command = command.replace(flag, "")
-    command = command.strip()
+    command = run_command(argv if argv is not None else sys.argv[1:], ns)
     if ns.prepare:
         prepare_inputs(ns)
     tasks = resolve_task_specs(ns)
@@ -1018,15 +1071,14 @@ def main(argv=None) -> int:
     state = load_state(ns)
     timings = state.setdefault("timings", {})
     if ns.remeasure_distill:
-        state["distill_speed"] = measure_distill_speed(rows, ns)
-        save_state(ns, state)
-    elif ns.remeasure_speed:
+        state.setdefault("distill_speed", {}).update(measure_distill_speed(rows, ns, state))
+    if ns.remeasure_speed:
         first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
         prepare_model(first, ns)
         log("measuring inference speed")
         state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
         save_state(ns, state)
-    elif not ns.report_only:
+    if not (ns.report_only or ns.remeasure_speed or ns.remeasure_distill):
         # 1. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
         # model folder is made (distilled) when first needed, then fine-tuned on every task
         for seed, row in execution_plan(rows, ns):

@@ -226,16 +226,26 @@ def test_remeasure_distill_records_each_recipe_s_speed_and_projects_the_whole_ru
     assert study.main(argv + ["--remeasure_distill", "4"]) == 0
     state = json.loads((root / "work" / "state.json").read_text())
     speeds = state["distill_speed"]
-    # one measurement per set of terms: the calibrated row runs its objective's terms
-    assert set(speeds) == {"hid_mse+att_mse", "qq_rel+kk_rel+vv_rel"}
+    # one measurement per set of terms and depth: the calibrated row runs its objective's terms
+    hid, rel = "hid_mse+att_mse, 2 layers", "qq_rel+kk_rel+vv_rel, 2 layers"
+    assert set(speeds) == {hid, rel}
     assert all(v["tokens_per_s"] > 0 and v["steps"] == 4 and v["intervals"] == 3 for v in speeds.values())
     out = json.loads((root / "out" / "study.json").read_text())
     tokens = 2 * 2 * 32  # --distill_steps x --distill_batch x --block_size
     # three distilled folders: hid_mse+att_mse, its @cal row, the relations row (task-KD rows reuse them)
-    want = 2 * tokens / speeds["hid_mse+att_mse"]["tokens_per_s"] + tokens / speeds["qq_rel+kk_rel+vv_rel"]["tokens_per_s"]
-    assert out["projected_run"]["distill_s"] == pytest.approx(want)
+    want = 2 * tokens / speeds[hid]["tokens_per_s"] + tokens / speeds[rel]["tokens_per_s"]
+    assert out["projected_run"]["distill_s"] == pytest.approx(want) and out["projected_run"]["unmeasured"] == []
     finetune = sum(v for k, v in state["timings"].items() if k.startswith("finetune"))
     assert out["projected_run"]["finetune_s"] == pytest.approx(finetune)
-    assert "`--remeasure_distill 4`" in (root / "out" / "study.md").read_text()
+    assert "--remeasure_distill N" in (root / "out" / "study.md").read_text()
     assert "--remeasure_distill" not in out["command"]  # the run's command, not the measurement's
-    assert not (root / "work" / "distill-speed").exists() or not any((root / "work" / "distill-speed").iterdir())
+    assert not any((root / "work" / "distill-speed").iterdir())
+    # a figure taken under other settings is not used: the rows it would price are named instead
+    assert study.main(argv + ["--report_only", "--block_size", "16"]) == 0
+    out = json.loads((root / "out" / "study.json").read_text())
+    assert out["projected_run"]["distill_s"] == 0 and len(out["projected_run"]["unmeasured"]) == 3
+
+
+def test_remeasure_distill_needs_a_few_steps(study):
+    with pytest.raises(SystemExit):
+        study.parse_args(["--remeasure_distill", "2"])
