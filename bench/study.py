@@ -992,7 +992,7 @@ def plot(summary, path: Path, ns, mode: str) -> None:
                  "relations qq_rel+kk_rel+vv_rel (pink); hatched: + task KD (crossed: augmented)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the long row labels would push the title off the canvas
     os.replace(tmp, path)
     plt.close(fig)
 
