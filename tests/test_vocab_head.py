@@ -83,8 +83,8 @@ def test_chunked_terms_and_gradients_match_the_float64_formulas(pair, rows):
     assert isinstance(s.logits, DeferredLogits)  # the chunked path ran
     reference, ref_grad = float64_reference(student, teacher, batch)
     for name, value in reference.items():
-        assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
-    assert float(total) == pytest.approx(float(sum(logit_weights[k] * reference[k] for k in reference)), rel=1e-5)
+        assert float(terms[name]) == pytest.approx(value.item(), rel=1e-5), name
+    assert total.item() == pytest.approx(sum(logit_weights[k] * reference[k] for k in reference).item(), rel=1e-5)
     # the decoder weight is tied to the word embeddings: its gradient holds the head's and the embedding's parts
     decoder_grad = grads["cls.predictions.decoder.weight"] if "cls.predictions.decoder.weight" in grads else \
         grads["bert.embeddings.word_embeddings.weight"]
