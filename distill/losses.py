@@ -310,8 +310,11 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     m = _token_mask(mask, b, seq, student_attn.device)
     if bool(m.all()):  # nothing padded (a packed batch): every entry counts, no gather and no scatter back
         return _mean((_wide(student_attn) - _wide(teacher_attn)) ** 2)
-    valid = (m[:, None, :, None] & m[:, None, None, :]).expand(b, h, seq, seq)
-    return _mean((_wide(student_attn[valid]) - _wide(teacher_attn[valid])) ** 2)
+    valid = m[:, None, :, None] & m[:, None, None, :]  # [B, 1, S, S]: the same entries for every head
+    # where() (not * 0): padding garbage reaches neither value nor gradient; and no gather of the kept entries
+    # into a copy and scatter back, 4x slower on the padded batches of the task stage
+    diff = torch.where(valid, _wide(student_attn), 0.0) - torch.where(valid, _wide(teacher_attn), 0.0)
+    return (diff * diff).sum() / max(int(valid.sum()) * h, 1)
 
 
 @_full_precision
