@@ -485,7 +485,7 @@ def distil(row: dict, folder: str, ns) -> None:
     train(cfg)
 
 
-def distill_key(row: dict, ns) -> str | None:
+def distill_key(row: dict) -> str | None:
     """What a distillation's speed depends on, as --remeasure_distill keys it: the terms and the student's depth
     (None for a row that distils nothing of its own: fine-tuned only, or task KD on another row's model)."""
     weights = objective_weights(row["objective"]) if row["kind"] == "student" and "task_kd" not in row else None
@@ -498,16 +498,14 @@ def distill_speed_settings(ns) -> dict:
             "precision": ns.train_precision}
 
 
-def logged_tokens_per_s(folder: str) -> float | None:
-    """Median tokens/s of a distill-train run's logged intervals (its own figure, without loading and saving)."""
-    import statistics
-
+def logged_rates(folder: str) -> list[float]:
+    """The tokens/s of each logged interval of a distill-train run in ``folder`` (none if it has no log): the
+    run's own figures, without loading and saving."""
     path = os.path.join(folder, "logs", "train_log.jsonl")
     if not os.path.isfile(path):
-        return None
-    rates = [r["tokens_per_s"] for r in map(json.loads, filter(str.strip, open(path, encoding="utf-8")))
-             if "tokens_per_s" in r]
-    return statistics.median(rates) if rates else None
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [r["tokens_per_s"] for r in map(json.loads, filter(str.strip, f)) if "tokens_per_s" in r]
 
 
 def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
@@ -519,7 +517,7 @@ def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
     settings = distill_speed_settings(ns)
     distill, rates, unmeasured = 0.0, {}, []
     for row in rows:
-        key = distill_key(row, ns)
+        key = distill_key(row)
         if key is None:
             continue
         entry = distill_speed.get(key)
@@ -528,7 +526,8 @@ def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
             continue
         distill += tokens / entry["tokens_per_s"]
         if key not in rates:
-            rates[key] = [entry["tokens_per_s"], logged_tokens_per_s(model_folder(row, ns))]
+            own = logged_rates(model_folder(row, ns))
+            rates[key] = [entry["tokens_per_s"], statistics.median(own) if own else None]
     finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
     return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates,
             "unmeasured": unmeasured}
@@ -549,9 +548,9 @@ def distill_speed_line(projection: dict) -> str:
 def measure_distill_speed(rows, ns, state: dict) -> dict:
     """Tokens/s of ``ns.remeasure_distill`` steps of each distilled row's recipe, run now with this checkout's
     engine (once per :func:`distill_key`: a calibrated row runs at its objective's speed), in a scratch folder
-    under the work dir; the first logged quarter (warm-up) is left out. Each figure is saved as it is taken."""
+    under the work dir; the first logged quarter (warm-up) is left out. Each figure goes into
+    ``state["distill_speed"]`` and is saved as it is taken; returns the figures taken."""
     import shutil
-    import statistics
 
     from distill.config import make_config
     from distill.train import train
@@ -560,7 +559,7 @@ def measure_distill_speed(rows, ns, state: dict) -> dict:
     interval = max(steps // 4, 1)
     done = {}
     for row in rows:
-        key = distill_key(row, ns)
+        key = distill_key(row)
         if key is None or key in done:
             continue
         weights = objective_weights(row["objective"])
@@ -569,9 +568,7 @@ def measure_distill_speed(rows, ns, state: dict) -> dict:
         log(f"measuring the distillation speed of {key}: {steps} steps")
         train(make_config({**distill_settings(row, weights, ns), "output_dir": folder, "max_steps": steps,
                            "save_steps": steps + 1, "logging_steps": interval, "overwrite_output_dir": True}))
-        records = [json.loads(line) for line in open(os.path.join(folder, "logs", "train_log.jsonl"), encoding="utf-8")
-                   if line.strip()]
-        rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+        rates = logged_rates(folder)[1:]
         done[key] = {"tokens_per_s": statistics.median(rates), "steps": steps, "intervals": len(rates),
                      "settings": distill_speed_settings(ns)}
         state.setdefault("distill_speed", {})[key] = done[key]
@@ -1043,7 +1040,7 @@ def run_command(argv: list[str], ns) -> str:
     """The command that made the run's pieces, as the report prints it: the measuring and report-only flags
     left out, paths inside the repository relative to it, others as :func:`shown_path` prints them."""
     out, skip = [], 0
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip -= 1
             continue
@@ -1071,7 +1068,7 @@ def main(argv=None) -> int:
     state = load_state(ns)
     timings = state.setdefault("timings", {})
     if ns.remeasure_distill:
-        state.setdefault("distill_speed", {}).update(measure_distill_speed(rows, ns, state))
+        measure_distill_speed(rows, ns, state)  # into state["distill_speed"], saved figure by figure
     if ns.remeasure_speed:
         first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
         prepare_model(first, ns)

@@ -128,17 +128,6 @@ def _token_mask(mask: Tensor | None, batch: int, seq: int, device) -> Tensor:
     return mask.to(device=device, dtype=torch.bool)
 
 
-def _masked_log_softmax(scores: Tensor, valid: Tensor) -> Tensor:
-    """log-softmax over the ``valid`` entries of the last dim; 0 at invalid entries.
-
-    Filling with the dtype's most negative finite value (not -inf) keeps every
-    intermediate finite, so even an all-invalid row yields no NaN forward or backward.
-    """
-    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
-    log_p = filled - filled.logsumexp(dim=-1, keepdim=True)
-    return log_p.masked_fill(~valid, 0.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # output (logit) terms
 
