@@ -42,6 +42,10 @@ __all__ = [
     "attention_kl",
     "value_relation_kl",
     "logits_mse",
+    "soft_cross_entropy_grad",
+    "kl_divergence_grad",
+    "mlm_loss_grad",
+    "logits_mse_grad",
     "rtd_loss",
     "rtd_kl",
 ]
@@ -239,6 +243,106 @@ def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     event = 0 if mask is None else student_logits.dim() - mask.dim()
     s, t = _kept_pair(student_logits, teacher_logits, mask, event, "logits_mse")
     return _mean((s - t) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit terms with their gradient, for the chunked vocabulary head
+#
+# Each takes one chunk of gathered rows ``[N, V]`` (no mask: every row given is a real position), and
+# returns ``(value, grad)``: the term's value as the function above computes it, and
+# ``out + scale * d value / d student_logits`` (``out`` None: 0), in the value's float32/float64.
+# They run without autograd, as a few passes over the chunk with in-place arithmetic: the vocabulary
+# head's logits are the largest tensors of a step, and autograd's formula for these terms makes about
+# twice the passes and a fresh [N, V] tensor for most of them (distill.vocab_head). ``scale`` may be a
+# 0-dim tensor (no host sync). Tests check each against autograd of the function above, in float64.
+
+
+def _add_scaled(out: Tensor | None, grad: Tensor, scale) -> Tensor:
+    """``out + scale * grad``, ``grad`` (a temporary of the caller's) scaled in place."""
+    if not (isinstance(scale, (int, float)) and scale == 1):
+        grad.mul_(scale)
+    return grad if out is None else out.add_(grad)
+
+
+def _logit_rows(student_logits: Tensor, teacher_logits: Tensor | None, what: str):
+    if student_logits.dim() != 2:
+        raise ValueError(f"{what}: expected gathered rows [N, V], got {tuple(student_logits.shape)}")
+    if teacher_logits is None:
+        return _wide(student_logits), None
+    _check_same_shape(student_logits, teacher_logits, what)
+    dtype = torch.promote_types(_wide(student_logits).dtype, _wide(teacher_logits).dtype)  # e.g. fp16 and fp32 heads
+    return student_logits.to(dtype), teacher_logits.to(dtype)
+
+
+def _tempered_log_softmax(z: Tensor, t: float) -> Tensor:
+    return F.log_softmax(z if t == 1 else z / t, dim=-1)
+
+
+@_full_precision
+@torch.no_grad()
+def soft_cross_entropy_grad(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                            scale=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`soft_cross_entropy` of rows and its gradient: ``T (p_s − p_t) / N`` per row."""
+    t = check_temperature(temperature)
+    s, te = _logit_rows(student_logits, teacher_logits, "soft_cross_entropy_grad")
+    n = max(s.shape[0], 1)
+    log_p_s = _tempered_log_softmax(s, t)
+    p_t = F.softmax(te if t == 1 else te / t, dim=-1)
+    value = -torch.dot(p_t.view(-1), log_p_s.view(-1)) * (t * t / n)
+    return value, _add_scaled(out, log_p_s.exp_().sub_(p_t), scale * (t / n))
+
+
+@_full_precision
+@torch.no_grad()
+def kl_divergence_grad(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                       scale=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`kl_divergence` of rows and its gradient, the same as :func:`soft_cross_entropy_grad`'s."""
+    t = check_temperature(temperature)
+    s, te = _logit_rows(student_logits, teacher_logits, "kl_divergence_grad")
+    n = max(s.shape[0], 1)
+    log_p_s = _tempered_log_softmax(s, t)
+    log_p_t = _tempered_log_softmax(te, t)
+    p_t = log_p_t.exp()
+    # sum p_t (log p_t - log p_s): the difference taken entry by entry, as kl_divergence does (no cancellation)
+    value = torch.dot(p_t.view(-1), log_p_t.sub_(log_p_s).view(-1)) * (t * t / n)
+    return value, _add_scaled(out, log_p_s.exp_().sub_(p_t), scale * (t / n))
+
+
+@_full_precision
+@torch.no_grad()
+def mlm_loss_grad(student_logits: Tensor, labels: Tensor, scale=1.0, out: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """:func:`mlm_loss` of rows ``[N, V]`` with labels ``[N]`` and its gradient, ``(p_s − onehot) / targets``
+    at the target rows and 0 elsewhere."""
+    s, _ = _logit_rows(student_logits, None, "mlm_loss_grad")
+    if labels.shape != s.shape[:1]:
+        raise ValueError(f"mlm_loss_grad: logits {tuple(s.shape)} do not match labels {tuple(labels.shape)}")
+    keep = labels != -100
+    every = bool(keep.all())
+    index = None if every else keep.nonzero().squeeze(1)
+    rows = s if every else s.index_select(0, index)
+    targets = (labels if every else labels.index_select(0, index)).long().unsqueeze(1)
+    n = max(rows.shape[0], 1)
+    log_p = F.log_softmax(rows, dim=-1)
+    value = -log_p.gather(1, targets).sum() / n
+    grad = log_p.exp_().scatter_add_(1, targets, torch.full_like(targets, -1, dtype=log_p.dtype))
+    if every:
+        return value, _add_scaled(out, grad, scale / n)
+    if out is None:
+        out = torch.zeros_like(s)
+    return value, out.index_add_(0, index, _add_scaled(None, grad, scale / n))
+
+
+@_full_precision
+@torch.no_grad()
+def logits_mse_grad(student_logits: Tensor, teacher_logits: Tensor, scale=1.0, out: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """:func:`logits_mse` of rows and its gradient, ``2 (z_s − z_t) / (N V)``."""
+    s, te = _logit_rows(student_logits, teacher_logits, "logits_mse_grad")
+    count = max(s.numel(), 1)
+    diff = s - te
+    value = torch.dot(diff.view(-1), diff.view(-1)) / count
+    return value, _add_scaled(out, diff, scale * (2 / count))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -425,26 +425,55 @@ class Objective(nn.Module):
         with torch.no_grad():  # the teacher's decoder in its matmul dtype, once for all chunks
             zt_cast = zt.cast() if isinstance(zt, DeferredLogits) else None
 
+        def teacher_rows(rows: slice):
+            if zt is None:
+                return None
+            with torch.no_grad():
+                return zt[rows] if zt_cast is None else zt.rows(rows, zt_cast)
+
+        def share(name: str, rows: slice):
+            """The chunk's weight in the term's mean: its share of the rows the term counts."""
+            if name in counted:
+                keep, count = counted[name]
+                return keep[rows].sum() / count
+            return (rows.stop - rows.start) / max(n, 1)
+
         def chunk_loss(rows: slice, zs: Tensor):
-            zt_rows = None
-            if zt is not None:
-                with torch.no_grad():
-                    zt_rows = zt[rows] if zt_cast is None else zt.rows(rows, zt_cast)
-            view = _RowsView(self, targets, rows)
-            shares = []
-            for name in names:
-                spec = TERMS[name]
-                value = spec.loss(view, zs, zt_rows if spec.teacher else None, batch)
-                if name in counted:
-                    keep, count = counted[name]
-                    shares.append(value * (keep[rows].sum() / count))
-                else:
-                    shares.append(value * ((rows.stop - rows.start) / max(n, 1)))
+            zt_rows, view = teacher_rows(rows), _RowsView(self, targets, rows)
+            shares = [TERMS[name].loss(view, zs, zt_rows if TERMS[name].teacher else None, batch) * share(name, rows)
+                      for name in names]
             value = sum(w * v for w, v in zip(weights, shares))
             return value, torch.stack([v.detach() for v in shares])
 
+        def chunk_grad(rows: slice, zs: Tensor, scale: float):
+            """The chunk's value, parts and ``scale * d value / d zs``: each term's ``logit_grad``, adding its
+            share into one gradient; autograd for a term without one."""
+            zt_rows, view = teacher_rows(rows), _RowsView(self, targets, rows)
+            shares, grad, by_autograd = {}, None, []
+            # the terms over every row first: the first writes the gradient, a term over some rows adds to it
+            for name, weight in sorted(zip(names, weights), key=lambda nw: TERMS[nw[0]].row_mean != "rows"):
+                spec, fraction = TERMS[name], share(name, rows)
+                if spec.logit_grad is None:
+                    by_autograd.append((name, weight, fraction))
+                    continue
+                value, grad = spec.logit_grad(view, zs, zt_rows if spec.teacher else None, batch,
+                                              fraction * (weight * scale), grad)
+                shares[name] = value * fraction
+            if by_autograd:
+                with torch.enable_grad():
+                    z = zs.detach().requires_grad_(True)
+                    values = {name: TERMS[name].loss(view, z, zt_rows if TERMS[name].teacher else None, batch)
+                              * fraction for name, _, fraction in by_autograd}
+                    attached = sum(weight * values[name] for name, weight, _ in by_autograd)
+                    if attached.requires_grad:
+                        (more,) = torch.autograd.grad(attached * scale, z)
+                        grad = more.to(torch.promote_types(more.dtype, torch.float32)) if grad is None else grad.add_(more)
+                shares.update((name, value.detach()) for name, value in values.items())
+            value = sum(w * shares[name] for name, w in zip(names, weights))
+            return value, torch.stack([shares[name] for name in names]), grad
+
         rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1], head.hidden.shape[-1])
-        return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale)
+        return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale, chunk_grad)
 
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
         spec = TERMS[name]

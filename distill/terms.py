@@ -81,6 +81,11 @@ class TermSpec:
         (every row given counts) or the batch key of the labels whose ``-100`` rows do not count
         (``"mlm_labels"``). Such terms run over a vocabulary head chunk by chunk, never holding
         ``[N, vocab]`` logits (``logit_chunk_rows``); None: the term needs all its rows at once.
+    logit_grad: for a ``row_mean`` term, optionally its value with its gradient w.r.t. the student's
+        logits, without autograd: ``logit_grad(objective, zs, zt, batch, scale, out) -> (value, out +
+        scale * d value / d zs)`` on one chunk's rows (``out`` None: 0). The chunked head then makes no
+        autograd graph over the chunk's logits (fewer passes over its largest tensors); a row-mean term
+        without one is differentiated by autograd, chunk by chunk, as before.
     """
 
     key: str
@@ -104,6 +109,7 @@ class TermSpec:
     vectors: str | None = None
     source: str = ""
     row_mean: str | None = None
+    logit_grad: Callable | None = None
 
     def __post_init__(self):
         problems = []
@@ -134,6 +140,8 @@ class TermSpec:
                                           or not isinstance(self.row_mean, str)):
             problems.append(f"row_mean {self.row_mean!r}: only a token-level logit term is a mean over logit rows "
                             "('rows' or a batch key of labels)")
+        if self.logit_grad is not None and (self.row_mean is None or not callable(self.logit_grad)):
+            problems.append("logit_grad is a function, for a row_mean term only (its gradient over a chunk of rows)")
         if self.projects and self.feature != "hidden":
             problems.append("only hidden-state terms can go through a width projection")
         if not callable(self.loss):
@@ -247,6 +255,22 @@ def _mlm(o, zs, zt, batch):
     return losses.mlm_loss(zs, o.targets(batch, "mlm_labels"))
 
 
+def _ce_grad(o, zs, zt, batch, scale, out):
+    return losses.soft_cross_entropy_grad(zs, zt, o.temperature, scale, out)
+
+
+def _kl_grad(o, zs, zt, batch, scale, out):
+    return losses.kl_divergence_grad(zs, zt, o.temperature, scale, out)
+
+
+def _out_mse_grad(o, zs, zt, batch, scale, out):
+    return losses.logits_mse_grad(zs, zt, scale, out)
+
+
+def _mlm_grad(o, zs, zt, batch, scale, out):
+    return losses.mlm_loss_grad(zs, o.targets(batch, "mlm_labels"), scale, out)
+
+
 def _hard_ce(o, zs, zt, batch):
     return losses.hard_cross_entropy(zs, o.targets(batch, "labels"))
 
@@ -274,19 +298,19 @@ for _spec in (
     TermSpec("ce", "logits", _ce, "soft-target cross-entropy (DistilBERT's `L_ce`)",
              "`T² · −Σ_v p_t(v) log p_s(v)`", _SOFT_OVER, temperature=True, input=MASKED_INPUT,
              logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="DistilBERT",
-             row_mean="rows"),
+             row_mean="rows", logit_grad=_ce_grad),
     TermSpec("kl", "logits", _kl, "KL divergence to the teacher's soft targets",
              "`T² · Σ_v p_t(v) log(p_t(v) / p_s(v))`", "as `ce`", temperature=True, input=MASKED_INPUT,
              logits_at=SOFT, student_heads=_MLM, teacher_heads=_MLM, softmax_outputs=True, source="Hinton et al.",
-             row_mean="rows"),
+             row_mean="rows", logit_grad=_kl_grad),
     TermSpec("out_mse", "logits", _out_mse, "MSE between raw logits (the soft term that fits a regression head)",
              "`(z_s − z_t)²`", "as `ce`, and over the logit entries", input=MASKED_INPUT, logits_at=SOFT,
              student_heads=_MLM | _RTD, teacher_heads=_MLM | _RTD, same_head=True, source="Hentschel et al.",
-             row_mean="rows"),
+             row_mean="rows", logit_grad=_out_mse_grad),
     TermSpec("mlm", "logits", _mlm, "masked-LM loss against the original tokens",
              "`−log p_s(token)` at `T = 1`", "masked targets (`mlm_labels ≠ −100`)", teacher=False,
              input=MASKED_INPUT, logits_at=MASKED, student_heads=_MLM, sequence_level=False, source="BERT",
-             row_mean="mlm_labels"),
+             row_mean="mlm_labels", logit_grad=_mlm_grad),
     TermSpec("hard_ce", "logits", _hard_ce, "task loss against gold labels",
              "cross-entropy; MSE against float labels for a 1-column (regression) head",
              "examples (labels ≠ −100)", teacher=False, logits_at=SEQUENCE, token_level=False),
@@ -392,6 +416,8 @@ def markdown() -> str:
         f"- Are a mean over logit rows, so they run over a vocabulary head chunk by chunk, never holding "
         f"`[tokens, vocab]` logits (`logit_chunk_rows`; on when every active logit term is one of them): "
         f"{keys(k for k, s in TERMS.items() if s.row_mean)}.",
+        f"- Give their own gradient over a chunk of rows (`logit_grad`: no autograd graph over the logits): "
+        f"{keys(k for k, s in TERMS.items() if s.logit_grad)}.",
     ]
     return "\n".join(lines) + "\n"
 

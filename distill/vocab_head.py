@@ -15,7 +15,10 @@ cross-entropy, here for soft targets and several terms at once).
 A term may be chunked when its value is a mean over logit rows (``TermSpec.row_mean``): over
 the whole batch it is then ``sum_c (rows counted in chunk c / rows counted) * value(chunk c)``,
 exactly. The registry's own loss functions compute each chunk's value, so a new row-mean term
-needs nothing here.
+needs nothing here. A term that also gives its gradient (``TermSpec.logit_grad``) is not
+differentiated by autograd: its value and gradient come from a few in-place passes over the
+chunk, about half of autograd's passes and fresh ``[rows, vocab]`` tensors (``chunked(...,
+chunk_grad=...)``).
 
 Gradients are taken in the forward pass, before the loop's backward scales the loss, so in fp16
 modes ``Precision.autocast()`` says which scale it will be (:func:`gradient_scale`): the gradients
@@ -124,6 +127,8 @@ def chunk_rows(setting: int, n_rows: int, vocab: int, width: int) -> int:
 
 
 ChunkLoss = Callable[[slice, Tensor], "tuple[Tensor, Tensor]"]
+# (rows, logits of those rows, gradient scale) -> (value, parts, scale * d value / d logits, or None)
+ChunkGrad = Callable[[slice, Tensor, float], "tuple[Tensor, Tensor, Tensor | None]"]
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -131,42 +136,54 @@ class _ChunkedHead(torch.autograd.Function):
     taken per chunk in the forward pass (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float,
-                hidden: Tensor, weight: Tensor, bias: Tensor | None):
-        needs = ctx.needs_input_grad[4:7]
+    def forward(ctx, chunk_loss: ChunkLoss, chunk_grad: ChunkGrad | None, head: DeferredLogits,
+                rows_per_chunk: int, scale: float, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        needs = ctx.needs_input_grad[5:8]
         n = hidden.shape[0]
         w_c, b_c = head.cast()  # the decoder in the matmul's dtype, once
         w_c, b_c = w_c.detach(), None if b_c is None else b_c.detach()
         # The parameters' gradients sum over chunks: accumulated in at least float32 (fp16 O2 weights),
-        # in place where the matmul's dtype is already that (no [vocab, H'] temporary per chunk).
+        # in place where the matmul's dtype is already that (no [vocab, H'] temporary per chunk). The
+        # first chunk's matmul writes them (no zero-filled [vocab, H'] first).
         wide = torch.promote_types(weight.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden) if needs[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if needs[1] else None
-        grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if needs[2] else None
+        grad_w = grad_b = None
         total, parts = None, None
         for start in range(0, max(n, 1), rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, n))
             h = hidden[rows].detach().to(w_c.dtype)
-            with torch.enable_grad():
-                logits = F.linear(h, w_c, b_c).requires_grad_(any(needs))
-                value, chunk_parts = chunk_loss(rows, logits)
-                if any(needs) and value.requires_grad:
-                    (grad_z,) = torch.autograd.grad(value * scale, logits, allow_unused=True)
-                else:
-                    grad_z = None
+            if chunk_grad is not None and any(needs):  # the terms' own gradients: no graph over the logits
+                value, chunk_parts, grad_z = chunk_grad(rows, F.linear(h, w_c, b_c), scale)
+                grad_z = None if grad_z is None else grad_z.to(w_c.dtype)
+            else:
+                with torch.enable_grad():
+                    logits = F.linear(h, w_c, b_c).requires_grad_(any(needs))
+                    value, chunk_parts = chunk_loss(rows, logits)
+                    if any(needs) and value.requires_grad:
+                        (grad_z,) = torch.autograd.grad(value * scale, logits, allow_unused=True)
+                    else:
+                        grad_z = None
             if grad_z is not None:
-                if grad_h is not None:
+                if grad_h is not None and grad_h.dtype == grad_z.dtype:
+                    torch.mm(grad_z, w_c, out=grad_h[rows])  # written in place: rows are a contiguous slice
+                elif grad_h is not None:
                     grad_h[rows] = (grad_z @ w_c).to(grad_h.dtype)
-                if grad_w is not None:
-                    if grad_z.dtype == wide:
+                if needs[1]:
+                    if grad_w is None:
+                        grad_w = (grad_z.t() @ h).to(wide)
+                    elif grad_z.dtype == wide:
                         grad_w.addmm_(grad_z.t(), h)
                     else:  # the matmul in its (fp16/bf16) dtype, promoted as it is added: no wide temporary
                         grad_w.add_(grad_z.t() @ h)
-                if grad_b is not None:
-                    grad_b.add_(grad_z.sum(0))
+                if needs[2]:
+                    grad_b = grad_z.sum(0, dtype=wide) if grad_b is None else grad_b.add_(grad_z.sum(0))
             value, chunk_parts = value.detach(), chunk_parts.detach()
             total = value if total is None else total + value
             parts = chunk_parts if parts is None else parts + chunk_parts
+        if needs[1] and grad_w is None:  # no chunk had a gradient (e.g. no row counted)
+            grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device)
+        if needs[2] and grad_b is None:
+            grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device)
         ctx.scale = scale
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.grads = (grad_h, grad_w, grad_b)
@@ -182,14 +199,21 @@ class _ChunkedHead(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None  # scaled in place and handed over: no second [vocab, H'] copy
         factor = grad_total / ctx.scale
-        out_h = None if grad_h is None else grad_h.mul_(factor)
-        out_w = None if grad_w is None else grad_w.mul_(factor).to(ctx.dtypes[0])
-        out_b = None if grad_b is None else grad_b.mul_(factor).to(ctx.dtypes[1])
-        return None, None, None, None, out_h, out_w, out_b
+        # a factor of 1 (the usual case: gradients were taken at the scale the backward brings) costs no pass
+        # over [vocab, H']; read on the CPU only, where it is no device sync
+        unit = factor.device.type == "cpu" and factor.numel() == 1 and float(factor) == 1.0
+
+        def scaled(grad):
+            return grad if grad is None or unit else grad.mul_(factor)
+
+        out_h, out_w, out_b = scaled(grad_h), scaled(grad_w), scaled(grad_b)
+        out_w = None if out_w is None else out_w.to(ctx.dtypes[0])
+        out_b = None if out_b is None else out_b.to(ctx.dtypes[1])
+        return None, None, None, None, None, out_h, out_w, out_b
 
 
-def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float | None = None
-            ) -> tuple[Tensor, Tensor]:
+def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, scale: float | None = None,
+            chunk_grad: ChunkGrad | None = None) -> tuple[Tensor, Tensor]:
     """Sum ``chunk_loss(rows, logits_of_those_rows)`` over row chunks of ``head``.
 
     ``chunk_loss`` returns ``(value, parts)``: the chunk's share of the loss (a scalar, attached to
@@ -198,6 +222,8 @@ def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, sc
     gradients of the unchunked computation; ``scale``: the factor the caller's backward will
     multiply by (a GradScaler's scale), so fp16 gradients are taken in range; None: the one
     :func:`gradient_scale` set (``Precision.autocast()`` does in fp16 modes), else 1.
+    ``chunk_grad(rows, logits, scale)``, when given, returns ``(value, parts, scale * d value / d logits)``
+    itself (the terms' ``logit_grad``), run without autograd; else autograd differentiates ``chunk_loss``.
     """
     scale = current_gradient_scale() if scale is None else scale
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
@@ -212,5 +238,5 @@ def chunked(chunk_loss: ChunkLoss, head: DeferredLogits, rows_per_chunk: int, sc
             total = value if total is None else total + value
             parts = chunk_parts if parts is None else parts + chunk_parts
         return total, parts
-    return _ChunkedHead.apply(chunk_loss, head, max(int(rows_per_chunk), 1), float(scale),
+    return _ChunkedHead.apply(chunk_loss, chunk_grad, head, max(int(rows_per_chunk), 1), float(scale),
                               head.hidden, head.weight, head.bias)

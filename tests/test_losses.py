@@ -190,6 +190,61 @@ def test_mlm_loss_matches_reference_full_and_gathered():
     close(losses.mlm_loss(z[keep], labels[keep]), ref_mlm(z, labels))
 
 
+def _with_autograd(fn, zs, *args):
+    """fn's value and its float64 autograd gradient w.r.t. zs: the reference for the *_grad functions."""
+    z = zs.detach().double().requires_grad_(True)
+    value = fn(z, *[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    value.backward()
+    return value.detach(), z.grad
+
+
+def _grad_cases():
+    N = 9
+    zs, zt = randn(N, V, seed=11, scale=3), randn(N, V, seed=12, scale=3)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(13))
+    some = labels.clone()
+    some[::3] = -100
+    none = torch.full_like(labels, -100)
+    T = 2.5
+    return [
+        ("ce", losses.soft_cross_entropy, lambda z, **k: losses.soft_cross_entropy_grad(z, zt, T, **k), (zt, T)),
+        ("ce_T1", losses.soft_cross_entropy, lambda z, **k: losses.soft_cross_entropy_grad(z, zt, 1.0, **k), (zt, 1.0)),
+        ("kl", losses.kl_divergence, lambda z, **k: losses.kl_divergence_grad(z, zt, T, **k), (zt, T)),
+        ("mlm_all", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, labels, **k), (labels,)),
+        ("mlm_some", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, some, **k), (some,)),
+        ("mlm_none", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, none, **k), (none,)),
+        ("out_mse", losses.logits_mse, lambda z, **k: losses.logits_mse_grad(z, zt, **k), (zt,)),
+    ], zs
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_grad_functions_give_the_value_and_autograd_s_gradient(case):
+    """Each *_grad against autograd of its loss in float64: the value, scale * gradient, and out + that."""
+    cases, zs = _grad_cases()
+    name, fn, with_grad, args = cases[case]
+    ref_value, ref_grad = _with_autograd(fn, zs, *args)
+    for z in (zs, zs.double()):  # float32 and float64 inputs: the value and gradient in that precision
+        value, grad = with_grad(z, scale=0.75)
+        assert grad.dtype == z.dtype and grad.shape == z.shape
+        tol = dict(rtol=1e-5, atol=1e-6) if z.dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(value.double(), ref_value, **tol, msg=name)
+        torch.testing.assert_close(grad.double(), 0.75 * ref_grad, **tol, msg=name)
+    out = randn(*zs.shape, seed=14).double()
+    start = out.clone()
+    _, total = with_grad(zs.double(), scale=torch.tensor(2.0, dtype=torch.float64), out=out)  # a 0-dim tensor scale
+    assert total is out  # accumulated in place
+    torch.testing.assert_close(total, start + 2.0 * ref_grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.equal(zs, _grad_cases()[1])  # the input is not written
+
+
+def test_grad_functions_on_no_rows_give_zero():
+    empty = torch.zeros(0, V)
+    for value, grad in (losses.soft_cross_entropy_grad(empty, empty, 2.0), losses.kl_divergence_grad(empty, empty, 2.0),
+                        losses.mlm_loss_grad(empty, torch.zeros(0, dtype=torch.long)),
+                        losses.logits_mse_grad(empty, empty)):
+        assert float(value) == 0 and grad.shape == (0, V)
+
+
 def test_hard_cross_entropy_classification_and_regression():
     z = randn(5, 3, seed=5, scale=2)
     labels = torch.tensor([0, 2, 1, -100, 2])
