@@ -118,6 +118,39 @@ def load_tokenizer(model: str, tokenizer: str | None):
         raise UsageError(f"could not load a tokenizer from {name!r}: {type(err).__name__}: {err}") from None
 
 
+def cap_sequence_length(glue: GlueArguments) -> tuple[GlueArguments, str | None]:
+    """``glue`` with ``max_seq_length`` cut to the positions the model (and the teacher) hold, and the line that
+    says so, or ``(glue, None)``: as transformers' run_glue takes ``min(max_seq_length, model_max_length)``,
+    where a longer input would otherwise index past the position table mid-run. A model whose config
+    cannot be read here (a hub id offline) is left to its loader's own error."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from distill.families import max_positions
+
+    limits = []
+    for flag, path in (("--model", glue.model), ("--teacher", glue.teacher)):
+        if not path:
+            continue
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):
+            continue
+        try:
+            limit = max_positions(config)
+        except UsageError:  # a model type the distillation side does not know: its table as it is
+            limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            limits.append((limit, flag, path))
+    if not limits or glue.max_seq_length <= min(limits)[0]:
+        return glue, None
+    limit, flag, path = min(limits)
+    note = (f"max_seq_length {glue.max_seq_length} is longer than {flag} {path} holds ({limit} positions): "
+            f"inputs are cut at {limit} tokens")
+    return dataclasses.replace(glue, max_seq_length=limit), note
+
+
 def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int) -> dict:
     """Split -> dataset of ``input_ids``/``attention_mask``(/``token_type_ids``), ``label``, ``idx``
     (and, on ``train`` only, the task's text fields)."""

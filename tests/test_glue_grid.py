@@ -101,7 +101,38 @@ def test_a_finished_cell_is_not_reused_under_other_settings(finished_grid, capsy
     with pytest.raises(SystemExit) as info:
         main(finished_grid["argv"] + ["--max_seq_length", "32"])
     assert info.value.code == 2
-    assert "other settings (max_seq_length: 128 there, 32 now)" in capsys.readouterr().err
+    # the tiny model holds 64 positions: the default 128 was cut to 64, and the cell records what ran
+    assert "other settings (max_seq_length: 64 there, 32 now)" in capsys.readouterr().err
+
+
+def test_max_seq_length_is_cut_to_the_positions_the_models_hold(bert_mlm_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from distill.families import max_positions
+    from glue_eval.finetune import GlueArguments, cap_sequence_length
+    from tests import tiny
+
+    limit = max_positions(AutoConfig.from_pretrained(bert_mlm_dir))
+    glue, note = cap_sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit + 36))
+    assert glue.max_seq_length == limit and note == (
+        f"max_seq_length {limit + 36} is longer than --model {bert_mlm_dir} holds ({limit} positions): inputs are cut "
+        f"at {limit} tokens")
+    assert cap_sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit)) == (
+        GlueArguments(model=bert_mlm_dir, max_seq_length=limit), None)
+    # a teacher with a shorter table sets the limit (both read the same tokenized inputs)
+    short = tmp_path / "short"
+    config = AutoConfig.from_pretrained(bert_mlm_dir)
+    config.max_position_embeddings = 40
+    config.save_pretrained(short)
+    glue, note = cap_sequence_length(GlueArguments(model=bert_mlm_dir, teacher=str(short), max_seq_length=128))
+    assert glue.max_seq_length == 40 and "--teacher" in note
+    # a model this machine cannot read (a hub id offline) is left to its loader's own error
+    assert cap_sequence_length(GlueArguments(model=str(tmp_path / "absent"), max_seq_length=999))[1] is None
+    # RoBERTa's table starts padding_idx + 1 rows before position 0: 66 rows hold 64 positions
+    roberta = tmp_path / "roberta"
+    tiny.build_roberta("roberta_mlm", 400).config.save_pretrained(roberta)
+    assert AutoConfig.from_pretrained(roberta).max_position_embeddings == 66
+    assert cap_sequence_length(GlueArguments(model=str(roberta), max_seq_length=66))[0].max_seq_length == 64
 
 
 def test_the_report_has_every_task_the_glue_score_and_a_valid_png(finished_grid, capsys):
