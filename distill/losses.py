@@ -251,10 +251,12 @@ def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 # Each takes one chunk of gathered rows ``[N, V]`` (no mask: every row given is a real position), and
 # returns ``(value, grad)``: the term's value as the function above computes it, and
 # ``out + scale * d value / d student_logits`` (``out`` None: 0), in the value's float32/float64.
-# They run without autograd, as a few passes over the chunk with in-place arithmetic: the vocabulary
-# head's logits are the largest tensors of a step, and autograd's formula for these terms makes about
-# twice the passes and a fresh [N, V] tensor for most of them (distill.vocab_head). ``scale`` may be a
-# 0-dim tensor (no host sync). Tests check each against autograd of the function above, in float64.
+# They run without autograd, as a few passes over the chunk with in-place arithmetic where it can be: the
+# vocabulary head's logits are the largest tensors of a step, and autograd's formula for these terms keeps
+# its intermediates and makes a fresh [N, V] tensor for each step of its backward (distill.vocab_head;
+# ``python bench/logit_grad.py`` times the two). Values are summed pairwise, as ``.sum()`` does (a single
+# float32 dot over a chunk's millions of entries is off by 1e-4). ``scale`` may be a 0-dim tensor (no host
+# sync). Tests check each against autograd of the function above, in float64.
 
 
 def _add_scaled(out: Tensor | None, grad: Tensor, scale) -> Tensor:
@@ -262,6 +264,11 @@ def _add_scaled(out: Tensor | None, grad: Tensor, scale) -> Tensor:
     if not (isinstance(scale, (int, float)) and scale == 1):
         grad.mul_(scale)
     return grad if out is None else out.add_(grad)
+
+
+def _sum_of_products(a: Tensor, b: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``(a * b).sum()``, the product written into ``scratch`` (a temporary of the caller's) when given."""
+    return (a * b if scratch is None else torch.mul(a, b, out=scratch)).sum()
 
 
 def _logit_rows(student_logits: Tensor, teacher_logits: Tensor | None, what: str):
@@ -274,8 +281,10 @@ def _logit_rows(student_logits: Tensor, teacher_logits: Tensor | None, what: str
     return student_logits.to(dtype), teacher_logits.to(dtype)
 
 
-def _tempered_log_softmax(z: Tensor, t: float) -> Tensor:
-    return F.log_softmax(z if t == 1 else z / t, dim=-1)
+def _tempered_log_softmax(z: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
+    """``log_softmax(z / T)`` and the ``z / T`` temporary it was taken from (None at ``T = 1``), for reuse."""
+    scaled = None if t == 1 else z / t
+    return F.log_softmax(z if scaled is None else scaled, dim=-1), scaled
 
 
 @_full_precision
@@ -286,9 +295,10 @@ def soft_cross_entropy_grad(student_logits: Tensor, teacher_logits: Tensor, temp
     t = check_temperature(temperature)
     s, te = _logit_rows(student_logits, teacher_logits, "soft_cross_entropy_grad")
     n = max(s.shape[0], 1)
-    log_p_s = _tempered_log_softmax(s, t)
+    log_p_s, scratch = _tempered_log_softmax(s, t)
     p_t = F.softmax(te if t == 1 else te / t, dim=-1)
-    value = -torch.dot(p_t.view(-1), log_p_s.view(-1)) * (t * t / n)
+    value = -_sum_of_products(p_t, log_p_s, scratch) * (t * t / n)
+    del scratch
     return value, _add_scaled(out, log_p_s.exp_().sub_(p_t), scale * (t / n))
 
 
@@ -300,11 +310,12 @@ def kl_divergence_grad(student_logits: Tensor, teacher_logits: Tensor, temperatu
     t = check_temperature(temperature)
     s, te = _logit_rows(student_logits, teacher_logits, "kl_divergence_grad")
     n = max(s.shape[0], 1)
-    log_p_s = _tempered_log_softmax(s, t)
-    log_p_t = _tempered_log_softmax(te, t)
+    log_p_s, scratch = _tempered_log_softmax(s, t)
+    log_p_t, _ = _tempered_log_softmax(te, t)
     p_t = log_p_t.exp()
     # sum p_t (log p_t - log p_s): the difference taken entry by entry, as kl_divergence does (no cancellation)
-    value = torch.dot(p_t.view(-1), log_p_t.sub_(log_p_s).view(-1)) * (t * t / n)
+    value = _sum_of_products(p_t, log_p_t.sub_(log_p_s), scratch) * (t * t / n)
+    del scratch, log_p_t
     return value, _add_scaled(out, log_p_s.exp_().sub_(p_t), scale * (t / n))
 
 
@@ -330,7 +341,7 @@ def mlm_loss_grad(student_logits: Tensor, labels: Tensor, scale=1.0, out: Tensor
         return value, _add_scaled(out, grad, scale / n)
     if out is None:
         out = torch.zeros_like(s)
-    return value, out.index_add_(0, index, _add_scaled(None, grad, scale / n))
+    return value, out.index_add_(0, index, _add_scaled(None, grad, scale / n).to(out.dtype))
 
 
 @_full_precision
@@ -341,7 +352,7 @@ def logits_mse_grad(student_logits: Tensor, teacher_logits: Tensor, scale=1.0, o
     s, te = _logit_rows(student_logits, teacher_logits, "logits_mse_grad")
     count = max(s.numel(), 1)
     diff = s - te
-    value = torch.dot(diff.view(-1), diff.view(-1)) / count
+    value = _sum_of_products(diff, diff) / count
     return value, _add_scaled(out, diff, scale * (2 / count))
 
 

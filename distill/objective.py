@@ -467,7 +467,7 @@ class Objective(nn.Module):
                     attached = sum(weight * values[name] for name, weight, _ in by_autograd)
                     if attached.requires_grad:
                         (more,) = torch.autograd.grad(attached * scale, z)
-                        grad = more.to(torch.promote_types(more.dtype, torch.float32)) if grad is None else grad.add_(more)
+                        grad = more if grad is None else grad.add_(more)  # in the logits' dtype, as the head casts
                 shares.update((name, value.detach()) for name, value in values.items())
             value = sum(w * shares[name] for name, w in zip(names, weights))
             return value, torch.stack([shares[name] for name in names]), grad

@@ -16,9 +16,9 @@ A term may be chunked when its value is a mean over logit rows (``TermSpec.row_m
 the whole batch it is then ``sum_c (rows counted in chunk c / rows counted) * value(chunk c)``,
 exactly. The registry's own loss functions compute each chunk's value, so a new row-mean term
 needs nothing here. A term that also gives its gradient (``TermSpec.logit_grad``) is not
-differentiated by autograd: its value and gradient come from a few in-place passes over the
-chunk, about half of autograd's passes and fresh ``[rows, vocab]`` tensors (``chunked(...,
-chunk_grad=...)``).
+differentiated by autograd: its value and gradient come from a few passes over the chunk, most of
+them in place, and no graph is kept over its logits (``chunked(..., chunk_grad=...)``;
+``python bench/logit_grad.py`` times it against autograd).
 
 Gradients are taken in the forward pass, before the loop's backward scales the loss, so in fp16
 modes ``Precision.autocast()`` says which scale it will be (:func:`gradient_scale`): the gradients
@@ -146,7 +146,9 @@ class _ChunkedHead(torch.autograd.Function):
         # in place where the matmul's dtype is already that (no [vocab, H'] temporary per chunk). The
         # first chunk's matmul writes them (no zero-filled [vocab, H'] first).
         wide = torch.promote_types(weight.dtype, torch.float32)
-        grad_h = torch.zeros_like(hidden) if needs[0] else None
+        # contiguous whatever hidden's strides (a chunk's rows are then one block for mm's out=); rows of a chunk
+        # without a gradient stay 0
+        grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
         grad_w = grad_b = None
         total, parts = None, None
         for start in range(0, max(n, 1), rows_per_chunk):
@@ -176,7 +178,7 @@ class _ChunkedHead(torch.autograd.Function):
                     else:  # the matmul in its (fp16/bf16) dtype, promoted as it is added: no wide temporary
                         grad_w.add_(grad_z.t() @ h)
                 if needs[2]:
-                    grad_b = grad_z.sum(0, dtype=wide) if grad_b is None else grad_b.add_(grad_z.sum(0))
+                    grad_b = grad_z.sum(0, dtype=wide) if grad_b is None else grad_b.add_(grad_z.sum(0, dtype=wide))
             value, chunk_parts = value.detach(), chunk_parts.detach()
             total = value if total is None else total + value
             parts = chunk_parts if parts is None else parts + chunk_parts

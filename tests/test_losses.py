@@ -210,6 +210,7 @@ def _grad_cases():
         ("ce", losses.soft_cross_entropy, lambda z, **k: losses.soft_cross_entropy_grad(z, zt, T, **k), (zt, T)),
         ("ce_T1", losses.soft_cross_entropy, lambda z, **k: losses.soft_cross_entropy_grad(z, zt, 1.0, **k), (zt, 1.0)),
         ("kl", losses.kl_divergence, lambda z, **k: losses.kl_divergence_grad(z, zt, T, **k), (zt, T)),
+        ("kl_T1", losses.kl_divergence, lambda z, **k: losses.kl_divergence_grad(z, zt, 1.0, **k), (zt, 1.0)),
         ("mlm_all", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, labels, **k), (labels,)),
         ("mlm_some", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, some, **k), (some,)),
         ("mlm_none", losses.mlm_loss, lambda z, **k: losses.mlm_loss_grad(z, none, **k), (none,)),
@@ -217,7 +218,7 @@ def _grad_cases():
     ], zs
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_grad_functions_give_the_value_and_autograd_s_gradient(case):
     """Each *_grad against autograd of its loss in float64: the value, scale * gradient, and out + that."""
     cases, zs = _grad_cases()
@@ -243,6 +244,38 @@ def test_grad_functions_on_no_rows_give_zero():
                         losses.mlm_loss_grad(empty, torch.zeros(0, dtype=torch.long)),
                         losses.logits_mse_grad(empty, empty)):
         assert float(value) == 0 and grad.shape == (0, V)
+    out = torch.zeros(0, V)
+    assert losses.soft_cross_entropy_grad(empty, empty, 2.0, out=out)[1] is out
+
+
+def test_grad_functions_accumulate_across_dtypes_as_the_chunked_head_mixes_them():
+    """A float32 (or bf16) student beside a float64 teacher: ce's gradient comes out float64, and mlm over some
+    rows adds its own into it; the sum is autograd's in float64. Half-precision logits are computed in float32."""
+    N = 6
+    zs, zt = randn(N, V, seed=21, scale=2), randn(N, V, seed=22, scale=2).double()
+    labels = torch.tensor([3, -100, 5, -100, -100, 1])
+    value, out = losses.soft_cross_entropy_grad(zs, zt, 2.0, scale=0.5)
+    assert out.dtype == torch.float64
+    mlm_value, total = losses.mlm_loss_grad(zs, labels, scale=0.25, out=out)
+    assert total is out
+    z = zs.double().requires_grad_(True)
+    reference = 0.5 * losses.soft_cross_entropy(z, zt, 2.0) + 0.25 * losses.mlm_loss(z, labels)
+    reference.backward()
+    assert float(0.5 * value + 0.25 * mlm_value) == pytest.approx(float(reference.detach()), rel=1e-6)
+    torch.testing.assert_close(total, z.grad, rtol=1e-5, atol=1e-7)
+    for dtype in (torch.bfloat16, torch.float16):
+        v, g = losses.soft_cross_entropy_grad(zs.to(dtype), zt.float(), 2.0)
+        assert v.dtype == g.dtype == torch.float32
+        assert float(v) == pytest.approx(float(losses.soft_cross_entropy(zs.to(dtype), zt.float(), 2.0)), rel=1e-6)
+
+
+def test_values_are_summed_pairwise_not_by_one_float32_dot():
+    """Over a vocabulary-sized chunk the value keeps float32's precision (a single dot was off by about 1e-4)."""
+    zs, zt = randn(256, 30522, seed=23, scale=3), randn(256, 30522, seed=24, scale=3)
+    for fn, ref in ((lambda: losses.soft_cross_entropy_grad(zs, zt, 2.0)[0],
+                     lambda: losses.soft_cross_entropy(zs.double(), zt.double(), 2.0)),
+                    (lambda: losses.logits_mse_grad(zs, zt)[0], lambda: losses.logits_mse(zs.double(), zt.double()))):
+        assert float(fn()) == pytest.approx(float(ref()), rel=1e-6)
 
 
 def test_hard_cross_entropy_classification_and_regression():

@@ -166,8 +166,10 @@ def test_no_full_size_logits_are_kept_for_backward(pair):
         assert largest_logit_rows(4, {"auto_ce": 5, "mlm": 2}) == 4
 
 
-def test_fp16_gradients_are_taken_at_the_loss_scale():
-    """Gradients that underflow fp16 at scale 1 survive when taken at the loop's loss scale."""
+@pytest.mark.parametrize("path", ["autograd", "logit_grad"])
+def test_fp16_gradients_are_taken_at_the_loss_scale(path):
+    """Gradients that underflow fp16 at scale 1 survive when taken at the loop's loss scale, on both ways of taking
+    them: autograd of chunk_loss, and a chunk_grad that multiplies by the scale before the cast to fp16."""
     torch.manual_seed(0)
     n, width, vocab = 6, 8, 50
     hidden64 = torch.randn(n, width, dtype=torch.float64)
@@ -179,13 +181,19 @@ def test_fp16_gradients_are_taken_at_the_loss_scale():
         value = -(targets[rows] * torch.log_softmax(logits.double(), -1)).sum() * tiny / n
         return value, value.detach()[None]
 
+    def chunk_grad(rows, logits, scale):  # d/dz of -sum(q log softmax(z)) * tiny / n = (softmax(z) - q) * tiny / n
+        value, parts = chunk_loss(rows, logits)
+        grad = (torch.softmax(logits.double(), -1) - targets[rows]) * (tiny / n * scale)
+        return value, parts, grad.float()
+
     h64 = hidden64.clone().requires_grad_()
     chunk_loss(slice(0, n), F.linear(h64, weight64))[0].backward()
     results = {}
     for scale in (1.0, 2.0 ** 16):
         h = hidden64.half().requires_grad_()
         w = weight64.half().requires_grad_()
-        total, _ = chunked(chunk_loss, DeferredLogits(h, w, None), 2, scale=scale)
+        total, _ = chunked(chunk_loss, DeferredLogits(h, w, None), 2, scale=scale,
+                           chunk_grad=chunk_grad if path == "logit_grad" else None)
         (total * scale).backward()  # what GradScaler.scale(loss).backward() does
         results[scale] = h.grad.double() / scale
     assert results[1.0].abs().max() < h64.grad.abs().max() / 10  # underflowed: (mostly) zeros
