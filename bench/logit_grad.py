@@ -1,0 +1,191 @@
+"""The chunked vocabulary head with the logit terms' own gradients (``TermSpec.logit_grad``) against autograd.
+
+    python bench/logit_grad.py            # BERT-base shapes: 12 x 768 teacher, student of layers 1,5,8,12, 4 x 128
+    python bench/logit_grad.py --quick    # 3 rounds
+    python bench/logit_grad.py --batch 8  # 8 x 128, as bench/speed.py's full mode
+
+Over a chunk of vocabulary-head rows, ``ce``, ``kl``, ``out_mse`` and ``mlm`` give their value and their gradient
+with respect to the student's logits themselves (``distill/losses.py``: ``*_grad``), so the chunked head builds no
+autograd graph over the chunk's logits. ``autograd`` is the same engine with that withheld: autograd
+differentiates each chunk's loss, as it did before ``logit_grad`` existed (and as it still does for a term without
+one). Both are timed in interleaved rounds on (1) the head alone: the DistilBERT objective's logit terms
+``5*ce + 2*mlm`` at T=2 over every token (the student's and the teacher's decoder, the terms, the backward into the
+decoder's input and weights), and (2) one whole distillation step of ``5*ce + 2*mlm + 1*cos`` (teacher forward,
+student forward, loss, backward, fused AdamW step, clip). It checks first that the two give the same loss and
+gradients (and times nothing if they do not). Random weights: the speed does not depend on them. Prints one
+``name: value`` line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from speed import Clock, interleaved, log, machine, make_batch, paired_ratio, set_threads, summary, teacher_config  # noqa: E402
+
+from distill import objective as objective_module  # noqa: E402
+from distill.hardware import auto_precision_here  # noqa: E402
+from distill.models import Features, extract  # noqa: E402
+from distill.objective import Objective  # noqa: E402
+from distill.precision import Precision  # noqa: E402
+from distill.student import build_student  # noqa: E402
+from distill.vocab_head import DeferredLogits  # noqa: E402
+
+LAYERS = [1, 5, 8, 12]
+HEAD_WEIGHTS = {"ce": 5.0, "mlm": 2.0}
+STEP_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
+T = 2.0
+
+
+@contextmanager
+def implementation(name: str):
+    """``logit_grad``: the engine as it is; ``autograd``: the chunked head without the terms' own gradients."""
+    if name == "logit_grad":
+        yield
+        return
+    real = objective_module.chunked
+
+    def without_chunk_grad(chunk_loss, head, rows_per_chunk, scale=None, chunk_grad=None):
+        return real(chunk_loss, head, rows_per_chunk, scale)
+
+    with mock.patch.object(objective_module, "chunked", without_chunk_grad):
+        yield
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 timed rounds (default 5)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (bench/peers.py's quick 4)")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or auto (distill-train's choice here)")
+    p.add_argument("--threads", default="auto", help="torch CPU threads: a number or auto (bench/speed.py's rule)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    threads_why = set_threads(args.threads)
+    device = torch.device("cpu")
+    precision_name = auto_precision_here("cpu")[0] if args.precision == "auto" else args.precision
+    if precision_name not in ("fp32", "bf16"):
+        p.error(f"--precision {args.precision!r}: this CPU bench runs fp32 or bf16 (or auto)")
+    prec = Precision.from_config(precision_name, device=device)
+
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(teacher_config()).to(device).eval().requires_grad_(False)
+    student, _ = build_student(teacher, LAYERS)
+    student = student.to(device).train()
+    batch = make_batch(args.batch, teacher.config.vocab_size)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tokens = int(mask.sum())
+
+    def make_objective(weights):
+        return Objective.from_config(weights, T, student_config=student, teacher_config=teacher,
+                                     student_layers=LAYERS, restrict_ce_to_mask=False).to(device)
+
+    # (1) the head alone: the decoder's input rows as leaves, the student's decoder weights, the teacher's head
+    head_objective = make_objective(HEAD_WEIGHTS)
+    with torch.no_grad(), prec.autocast():
+        t_features = extract(teacher, ids, mask, **head_objective.extract_kwargs(batch, "teacher"))
+        s_features = extract(student, ids, mask, **head_objective.extract_kwargs(batch, "student"))
+    deferred = s_features.logits
+    assert isinstance(deferred, DeferredLogits) and isinstance(t_features.logits, DeferredLogits)
+    decoder = copy.deepcopy(deferred.weight.detach()).requires_grad_(True)
+    bias = None if deferred.bias is None else deferred.bias.detach().clone().requires_grad_(True)
+    rows = deferred.hidden.detach().clone().requires_grad_(True)
+
+    def head_pass(name) -> torch.Tensor:
+        rows.grad = decoder.grad = None
+        if bias is not None:
+            bias.grad = None
+        student_head = Features(logits=DeferredLogits(rows, decoder, bias, deferred.autocast))
+        with implementation(name):
+            total = head_objective(student_head, t_features, batch)[0]
+            total.backward()
+        return total.detach()
+
+    def head_only(name):
+        def run():  # returns nothing: the clock reads a returned value as phase times
+            head_pass(name)
+        return run
+
+    # the two agree before anything is timed: the value and every gradient
+    results = {}
+    for name in ("logit_grad", "autograd"):
+        total = head_pass(name)
+        results[name] = [total, rows.grad.clone(), decoder.grad.clone()] + ([bias.grad.clone()] if bias is not None else [])
+    difference = max(relative_difference(a, b) for a, b in zip(results["logit_grad"], results["autograd"]))
+    if difference > 1e-4:
+        print(f"error: the two ways disagree (largest relative difference {difference:.2e} > 1e-4 over the loss and "
+              "the gradients): nothing was timed", file=sys.stderr)
+        return 1
+
+    # (2) one whole distillation step, each way with its own copy of the student and its own optimizer
+    step_objective = make_objective(STEP_WEIGHTS)
+
+    def step(name):
+        own, own_prec = copy.deepcopy(student), Precision.from_config(precision_name, device=device)
+        optimizer = own_prec.make_optimizer(list(own.parameters()), torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98),
+                                            eps=1e-6, weight_decay=0.0)
+
+        def run():
+            with implementation(name), own_prec.autocast():
+                with torch.no_grad():
+                    t = extract(teacher, ids, mask, **step_objective.extract_kwargs(batch, "teacher"))
+                s = extract(own, ids, mask, **step_objective.extract_kwargs(batch, "student"))
+                loss = step_objective(s, t, batch)[0]
+            own_prec.backward(loss)
+            own_prec.step(optimizer, max_grad_norm=5.0)
+        return run
+
+    repeats = 3 if args.quick else 5
+    clock = Clock(device)
+    log(f"vocabulary head alone ({tokens} rows x {teacher.config.vocab_size}, {precision_name}):")
+    head_runs = interleaved({"autograd": head_only("autograd"), "logit_grad": head_only("logit_grad")},
+                            repeats, 1, clock)
+    log(f"distillation step ({precision_name}):")
+    step_runs = interleaved({"autograd": step("autograd"), "logit_grad": step("logit_grad")}, repeats, 1, clock)
+    report = {
+        "command": "python bench/logit_grad.py" + (" --quick" if args.quick else "")
+                   + (f" --batch {args.batch}" if args.batch != 4 else "")
+                   + (f" --precision {args.precision}" if args.precision != "fp32" else "")
+                   + (f" --threads {args.threads}" if args.threads != "auto" else ""),
+        "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,
+        "precision": precision_name,
+        "setup": {"batch": args.batch, "seq": ids.shape[1], "tokens": tokens, "student_layers": LAYERS,
+                  "head_terms": HEAD_WEIGHTS, "step_terms": STEP_WEIGHTS, "temperature": T,
+                  "restrict_ce_to_mask": False},
+        "largest_relative_difference": difference,
+        "head": {name: summary(runs) for name, runs in head_runs.items()},
+        "step": {name: summary(runs, tokens) for name, runs in step_runs.items()},
+        "head_speedup": paired_ratio(head_runs, "autograd", "logit_grad"),
+        "step_speedup": paired_ratio(step_runs, "autograd", "logit_grad"),
+    }
+    if args.out:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.out)
+    print(f"largest_relative_difference: {difference:.2e}")
+    print(f"head_speedup: {report['head_speedup']['value']:.2f}")
+    print(f"step_speedup: {report['step_speedup']['value']:.2f}")
+    for name in ("autograd", "logit_grad"):
+        print(f"step_tokens_per_s_{name}: {report['step'][name]['tokens_per_s']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
