@@ -290,11 +290,17 @@ def floor_loss(student, teacher, objective, batch: dict):
     """The engine's forward work with a trivial loss in place of the objective."""
     from distill.models import extract
 
+    from distill.vocab_head import DeferredLogits
+
+    def logits(features):  # a deferred (chunked) head runs here: the floor keeps the heads' matmuls
+        z = features.logits
+        return z.materialize() if isinstance(z, DeferredLogits) else z
+
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
+        logits(extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher")))
     s = extract(student, ids, mask, **objective.extract_kwargs(batch, "student"))
-    return s.logits.float().mean() + s.hidden_states[-1].float().mean()
+    return logits(s).float().mean() + s.hidden_states[-1].float().mean()
 
 
 def student_only_loss(student, batch: dict):
