@@ -770,32 +770,37 @@ def ratio_key(figure: str) -> str:
     return figure.split("_", 2)[2]
 
 
-def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """The command as run, for the report: the flags that differ from their defaults, ``--out`` relative to the
-    repository when it lies inside it."""
-    words = ["python", "bench/peers.py"]
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        value, flag = getattr(args, action.dest), action.option_strings[0]
-        if value == action.default:
-            continue
-        if isinstance(value, bool):
-            words.append(flag)
-            continue
-        if action.dest == "out":
-            path = Path(value).resolve()
-            value = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-        words += [flag, str(value)]
+def command_line(argv: list[str]) -> str:
+    """The command as run, for the report: its arguments as given, ``--out`` relative to the repository when it lies
+    inside it, else by its name alone (no path of the machine it ran on goes into a committed report)."""
+    words, out_next = ["python", "bench/peers.py"], False
+    for word in argv:
+        flag, eq, value = word.partition("=")
+        if out_next or (flag == "--out" and eq):
+            path = Path(word if out_next else value).resolve()
+            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+            word = shown if out_next else f"--out={shown}"
+        out_next = word == "--out"
+        words.append(word)
     return " ".join(shlex.quote(w) for w in words)
+
+
+def load_note(m: dict) -> str:
+    """What the load average at the start says: other processes held cores in the minute before, or not."""
+    load, cores = (m.get("load_average_at_start") or [None])[0], m.get("usable_cores")
+    if not isinstance(load, (int, float)) or not isinstance(cores, int) or cores < 1:
+        return ""
+    if load >= 0.5 * cores:
+        return f" (a 1-minute average of {load:.1f} on {cores} cores: other processes held cores in the minute before)"
+    return f" (below half of {cores} cores: the machine was about idle)"
 
 
 def full_margin(st: dict, target: float) -> str:
     """What the full step's median time leaves at the target ratio (``st``: step -> median seconds)."""
     needed = st["textbrewer_full"] / target
     if st["ours_full"] <= needed:
-        return (f"At the target of {target:g} our full step could take {needed:.2f} s: it has "
-                f"{needed - st['ours_full']:.2f} s in hand.")
+        return (f"At the target of {target:g} (on the median step times) our full step could take {needed:.2f} s: "
+                f"it has {needed - st['ours_full']:.2f} s in hand.")
     return (f"A ratio of {target:g} would need our full step at {needed:.2f} s, i.e. {st['ours_full'] - needed:.2f} s "
             "less than measured, with those matmuls left in place; the lever beyond is the matmuls' own cost "
             "(bf16 heads: not part of this fp32 comparison).")
@@ -811,9 +816,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"Machine (as measured): {m.get('description')}; {report['threads']} torch threads "
         f"({report['threads_choice']}), device `{report['device']}`; load average at start "
-        f"{m.get('load_average_at_start')}. The two sides of each ratio ran interleaved, round by round, and a "
-        "ratio is the median over rounds of the ratio within a round: a load that comes and goes falls on both "
-        "sides.",
+        f"{m.get('load_average_at_start')}{load_note(m)}. The two sides of each ratio ran interleaved, round by "
+        "round, and a ratio is the median over rounds of the ratio within a round: a load that comes and goes "
+        "falls on both sides.",
         "",
         f"Versions: torch {v['torch']} (CUDA build {v['torch_cuda_build'] or 'none: CPU build'}), transformers "
         f"{v['transformers']}, TextBrewer {v['textbrewer']}, torchdistill {v['torchdistill']}, torchvision "
@@ -969,7 +974,7 @@ def main(argv=None) -> int:
     log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
     device = torch.device(args.device)
     clock = Clock(device)
-    report = {"command": command_line(args, p), "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    report = {"command": command_line(sys.argv[1:] if argv is None else list(argv)), "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "device": str(device),
               "threads": torch.get_num_threads(), "threads_choice": threads_choice, "config": cfg}
     started = time.perf_counter()
