@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, interleaved, log, machine, make_batch, paired_ratio, set_threads, summary, teacher_config  # noqa: E402
+from speed import Clock, interleaved, log, machine, make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
 
 from distill import objective as objective_module  # noqa: E402
-from distill.hardware import auto_precision_here  # noqa: E402
 from distill.models import Features, extract  # noqa: E402
 from distill.objective import Objective  # noqa: E402
 from distill.precision import Precision  # noqa: E402
 from distill.student import build_student  # noqa: E402
+from distill.train import StudentStep  # noqa: E402
 from distill.vocab_head import DeferredLogits  # noqa: E402
 
 LAYERS = [1, 5, 8, 12]
@@ -71,16 +69,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 timed rounds (default 5)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (bench/peers.py's quick 4)")
-    p.add_argument("--precision", default="fp32", help="fp32, bf16 or auto (distill-train's choice here)")
-    p.add_argument("--threads", default="auto", help="torch CPU threads: a number or auto (bench/speed.py's rule)")
-    p.add_argument("--out", help="write the results as JSON here")
+    two_way_flags(p, precision="fp32")
     args = p.parse_args(argv)
-    threads_why = set_threads(args.threads)
-    device = torch.device("cpu")
-    precision_name = auto_precision_here("cpu")[0] if args.precision == "auto" else args.precision
-    if precision_name not in ("fp32", "bf16"):
-        p.error(f"--precision {args.precision!r}: this CPU bench runs fp32 or bf16 (or auto)")
-    prec = Precision.from_config(precision_name, device=device)
+    threads_why, device, precision_name, prec = two_way_setup(p, args)
 
     from transformers import BertForMaskedLM
 
@@ -141,12 +132,11 @@ def main(argv=None) -> int:
         optimizer = own_prec.make_optimizer(list(own.parameters()), torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98),
                                             eps=1e-6, weight_decay=0.0)
 
+        engine = StudentStep(own, step_objective, teacher)  # distill-train's step module
+
         def run():
             with implementation(name), own_prec.autocast():
-                with torch.no_grad():
-                    t = extract(teacher, ids, mask, **step_objective.extract_kwargs(batch, "teacher"))
-                s = extract(own, ids, mask, **step_objective.extract_kwargs(batch, "student"))
-                loss = step_objective(s, t, batch)[0]
+                loss = engine(batch)[0]
             own_prec.backward(loss)
             own_prec.step(optimizer, max_grad_norm=5.0)
         return run
@@ -169,21 +159,9 @@ def main(argv=None) -> int:
                   "head_terms": HEAD_WEIGHTS, "step_terms": STEP_WEIGHTS, "temperature": T,
                   "restrict_ce_to_mask": False},
         "largest_relative_difference": difference,
-        "head": {name: summary(runs) for name, runs in head_runs.items()},
-        "step": {name: summary(runs, tokens) for name, runs in step_runs.items()},
-        "head_speedup": paired_ratio(head_runs, "autograd", "logit_grad"),
-        "step_speedup": paired_ratio(step_runs, "autograd", "logit_grad"),
     }
-    if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
-    print(f"largest_relative_difference: {difference:.2e}")
-    print(f"head_speedup: {report['head_speedup']['value']:.2f}")
-    print(f"step_speedup: {report['step_speedup']['value']:.2f}")
-    for name in ("autograd", "logit_grad"):
-        print(f"step_tokens_per_s_{name}: {report['step'][name]['tokens_per_s']:.0f}")
+    two_way_ending(report, {"head": head_runs, "step": step_runs}, "autograd", "logit_grad", tokens, args.out,
+                   {"head": "head_speedup", "step": "step_speedup"}, ("largest_relative_difference", difference))
     return 0
 
 

@@ -18,9 +18,7 @@ Random weights: the speed does not depend on them. Prints one ``name: value`` li
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,14 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, interleaved, log, machine, paired_ratio, set_threads, summary  # noqa: E402
+from speed import Clock, interleaved, log, machine, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
 
 from distill import losses  # noqa: E402
-from distill.models import extract  # noqa: E402
 from distill.objective import Objective  # noqa: E402
-from distill.hardware import auto_precision_here  # noqa: E402
-from distill.precision import Precision  # noqa: E402
 from distill.student import build_student  # noqa: E402
+from distill.train import StudentStep  # noqa: E402
 
 WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
 LAYERS = [2, 4, 6]
@@ -83,16 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence, packed: no padding (the study's 128)")
     p.add_argument("--width", type=int, default=384, help="hidden width of both models (all-MiniLM-L6-v2's 384)")
     p.add_argument("--relation_heads", type=int, default=48, help="MiniLMv2's 48")
-    p.add_argument("--precision", default="auto", help="fp32, bf16 or auto (distill-train's choice here)")
-    p.add_argument("--threads", default="auto", help="torch CPU threads: a number or auto (bench/speed.py's rule)")
-    p.add_argument("--out", help="write the results as JSON here")
+    two_way_flags(p, precision="auto")
     args = p.parse_args(argv)
-    threads_why = set_threads(args.threads)
-    device = torch.device("cpu")
-    precision_name = auto_precision_here("cpu")[0] if args.precision == "auto" else args.precision
-    if precision_name not in ("fp32", "bf16"):
-        p.error(f"--precision {args.precision!r}: this CPU bench runs fp32 or bf16 (or auto)")
-    prec = Precision.from_config(precision_name, device=device)
+    threads_why, device, precision_name, prec = two_way_setup(p, args)
     teacher, student = models(device, args.width, args.width // 32, 6, 30522)
     objective = Objective.from_config(WEIGHTS, student_config=student, teacher_config=teacher, student_layers=LAYERS,
                                       relation_heads=args.relation_heads).to(device)
@@ -111,13 +100,12 @@ def main(argv=None) -> int:
                 total.backward()
         return run
 
+    engine = StudentStep(student, objective, teacher)  # distill-train's step module
+
     def step(name):
         def run():
             with implementation(name), prec.autocast():
-                with torch.no_grad():
-                    t = extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
-                s = extract(student, ids, mask, **objective.extract_kwargs(batch, "student"))
-                loss = objective(s, t, batch)[0]
+                loss = engine(batch)[0]
             prec.backward(loss)
             prec.step(optimizer, max_grad_norm=5.0)
         return run
@@ -145,21 +133,10 @@ def main(argv=None) -> int:
         "setup": {"batch": args.batch, "seq": args.seq, "width": args.width, "relation_heads": args.relation_heads,
                   "teacher_layers": 6, "student_layers": LAYERS, "terms": WEIGHTS},
         "loss_relative_difference": difference,
-        "loss": {name: summary(runs) for name, runs in loss_runs.items()},
-        "step": {name: summary(runs, tokens) for name, runs in step_runs.items()},
-        "relation_loss_speedup": paired_ratio(loss_runs, "composed", "fused"),
-        "relation_step_speedup": paired_ratio(step_runs, "composed", "fused"),
     }
-    if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
-    print(f"loss_relative_difference: {difference:.2e}")
-    print(f"relation_loss_speedup: {report['relation_loss_speedup']['value']:.2f}")
-    print(f"relation_step_speedup: {report['relation_step_speedup']['value']:.2f}")
-    for name in ("composed", "fused"):
-        print(f"step_tokens_per_s_{name}: {report['step'][name]['tokens_per_s']:.0f}")
+    two_way_ending(report, {"loss": loss_runs, "step": step_runs}, "composed", "fused", tokens, args.out,
+                   {"loss": "relation_loss_speedup", "step": "relation_step_speedup"},
+                   ("loss_relative_difference", difference))
     return 0
 
 

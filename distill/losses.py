@@ -287,15 +287,20 @@ def _tempered_log_softmax(z: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
     return F.log_softmax(z if scaled is None else scaled, dim=-1), scaled
 
 
+def _soft_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float, what: str):
+    """The soft-target terms' common start: ``T``, both rows widened alike, the row count (at least 1), the
+    student's ``log_softmax(z / T)`` and its ``z / T`` temporary."""
+    t = check_temperature(temperature)
+    s, te = _logit_rows(student_logits, teacher_logits, what)
+    return (t, s, te, max(s.shape[0], 1), *_tempered_log_softmax(s, t))
+
+
 @_full_precision
 @torch.no_grad()
 def soft_cross_entropy_grad(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
                             scale=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`soft_cross_entropy` of rows and its gradient: ``T (p_s − p_t) / N`` per row."""
-    t = check_temperature(temperature)
-    s, te = _logit_rows(student_logits, teacher_logits, "soft_cross_entropy_grad")
-    n = max(s.shape[0], 1)
-    log_p_s, scratch = _tempered_log_softmax(s, t)
+    t, s, te, n, log_p_s, scratch = _soft_rows(student_logits, teacher_logits, temperature, "soft_cross_entropy_grad")
     p_t = F.softmax(te if t == 1 else te / t, dim=-1)
     value = -_sum_of_products(p_t, log_p_s, scratch) * (t * t / n)
     del scratch
@@ -307,10 +312,7 @@ def soft_cross_entropy_grad(student_logits: Tensor, teacher_logits: Tensor, temp
 def kl_divergence_grad(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
                        scale=1.0, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`kl_divergence` of rows and its gradient, the same as :func:`soft_cross_entropy_grad`'s."""
-    t = check_temperature(temperature)
-    s, te = _logit_rows(student_logits, teacher_logits, "kl_divergence_grad")
-    n = max(s.shape[0], 1)
-    log_p_s, scratch = _tempered_log_softmax(s, t)
+    t, s, te, n, log_p_s, scratch = _soft_rows(student_logits, teacher_logits, temperature, "kl_divergence_grad")
     log_p_t, _ = _tempered_log_softmax(te, t)
     p_t = log_p_t.exp()
     # sum p_t (log p_t - log p_s): the difference taken entry by entry, as kl_divergence does (no cancellation)
