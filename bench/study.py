@@ -508,6 +508,13 @@ def logged_rates(folder: str) -> list[float]:
         return [r["tokens_per_s"] for r in map(json.loads, filter(str.strip, f)) if "tokens_per_s" in r]
 
 
+def row_timings(rows, timings: dict) -> dict:
+    """The timings of ``rows`` only (``"prepare NAME"``, ``"finetune NAME seed S"``): the work cache may hold
+    pieces of rows another command asked for."""
+    names = {row["name"] for row in rows} | {row["model"] for row in rows if row.get("model")}  # a KD row's base
+    return {k: v for k, v in timings.items() if len(k.split(" ")) > 1 and k.split(" ")[1] in names}
+
+
 def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
     """The whole run's wall time with every distillation at the rates --remeasure_distill measured under the
     current settings and the fine-tuning as this run measured it: ``{"distill_s", "finetune_s", "total_s",
@@ -528,7 +535,7 @@ def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
         if key not in rates:
             own = logged_rates(model_folder(row, ns))
             rates[key] = [entry["tokens_per_s"], statistics.median(own) if own else None]
-    finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
+    finetune = sum(v for k, v in row_timings(rows, timings).items() if k.startswith("finetune"))
     return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates,
             "unmeasured": unmeasured}
 
@@ -845,6 +852,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
     for r in summary:
         r["compute"] = row_compute(r, timings, ns)
     projection = projected_run(rows, timings, distill_speed, ns) if distill_speed else None
+    own_timings = row_timings(rows, timings)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
@@ -894,14 +902,16 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
           f"with the row's recipe gave `{json.dumps(c['suggested_weights'])}` (gradient shares at weight 1: "
           + ", ".join(f"{k} {100 * v['grad_share']:.1f}%" for k, v in c.get("terms", {}).items()) + ")"
           for name, c in calibrations(rows, ns).items()],
-        "- Speed: bare encoders, fp32, eval, seq 128, median of interleaved repeats, same threads"
+        "- Speed: bare encoders, fp32, eval, seq 128, interleaved repeats, same threads"
         + (f"; teacher {speed['batch32']['teacher_examples_per_s']:.1f} ex/s at batch 32, "
-           f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1; speed-up from the fastest repeat "
-           f"of each: {speed['batch32']['speedup_best']:.2f}x at batch 32, {speed['batch1']['speedup_best']:.2f}x "
-           "at batch 1" if speed else ": not measured"),
-        f"- Compute spent (wall clock, as measured): "
-        f"distillation {sum(v for k, v in timings.items() if k.startswith('prepare')) / 60:.0f} min, fine-tuning "
-        f"{sum(v for k, v in timings.items() if k.startswith('finetune')) / 60:.0f} min",
+           f"{speed['batch1']['teacher_examples_per_s']:.1f} ex/s at batch 1 (medians); speed-up on the median "
+           f"repeats (the table's, and the targets'): {speed['batch32']['speedup_median']:.2f}x at batch 32, "
+           f"{speed['batch1']['speedup_median']:.2f}x at batch 1; on the fastest repeat of each: "
+           f"{speed['batch32']['speedup_best']:.2f}x and {speed['batch1']['speedup_best']:.2f}x"
+           if speed else ": not measured"),
+        f"- Compute spent (wall clock, as measured, this report's rows): "
+        f"distillation {sum(v for k, v in own_timings.items() if k.startswith('prepare')) / 60:.0f} min, fine-tuning "
+        f"{sum(v for k, v in own_timings.items() if k.startswith('finetune')) / 60:.0f} min",
         *([distill_speed_line(projection)] if projection else []),
         "",
     ]
@@ -950,7 +960,7 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
-        "rows": summary, "speed": speed, "params": params, "timings_s": timings,
+        "rows": summary, "speed": speed, "params": params, "timings_s": own_timings,
         "distill_speed": distill_speed, "projected_run": projection,
         "calibrations": calibrations(rows, ns),
     }, indent=2, default=str) + "\n")
@@ -1139,7 +1149,7 @@ def params_of(rows, ns, state) -> dict:
         folder = model_folder(row, ns)
         if row["name"] not in params and os.path.isfile(os.path.join(folder, "config.json")):
             params[row["name"]] = count_params(folder)
-    return params
+    return {row["name"]: params[row["name"]] for row in rows if row["name"] in params}  # this report's rows only
 
 
 if __name__ == "__main__":

@@ -149,6 +149,19 @@ def test_each_row_reports_its_own_measured_compute(finished):
         assert c["finetune_min_per_seed"] == (pytest.approx(statistics.mean(runs) / 60) if runs else None)
 
 
+def test_a_report_counts_the_compute_of_its_own_rows_only(study):
+    """The work cache may hold pieces of rows another command asked for (an extra --task_kd row): a report's
+    compute line, its JSON and its projected run count only the rows it shows."""
+    rows = [{"name": "teacher"}, {"name": "L2-4-6_cos"}, {"name": "L2-4-6_cos_kd_kl+hard_ce_aug4", "model": "L2-4-6_cos"},
+            {"name": "L1-2-3_hid_mse+att_mse_kd_kl+hard_ce", "model": "L1-2-3_hid_mse+att_mse"}]
+    timings = {"finetune teacher seed 1": 10.0, "prepare L2-4-6_cos": 20.0,
+               "finetune L2-4-6_cos_kd_kl+hard_ce_aug4 seed 1": 30.0, "prepare L1-2-3_hid_mse+att_mse": 35.0,
+               "prepare L2-4-6_other": 40.0, "finetune L2-4-6_other seed 1": 50.0,
+               "finetune L2-4-6_cos_kd_kl+hard_ce seed 1": 60.0}
+    assert study.row_timings(rows, timings) == {k: v for k, v in timings.items() if "other" not in k
+                                                and k != "finetune L2-4-6_cos_kd_kl+hard_ce seed 1"}
+
+
 def test_a_rerun_redoes_nothing(study, finished):
     root, _, argv = finished
     before = {p: p.stat().st_mtime_ns for p in (root / "work").rglob("result.json")}
