@@ -1,8 +1,9 @@
 """One writer per output folder: a lock file naming the process that writes there.
 
 A run (``distill-train``) or a grid (``glue-eval``) holds ``<folder>/.distill.lock`` while
-it writes. The file is created with ``O_CREAT | O_EXCL``, so of two processes that race for
-it exactly one wins; it holds the writer's pid, host, command and start time, so the one
+it writes. The file is hard-linked into place from a private copy that already holds its
+record (``O_CREAT | O_EXCL`` where links are not supported), so of two processes that race for
+it exactly one wins, and none reads it empty; it holds the writer's pid, host, command and start time, so the one
 that loses can say who holds the folder. A second writer is refused whatever its flags
 (``--overwrite_output_dir`` and ``--resume`` included): those flags are about finished
 work, never about a run that is still writing.
@@ -52,8 +53,9 @@ def _alive(pid: int) -> bool:
 def read_lock(path: Path, tries: int = 20) -> dict | None:
     """The holder recorded in ``path``; None when the file is gone.
 
-    The holder writes its record right after the exclusive create, so a reader may catch the
-    file empty for an instant: it reads again for up to ~1 s before calling the record unreadable.
+    The lock appears with its record in it; only where hard links are not supported is it written right after
+    the exclusive create, so a reader may catch it empty for an instant: it reads again for up to ~1 s before
+    calling the record unreadable.
     """
     for attempt in range(tries):
         try:
@@ -130,7 +132,7 @@ class OutputLock:
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(3):  # a stale lock moved away may be retaken by a third process: look again
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(path)
             except FileExistsError:
                 holder = read_lock(path)
                 if holder is None:  # released between our create and our read
@@ -144,13 +146,36 @@ class OutputLock:
                     print(f"note: took over the stale lock on {str(self.folder)!r} left by "
                           f"{describe_holder(holder)}: that process is gone", file=sys.stderr)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
             return
         raise UsageError(f"output folder {str(self.folder)!r}: could not take its lock (other processes keep "
                          "taking it): try again")
+
+    def _create(self, path: Path) -> None:
+        """Create ``path`` holding this process's record, or raise FileExistsError. The record is written to a
+        private file first and hard-linked into place (atomic, and it fails if the lock exists), so no other
+        process ever reads the lock empty; where hard links are not supported, ``O_EXCL`` then the write."""
+        text = json.dumps(self.record) + "\n"
+        private = path.with_name(f"{LOCK_NAME}.new-{os.getpid()}")
+        try:
+            with open(private, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(private, path)
+                return
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (some network or FAT file systems)
+                pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(private)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
     @staticmethod
     def _take_over(path: Path, holder: dict) -> bool:

@@ -181,3 +181,27 @@ def test_a_process_that_holds_a_folder_may_enter_it_again(tmp_path):
             assert inner.nested
         assert json.loads((out / LOCK_NAME).read_text())["command"] == "bench"  # still held by the outer one
     assert not out.exists()
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_the_lock_appears_with_its_record_and_leaves_no_private_copy(tmp_path, monkeypatch, links):
+    """Linked into place from a private copy that holds the record (a racer never reads it empty); without hard
+    links, the exclusive create then the write. Either way only the lock is left in the folder, and it is the
+    holder's."""
+    import os
+
+    from distill.locks import output_lock, read_lock
+
+    if not links:
+        def no_links(*_):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    folder = tmp_path / "out"
+    with output_lock(folder, "holder"):
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+        record = read_lock(folder / LOCK_NAME, tries=1)
+        assert record["pid"] == os.getpid() and record["command"] == "holder"
+        with pytest.raises(FileExistsError):  # a second create fails, whichever way it goes
+            output_lock(folder, "other")._create(folder / LOCK_NAME)
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+    assert not folder.exists()
