@@ -62,7 +62,7 @@ def _main(argv=None) -> int:
         return _report(argv[1:])
     glue, args = _parse(argv)
 
-    from .finetune import apply_precision, cap_sequence_length, precision_check
+    from .finetune import apply_precision, precision_check
     from .grid import load_grid, plan, run_grid
 
     args, precision_line = apply_precision(glue, args)  # the line is printed when training starts
@@ -71,9 +71,6 @@ def _main(argv=None) -> int:
         raise UsageError("--task is required: a GLUE task name, 'all', or a task spec .json (or give --grid)")
     grid = load_grid(glue.grid) if glue.grid else {}
     tasks, cells, base, glue = plan(grid, args, glue)
-    glue, capped = cap_sequence_length(glue)  # after the grid's own max_seq_length, before any cell is compared
-    if capped:
-        print(capped)
     from .distillation import check_task_stage
 
     check_task_stage(glue, tasks)  # --teacher, --stages, --augment, --unlabelled_file: before anything loads

@@ -7,6 +7,7 @@ for grids, plus :class:`GlueArguments` for what Trainer has no name for.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -118,19 +119,31 @@ def load_tokenizer(model: str, tokenizer: str | None):
         raise UsageError(f"could not load a tokenizer from {name!r}: {type(err).__name__}: {err}") from None
 
 
-def cap_sequence_length(glue: GlueArguments) -> tuple[GlueArguments, str | None]:
-    """``glue`` with ``max_seq_length`` cut to the positions the model (and the teacher) hold, and the line that
-    says so, or ``(glue, None)``: as transformers' run_glue takes ``min(max_seq_length, model_max_length)``,
-    where a longer input would otherwise index past the position table mid-run. A model whose config
-    cannot be read here (a hub id offline) is left to its loader's own error."""
-    import dataclasses
+def sequence_length(glue: GlueArguments, tokenizer=None) -> tuple[int, str | None]:
+    """The length inputs are cut at: ``max_seq_length``, or less where the model, the teacher or the tokenizer
+    holds fewer positions, with the note that says so (else None). Like transformers' run_glue, which takes
+    ``min(max_seq_length, tokenizer.model_max_length)``; here also the position tables of the models, since a
+    longer input would index past one mid-run. The cell's settings keep the length asked for, so a grid resumes
+    as before. A model whose config cannot be read here (a hub id offline) is left to its loader's own error."""
+    limits = [(limit, flag, path) for limit, flag, path in _position_limits(glue.model, glue.teacher)]
+    size = getattr(tokenizer, "model_max_length", None)
+    if isinstance(size, int) and 0 < size < 10 ** 6:  # transformers' "no limit" is a huge number
+        limits.append((size, "the tokenizer of", glue.tokenizer or glue.model))
+    if not limits or glue.max_seq_length <= min(limits)[0]:
+        return glue.max_seq_length, None
+    limit, flag, path = min(limits)
+    return limit, (f"max_seq_length {glue.max_seq_length} is longer than {flag} {path} holds ({limit} positions): "
+                   f"inputs are cut at {limit} tokens")
 
+
+@functools.lru_cache(maxsize=8)
+def _position_limits(model: str, teacher: str | None) -> tuple:
     from transformers import AutoConfig
 
     from distill.families import max_positions
 
     limits = []
-    for flag, path in (("--model", glue.model), ("--teacher", glue.teacher)):
+    for flag, path in (("--model", model), ("--teacher", teacher)):
         if not path:
             continue
         try:
@@ -143,12 +156,7 @@ def cap_sequence_length(glue: GlueArguments) -> tuple[GlueArguments, str | None]
             limit = getattr(config, "max_position_embeddings", None)
         if isinstance(limit, int) and limit > 0:
             limits.append((limit, flag, path))
-    if not limits or glue.max_seq_length <= min(limits)[0]:
-        return glue, None
-    limit, flag, path = min(limits)
-    note = (f"max_seq_length {glue.max_seq_length} is longer than {flag} {path} holds ({limit} positions): "
-            f"inputs are cut at {limit} tokens")
-    return dataclasses.replace(glue, max_seq_length=limit), note
+    return tuple(limits)
 
 
 def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int) -> dict:
@@ -311,7 +319,8 @@ def teacher_train_set(task: Task, data: dict, tokenizer, args: TrainingArguments
                                             lambda: load_source(kind, folder, tokenizer, args.device))
         labels = original["label"]
         rows = {f: variants[f] for f in task.text_fields} | {"label": [labels[i] for i in variants["origin"]]}
-        parts.append(_encode_rows(task, rows, tokenizer, glue.max_seq_length, original.features["label"]))
+        parts.append(_encode_rows(task, rows, tokenizer, sequence_length(glue, tokenizer)[0],
+                                  original.features["label"]))
         flags.append([0] * len(variants["origin"]))
         record["augmented"] = {"examples": len(variants["origin"]), "source": kind, "cache": os.path.basename(path),
                                "cached": hit}
@@ -321,7 +330,8 @@ def teacher_train_set(task: Task, data: dict, tokenizer, args: TrainingArguments
         rows = load_unlabelled(task, glue.unlabelled_file)
         n = len(rows[task.text_fields[0]])
         rows["label"] = [0.0 if task.is_regression else 0] * n
-        parts.append(_encode_rows(task, rows, tokenizer, glue.max_seq_length, original.features["label"]))
+        parts.append(_encode_rows(task, rows, tokenizer, sequence_length(glue, tokenizer)[0],
+                                  original.features["label"]))
         flags.append([0] * n)
         record["unlabelled_examples"] = n
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

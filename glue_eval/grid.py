@@ -23,7 +23,7 @@ from distill.io import atomic_write_text, read_json_object  # temp file + os.rep
 
 from .data import check_sources, load_diagnostic, load_splits, splits_needed
 from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
-                       task_settings, tokenize)
+                       sequence_length, task_settings, tokenize)
 from .tasks import DIAGNOSTIC_SPLIT, Task, resolve_tasks
 
 # The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
@@ -142,11 +142,14 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
                 print(f"note: AX.tsv skipped: {source}; give GLUE's diagnostic/diagnostic.tsv to predict it",
                       file=sys.stderr)
     tokenizer = load_tokenizer(glue.model, glue.tokenizer) if todo else None
+    length, cut = sequence_length(glue, tokenizer) if todo else (glue.max_seq_length, None)
+    if cut:
+        print(f"note: {cut}", file=sys.stderr)
     total, n = sum(len(v) for v in todo.values()), 0
     for task in tasks:
         if task.name not in todo:
             continue
-        data = tokenize(task, raw.pop(task.name), tokenizer, glue.max_seq_length)
+        data = tokenize(task, raw.pop(task.name), tokenizer, length)
         for cell_args in todo[task.name]:
             n += 1
             if announce and n == 1:

@@ -101,38 +101,8 @@ def test_a_finished_cell_is_not_reused_under_other_settings(finished_grid, capsy
     with pytest.raises(SystemExit) as info:
         main(finished_grid["argv"] + ["--max_seq_length", "32"])
     assert info.value.code == 2
-    # the tiny model holds 64 positions: the default 128 was cut to 64, and the cell records what ran
-    assert "other settings (max_seq_length: 64 there, 32 now)" in capsys.readouterr().err
-
-
-def test_max_seq_length_is_cut_to_the_positions_the_models_hold(bert_mlm_dir, tmp_path):
-    from transformers import AutoConfig
-
-    from distill.families import max_positions
-    from glue_eval.finetune import GlueArguments, cap_sequence_length
-    from tests import tiny
-
-    limit = max_positions(AutoConfig.from_pretrained(bert_mlm_dir))
-    glue, note = cap_sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit + 36))
-    assert glue.max_seq_length == limit and note == (
-        f"max_seq_length {limit + 36} is longer than --model {bert_mlm_dir} holds ({limit} positions): inputs are cut "
-        f"at {limit} tokens")
-    assert cap_sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit)) == (
-        GlueArguments(model=bert_mlm_dir, max_seq_length=limit), None)
-    # a teacher with a shorter table sets the limit (both read the same tokenized inputs)
-    short = tmp_path / "short"
-    config = AutoConfig.from_pretrained(bert_mlm_dir)
-    config.max_position_embeddings = 40
-    config.save_pretrained(short)
-    glue, note = cap_sequence_length(GlueArguments(model=bert_mlm_dir, teacher=str(short), max_seq_length=128))
-    assert glue.max_seq_length == 40 and "--teacher" in note
-    # a model this machine cannot read (a hub id offline) is left to its loader's own error
-    assert cap_sequence_length(GlueArguments(model=str(tmp_path / "absent"), max_seq_length=999))[1] is None
-    # RoBERTa's table starts padding_idx + 1 rows before position 0: 66 rows hold 64 positions
-    roberta = tmp_path / "roberta"
-    tiny.build_roberta("roberta_mlm", 400).config.save_pretrained(roberta)
-    assert AutoConfig.from_pretrained(roberta).max_position_embeddings == 66
-    assert cap_sequence_length(GlueArguments(model=str(roberta), max_seq_length=66))[0].max_seq_length == 64
+    # the cell keeps the length asked for (the tiny model's 64 positions cut the default 128 where it ran)
+    assert "other settings (max_seq_length: 128 there, 32 now)" in capsys.readouterr().err
 
 
 def test_the_report_has_every_task_the_glue_score_and_a_valid_png(finished_grid, capsys):
@@ -179,3 +149,56 @@ def test_the_grid_script_runs_the_grid_then_the_report(bert_mlm_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert "| RTE |" in (out / "report.md").read_text() and (out / "report.png").is_file()
+
+
+def test_max_seq_length_is_cut_to_the_positions_the_models_hold(bert_mlm_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from distill.families import max_positions
+    from glue_eval.finetune import GlueArguments, sequence_length
+    from tests import tiny
+
+    limit = max_positions(AutoConfig.from_pretrained(bert_mlm_dir))
+    assert sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit + 36)) == (limit, (
+        f"max_seq_length {limit + 36} is longer than --model {bert_mlm_dir} holds ({limit} positions): inputs are cut "
+        f"at {limit} tokens"))
+    assert sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=limit)) == (limit, None)
+    # a teacher with a shorter table sets the limit (both read the same tokenized inputs)
+    short = tmp_path / "short"
+    config = AutoConfig.from_pretrained(bert_mlm_dir)
+    config.max_position_embeddings = 40
+    config.save_pretrained(short)
+    length, note = sequence_length(GlueArguments(model=bert_mlm_dir, teacher=str(short), max_seq_length=128))
+    assert length == 40 and "--teacher" in note
+    # and so does a tokenizer whose model_max_length is shorter (run_glue's own cap)
+    class Tokenizer:
+        model_max_length = 32
+    assert sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=128), Tokenizer())[0] == 32
+    Tokenizer.model_max_length = int(1e30)  # transformers' "no limit"
+    assert sequence_length(GlueArguments(model=bert_mlm_dir, max_seq_length=128), Tokenizer())[0] == limit
+    # a model this machine cannot read (a hub id offline) is left to its loader's own error
+    assert sequence_length(GlueArguments(model=str(tmp_path / "absent"), max_seq_length=999)) == (999, None)
+    # RoBERTa's table starts padding_idx + 1 rows before position 0: 66 rows hold 64 positions
+    roberta = tmp_path / "roberta"
+    tiny.build_roberta("roberta_mlm", 400).config.save_pretrained(roberta)
+    assert AutoConfig.from_pretrained(roberta).max_position_embeddings == 66
+    assert sequence_length(GlueArguments(model=str(roberta), max_seq_length=66))[0] == 64
+
+
+def test_a_run_past_the_position_table_says_where_it_cuts_and_trains(bert_mlm_dir, tmp_path, capsys):
+    """A text longer than the tiny model's 64 positions at --max_seq_length 100: cut at 64 with a note, not an
+    index error mid-run."""
+    data = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["rte"], sizes=(8, 4, 4))
+    train = Path(data) / "RTE" / "train.tsv"
+    lines = train.read_text().splitlines()
+    head, first = lines[0], lines[1].split("\t")
+    first[1] = " ".join(["word"] * 150)  # far past 64 tokens
+    train.write_text("\n".join([head, "\t".join(first), *lines[2:]]) + "\n")
+    out = tmp_path / "out"
+    main(["--model", bert_mlm_dir, "--task", "rte", "--data_dir", data, "--output_dir", str(out), "--use_cpu",
+          "--num_train_epochs", "1", "--max_seq_length", "100", "--disable_tqdm", "true"])
+    err = capsys.readouterr().err
+    assert f"note: max_seq_length 100 is longer than --model {bert_mlm_dir} holds (64 positions): inputs are cut " \
+           "at 64 tokens" in err
+    result = json.loads(next(out.rglob("result.json")).read_text())
+    assert result["settings"]["max_seq_length"] == 100  # the setting as asked: a rerun with it resumes
