@@ -511,8 +511,15 @@ def logged_rates(folder: str) -> list[float]:
 def row_timings(rows, timings: dict) -> dict:
     """The timings of ``rows`` only (``"prepare NAME"``, ``"finetune NAME seed S"``): the work cache may hold
     pieces of rows another command asked for."""
-    names = {row["name"] for row in rows} | {row["model"] for row in rows if row.get("model")}  # a KD row's base
-    return {k: v for k, v in timings.items() if len(k.split(" ")) > 1 and k.split(" ")[1] in names}
+    names = {row["name"] for row in rows}
+    bases = {row["model"] for row in rows if row.get("model")}  # a KD row's distilled model: its preparation only
+
+    def own(key: str) -> bool:
+        kind, _, rest = key.partition(" ")
+        name = rest.split(" ")[0]
+        return name in names or (kind == "prepare" and name in bases)
+
+    return {k: v for k, v in timings.items() if own(k)}
 
 
 def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:

@@ -157,9 +157,11 @@ def test_a_report_counts_the_compute_of_its_own_rows_only(study):
     timings = {"finetune teacher seed 1": 10.0, "prepare L2-4-6_cos": 20.0,
                "finetune L2-4-6_cos_kd_kl+hard_ce_aug4 seed 1": 30.0, "prepare L1-2-3_hid_mse+att_mse": 35.0,
                "prepare L2-4-6_other": 40.0, "finetune L2-4-6_other seed 1": 50.0,
-               "finetune L2-4-6_cos_kd_kl+hard_ce seed 1": 60.0}
+               "finetune L2-4-6_cos_kd_kl+hard_ce seed 1": 60.0, "finetune L1-2-3_hid_mse+att_mse seed 1": 70.0}
+    # the base L1-2-3 row is not shown: its distillation counts (the KD row starts from it), its fine-tuning not
     assert study.row_timings(rows, timings) == {k: v for k, v in timings.items() if "other" not in k
-                                                and k != "finetune L2-4-6_cos_kd_kl+hard_ce seed 1"}
+                                                and k != "finetune L2-4-6_cos_kd_kl+hard_ce seed 1"
+                                                and k != "finetune L1-2-3_hid_mse+att_mse seed 1"}
 
 
 def test_a_rerun_redoes_nothing(study, finished):
