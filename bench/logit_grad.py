@@ -11,8 +11,8 @@ differentiates each chunk's loss, as it did before ``logit_grad`` existed (and a
 one). Both are timed in interleaved rounds on (1) the head alone: the DistilBERT objective's logit terms
 ``5*ce + 2*mlm`` at T=2 over every token (the student's and the teacher's decoder, the terms, the backward into the
 decoder's input and weights), and (2) one whole distillation step of ``5*ce + 2*mlm + 1*cos`` (teacher forward,
-student forward, loss, backward, fused AdamW step, clip). It checks first that the two give the same loss and
-gradients (and times nothing if they do not). Random weights: the speed does not depend on them. Prints one
+student forward, loss, backward, fused AdamW step, clip). It checks first that on the head the two give the same
+loss and gradients (and times nothing if they do not); the whole step runs the same head. Random weights: the speed does not depend on them. Prints one
 ``name: value`` line per figure.
 """
 
@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, interleaved, log, machine, make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
+from speed import Clock, command_line, interleaved, log, machine, make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
 
 from distill import objective as objective_module  # noqa: E402
 from distill.models import Features, extract  # noqa: E402
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 timed rounds (default 5)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (bench/peers.py's quick 4)")
+    p.add_argument("--smoke", action="store_true", help="every path on a narrow teacher in seconds (no figures)")
     two_way_flags(p, precision="fp32")
     args = p.parse_args(argv)
     threads_why, device, precision_name, prec = two_way_setup(p, args)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(teacher_config()).to(device).eval().requires_grad_(False)
+    shape = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if args.smoke else {}
+    teacher = BertForMaskedLM(teacher_config(**shape)).to(device).eval().requires_grad_(False)
     student, _ = build_student(teacher, LAYERS)
     student = student.to(device).train()
     batch = make_batch(args.batch, teacher.config.vocab_size)
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
             own_prec.step(optimizer, max_grad_norm=5.0)
         return run
 
-    repeats = 3 if args.quick else 5
+    repeats = 1 if args.smoke else 3 if args.quick else 5
     clock = Clock(device)
     log(f"vocabulary head alone ({tokens} rows x {teacher.config.vocab_size}, {precision_name}):")
     head_runs = interleaved({"autograd": head_only("autograd"), "logit_grad": head_only("logit_grad")},
@@ -149,10 +151,7 @@ def main(argv=None) -> int:
     log(f"distillation step ({precision_name}):")
     step_runs = interleaved({"autograd": step("autograd"), "logit_grad": step("logit_grad")}, repeats, 1, clock)
     report = {
-        "command": "python bench/logit_grad.py" + (" --quick" if args.quick else "")
-                   + (f" --batch {args.batch}" if args.batch != 4 else "")
-                   + (f" --precision {args.precision}" if args.precision != "fp32" else "")
-                   + (f" --threads {args.threads}" if args.threads != "auto" else ""),
+        "command": command_line("bench/logit_grad.py", sys.argv[1:] if argv is None else list(argv)),
         "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,
         "precision": precision_name,
         "setup": {"batch": args.batch, "seq": ids.shape[1], "tokens": tokens, "student_layers": LAYERS,

@@ -58,7 +58,6 @@ import datetime
 import importlib
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -88,7 +87,7 @@ from glue_eval.teacher_cache import TeacherCache, plan_for  # noqa: E402
 from glue_eval.trainer import DistillationTrainer, teacher_autocast  # noqa: E402
 
 # Timing, batches, /proc readings and the machine record, shared with the speed report.
-from speed import (Clock, _vm_kb, interleaved, machine, make_batch, paired_ratio, set_threads,  # noqa: E402
+from speed import (Clock, _vm_kb, command_line, interleaved, machine, make_batch, paired_ratio, set_threads,  # noqa: E402
                    summary, teacher_config)
 
 SEQ = 128
@@ -770,21 +769,6 @@ def ratio_key(figure: str) -> str:
     return figure.split("_", 2)[2]
 
 
-def command_line(argv: list[str]) -> str:
-    """The command as run, for the report: its arguments as given, ``--out`` relative to the repository when it lies
-    inside it, else by its name alone (no path of the machine it ran on goes into a committed report)."""
-    words, out_next = ["python", "bench/peers.py"], False
-    for word in argv:
-        flag, eq, value = word.partition("=")
-        if out_next or (flag == "--out" and eq):
-            path = Path(word if out_next else value).resolve()
-            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-            word = shown if out_next else f"--out={shown}"
-        out_next = word == "--out"
-        words.append(word)
-    return " ".join(shlex.quote(w) for w in words)
-
-
 def load_note(m: dict) -> str:
     """What the load average at the start says: other processes held cores in the minute before, or not."""
     load, cores = (m.get("load_average_at_start") or [None])[0], m.get("usable_cores")
@@ -974,7 +958,7 @@ def main(argv=None) -> int:
     log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
     device = torch.device(args.device)
     clock = Clock(device)
-    report = {"command": command_line(sys.argv[1:] if argv is None else list(argv)), "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    report = {"command": command_line("bench/peers.py", sys.argv[1:] if argv is None else list(argv)), "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "device": str(device),
               "threads": torch.get_num_threads(), "threads_choice": threads_choice, "config": cfg}
     started = time.perf_counter()

@@ -11,7 +11,8 @@ engine prepares them), so the ratio is the one-pass computation's alone; the eng
 also masked and gathered on packed batches, so its step was slower than ``composed`` (``bench/study.py
 --remeasure_distill`` compares a whole run's speed with the run's own). Both are timed in interleaved rounds on (1) the loss alone, forward and backward, for the query, key
 and value vectors of one layer pair, and (2) one whole distillation step of ``qq_rel + kk_rel + vv_rel``
-(teacher forward, student forward, loss, backward, fused AdamW step), as the study's relations row runs it.
+(teacher forward, student forward, loss, backward, grad-norm clip, fused AdamW step), as the study's relations row
+runs it.
 Random weights: the speed does not depend on them. Prints one ``name: value`` line per figure.
 """
 
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, interleaved, log, machine, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
+from speed import Clock, command_line, interleaved, log, machine, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
 
 from distill import losses  # noqa: E402
 from distill.objective import Objective  # noqa: E402
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     step_runs = interleaved({"composed": step("composed"), "fused": step("fused")}, repeats, 1, clock)
     tokens = args.batch * args.seq
     report = {
+        "command": command_line("bench/relations.py", sys.argv[1:] if argv is None else list(argv)),
         "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,
         "precision": precision_name,
         "setup": {"batch": args.batch, "seq": args.seq, "width": args.width, "relation_heads": args.relation_heads,

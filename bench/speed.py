@@ -230,6 +230,24 @@ SHAPE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
 SMOKE = {"shape": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64), "allow_cpu_fp16": False}
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """A bench's command as run, for its report: ``python SCRIPT`` and the arguments as given, ``--out`` relative to
+    the repository when it lies inside it, else by its name alone (no directory of the machine it ran on goes into
+    a committed report; such a command reruns from the folder that should hold the file)."""
+    import shlex
+
+    words, out_next = ["python", script], False
+    for word in argv:
+        flag, eq, value = word.partition("=")
+        if out_next or (flag == "--out" and eq):
+            path = Path(word if out_next else value).resolve()
+            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+            word = shown if out_next else f"--out={shown}"
+        out_next = word == "--out"
+        words.append(word)
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def two_way_flags(parser, precision: str) -> None:
     """The flags the two-way benches share (relations.py, logit_grad.py); :func:`two_way_setup` reads them."""
     parser.add_argument("--precision", default=precision, help="fp32, bf16 or auto (distill-train's choice here)")
@@ -1086,8 +1104,8 @@ def main(argv=None) -> int:
     clock = Clock(device)
 
     started = time.perf_counter()
-    command = "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "command": command.strip(),
+    command = command_line("bench/speed.py", argv if argv is not None else sys.argv[1:])
+    report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "command": command,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "config": {**cfg, "precisions": list(precisions)},
               "objective": "5*ce(T=2) + 2*mlm + 1*cos", "teacher": "BertForMaskedLM 12 x 768, random weights",

@@ -1,4 +1,5 @@
-"""The speed bench's smoke mode: every code path of bench/speed.py on tiny models (the figures mean nothing there).
+"""The benches' smoke runs: every code path of bench/speed.py, relations.py and logit_grad.py on tiny shapes
+(the figures mean nothing there).
 
 A bench that no test runs breaks silently when the engine changes under it (the floor once read ``.float()`` of a
 deferred vocabulary head); this runs it as a user would, in its own process.
@@ -26,3 +27,27 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
                    "prep_vs_loop", "student4_vs_teacher_inference"):
         assert float(printed[figure]) > 0, figure
     assert out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench, args, figures", [
+    ("relations.py", ["--quick", "--batch", "2", "--seq", "16", "--width", "64", "--relation_heads", "4",
+                      "--threads", "1"], ("relation_loss_speedup", "relation_step_speedup")),
+    ("logit_grad.py", ["--smoke", "--batch", "1", "--threads", "1"], ("head_speedup", "step_speedup")),
+])
+def test_two_way_benches_check_then_time_both_ways_and_write_their_report(tmp_path, bench, args, figures):
+    import json
+
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / bench), *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    report = json.loads(out.read_text())
+    for figure in figures:
+        assert float(printed[figure]) == pytest.approx(report[figure]["value"], abs=0.005) and float(printed[figure]) > 0
+    difference = next(v for k, v in printed.items() if k.endswith("relative_difference"))
+    assert float(difference) <= 1e-4  # the two ways agreed before anything was timed
+    if "command" in report:
+        assert report["command"].endswith("--out report.json")  # no directory of this machine in a report
