@@ -255,8 +255,9 @@ def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 # vocabulary head's logits are the largest tensors of a step, and autograd's formula for these terms keeps
 # its intermediates and makes a fresh [N, V] tensor for each step of its backward (distill.vocab_head;
 # ``python bench/logit_grad.py`` times the two). Values are summed pairwise, as ``.sum()`` does (a single
-# float32 dot over a chunk's millions of entries is off by 1e-4). ``scale`` may be a 0-dim tensor (no host
-# sync). Tests check each against autograd of the function above, in float64.
+# float32 dot over a chunk's millions of entries is off by 1e-4). ``scale`` may be a 0-dim tensor, read
+# without a host sync (mlm's selection of its target rows is its one sync). Tests check each against autograd of
+# the function above, in float64.
 
 
 def _add_scaled(out: Tensor | None, grad: Tensor, scale) -> Tensor:

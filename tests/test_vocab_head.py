@@ -118,7 +118,8 @@ def test_terms_without_logit_grad_go_through_autograd_beside_those_with_one(pair
     reference, ref_grad = float64_reference(student, teacher, batch)
     with autograd_ce():
         weights = {"auto_ce": 5.0, "mlm": 2.0, "kl": 0.5, "out_mse": 0.1}
-        _, total, terms, grads = run(weights, student, teacher, batch, 4)
+        s, total, terms, grads = run(weights, student, teacher, batch, 4)
+    assert isinstance(s.logits, DeferredLogits)  # the chunked head ran (auto_ce is a row mean too)
     assert float(terms["auto_ce"]) == pytest.approx(reference["ce"].item(), rel=1e-5)
     assert total.item() == pytest.approx(sum(WEIGHTS[k] * reference[k] for k in reference).item(), rel=1e-5)
     decoder_grad = grads.get("cls.predictions.decoder.weight", grads.get("bert.embeddings.word_embeddings.weight"))
