@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, command_line, interleaved, log, machine, make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
+from speed import (Clock, command_line, interleaved, log, machine,  # noqa: E402
+                   make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup, two_way_step)
 
 from distill import objective as objective_module  # noqa: E402
 from distill.models import Features, extract  # noqa: E402
@@ -134,14 +135,8 @@ def main(argv=None) -> int:
         optimizer = own_prec.make_optimizer(list(own.parameters()), torch.optim.AdamW, lr=5e-4, betas=(0.9, 0.98),
                                             eps=1e-6, weight_decay=0.0)
 
-        engine = StudentStep(own, step_objective, teacher)  # distill-train's step module
-
-        def run():
-            with implementation(name), own_prec.autocast():
-                loss = engine(batch)[0]
-            own_prec.backward(loss)
-            own_prec.step(optimizer, max_grad_norm=5.0)
-        return run
+        return two_way_step(StudentStep(own, step_objective, teacher), own_prec, optimizer, batch,
+                            lambda: implementation(name))
 
     repeats = 1 if args.smoke else 3 if args.quick else 5
     clock = Clock(device)

@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import Clock, command_line, interleaved, log, machine, two_way_ending, two_way_flags, two_way_setup  # noqa: E402
+from speed import (Clock, command_line, interleaved, log,  # noqa: E402
+                   machine, two_way_ending, two_way_flags, two_way_setup, two_way_step)
 
 from distill import losses  # noqa: E402
 from distill.objective import Objective  # noqa: E402
@@ -104,12 +105,7 @@ def main(argv=None) -> int:
     engine = StudentStep(student, objective, teacher)  # distill-train's step module
 
     def step(name):
-        def run():
-            with implementation(name), prec.autocast():
-                loss = engine(batch)[0]
-            prec.backward(loss)
-            prec.step(optimizer, max_grad_norm=5.0)
-        return run
+        return two_way_step(engine, prec, optimizer, batch, lambda: implementation(name))
 
     # the two implementations agree before anything is timed
     values = {}

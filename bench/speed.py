@@ -268,6 +268,17 @@ def two_way_setup(parser, args):
     return threads_why, device, name, Precision.from_config(name, device=device)
 
 
+def two_way_step(engine, prec, optimizer, batch: dict, way):
+    """One timed distillation step for the two-way benches: ``engine`` (distill-train's ``StudentStep``) under
+    ``way()`` (the context that selects one way) and the precision's autocast, then backward, clip at 5, step."""
+    def run():
+        with way(), prec.autocast():
+            loss = engine(batch)[0]
+        prec.backward(loss)
+        prec.step(optimizer, max_grad_norm=5.0)
+    return run
+
+
 def two_way_ending(report: dict, parts: dict, before: str, after: str, tokens: int, out: str | None,
                    figures: dict[str, str], difference: tuple[str, float]) -> None:
     """The common ending of the benches that time one way against another (relations.py, logit_grad.py): each
