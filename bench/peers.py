@@ -960,7 +960,9 @@ def main(argv=None) -> int:
     log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
     device = torch.device(args.device)
     clock = Clock(device)
-    report = {"command": command_line("bench/peers.py", sys.argv[1:] if argv is None else list(argv)), "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    report = {"command": command_line("bench/peers.py", sys.argv[1:] if argv is None else list(argv)),
+              "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)",
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "device": str(device),
               "threads": torch.get_num_threads(), "threads_choice": threads_choice, "config": cfg}
     started = time.perf_counter()

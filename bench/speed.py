@@ -357,7 +357,6 @@ def plain_objective(s_logits, t_logits, s_h, t_h, batch: dict, restrict_ce_to_ma
 def floor_loss(student, teacher, objective, batch: dict):
     """The engine's forward work with a trivial loss in place of the objective."""
     from distill.models import extract
-
     from distill.vocab_head import DeferredLogits
 
     def logits(features):  # a deferred (chunked) head runs here: the floor keeps the heads' matmuls

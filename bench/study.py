@@ -524,7 +524,8 @@ def row_timings(rows, timings: dict) -> dict:
 
 def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
     """The whole run's wall time with every distillation at the rates --remeasure_distill measured under the
-    current settings and the fine-tuning as this run measured it: ``{"distill_s", "finetune_s", "total_s",
+    current settings and the fine-tuning as this run measured it (``timings``: those of ``rows``, from
+    :func:`row_timings`): ``{"distill_s", "finetune_s", "total_s",
     "rates", "unmeasured"}``; ``rates`` ``{key: [tokens/s now, tokens/s in this run's own logs or None]}``,
     ``unmeasured`` the distilled rows with no such figure (left out of the total)."""
     tokens = ns.distill_steps * ns.distill_batch * ns.block_size
@@ -542,7 +543,7 @@ def projected_run(rows, timings: dict, distill_speed: dict, ns) -> dict:
         if key not in rates:
             own = logged_rates(model_folder(row, ns))
             rates[key] = [entry["tokens_per_s"], statistics.median(own) if own else None]
-    finetune = sum(v for k, v in row_timings(rows, timings).items() if k.startswith("finetune"))
+    finetune = sum(v for k, v in timings.items() if k.startswith("finetune"))
     return {"distill_s": distill, "finetune_s": finetune, "total_s": distill + finetune, "rates": rates,
             "unmeasured": unmeasured}
 
@@ -858,8 +859,8 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
     summary = summarise(rows, tasks, results, ns.seed_list)
     for r in summary:
         r["compute"] = row_compute(r, timings, ns)
-    projection = projected_run(rows, timings, distill_speed, ns) if distill_speed else None
     own_timings = row_timings(rows, timings)
+    projection = projected_run(rows, own_timings, distill_speed, ns) if distill_speed else None
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None

@@ -155,12 +155,16 @@ class OutputLock:
         private file first and hard-linked into place (atomic, and it fails if the lock exists), so no other
         process ever reads the lock empty; where hard links are not supported, ``O_EXCL`` then the write."""
         text = json.dumps(self.record) + "\n"
+
+        def write(f) -> None:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
         private = path.with_name(f"{LOCK_NAME}.new-{os.getpid()}")
         try:
             with open(private, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+                write(f)
             try:
                 os.link(private, path)
                 return
@@ -171,11 +175,8 @@ class OutputLock:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(private)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w", encoding="utf-8") as f:
+            write(f)
 
     @staticmethod
     def _take_over(path: Path, holder: dict) -> bool:

@@ -125,7 +125,7 @@ def sequence_length(glue: GlueArguments, tokenizer=None) -> tuple[int, str | Non
     ``min(max_seq_length, tokenizer.model_max_length)``; here also the position tables of the models, since a
     longer input would index past one mid-run. The cell's settings keep the length asked for, so a grid resumes
     as before. A model whose config cannot be read here (a hub id offline) is left to its loader's own error."""
-    limits = [(limit, flag, path) for limit, flag, path in _position_limits(glue.model, glue.teacher)]
+    limits = list(_position_limits(glue.model, glue.teacher))
     size = getattr(tokenizer, "model_max_length", None)
     if isinstance(size, int) and 0 < size < 10 ** 6:  # transformers' "no limit" is a huge number
         limits.append((size, "the tokenizer of", glue.tokenizer or glue.model))
