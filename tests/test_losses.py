@@ -272,11 +272,13 @@ def test_grad_functions_accumulate_across_dtypes_as_the_chunked_head_mixes_them(
 def test_values_are_summed_pairwise_not_by_one_float32_dot():
     """Over a vocabulary-sized chunk the value keeps float32's precision (a single dot was off by about 1e-4)."""
     zs, zt = randn(256, 30522, seed=23, scale=3), randn(256, 30522, seed=24, scale=3)
-    # at T = 1 the log-probabilities are large and one dot is off by 6e-5 here; summed pairwise, 4e-7
+    # At T = 1 the log-probabilities are large and one float32 dot is off by 6e-5 here. Summed
+    # pairwise the error is what float32's element-wise exp/log leave, which depends on the CPU's
+    # kernels: 4e-7 with AVX-512, 1.2e-6 with AVX2 only. The bound sits between, 12x below one dot.
     for fn, ref in ((lambda: losses.soft_cross_entropy_grad(zs, zt, 1.0)[0],
                      lambda: losses.soft_cross_entropy(zs.double(), zt.double(), 1.0)),
                     (lambda: losses.logits_mse_grad(zs, zt)[0], lambda: losses.logits_mse(zs.double(), zt.double()))):
-        assert float(fn()) == pytest.approx(float(ref()), rel=1e-6)
+        assert float(fn()) == pytest.approx(float(ref()), rel=5e-6)
 
 
 def test_hard_cross_entropy_classification_and_regression():
