@@ -24,9 +24,8 @@ VARIANTS = {"chunked (logit_chunk_rows 0, auto)": 0, "whole head (logit_chunk_ro
 
 def child(rows: int, batch_size: int) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    import torch
-
     import peers
+    import torch
     from speed import make_batch
 
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@
     python bench/logit_grad.py --batch 8  # 8 x 128, as bench/speed.py's full mode
 
 Over a chunk of vocabulary-head rows, ``ce``, ``kl``, ``out_mse`` and ``mlm`` give their value and their gradient
-with respect to the student's logits themselves (``distill/losses.py``: ``*_grad``), so the chunked head builds no
+with respect to the student's logits themselves (``distill/objective/losses.py``: ``*_grad``), so the chunked head builds no
 autograd graph over the chunk's logits. ``autograd`` is the same engine with that withheld: autograd
 differentiates each chunk's loss, as it did before ``logit_grad`` existed (and as it still does for a term without
 one). Both are timed in interleaved rounds on (1) the head alone: the DistilBERT objective's logit terms
@@ -30,16 +30,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import (Clock, command_line, interleaved, log, machine,  # noqa: E402
-                   make_batch, teacher_config, two_way_ending, two_way_flags, two_way_setup, two_way_step)
+from speed import (  # noqa: E402
+    Clock,
+    command_line,
+    interleaved,
+    log,
+    machine,
+    make_batch,
+    teacher_config,
+    two_way_ending,
+    two_way_flags,
+    two_way_setup,
+    two_way_step,
+)
 
-from distill import objective as objective_module  # noqa: E402
-from distill.models import Features, extract  # noqa: E402
-from distill.objective import Objective  # noqa: E402
-from distill.precision import Precision  # noqa: E402
-from distill.student import build_student  # noqa: E402
-from distill.train import StudentStep  # noqa: E402
-from distill.vocab_head import DeferredLogits  # noqa: E402
+from distill.models.loading import Features, extract  # noqa: E402
+from distill.models.student import build_student  # noqa: E402
+from distill.models.vocab_head import DeferredLogits  # noqa: E402
+from distill.objective import plan as objective_module  # noqa: E402
+from distill.objective.plan import Objective  # noqa: E402
+from distill.train.loop import StudentStep  # noqa: E402
+from distill.train.precision import Precision  # noqa: E402
 
 LAYERS = [1, 5, 8, 12]
 HEAD_WEIGHTS = {"ce": 5.0, "mlm": 2.0}

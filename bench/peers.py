@@ -12,7 +12,7 @@ same precision (fp32), same weights:
 
 1. **Task-agnostic step, against TextBrewer's ``GeneralDistiller``.** A BERT-base-shaped
    ``BertForMaskedLM`` teacher (random weights), a 4-layer student from its layers 1,5,8,12
-   (``distill.student.build_student``), batch ``B x 128`` of packed blocks masked the
+   (``distill.models.student.build_student``), batch ``B x 128`` of packed blocks masked the
    DistilBERT way, the DistilBERT objective ``5*ce + 2*mlm + 1*cos`` at T=2, with ``ce`` on
    every real token (``full``) or on the MLM targets only (``masked``).
    TextBrewer runs the same objective through its own adaptor and configuration, converted to
@@ -58,7 +58,6 @@ import datetime
 import importlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -75,20 +74,34 @@ for _path in (str(ROOT), str(ROOT / "bench")):
 
 import torch  # noqa: E402
 
+# Timing, batches, /proc readings and the machine record, shared with the speed report.
+from speed import (  # noqa: E402
+    Clock,
+    _vm_kb,
+    command_line,
+    interleaved,
+    machine,
+    make_batch,
+    paired_ratio,
+    set_threads,
+    summary,
+    teacher_config,
+)
+
 # "Ours": the toolkit's public pieces, imported here only, so they can be re-pointed in one place.
-from distill.errors import UsageError, quiet_library_progress  # noqa: E402
-from distill.io import atomic_write_json, atomic_write_text  # noqa: E402
-from distill.models import extract  # noqa: E402
-from distill.objective import Objective  # noqa: E402
-from distill.precision import Precision  # noqa: E402
-from distill.student import build_student  # noqa: E402
-from glue_eval.distillation import load_checked_teacher, needs_attention, stage_objectives  # noqa: E402
+from distill.common.errors import UsageError, quiet_library_progress  # noqa: E402
+from distill.common.io import atomic_write_json, atomic_write_text  # noqa: E402
+from distill.models.loading import extract  # noqa: E402
+from distill.models.student import build_student  # noqa: E402
+from distill.objective.plan import Objective  # noqa: E402
+from distill.train.precision import Precision  # noqa: E402
+from glue_eval.distillation import (  # noqa: E402
+    load_checked_teacher,
+    needs_attention,
+    stage_objectives,
+)
 from glue_eval.teacher_cache import TeacherCache, plan_for  # noqa: E402
 from glue_eval.trainer import DistillationTrainer, teacher_autocast  # noqa: E402
-
-# Timing, batches, /proc readings and the machine record, shared with the speed report.
-from speed import (Clock, _vm_kb, command_line, interleaved, machine, make_batch, paired_ratio, set_threads,  # noqa: E402
-                   summary, teacher_config)
 
 SEQ = 128
 AGNOSTIC_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
@@ -912,7 +925,7 @@ def report_markdown(report: dict) -> str:
               "soft term alone.",
               "- Optimisers: every side steps with torch's AdamW with `fused=True` (one kernel over all "
               "parameters): glue-eval's step uses the Trainer's own, transformers 5's default `adamw_torch_fused`; "
-              "ours in part 1 is `distill.precision.Precision.make_optimizer`'s (fused by default, as distill-train "
+              "ours in part 1 is `distill.train.precision.Precision.make_optimizer`'s (fused by default, as distill-train "
               "builds it); TextBrewer is handed `torch.optim.AdamW(..., fused=True)` and torchdistill's `AdamW` "
               "key gets `fused: true` in its kwargs. The `*_default_adamw` brackets give the peer torch's default "
               "AdamW instead (a Python loop over the parameters), what its examples and configs build unless told "

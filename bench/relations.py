@@ -4,7 +4,7 @@
     python bench/relations.py --quick           # 3 rounds
     python bench/relations.py --precision fp32  # default: auto (distill-train's choice for this machine)
 
-``distill.losses.relation_kl`` computes the loss and the student's gradient in one pass of tensor operations
+``distill.objective.losses.relation_kl`` computes the loss and the student's gradient in one pass of tensor operations
 (``losses._RelationKL``): autograd keeps none of the ``[B, relation_heads, S, S]`` maps. ``composed`` is the
 same formula written as autograd operations, swapped in for ``_RelationKL`` only (the inputs are prepared as the
 engine prepares them), so the ratio is the one-pass computation's alone; the engine's implementation before it
@@ -30,13 +30,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from speed import (Clock, command_line, interleaved, log,  # noqa: E402
-                   machine, two_way_ending, two_way_flags, two_way_setup, two_way_step)
+from speed import (  # noqa: E402
+    Clock,
+    command_line,
+    interleaved,
+    log,
+    machine,
+    two_way_ending,
+    two_way_flags,
+    two_way_setup,
+    two_way_step,
+)
 
-from distill import losses  # noqa: E402
-from distill.objective import Objective  # noqa: E402
-from distill.student import build_student  # noqa: E402
-from distill.train import StudentStep  # noqa: E402
+from distill.models.student import build_student  # noqa: E402
+from distill.objective import losses  # noqa: E402
+from distill.objective.plan import Objective  # noqa: E402
+from distill.train.loop import StudentStep  # noqa: E402
 
 WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
 LAYERS = [2, 4, 6]

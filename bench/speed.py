@@ -17,12 +17,12 @@ bf16 in the full report); the named ratios are the fp32 ones.
 
 1. **Distillation step** (DistilBERT objective ``5*ce + 2*mlm + 1*cos``, T=2): a
    BertForMaskedLM teacher of BERT-base shape (12 x 768, random weights), a 4-layer
-   student built by ``distill.student.build_student`` from teacher layers 1,5,8,12,
-   batch ``B x 128`` of packed blocks masked by ``distill.masking``. One step is
-   forward, loss, backward and an AdamW step through ``distill.precision.Precision``.
+   student built by ``distill.models.student.build_student`` from teacher layers 1,5,8,12,
+   batch ``B x 128`` of packed blocks masked by ``distill.data.masking``. One step is
+   forward, loss, backward and an AdamW step through ``distill.train.precision.Precision``.
    Variants:
 
-   - ``engine_masked`` / ``engine_full``: ``distill.train.StudentStep`` (teacher
+   - ``engine_masked`` / ``engine_full``: ``distill.train.loop.StudentStep`` (teacher
      ``extract`` under no_grad, student ``extract``, ``Objective``) with
      ``restrict_ce_to_mask`` True / False. Masked: vocabulary heads only at the 15%
      MLM targets; full: at every real token (packed blocks have no padding).
@@ -48,7 +48,7 @@ bf16 in the full report); the named ratios are the fp32 ones.
    att_mse, batch 16 x 128) at precision ``auto`` against ``fp32`` and ``bf16``: what
    ``auto`` chose on this machine, and what that choice is worth.
 
-2. **Data preparation**: ``distill.data.load_corpus_blocks`` (fresh cache folder each
+2. **Data preparation**: ``distill.data.corpus.load_corpus_blocks`` (fresh cache folder each
    repetition, 128-token packed blocks) against a line-by-line ``tokenizer.encode``
    loop with the same MiniLM tokenizer over the same paragraphs (then the same
    packing in numpy and ``np.save``), each with ``TOKENIZERS_PARALLELISM`` unset and
@@ -194,9 +194,9 @@ def summary(runs: list, tokens: int | None = None) -> dict:
 
 
 def machine() -> dict:
-    """Versions, and the machine as distill.hardware reads it (CPU model, speed flags, cores, GPUs)."""
+    """Versions, and the machine as distill.common.hardware reads it (CPU model, speed flags, cores, GPUs)."""
     from distill import __version__
-    from distill.hardware import describe_machine, machine_description
+    from distill.common.hardware import describe_machine, machine_description
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "platform": platform.platform()}
@@ -257,8 +257,8 @@ def two_way_flags(parser, precision: str) -> None:
 
 def two_way_setup(parser, args):
     """``(why this thread count, device, precision name, Precision)`` from :func:`two_way_flags`' flags."""
-    from distill.hardware import auto_precision_here
-    from distill.precision import Precision
+    from distill.common.hardware import auto_precision_here
+    from distill.train.precision import Precision
 
     threads_why = set_threads(args.threads)
     device = torch.device("cpu")
@@ -284,7 +284,7 @@ def two_way_ending(report: dict, parts: dict, before: str, after: str, tokens: i
     """The common ending of the benches that time one way against another (relations.py, logit_grad.py): each
     part's summaries (tokens/s for the ``"step"`` part) and its ``before / after`` ratio under ``figures[part]``
     into ``report``, the JSON written atomically to ``out``, then one ``name: value`` line per figure."""
-    from distill.io import atomic_write_json
+    from distill.common.io import atomic_write_json
 
     for part, runs in parts.items():
         report[part] = {name: summary(r, tokens if part == "step" else None) for name, r in runs.items()}
@@ -308,8 +308,8 @@ def teacher_config(**overrides):
 
 
 def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
-    """Packed blocks ``[CLS] ... [SEP]`` (no padding) masked DistilBERT's way by ``distill.masking``."""
-    from distill.masking import mask_tokens, masking_weights
+    """Packed blocks ``[CLS] ... [SEP]`` (no padding) masked DistilBERT's way by ``distill.data.masking``."""
+    from distill.data.masking import mask_tokens, masking_weights
 
     g = torch.Generator().manual_seed(seed)
     # Zipf-like token frequencies, so the count^-0.7 weights are not uniform
@@ -356,8 +356,8 @@ def plain_objective(s_logits, t_logits, s_h, t_h, batch: dict, restrict_ce_to_ma
 
 def floor_loss(student, teacher, objective, batch: dict):
     """The engine's forward work with a trivial loss in place of the objective."""
-    from distill.models import extract
-    from distill.vocab_head import DeferredLogits
+    from distill.models.loading import extract
+    from distill.models.vocab_head import DeferredLogits
 
     def logits(features):  # a deferred (chunked) head runs here: the floor keeps the heads' matmuls
         z = features.logits
@@ -380,11 +380,12 @@ def parse_precision(name: str) -> tuple[str, str]:
 
 
 def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> dict:
-    from distill.objective import Objective
-    from distill.precision import Precision
-    from distill.student import build_student
-    from distill.train import StudentStep
     from transformers import BertForMaskedLM
+
+    from distill.models.student import build_student
+    from distill.objective.plan import Objective
+    from distill.train.loop import StudentStep
+    from distill.train.precision import Precision
 
     torch.manual_seed(0)
     teacher = BertForMaskedLM(teacher_config()).to(device).eval()
@@ -461,13 +462,13 @@ def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
     """The demo recipe's own step (``distill-train`` with no arguments: the real all-MiniLM-L6-v2 teacher, a
     3-layer student from its layers 2,4,6, cos + hid_mse + att_mse, batch 16 x 128) at precision auto
     against fp32 and bf16 on this machine. ``auto`` is what a user gets; it runs as one of the other two."""
-    from distill.assets import minilm_dir
-    from distill.config import DEMO_RECIPE
-    from distill.models import load_model, set_attention_dropout
-    from distill.objective import Objective
-    from distill.precision import Precision
-    from distill.student import build_student
-    from distill.train import StudentStep
+    from distill.common.assets import minilm_dir
+    from distill.models.loading import load_model, set_attention_dropout
+    from distill.models.student import build_student
+    from distill.objective.plan import Objective
+    from distill.settings.config import DEMO_RECIPE
+    from distill.train.loop import StudentStep
+    from distill.train.precision import Precision
 
     torch.manual_seed(0)
     teacher = load_model(minilm_dir(), eager=True).to(device).eval()
@@ -508,10 +509,11 @@ def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
 
 
 def _setup(cfg: dict, device: torch.device, precision: str):
-    from distill.objective import Objective
-    from distill.precision import Precision
-    from distill.student import build_student
     from transformers import BertForMaskedLM
+
+    from distill.models.student import build_student
+    from distill.objective.plan import Objective
+    from distill.train.precision import Precision
 
     torch.manual_seed(0)
     teacher = BertForMaskedLM(teacher_config()).to(device).eval()
@@ -540,7 +542,7 @@ def breakdown(cfg: dict, device: torch.device, precision: str, repeats: int, clo
     state: the head and loss run on a detached copy, so their backward is timed apart from the
     encoder's. Kinds: engine_masked, engine_full, plain_full.
     """
-    from distill.models import Features
+    from distill.models.loading import Features
 
     teacher, student, objectives, batch, prec, optimizer = _setup(cfg, device, precision)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -607,7 +609,7 @@ def profile_engine(cfg: dict, device: torch.device, precision: str = "fp32", var
     """torch.profiler table (top ops by self time) of one engine step, after a warm-up step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from distill.train import StudentStep
+    from distill.train.loop import StudentStep
 
     teacher, student, objectives, batch, prec, optimizer = _setup(cfg, device, precision)
     step_module = StudentStep(student, objectives[variant], teacher)
@@ -652,15 +654,17 @@ def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None
 
     Every kind imports the same libraries before the clock starts, so neither pays for imports.
     """
-    import datasets  # noqa: F401  (imported lazily by distill.data: not part of the work)
+    import datasets  # noqa: F401  (imported lazily by distill.data.corpus: not part of the work)
     import pyarrow  # noqa: F401
     from transformers import AutoTokenizer
 
-    from distill.assets import minilm_dir, wiki_extract_path
-    from distill.data import load_corpus_blocks
+    from distill.common.assets import minilm_dir, wiki_extract_path
+    from distill.data.corpus import load_corpus_blocks
 
     if kind == "legacy":
-        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+        from transformers.models.bert.tokenization_bert_legacy import (
+            BertTokenizerLegacy,
+        )
 
         tokenizer = BertTokenizerLegacy.from_pretrained(minilm_dir())
     else:
@@ -736,8 +740,8 @@ def _run_worker(kind: str, text_file: str, max_lines: int | None = None, paralle
 
 
 def bench_prep(cfg: dict) -> dict:
-    from distill.assets import wiki_extract_path
-    from distill.data import iter_paragraphs
+    from distill.common.assets import wiki_extract_path
+    from distill.data.corpus import iter_paragraphs
 
     log("data preparation: extracting the Wikipedia paragraphs")
     work = tempfile.mkdtemp(prefix="speed-prep-")
@@ -816,7 +820,7 @@ def bench_prep(cfg: dict) -> dict:
 def bench_inference(cfg: dict, device: torch.device, clock: Clock) -> dict:
     from transformers import BertModel
 
-    from distill.student import build_student
+    from distill.models.student import build_student
 
     torch.manual_seed(0)
     config = teacher_config()
@@ -864,7 +868,11 @@ def bench_task_stage(cfg: dict, device: torch.device, clock: Clock) -> dict:
     Run it with ``python bench/speed.py --task-stage`` (or ``--only task_stage``).
     """
     import datasets
-    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        TrainingArguments,
+    )
 
     from glue_eval.distillation import stage_objectives
     from glue_eval.teacher_cache import TeacherCache, plan_for

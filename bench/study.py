@@ -57,11 +57,10 @@ for p in (str(ROOT), str(ROOT / "bench")):
         sys.path.insert(0, p)
 
 import torch  # noqa: E402
-
-from distill.hardware import describe_machine, machine_description  # noqa: E402
 from prepare_study_data import CORPUS_FILE, L3_NAME, default_cache_dir  # noqa: E402
 
-from distill import terms as term_registry  # noqa: E402
+from distill.common.hardware import describe_machine, machine_description  # noqa: E402
+from distill.objective import terms as term_registry  # noqa: E402
 
 OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
@@ -238,9 +237,9 @@ def default_corpus(cache_dir: str) -> str:
 
 
 def auto_precision() -> tuple[str, str]:
-    """What "auto" trains in here, and why: the engine's own decision (distill.hardware), so the study and
+    """What "auto" trains in here, and why: the engine's own decision (distill.common.hardware), so the study and
     distill-train never disagree."""
-    from distill.hardware import auto_precision_here
+    from distill.common.hardware import auto_precision_here
 
     precision, _, why = auto_precision_here("cuda" if torch.cuda.is_available() else "cpu")
     return precision, why
@@ -249,7 +248,7 @@ def auto_precision() -> tuple[str, str]:
 # --- the pieces -------------------------------------------------------------------------------
 
 def teacher_path(ns) -> str:
-    from distill.train import resolve_teacher
+    from distill.train.loop import resolve_teacher
 
     return resolve_teacher(ns.teacher)
 
@@ -325,7 +324,7 @@ def loss_targets(layers: str, ns) -> list[int] | None:
         sys.exit(f"--layer_map {ns.layer_map!r}: choose uniform or init")
     from transformers import AutoConfig
 
-    from distill.models import num_layers
+    from distill.models.loading import num_layers
 
     total = num_layers(AutoConfig.from_pretrained(teacher_path(ns)))
     return [round((i + 1) * total / n) for i in range(n)]
@@ -429,7 +428,7 @@ def prepare_model(row: dict, ns) -> tuple[str, float]:
         AutoTokenizer.from_pretrained(teacher_path(ns)).save_pretrained(tmp)
         os.replace(tmp, folder)
     elif row["objective"] == "none":
-        from distill.student import init_student
+        from distill.models.student import init_student
 
         init_student(teacher_path(ns), [int(x) for x in row["layers"].split(",")], folder, overwrite=True)
     else:
@@ -460,8 +459,8 @@ def calibration_path(row: dict, ns) -> str:
 
 def calibrated_weights(row: dict, ns) -> dict:
     """The weights distill-train --calibrate suggests for the row's terms, measured once (cached beside the model)."""
-    from distill.config import make_config
-    from distill.train import train
+    from distill.settings.config import make_config
+    from distill.train.loop import train
 
     path = calibration_path(row, ns)
     if not os.path.isfile(path):
@@ -473,8 +472,8 @@ def calibrated_weights(row: dict, ns) -> dict:
 
 
 def distil(row: dict, folder: str, ns) -> None:
-    from distill.config import make_config
-    from distill.train import latest_checkpoint, train
+    from distill.settings.config import make_config
+    from distill.train.loop import latest_checkpoint, train
 
     weights = calibrated_weights(row, ns) if row["objective"].endswith(CALIBRATED) else objective_weights(row["objective"])
     resume = latest_checkpoint(Path(folder)) is not None
@@ -567,8 +566,8 @@ def measure_distill_speed(rows, ns, state: dict) -> dict:
     ``state["distill_speed"]`` and is saved as it is taken; returns the figures taken."""
     import shutil
 
-    from distill.config import make_config
-    from distill.train import train
+    from distill.settings.config import make_config
+    from distill.train.loop import train
 
     steps = ns.remeasure_distill
     interval = max(steps // 4, 1)
@@ -854,7 +853,7 @@ def findings(summary, speed, ns) -> list[str]:
 def write_report(ns, rows, tasks, results, speed, params, timings, command, distill_speed=None) -> None:
     import transformers
 
-    from distill.io import atomic_write_text
+    from distill.common.io import atomic_write_text
 
     summary = summarise(rows, tasks, results, ns.seed_list)
     for r in summary:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import ArgumentParser, cli_entry
-from .families import student_types
+from distill.common.errors import ArgumentParser, cli_entry
+from distill.models.families import student_types
+
 
 def _init_epilog() -> str:
-    from .families import family_notes, pairs_text
+    from distill.models.families import family_notes, pairs_text
 
     notes = "".join(f"{note}.\n" for note in family_notes())
     return f"""\
@@ -72,7 +73,10 @@ def init_main(argv=None) -> int:
     if args.layers is None and args.num_layers is None:
         parser.error("give --layers (teacher layers to copy, e.g. 1,5,8,12) or --num_layers (a student of chosen size, e.g. 6)")
     if args.layers is None:
-        from .student import StudentSize, init_sized_student  # heavy imports after --help
+        from distill.models.student import (  # heavy imports after --help
+            StudentSize,
+            init_sized_student,
+        )
 
         size = StudentSize(args.num_layers, args.hidden_size, args.num_heads, args.intermediate_size)
         record = init_sized_student(args.teacher, size, args.output, args.student_type, args.overwrite, args.seed)
@@ -80,7 +84,7 @@ def init_main(argv=None) -> int:
               f"{record['hidden_size']}, {record['num_heads']} heads, feed-forward {record['intermediate_size']}; "
               f"initialised: {record['initialised']}, seed {args.seed})")
         return 0
-    from .student import init_student  # heavy imports after --help
+    from distill.models.student import init_student  # heavy imports after --help
 
     report = init_student(args.teacher, args.layers, args.output, args.student_type, args.overwrite)
     print(f"wrote a {len(report.layers)}-layer {report.student_class} to {args.output} "
@@ -92,10 +96,13 @@ def init_main(argv=None) -> int:
 
 @cli_entry
 def train_main(argv=None) -> int:
-    from .config import parse_config
+    from distill.settings.config import parse_config
 
     cfg = parse_config(argv)
-    from .train import TrainingError, train  # heavy imports after --help and config checks
+    from distill.train.loop import (  # heavy imports after --help and config checks
+        TrainingError,
+        train,
+    )
 
     try:
         train(cfg)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distill.io import atomic_write_text
+from distill.common.io import atomic_write_text
 
 PROBABILITY = 0.4  # TinyBERT's p_t
 CANDIDATES = 15  # TinyBERT's K
@@ -166,8 +166,8 @@ class CandidateSource:
         """The masked LM's logits at ``positions`` only: the vocabulary head (as costly as a small model's
         body at these lengths) runs at one position per row instead of every one. A family the toolkit
         does not know runs whole."""
-        from distill.families import FAMILIES
-        from distill.models import extract
+        from distill.models.families import FAMILIES
+        from distill.models.loading import extract
 
         if getattr(self.mlm.config, "model_type", None) in FAMILIES:
             return extract(self.mlm, enc["input_ids"], enc["attention_mask"], positions=positions,
@@ -297,7 +297,7 @@ def load_source(kind: str, folder: str, tokenizer=None, device=None) -> Candidat
     """The :class:`CandidateSource` of :func:`describe_source`'s (kind, folder)."""
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from distill.models import TOKENIZER_FILES
+    from distill.models.loading import TOKENIZER_FILES
 
     if any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder)

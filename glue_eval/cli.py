@@ -4,7 +4,7 @@
     glue-eval --model STUDENT --grid default --output_dir OUT
     glue-eval report OUT [--teacher_results TEACHER_OUT]
 
-Arguments are parsed with :class:`distill.arguments.DataclassParser` (the convention distill-train
+Arguments are parsed with :class:`distill.settings.arguments.DataclassParser` (the convention distill-train
 shares: transformers' ``HfArgumentParser`` plus JSON-valued fields) over :class:`GlueArguments` and
 ``TrainingArguments`` (so ``--learning_rate``, ``--per_device_train_batch_size``,
 ``--num_train_epochs``, ``--seed``, ``--fp16``, ``--bf16`` ... are Trainer's own);
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from distill.errors import ArgumentParser, UsageError, cli_entry
+from distill.common.errors import ArgumentParser, UsageError, cli_entry
 
 
 def _parse(argv: list[str]):
-    from distill.arguments import DataclassParser
+    from distill.settings.arguments import DataclassParser
 
     from .finetune import GlueArguments, GlueTrainingArguments
 

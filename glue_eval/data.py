@@ -17,7 +17,7 @@ import sys
 
 import datasets
 
-from distill.errors import UsageError
+from distill.common.errors import UsageError
 
 from .tasks import DIAGNOSTIC_OF, DIAGNOSTIC_TSV, TSV_FILES, Task
 

@@ -1,10 +1,10 @@
 """Task-specific distillation while fine-tuning (TinyBERT's second stage): the teacher terms, stages and their runs.
 
-The terms and their weights are :class:`distill.objective.Objective`'s, at sequence
-level: every term of the registry (:mod:`distill.terms`) that exists there, e.g. soft
+The terms and their weights are :class:`distill.objective.plan.Objective`'s, at sequence
+level: every term of the registry (:mod:`distill.objective.terms`) that exists there, e.g. soft
 targets at ``--temperature`` (times T^2), raw-logit MSE (the soft term that fits STS-B's
 regression), the task labels, and intermediate terms over the layer map given by
-``--student_layers``. ``python -m distill.terms --markdown`` lists them.
+``--student_layers``. ``python -m distill.objective.terms --markdown`` lists them.
 
 TinyBERT runs the task stage in two steps (``--stages``): the intermediate terms
 first, then the prediction-layer terms; each stage is one ``Trainer.train()`` with
@@ -22,8 +22,8 @@ import os
 
 from transformers import AutoModelForSequenceClassification
 
-from distill import terms
-from distill.errors import UsageError
+from distill.common.errors import UsageError
+from distill.objective import terms
 
 from .tasks import Task
 
@@ -47,7 +47,7 @@ def regression_terms() -> tuple[str, ...]:
 
 def parse_weights(text: str, task: Task | None = None) -> dict[str, float]:
     """``'{"kl": 1.0, "hard_ce": 1.0}'`` (a JSON object of term -> weight) -> dict; one clear error for anything
-    else (the weights are checked by :func:`distill.terms.check_weights`, as the objective checks them)."""
+    else (the weights are checked by :func:`distill.objective.terms.check_weights`, as the objective checks them)."""
     if isinstance(text, dict):  # an arguments .json file holds the object itself
         text = json.dumps(text)
     try:
@@ -169,7 +169,7 @@ def check_task_stage(glue, tasks) -> None:
     if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
         raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
                          "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
-    from distill.losses import check_temperature
+    from distill.objective.losses import check_temperature
 
     try:
         check_temperature(glue.temperature)
@@ -211,7 +211,7 @@ def load_checked_teacher(glue, task: Task, student, eager: bool):
 def stage_objectives(weights: dict, glue, student, teacher):
     """(soft, hard) objectives of one stage: the terms that read the teacher, and those against the gold labels
     (the registry's ``teacher=False`` terms, which the unlabelled and augmented rows must not reach); either None."""
-    from distill.objective import Objective
+    from distill.objective.plan import Objective
 
     def build(part):
         if not part:
@@ -230,7 +230,7 @@ def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Tas
     train: the training set with ``row`` (0..N-1) and ``labelled`` columns (augmented and unlabelled rows 0).
     trainer_kwargs: Trainer arguments shared by the stages (eval set, collator, tokenizer, metrics).
     """
-    from distill.models import set_attention_dropout
+    from distill.models.loading import set_attention_dropout
 
     from .teacher_cache import TeacherCache, plan_for
     from .trainer import DistillationTrainer, teacher_autocast
@@ -274,7 +274,7 @@ def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Tas
 
 
 def _attention_dropout(model) -> float:
-    from distill.models import get_path, family_of, transformer_layers
+    from distill.models.loading import family_of, get_path, transformer_layers
 
     layer = transformer_layers(model)[0]
     return float(get_path(layer, family_of(model).self_attention_path).dropout.p)

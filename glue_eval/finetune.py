@@ -16,16 +16,15 @@ import numpy as np
 import torch
 from transformers import TrainingArguments
 
+from distill.common.errors import UsageError
+from distill.models.loading import TOKENIZER_FILES
+
 # Trainer and the Auto classes are imported where used: importing Trainer takes seconds, and a
 # bad argument should be reported before that.
-
-from distill import terms
-from distill.errors import UsageError
-from distill.models import TOKENIZER_FILES
+from distill.objective import terms
 
 from .metrics import compute_metrics, task_score
 from .tasks import Task
-
 
 
 @dataclass
@@ -140,7 +139,7 @@ def sequence_length(glue: GlueArguments, tokenizer=None) -> tuple[int, str | Non
 def _position_limits(model: str, teacher: str | None) -> tuple:
     from transformers import AutoConfig
 
-    from distill.families import max_positions
+    from distill.models.families import max_positions
 
     limits = []
     for flag, path in (("--model", model), ("--teacher", teacher)):
@@ -309,7 +308,12 @@ def teacher_train_set(task: Task, data: dict, tokenizer, args: TrainingArguments
     flags = [[1] * len(original)]
     record = {"original_examples": len(original)}
     if glue.augment:
-        from .augment import AugmentSettings, augment_texts, describe_source, load_source
+        from .augment import (
+            AugmentSettings,
+            augment_texts,
+            describe_source,
+            load_source,
+        )
 
         columns = {f: list(original[f]) for f in task.text_fields}
         settings = AugmentSettings(glue.augment, args.seed, glue.augment_probability, glue.augment_candidates)
@@ -353,7 +357,7 @@ def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
 
     With MNLI, ``data`` may also hold GLUE's diagnostic set: it is predicted with the same model into AX.tsv.
     """
-    from distill.io import atomic_write_text
+    from distill.common.io import atomic_write_text
 
     from .tasks import DIAGNOSTIC_OF, DIAGNOSTIC_SPLIT
 
@@ -379,13 +383,13 @@ def write_submission(trainer, task: Task, data: dict, folder: str) -> list[str]:
 def apply_precision(glue: GlueArguments, args: TrainingArguments) -> tuple[TrainingArguments, str | None]:
     """``--precision`` onto Trainer's ``bf16``/``fp16`` flags; returns the arguments and the line to print.
 
-    ``auto`` asks :func:`distill.hardware.resolve_auto_precision` (the one decision the
+    ``auto`` asks :func:`distill.common.hardware.resolve_auto_precision` (the one decision the
     distillation engine uses too) about the device the Trainer will use. Trainer's own
     ``--bf16``/``--fp16`` stand when given; with an explicit ``--precision`` they must agree.
     """
     import dataclasses
 
-    from distill.hardware import choose_precision
+    from distill.common.hardware import choose_precision
 
     given = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     if given:

@@ -18,12 +18,24 @@ import math
 import os
 import sys
 
-from distill.errors import UsageError
-from distill.io import atomic_write_text, read_json_object  # temp file + os.replace: a reader never sees half a result
+from distill.common.errors import UsageError
+from distill.common.io import (  # temp file + os.replace: a reader never sees half a result
+    atomic_write_text,
+    read_json_object,
+)
 
 from .data import check_sources, load_diagnostic, load_splits, splits_needed
-from .finetune import (GlueArguments, GlueTrainingArguments, check_model_dir, describe, finetune, load_tokenizer,
-                       sequence_length, task_settings, tokenize)
+from .finetune import (
+    GlueArguments,
+    GlueTrainingArguments,
+    check_model_dir,
+    describe,
+    finetune,
+    load_tokenizer,
+    sequence_length,
+    task_settings,
+    tokenize,
+)
 from .tasks import DIAGNOSTIC_SPLIT, Task, resolve_tasks
 
 # The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
@@ -110,7 +122,7 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
     ``announce``: a line printed once before the first cell trains (after every input check passed).
     The grid holds ``out``'s lock while it runs: a second grid (or run) on the same folder is refused.
     """
-    from distill.locks import output_lock
+    from distill.common.locks import output_lock
 
     with output_lock(out, "glue-eval"):
         return _run_grid(tasks, cells, args, glue, out, announce)

@@ -13,8 +13,8 @@ import statistics
 import tempfile
 from collections import defaultdict
 
-from distill.errors import UsageError
-from distill.io import atomic_write_text
+from distill.common.errors import UsageError
+from distill.common.io import atomic_write_text
 
 from .grid import read_results
 from .metrics import task_score

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from distill.errors import UsageError
-from distill.io import read_json_object
+from distill.common.errors import UsageError
+from distill.common.io import read_json_object
 
 from .metrics import METRICS
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.layers import attention_index, hidden_index
-from distill.models import Features, extract, hidden_size, num_heads, num_layers
+from distill.models.layers import attention_index, hidden_index
+from distill.models.loading import Features, extract, hidden_size, num_heads, num_layers
 
 # Representations larger than this (float32 MiB) are recomputed each step instead of cached.
 DEFAULT_LIMIT_MB = 2048
@@ -43,7 +43,7 @@ class CachePlan:
 
 
 def plan_for(objectives) -> CachePlan:
-    """The teacher layers any of ``objectives`` (:class:`distill.objective.Objective`, None skipped) reads.
+    """The teacher layers any of ``objectives`` (:class:`distill.objective.plan.Objective`, None skipped) reads.
 
     Every teacher layer of a layer pair is kept for each feature kind the objective asks the
     teacher for (a slight over-approximation when two kinds map different layers: never too little).

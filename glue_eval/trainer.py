@@ -1,7 +1,7 @@
 """The GLUE ``Trainer`` subclasses: plain fine-tuning, and fine-tuning with teacher terms (TinyBERT's task stage).
 
 This module imports neither :mod:`glue_eval.finetune` nor :mod:`glue_eval.distillation`:
-both build on it. Features come from :func:`distill.models.extract`, the one adaptor the
+both build on it. Features come from :func:`distill.models.loading.extract`, the one adaptor the
 pre-training engine uses too, so the task stage reads models exactly as ``distill-train`` does.
 """
 
@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from distill.models import Features, extract
+from distill.models.loading import Features, extract
 
 # Batch columns the distillation trainer reads itself; the model never sees them.
 ROW, LABELLED = "row", "labelled"
@@ -33,7 +33,7 @@ class GlueTrainer(Trainer):
 class DistillationTrainer(GlueTrainer):
     """``Trainer`` whose training loss is the distillation objective; evaluation stays the task loss.
 
-    soft: an :class:`distill.objective.Objective` (sequence level) of every term but ``hard_ce``; it
+    soft: an :class:`distill.objective.plan.Objective` (sequence level) of every term but ``hard_ce``; it
         counts on every training row: original, augmented and unlabelled alike.
     hard: the ``hard_ce`` objective alone; it counts only on rows whose ``labelled`` column is 1
         (original training examples), as the mean over those rows of the batch. Either may be None.

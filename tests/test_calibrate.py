@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.calibrate import Calibration, calibrate, objective_terms, term_gradient_norms
 from distill.cli import train_main
-from distill.models import extract, load_model
-from distill.objective import Objective
+from distill.models.loading import extract, load_model
+from distill.objective.calibrate import (
+    Calibration,
+    calibrate,
+    objective_terms,
+    term_gradient_norms,
+)
+from distill.objective.plan import Objective
 from tests import tiny
 from tests.test_train import cli_args, run_config
 

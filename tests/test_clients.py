@@ -14,10 +14,10 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoTokenizer
 
-from distill.assets import minilm_dir
-from distill.card import card_metadata, front_matter
 from distill.cli import train_main
-from distill.student import init_student
+from distill.common.assets import minilm_dir
+from distill.models.card import card_metadata, front_matter
+from distill.models.student import init_student
 from tests import tiny
 from tests.test_train import run_config, write_corpus
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from distill.cli import train_main
-from distill.config import FIELDS, load_config_file, parse_config
-from distill.terms import check_weights
+from distill.objective.terms import check_weights
+from distill.settings.config import FIELDS, load_config_file, parse_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "student_configs").glob("*.json"))
 
@@ -135,7 +135,7 @@ def test_auto_fields_take_auto_or_a_number(capsys):
 
 
 def test_help_shows_each_range(capsys):
-    from distill.config import build_parser
+    from distill.settings.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
     assert "peak AdamW learning rate; allowed: (0, 1] (default: 0.0005)" in text

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distill import data
-from distill.assets import minilm_dir, wiki_extract_path
-from distill.errors import UsageError
+from distill.common.assets import minilm_dir, wiki_extract_path
+from distill.common.errors import UsageError
+from distill.data import corpus as data
 from tests import tiny
 
 

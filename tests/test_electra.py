@@ -9,19 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer, ElectraForMaskedLM,
-                          ElectraForPreTraining)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertTokenizer,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+)
 
-from distill.batches import CorruptedBatches, chunk_generator, make_batches, uniform_weights
 from distill.cli import train_main
-from distill.config import make_config
-from distill.electra import GENERATOR_DIR, sample_tokens, setup_generator
-from distill.errors import UsageError
-from distill.masking import IGNORE_INDEX
-from distill.models import extract, load_model
-from distill.objective import Objective
-from distill.student import build_student
-from distill.train import Dist, StudentStep, train
+from distill.common.errors import UsageError
+from distill.data.masking import IGNORE_INDEX
+from distill.models.loading import extract, load_model
+from distill.models.student import build_student
+from distill.objective.plan import Objective
+from distill.settings.config import make_config
+from distill.train.batches import (
+    CorruptedBatches,
+    chunk_generator,
+    make_batches,
+    uniform_weights,
+)
+from distill.train.electra import GENERATOR_DIR, sample_tokens, setup_generator
+from distill.train.loop import Dist, StudentStep, train
 from tests import tiny
 
 HENTSCHEL = {"rtd": 1.0, "emb_mse": 1.0, "out_mse": 1.0, "hid_mse": 1.0, "att_mse": 1.0, "cos": 1.0, "rtd_kl": 1.0}
@@ -155,7 +165,7 @@ def test_padding_and_special_tokens_are_never_corrupted(teacher_dir, electra_gen
 
 def test_the_frozen_generator_runs_under_the_runs_autocast_not_a_dtype_of_its_own(teacher_dir, electra_gen_dir,
                                                                                    corpus, work, vocab_dir):
-    from distill.precision import Precision
+    from distill.train.precision import Precision
 
     cfg = make_config(recipe(teacher_dir, electra_gen_dir, corpus, work))
     tokenizer, teacher = AutoTokenizer.from_pretrained(vocab_dir), load_model(teacher_dir)

@@ -8,13 +8,12 @@ cache against fresh teacher forwards.
 import csv
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from distill.errors import UsageError
+from distill.common.errors import UsageError
 from glue_eval import augment
 from glue_eval.cli import main
 from tests import tiny
@@ -268,7 +267,7 @@ def test_cached_teacher_outputs_equal_a_fresh_teacher_forward(tmp_path, vocab_di
     rows = [7, 0, 4, 2]
     batch = collate([ds[i] for i in rows])
     got = cache.features(torch.tensor(rows), batch["attention_mask"])
-    from distill.models import extract
+    from distill.models.loading import extract
 
     with torch.no_grad():
         fresh = extract(teacher, batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"],
@@ -414,7 +413,7 @@ def test_task_stage_settings_that_cannot_work_are_refused(task_dir, bert_mlm_dir
 
 
 def test_unlabelled_text_is_read_per_line_or_from_a_table(tmp_path):
-    from distill.errors import UsageError
+    from distill.common.errors import UsageError
     from glue_eval.data import load_unlabelled
     from glue_eval.tasks import get_task
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill.errors import UsageError
+from distill.common.errors import UsageError
 from glue_eval import data as glue_data
 from glue_eval.data import load_splits, splits_needed
 from glue_eval.samples import sample_splits, write_hub_layout, write_tsv_layout

@@ -154,7 +154,7 @@ def test_the_grid_script_runs_the_grid_then_the_report(bert_mlm_dir, tmp_path):
 def test_max_seq_length_is_cut_to_the_positions_the_models_hold(bert_mlm_dir, tmp_path):
     from transformers import AutoConfig
 
-    from distill.families import max_positions
+    from distill.models.families import max_positions
     from glue_eval.finetune import GlueArguments, sequence_length
     from tests import tiny
 

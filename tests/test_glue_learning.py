@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.errors import UsageError
+from distill.common.errors import UsageError
 from glue_eval.cli import main
 from glue_eval.distillation import parse_weights
 from glue_eval.tasks import get_task

@@ -2,16 +2,16 @@
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distill import data, hardware
-from distill.config import make_config
-from distill.precision import Precision
-from distill.train import train
+from distill.common import hardware
+from distill.data import corpus as data
+from distill.settings.config import make_config
+from distill.train.loop import train
+from distill.train.precision import Precision
 from tests import tiny
 
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
@@ -90,7 +90,9 @@ def test_cpu_flags_and_model_are_read_from_cpuinfo(tmp_path):
     assert hardware.read_cpu_flags(str(arm)) == frozenset({"fp", "asimd", "bf16"})
     assert hardware.read_cpu_model(str(arm)) == "Example Board"
     assert hardware.read_cpu_flags(str(tmp_path / "missing")) is None
-    from distill.precision import read_cpu_flags  # the old import path still works
+    from distill.train.precision import (
+        read_cpu_flags,  # the old import path still works
+    )
 
     assert read_cpu_flags is hardware.read_cpu_flags
 
@@ -233,7 +235,7 @@ def test_glue_eval_bf16_on_a_cpu_needs_no_use_cpu_flag(monkeypatch, argv):
 
 
 def test_glue_eval_explicit_precision_and_trainer_flags(monkeypatch):
-    from distill.errors import UsageError
+    from distill.common.errors import UsageError
 
     monkeypatch.setattr(hardware, "read_cpu_flags", lambda *a: AVX2_ONLY)
     args, line = _glue(monkeypatch, ["--precision", "bf16"])

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForMaskedLM
 
 from distill.cli import init_main, train_main
-from distill.locks import LOCK_NAME, output_lock
+from distill.common.locks import LOCK_NAME, output_lock
 from tests import tiny
 from tests.test_train import run_config, write_corpus
 
@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPAT
 PAUSED_TRAIN = """
 import sys, time
 from pathlib import Path
-import distill.train as t
+import distill.train.loop as t
 paused, go = Path(sys.argv[1]), Path(sys.argv[2])
 real = t.save_student
 def save_when_told(*args, **kwargs):
@@ -102,8 +102,8 @@ def test_a_second_writer_is_refused_while_a_run_writes_and_the_run_finishes_unha
 HOLD = """
 import sys, time
 from pathlib import Path
-from distill.locks import output_lock
-from distill.errors import UsageError
+from distill.common.locks import output_lock
+from distill.common.errors import UsageError
 folder, report, others = sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 try:
     with output_lock(folder, "holder"):
@@ -193,7 +193,7 @@ def test_the_lock_appears_with_its_record_and_leaves_no_private_copy(tmp_path, m
     holder's."""
     import os
 
-    from distill.locks import output_lock, read_lock
+    from distill.common.locks import output_lock, read_lock
 
     if not links:
         def no_links(*_):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill import losses
+from distill.objective import losses
 
 B, S, V, H, HEADS = 3, 7, 11, 6, 2
 

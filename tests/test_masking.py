@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.errors import UsageError
-from distill.masking import IGNORE_INDEX, mask_tokens, masking_weights
+from distill.common.errors import UsageError
+from distill.data.masking import IGNORE_INDEX, mask_tokens, masking_weights
 from tests import tiny
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4

@@ -6,12 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer, BertConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForPreTraining,
+    AutoTokenizer,
+    BertConfig,
+)
 
 from distill.cli import init_main, train_main
-from distill.config import load_config_file, parse_config
-from distill.families import FAMILIES
-from distill.student import RANDOM_WIDTH, StudentSize, build_sized_student, sized_student_config
+from distill.models.families import FAMILIES
+from distill.models.student import (
+    RANDOM_WIDTH,
+    StudentSize,
+    build_sized_student,
+    sized_student_config,
+)
+from distill.settings.config import load_config_file, parse_config
 from tests import tiny
 
 RECIPE = Path(__file__).parent.parent / "student_configs" / "minilmv2_6x384.json"
@@ -197,7 +209,7 @@ def test_the_minilmv2_recipe_passes_the_config_checks_and_builds_the_papers_shap
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModel.from_config(student).parameters())
     assert round(n_params / 1e6, 1) == 22.7
-    from distill.objective import Objective
+    from distill.objective.plan import Objective
 
     objective = Objective.from_config(cfg.weights, student_config=student, teacher_config=teacher,
                                       relation_heads=cfg.relation_heads, relation_teacher_layer=cfg.relation_teacher_layer)
@@ -206,7 +218,7 @@ def test_the_minilmv2_recipe_passes_the_config_checks_and_builds_the_papers_shap
 
 def test_the_recipe_student_matches_the_installed_minilm_shape():
     """all-MiniLM-L6-v2 is a published 6x384 BERT student: the recipe's shape is its shape."""
-    from distill.assets import minilm_dir
+    from distill.common.assets import minilm_dir
 
     try:
         reference = AutoConfig.from_pretrained(minilm_dir())
@@ -225,7 +237,7 @@ def test_a_chosen_size_on_the_demo_recipe_drops_only_the_demos_layer_selection()
 
 
 def test_the_demo_with_a_chosen_size_drops_its_own_layer_selection_whichever_spelling_names_it():
-    from distill.config import parse_config
+    from distill.settings.config import parse_config
 
     for flag in ("--student_num_layers", "--student-num-layers"):
         cfg = parse_config([flag, "2", "--student_hidden_size", "16", "--student_num_heads", "2"])

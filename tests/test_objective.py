@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, BertForSequenceClassification
 
-from distill import losses
-from distill.errors import UsageError
-from distill.models import Features, extract
-from distill.objective import TERMS, Objective, Request
+from distill.common.errors import UsageError
+from distill.models.loading import Features, extract
+from distill.objective import losses
+from distill.objective.plan import TERMS, Objective, Request
 from tests import tiny
 
 DISTANCES = ("kl", "out_mse", "cos", "hid_mse", "emb_mse", "att_mse", "att_kl", "val_kl")
@@ -91,7 +91,7 @@ def float64_outputs(model, batch):
 
 
 def reference_terms(student, teacher, batch, T, s_layers, t_layers):
-    """Each term of the objective's table, written from its formula in float64 (no distill.losses call)."""
+    """Each term of the objective's table, written from its formula in float64 (no distill.objective.losses call)."""
     zs, hs, a_s, vs = float64_outputs(student, batch)
     zt, ht, a_t, vt = float64_outputs(teacher, batch)
     real = batch["attention_mask"].bool()
@@ -284,7 +284,7 @@ def test_a_student_that_is_the_teacher_has_zero_distance_terms(kind):
 
 @pytest.mark.parametrize("layers", [[1, 2, 4], [1, 3], [2, 4], [1, 2, 3, 4]])
 def test_self_copy_pairs_are_exactly_the_pairs_a_fresh_copy_already_matches(teacher, layers):
-    from distill.student import build_student
+    from distill.models.student import build_student
 
     student, _ = build_student(teacher, layers)
     objective = make({"hid_mse": 1.0, "att_mse": 1.0, "cos": 1.0}, student, teacher, student_layers=layers)

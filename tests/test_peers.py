@@ -9,12 +9,12 @@ import copy
 import json
 
 import pytest
+import textbrewer  # noqa: F401  (a missing test dependency must fail here, not skip)
 import torch
 import torch.nn.functional as F
 
-import textbrewer  # noqa: F401  (a missing test dependency must fail here, not skip)
-from distill.errors import UsageError
-from distill.student import build_student
+from distill.common.errors import UsageError
+from distill.models.student import build_student
 from tests import tiny
 
 LAYERS = [2, 4]

@@ -1,6 +1,6 @@
 """Mixed precision: apex's opt levels with native torch, checked on tiny CPU tensors (semantics, not speed).
 
-The fp16 O2 master weights (distill/precision/masters.py) have their own file: test_precision_o2.py.
+The fp16 O2 master weights (distill/train/precision/masters.py) have their own file: test_precision_o2.py.
 
 fp16 on a CPU is refused by default (it crawls); these tests pass ``allow_cpu_fp16=True``
 to check O1/O2 semantics. The same tests run on CUDA where a GPU is present.
@@ -15,9 +15,21 @@ import pytest
 import torch
 from torch import nn
 
-from distill.errors import UsageError
-from distill.precision import (MODES, ApexAmp, Bf16, Fp16O1, Fp16O2, Fp16O3, Fp32, Precision, StepResult, is_norm,
-                              read_cpu_flags, resolve_precision)
+from distill.common.errors import UsageError
+from distill.train.precision import (
+    MODES,
+    ApexAmp,
+    Bf16,
+    Fp16O1,
+    Fp16O2,
+    Fp16O3,
+    Fp32,
+    Precision,
+    StepResult,
+    is_norm,
+    read_cpu_flags,
+    resolve_precision,
+)
 from tests import tiny
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -208,7 +220,7 @@ def test_o3_is_refused_without_force_and_names_the_way_out():
 
 
 def test_o3_with_force_runs_pure_fp16_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="distill.precision"):
+    with caplog.at_level(logging.WARNING, logger="distill.train.precision"):
         prec = make(level="O3", force_o3=True)
     assert any("O3 forced" in r.getMessage() for r in caplog.records)
     assert any("O3 forced" in note for note in prec.notes)
@@ -253,7 +265,7 @@ def test_fp16_on_a_cpu_without_bf16_stops_with_a_clear_message(flags, why):
 
 
 def test_fp16_asked_on_a_bf16_cpu_falls_back_to_bf16_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="distill.precision"):
+    with caplog.at_level(logging.WARNING, logger="distill.train.precision"):
         prec = Precision.from_config("fp16", "O2", device="cpu", cpu_flags=frozenset({"avx512_bf16"}))
     assert prec.precision == "bf16" and prec.scaler is None and prec.opt_level is None
     assert "asked for fp16 O2" in prec.description

@@ -1,4 +1,4 @@
-"""fp16 O2's fp32 master weights: distill/precision/masters.py on its own, then through Precision.
+"""fp16 O2's fp32 master weights: distill/train/precision/masters.py on its own, then through Precision.
 
 What a master must be: the exact fp32 value of the weight before the fp16 cast; what
 the optimiser steps (the fp16 model weight is its rounding); what a checkpoint keeps;
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill.errors import UsageError
-from distill.precision import MasterWeights
-from distill.precision.base import cast_to_fp16
+from distill.common.errors import UsageError
+from distill.train.precision import MasterWeights
+from distill.train.precision.base import cast_to_fp16
 from tests import tiny
 from tests.test_precision import DEVICES, make, masters, mlm_loss, tiny_bert
 
@@ -133,7 +133,7 @@ def test_a_stale_master_is_reset_from_its_changed_weight_once_with_a_warning(cap
     weights.ready()
     with torch.no_grad():
         model.bias.fill_(0.5)  # behind the masters' back
-    with caplog.at_level(logging.WARNING, logger="distill.precision"):
+    with caplog.at_level(logging.WARNING, logger="distill.train.precision"):
         weights.grads_to_masters()
     assert [r.getMessage() for r in caplog.records if "masters were reset" in r.getMessage()][0].startswith(
         "precision: 1 fp16 weights")
@@ -300,7 +300,7 @@ def test_a_weight_changed_after_make_optimizer_resets_its_master_with_a_warning(
     with prec.autocast():
         loss = mlm_loss(model)
     prec.backward(loss)
-    with caplog.at_level(logging.WARNING, logger="distill.precision"):
+    with caplog.at_level(logging.WARNING, logger="distill.train.precision"):
         prec.step(opt, 1.0)
     assert any("masters were reset" in r.getMessage() for r in caplog.records)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))  # not reverted

@@ -2,8 +2,8 @@
 
 import dataclasses
 
-from distill import reference
-from distill.config import DistillConfig
+from distill.settings import reference
+from distill.settings.config import DistillConfig
 
 
 def test_committed_reference_pages_are_current(tmp_path):
@@ -13,7 +13,7 @@ def test_committed_reference_pages_are_current(tmp_path):
     assert reference.main(["--docs", str(tmp_path)]) == 0
     assert reference.main(["--check", "--docs", str(tmp_path)]) == 0
     # and the committed docs folder is current
-    assert reference.main(["--check"]) == 0, "run: python -m distill.reference"
+    assert reference.main(["--check"]) == 0, "run: python -m distill.settings.reference"
 
 
 def test_configuration_page_has_one_row_per_field_under_its_source_section():

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from distill.errors import UsageError
-from distill.models import extract
-from distill.objective import Objective
+from distill.common.errors import UsageError
+from distill.models.loading import extract
+from distill.objective.plan import Objective
 from tests import tiny
 from tests.test_relations import reference
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from distill.losses import check_relation_heads, relation_kl
-from distill.relations import capture_qkv
+from distill.models.qkv import capture_qkv
+from distill.objective.losses import check_relation_heads, relation_kl
 from tests import tiny
 
 B, S = 3, 7

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from distill.cli import init_main, train_main
-from distill.models import load_model
-from distill.student import build_student, init_student
+from distill.models.loading import load_model
+from distill.models.student import build_student, init_student
 from tests import tiny
 
 
@@ -221,7 +225,7 @@ def test_a_new_family_is_one_registry_entry(monkeypatch, tmp_path, bpe_dir, voca
     from transformers import CamembertConfig, CamembertForMaskedLM
 
     from distill.cli import build_init_parser
-    from distill.families import FAMILIES
+    from distill.models.families import FAMILIES
 
     entry = dataclasses.replace(
         FAMILIES["roberta"], name="camembert", classes={"base": "CamembertModel", "mlm": "CamembertForMaskedLM"},
@@ -254,7 +258,7 @@ def test_a_new_family_is_one_registry_entry(monkeypatch, tmp_path, bpe_dir, voca
 def test_an_incomplete_family_entry_is_refused_when_written():
     import dataclasses
 
-    from distill.families import FAMILIES
+    from distill.models.families import FAMILIES
 
     with pytest.raises(ValueError, match="headless"):
         dataclasses.replace(FAMILIES["roberta"], name="x", heads={})

@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForPreTraining,
-                          AutoModelForSequenceClassification, AutoTokenizer, BertModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertModel,
+)
 
 from distill.cli import init_main
-from distill.models import load_model
-from distill.student import build_student, init_student
+from distill.models.loading import load_model
+from distill.models.student import build_student, init_student
 from tests import tiny
 
 
@@ -72,7 +78,7 @@ def test_bert_to_distilbert_subset_uses_the_documented_mapping(bert_mlm_dir):
     teacher = load_model(bert_mlm_dir)
     student, report = build_student(teacher, [2, 4], "distilbert")
     tb, sd = teacher.bert, student.distilbert
-    # written out by hand, independent of the mapping table in distill.student
+    # written out by hand, independent of the mapping table in distill.models.student
     for i, j in [(0, 1), (1, 3)]:
         t, s = tb.encoder.layer[j], sd.transformer.layer[i]
         pairs = [(s.attention.q_lin, t.attention.self.query), (s.attention.k_lin, t.attention.self.key),
@@ -116,7 +122,7 @@ def test_saved_folder_loads_with_auto_classes(bert_mlm_dir, electra_disc_dir, tm
 
 @pytest.mark.slow
 def test_real_minilm_teacher_layers_2_4_6(tmp_path):
-    from distill.assets import minilm_dir
+    from distill.common.assets import minilm_dir
 
     teacher_dir = minilm_dir()
     report = init_student(teacher_dir, "2,4,6", str(tmp_path / "s"))
@@ -200,7 +206,7 @@ def test_missing_teacher_path(capsys, tmp_path):
 
 
 def test_nothing_half_written_when_a_step_fails(tmp_path, bert_mlm_dir, monkeypatch):
-    import distill.student as student_mod
+    import distill.models.student as student_mod
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
@@ -323,7 +329,7 @@ def test_fp16_o2_saves_the_pooler_bit_for_bit(pooled_teachers, tmp_path, monkeyp
     import random
 
     from distill.cli import train_main
-    from distill.precision import Precision
+    from distill.train.precision import Precision
 
     real = Precision.from_config
     monkeypatch.setattr(Precision, "from_config",  # O2 semantics on a CPU (tiny tensors: speed is no matter)
@@ -345,7 +351,7 @@ def test_fp16_o2_saves_the_pooler_bit_for_bit(pooled_teachers, tmp_path, monkeyp
 
 
 def test_the_pooler_is_read_from_sharded_and_pickled_checkpoints(pooled_teachers, tmp_path):
-    from distill.models import checkpoint_pooler
+    from distill.models.loading import checkpoint_pooler
 
     source = pooled_teachers["bert_mlm_pooled"]
     expect = {k.removeprefix("bert.pooler."): v for k, v in tiny.saved_weights(source).items() if k in POOLER_KEYS}
@@ -368,7 +374,14 @@ def test_the_pooler_is_read_from_sharded_and_pickled_checkpoints(pooled_teachers
 @pytest.mark.parametrize("kind", ["bert_mlm", "distilbert_mlm", "electra_disc", "electra_gen", "roberta_mlm", "xlmr_mlm"])
 def test_every_family_entrys_paths_name_real_modules(kind):
     """The registry's query/key/value, attention and pooler paths resolve in a real model of the family."""
-    from distill.models import family_of, get_path, hidden_size, num_heads, num_layers, transformer_layers
+    from distill.models.loading import (
+        family_of,
+        get_path,
+        hidden_size,
+        num_heads,
+        num_layers,
+        transformer_layers,
+    )
 
     model = tiny.build_roberta(kind, 50) if kind.split("_")[0] in ("roberta", "xlmr") else tiny.build_model(kind)
     family = family_of(model)

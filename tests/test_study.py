@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import tiny
-
 from glue_eval.samples import write_glue_sample
+from tests import tiny
 from tests.test_train import write_corpus
 
 pytestmark = pytest.mark.slow  # end to end through subprocesses and real runs

@@ -10,7 +10,6 @@ import pytest
 from tests import tiny
 
 
-
 @pytest.fixture(scope="module")
 def prep():
     return tiny.bench_module("prepare_study_data")

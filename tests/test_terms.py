@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from distill import losses, terms
-from distill.config import make_config
-from distill.errors import UsageError
-from distill.objective import Objective
-from distill.terms import TermSpec
+from distill.common.errors import UsageError
+from distill.objective import losses, terms
+from distill.objective.plan import Objective
+from distill.objective.terms import TermSpec
+from distill.settings.config import make_config
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_a_malformed_entry_is_refused_naming_the_field():
 
 def test_the_committed_docs_table_is_the_registry_now():
     page = (ROOT / "docs" / "objective.md").read_text(encoding="utf-8")
-    assert page == terms.page_with_table(page), "docs/objective.md is stale: run python -m distill.terms --write " \
+    assert page == terms.page_with_table(page), "docs/objective.md is stale: run python -m distill.objective.terms --write " \
                                                 "docs/objective.md"
     for key, spec in terms.TERMS.items():  # every entry has its row, with its own one-line description
         assert f"| `{key}` | {spec.doc} |" in page
@@ -102,7 +102,7 @@ def test_markdown_command_prints_the_table_and_write_refreshes_a_page(tmp_path, 
 # proof 2: each term key is spelled in one package file, the registry
 
 
-ROLE_NAMES = frozenset(terms.HEADS)  # "mlm" and "rtd" are also the names of model heads (distill.models roles)
+ROLE_NAMES = frozenset(terms.HEADS)  # "mlm" and "rtd" are also the names of model heads (distill.models.loading roles)
 
 
 def term_spellings(source: str, keys) -> list[tuple[int, str]]:
@@ -171,7 +171,7 @@ def test_each_term_key_is_spelled_in_one_package_file_the_registry():
         for path in sorted((ROOT / package).rglob("*.py")):
             for line, key in term_spellings(path.read_text(encoding="utf-8"), terms.TERMS):
                 spelled.setdefault(key, set()).add(f"{path.relative_to(ROOT)}:{line}")
-    registry = "distill/terms.py"
+    registry = "distill/objective/terms.py"
     outside = {k: sorted(p for p in places if not p.startswith(registry)) for k, places in spelled.items()}
     assert not {k: v for k, v in outside.items() if v}, outside
     assert set(spelled) == set(terms.TERMS)  # and the registry does spell every key
@@ -318,7 +318,7 @@ def test_the_terms_command_says_in_one_line_when_the_page_is_missing(tmp_path):
     import sys
 
     missing = tmp_path / "nope" / "objective.md"
-    done = subprocess.run([sys.executable, "-m", "distill.terms", "--write", str(missing)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "distill.objective.terms", "--write", str(missing)], capture_output=True,
                           text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

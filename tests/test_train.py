@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from distill import losses, terms
 from distill.cli import train_main
-from distill.config import make_config, parse_config
-from distill.train import train
+from distill.objective import losses, terms
+from distill.settings.config import make_config, parse_config
+from distill.train.loop import train
 from tests import tiny
 
 DISTILBERT_RECIPE = {"ce": 5.0, "mlm": 2.0, "cos": 1.0, "att_mse": 1.0}
@@ -217,7 +217,7 @@ def test_layer_map_that_does_not_fit(capsys, bert_mlm_dir, corpus, tmp_path):
 
 
 def test_student_tokenizer_differs_from_teacher(capsys, bert_mlm_dir, corpus, tmp_path):
-    from distill.student import init_student
+    from distill.models.student import init_student
 
     student = tmp_path / "student"
     init_student(bert_mlm_dir, "1,3", str(student))
@@ -266,7 +266,7 @@ def test_out_of_range_values_are_refused_before_any_work(capsys, bert_mlm_dir, c
 
 
 def test_student_layers_must_agree_with_the_student_folder(capsys, bert_mlm_dir, corpus, tmp_path):
-    from distill.student import init_student
+    from distill.models.student import init_student
 
     init_student(bert_mlm_dir, "1,3", str(tmp_path / "student"))
     err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, student=str(tmp_path / "student"),

@@ -1,4 +1,4 @@
-"""The vocabulary head chunk by chunk (distill.vocab_head): same values and gradients as the whole head,
+"""The vocabulary head chunk by chunk (distill.models.vocab_head): same values and gradients as the whole head,
 checked against float64 formulas; no [N, vocab] tensor kept for backward; fp16 gradients in range."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.errors import UsageError
-from distill.families import FAMILIES, VocabHead
-from distill.models import extract, vocab_head
-from distill.objective import Objective
-from distill.terms import TERMS, TermSpec, register, unregister
-from distill.vocab_head import DeferredLogits, chunk_rows, chunked
+from distill.common.errors import UsageError
+from distill.models.families import FAMILIES, VocabHead
+from distill.models.loading import extract, vocab_head
+from distill.models.vocab_head import DeferredLogits, chunk_rows, chunked
+from distill.objective.plan import Objective
+from distill.objective.terms import TERMS, TermSpec, register, unregister
 from tests.tiny import build_model
 
 T = 2.0
@@ -316,7 +316,7 @@ def test_a_second_backward_through_a_chunked_head_is_refused_clearly():
 
 def test_fp16_o2_through_precision_matches_the_whole_head():
     """Precision's fp16 O2 loop (GradScaler, fp16 weights): the chunked head's scaled gradients are the whole head's."""
-    from distill.precision import Precision
+    from distill.train.precision import Precision
 
     teacher = build_model("bert_mlm", seed=1).eval()
     student0 = build_model("bert_mlm", seed=2, num_hidden_layers=2).eval()

@@ -61,8 +61,13 @@ def make_config(kind: str, **overrides):
 
 def build_model(kind: str, seed: int = 0, **overrides):
     """A tiny random model of ``kind``; non-trivial LayerNorm and bias values so copies are checkable."""
-    from transformers import (BertForMaskedLM, BertModel, DistilBertForMaskedLM, ElectraForMaskedLM,
-                              ElectraForPreTraining)
+    from transformers import (
+        BertForMaskedLM,
+        BertModel,
+        DistilBertForMaskedLM,
+        ElectraForMaskedLM,
+        ElectraForPreTraining,
+    )
 
     cls = {"bert_mlm": BertForMaskedLM, "bert_base": BertModel, "distilbert_mlm": DistilBertForMaskedLM,
            "electra_disc": ElectraForPreTraining, "electra_gen": ElectraForMaskedLM}[kind]
@@ -170,8 +175,14 @@ def save_bpe_tokenizer(folder, vocab_size: int = 400) -> str:
 def build_roberta(kind: str, vocab_size: int, seed: int = 0, **overrides):
     """``roberta_mlm``, ``roberta_base``, ``xlmr_mlm`` or ``xlmr_base``: tiny, random, with RoBERTa's
     conventions (pad id 1, positions counted from padding_idx + 1, one token type)."""
-    from transformers import (RobertaConfig, RobertaForMaskedLM, RobertaModel, XLMRobertaConfig,
-                              XLMRobertaForMaskedLM, XLMRobertaModel)
+    from transformers import (
+        RobertaConfig,
+        RobertaForMaskedLM,
+        RobertaModel,
+        XLMRobertaConfig,
+        XLMRobertaForMaskedLM,
+        XLMRobertaModel,
+    )
 
     config_cls = XLMRobertaConfig if kind.startswith("xlmr") else RobertaConfig
     cls = {"roberta_mlm": RobertaForMaskedLM, "roberta_base": RobertaModel, "xlmr_mlm": XLMRobertaForMaskedLM,

@@ -1,0 +1,286 @@
+"""The distillation recipe: one dataclass, one JSON file per experiment, any field overridable.
+
+``distill-train --config student_configs/X.json --learning_rate 3e-4`` reads the JSON,
+then applies ``--field value`` overrides (the field names are the JSON keys, as in
+transformers' examples). The resolved recipe is saved next to the student as
+``distill_config.json``: the complete record of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.common.assets import DEMO_TEACHER
+from distill.common.errors import UsageError
+from distill.common.io import read_json_object
+from distill.models.families import STUDENT_TYPES, pairs_text
+from distill.models.layers import parse_layer_map
+from distill.objective.terms import (
+    DISTILBERT_WEIGHTS,
+    RELATION_HEADS,
+    REPRESENTATION_WEIGHTS,
+    SOFT,
+    TERMS,
+    format_weights,
+    select,
+    term_list,
+)
+from distill.settings.arguments import DataclassParser, coerce
+
+DEMO_CORPUS = "offline:wikipedia-extract"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: finite, between ``low`` and ``high`` (open ends where marked).
+
+    Written as in mathematics, ``[0, 1)``, in --help and in the error for a value outside it.
+    """
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        try:
+            value = float(value)
+        except (OverflowError, TypeError, ValueError):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+UNIT = Range(0, 1)  # a fraction or probability, ends included
+AUTO = "auto"  # fields with auto=True also take "auto": the machine decides (distill.common.hardware)
+
+
+def _f(default, help: str, *, range: Range | None = None, auto: bool = False, **kw):
+    meta = {"help": help, "range": range, "auto": auto}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DistillConfig:
+    # --- models ---
+    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
+    student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
+    student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
+    student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
+    student_num_layers: int | None = _f(None, "build the student at this depth with random weights instead of copying teacher layers (MiniLM's students; no student, no student_layers); the other student_* sizes default to the teacher's", range=AT_LEAST_1)
+    student_hidden_size: int | None = _f(None, "width of a student built with student_num_layers (default: the teacher's)", range=AT_LEAST_1)
+    student_num_heads: int | None = _f(None, "attention heads of a student built with student_num_layers; must divide its width (default: the teacher's)", range=AT_LEAST_1)
+    student_intermediate_size: int | None = _f(None, "feed-forward width of a student built with student_num_layers (default: the teacher's feed-forward/width ratio times its width)", range=AT_LEAST_1)
+    # --- objective ---
+    weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
+    temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
+                            range=Range(0, 100, low_open=True))
+    layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
+    relation_heads: int = _f(RELATION_HEADS, f"relation heads of the MiniLMv2 terms ({term_list(select(feature='qkv'))}): split both models' query/key/value vectors into this many heads of their own size; must divide both widths (MiniLMv2: 48 for base-size teachers, 64 for large)", range=AT_LEAST_1)
+    relation_teacher_layer: int | None = _f(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
+    restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
+    projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
+    logit_chunk_rows: int = _f(0, f"run the vocabulary head over this many logit rows at a time, each chunk's gradient taken at once, so no [tokens, vocab] logits are held (the values are the whole head's); 0: auto (about 2^22 logits a chunk, at least a quarter of the head width in rows), -1: never chunk; applies when every logit term is a mean over rows ({term_list(k for k, spec in TERMS.items() if spec.row_mean)})", range=Range(-1))
+    # --- ELECTRA ---
+    generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
+    train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
+    generator_weight: float = _f(1.0, "weight of the generator's MLM loss when train_generator is on", range=NON_NEGATIVE)
+    # --- data ---
+    corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>], a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
+    block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included", range=Range(3))
+    data_mode: str = _f("pack", "pack (fixed blocks, no padding) or group (one paragraph per sequence, batched by length)")
+    cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)")
+    num_proc: int | str = _f(AUTO, "processes for tokenisation (datasets.map); auto: this process for small corpora "
+                                   "(its tokenizer threads use the cores), one per usable core for large ones",
+                             range=AT_LEAST_1, auto=True)
+    max_documents: int | None = _f(None, "use only the first N documents of the corpus (quick runs)", range=AT_LEAST_1)
+    mlm_probability: float = _f(0.15, "fraction of tokens that are prediction targets", range=Range(0, 1, low_open=True))
+    mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing",
+                               range=UNIT)
+    # --- optimisation (defaults: the DistilBERT recipe) ---
+    # no upper bound: a divergent rate is how the non-finite-loss guard is exercised
+    learning_rate: float = _f(5e-4, "peak AdamW learning rate", range=Range(0, 1, low_open=True))
+    adam_beta1: float = _f(0.9, "AdamW beta1", range=Range(0, 1, high_open=True))
+    adam_beta2: float = _f(0.98, "AdamW beta2", range=Range(0, 1, high_open=True))
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon", range=Range(0, 1, low_open=True))
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)", range=UNIT)
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up, then linear decay to 0", range=UNIT)
+    max_grad_norm: float = _f(5.0, "gradient-norm clip (0 disables)", range=NON_NEGATIVE)
+    per_device_batch_size: int = _f(32, "sequences per GPU per micro-step", range=AT_LEAST_1)
+    gradient_accumulation_steps: int = _f(1, "micro-steps per optimiser step", range=AT_LEAST_1)
+    num_epochs: float = _f(3.0, "passes over the corpus", range=POSITIVE)
+    max_steps: int = _f(-1, "stop after this many optimiser steps (overrides num_epochs when > 0)", range=Range(-1))
+    seed: int = _f(56, "seed of data order, masking and initialisation", range=Range(0, 2**32 - 1))
+    # --- precision ---
+    precision: str = _f(AUTO, "auto, fp32, bf16 or fp16; auto: bf16 on a CPU with avx512_bf16/amx_bf16 or a GPU with "
+                              "native bf16, fp16 (fp16_opt_level) on an older GPU, fp32 on other CPUs")
+    fp16_opt_level: str = _f("O2", "apex-style opt level for fp16: O1 (autocast), O2 (fp16 weights, fp32 norms and master weights) or O3 (pure fp16, needs force_o3)")
+    force_o3: bool = _f(False, "allow fp16 O3 (pure fp16; it does not train well)")
+    amp_backend: str = _f("native", "native (torch.amp) or apex (only if NVIDIA apex with apex.amp is importable)")
+    # --- run ---
+    output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go")
+    overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)", range=NON_NEGATIVE)
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints", range=AT_LEAST_1)
+    logging_steps: int = _f(10, "log every N optimiser steps", range=AT_LEAST_1)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
+    threads: int | str = _f(AUTO, "torch CPU threads; auto: the cores this process may use (its CPU affinity mask, "
+                                  "capped by OMP_NUM_THREADS when set)", range=AT_LEAST_1, auto=True)
+    progress: bool = _f(True, "draw a progress bar")
+    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train", range=NON_NEGATIVE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+HINTS = typing.get_type_hints(DistillConfig)
+
+
+def _parse_value(name: str, raw: Any):
+    """A recipe-file value or a command-line string as the field's type (one conversion for both)."""
+    if FIELDS[name].metadata["auto"] and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
+    return coerce(name, HINTS[name], raw)
+
+
+def _type_text(f) -> str:
+    return "int or \"auto\"" if f.metadata["auto"] else str(f.type)
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Every field's type and declared range, and the checks that need no model: one UsageError line."""
+    for name, f in FIELDS.items():
+        value, ftype = getattr(cfg, name), str(f.type)
+        if value is None:
+            if "None" not in ftype:
+                raise UsageError(f"{name} may not be null")
+            continue
+        if f.metadata["auto"] and value == AUTO:
+            continue
+        base = ftype.split("[")[0].split(" |")[0]
+        expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}[base]
+        if base in ("int", "float") and isinstance(value, bool) or not isinstance(value, expected):
+            raise UsageError(f"{name}={value!r} should be {_type_text(f)}")
+    _check_ranges(cfg)
+    if cfg.data_mode not in ("pack", "group"):
+        raise UsageError(f"data_mode={cfg.data_mode!r}: choose pack or group")
+    for name in ("student_layers",):
+        value = getattr(cfg, name)
+        if value is not None and not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise UsageError(f"{name}={value!r} must be whole layer numbers, e.g. [1, 5, 8, 12]")
+    if cfg.layer_map is not None:
+        parse_layer_map(cfg.layer_map)  # the shape here; the layer counts once the models' configs are read
+
+
+def _check_ranges(cfg: DistillConfig) -> None:
+    """Every numeric field against its declared Range, and the loss weights: NaN, inf and out-of-range values
+    stop the run here, before anything is loaded or written, instead of as a traceback mid-run."""
+    for name, f in FIELDS.items():
+        allowed, value = f.metadata["range"], getattr(cfg, name)
+        if allowed is None or value is None or value == AUTO:
+            continue
+        if value not in allowed:
+            auto = ' or "auto"' if f.metadata["auto"] else ""
+            raise UsageError(f"{name}={value!r} is out of range: it must be a finite number in {allowed}{auto}")
+    for term, weight in (cfg.weights or {}).items():
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight not in NON_NEGATIVE:
+            raise UsageError(f"weights[{term!r}]={weight!r} is out of range: a loss weight must be a finite number "
+                             f"in {NON_NEGATIVE} (0 turns the term off)")
+
+
+def load_config_file(path: str) -> dict:
+    data = read_json_object(path, "config file", "give a recipe such as student_configs/demo_minilm_3l.json")
+    unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("_"))
+    if unknown:
+        raise UsageError(f"config file {path!r} has unknown field(s) {', '.join(unknown)}: see distill-train --help for the fields")
+    return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document recipes
+
+
+class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog as written, and each field's default after its help."""
+
+
+def build_parser() -> DataclassParser:
+    """distill-train's flags: one per DistillConfig field (the same convention as glue-eval's), plus --config."""
+    p = DataclassParser(
+        DistillConfig,
+        prog="distill-train",
+        description="Distil a student from a teacher. With no arguments: the offline demo (MiniLM teacher, "
+                    "Wikipedia extract, 3-layer student, cos + hid_mse + att_mse).",
+        epilog="Every field can be set in the --config JSON (same names) and overridden here.\n"
+               "examples:\n"
+               "  distill-train                                      # the offline demo\n"
+               "  distill-train --config student_configs/bert_4l_1-5-8-12.json --output_dir runs/bert4l\n"
+               "  torchrun --nproc_per_node 4 --no-python distill-train --config student_configs/bert_4l_1-5-8-12.json\n",
+        formatter_class=_HelpFormat,
+    )
+    for action in p._actions:  # the allowed values, as the checks will hold them, after each field's help
+        f = FIELDS.get(action.dest)
+        if f is not None and f.metadata.get("range") is not None:
+            action.help += f"; allowed: {f.metadata['range']}" + (' or "auto"' if f.metadata["auto"] else "")
+    p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")
+    return p
+
+
+# What `distill-train` runs with no --config: the offline demo (student_configs/demo_minilm_3l.json is
+# the same recipe as a file; a test keeps the two equal). Minutes on 2 CPU cores.
+DEMO_RECIPE = {
+    "teacher": DEMO_TEACHER, "student_layers": [2, 4, 6], "weights": dict(REPRESENTATION_WEIGHTS),
+    "corpus": DEMO_CORPUS, "block_size": 128, "data_mode": "pack", "learning_rate": 1e-4, "warmup_ratio": 0.05,
+    "per_device_batch_size": 16, "gradient_accumulation_steps": 1, "num_epochs": 1, "precision": "auto",
+    "save_steps": 200, "logging_steps": 10, "output_dir": "runs/demo-minilm-3l",
+}
+
+
+def parse_config(argv=None) -> DistillConfig:
+    """Defaults <- --config JSON (or the demo recipe when there is none) <- command-line overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--student")  # the same spellings the full parser takes
+    pre.add_argument("--student_num_layers", "--student-num-layers")
+    known, _ = pre.parse_known_args(argv)
+    values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
+    if not known.config and (known.student is not None or known.student_num_layers is not None):
+        # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
+        # the demo's own layer selection was not asked for
+        values.pop("student_layers")
+    parser = build_parser()
+    parser.set_defaults(**values)  # a file's values stand in for the defaults; flags given override them
+    ns = parser.parse_args(argv)
+    return make_config({name: getattr(ns, name) for name in FIELDS})
+
+
+def make_config(values: dict) -> DistillConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"unknown field(s) {', '.join(unknown)}")
+    cfg = DistillConfig(**{k: _parse_value(k, v) for k, v in values.items()})
+    if isinstance(cfg.weights, dict):
+        cfg.weights = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                       for k, v in cfg.weights.items()}
+    if isinstance(cfg.temperature, int):
+        cfg.temperature = float(cfg.temperature)
+    check_config(cfg)
+    return cfg
