@@ -62,13 +62,13 @@ def test_the_card_and_the_log_line_name_the_temperature_for_exactly_the_temperat
 
 def test_a_malformed_entry_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="feature 'logit'"):
-        TermSpec("x", "logit", losses.hidden_mse, "doc", logits_at=terms.REAL)
+        TermSpec("x", "logit", terms.masked(losses.hidden_mse), "doc", logits_at=terms.REAL)
     with pytest.raises(ValueError, match="needs layers"):
-        TermSpec("x", "hidden", losses.hidden_mse, "doc")
+        TermSpec("x", "hidden", terms.masked(losses.hidden_mse), "doc")
     with pytest.raises(ValueError, match="width projection"):
-        TermSpec("x", "attentions", losses.attention_mse, "doc", layers="map", projects=True)
+        TermSpec("x", "attentions", terms.masked(losses.attention_mse), "doc", layers="map", projects=True)
     with pytest.raises(ValueError, match="already registered"):
-        terms.register(TermSpec("cos", "hidden", losses.cosine_loss, "doc", layers="last"))
+        terms.register(TermSpec("cos", "hidden", terms.masked(losses.cosine_loss), "doc", layers="last"))
     with pytest.raises(TypeError, match="no field"):
         terms.select(temprature=True)
 
@@ -227,8 +227,8 @@ class HiddenL1:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, student_hidden, teacher_hidden, mask):
-        keep = mask.bool()
+    def __call__(self, student_hidden, teacher_hidden, ctx):
+        keep = ctx.mask
         value = (student_hidden[keep].float() - teacher_hidden[keep].float()).abs().mean()
         self.calls.append((float(value.detach()), tuple(student_hidden.shape), tuple(teacher_hidden.shape)))
         return value

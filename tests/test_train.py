@@ -124,9 +124,9 @@ def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, c
     # A registered term that turns NaN at its 7th call (step 7): every input is in range, the loss is not.
     calls = []
 
-    def poisoned(student, teacher, mask):
+    def poisoned(student, teacher, ctx):
         calls.append(1)
-        value = losses.hidden_mse(student, teacher, mask)
+        value = losses.hidden_mse(student, teacher, ctx.mask)
         return value * float("nan") if len(calls) > 6 else value
 
     terms.register(terms.TermSpec("poisoned_mse", "hidden", poisoned, "hid_mse that turns NaN at step 7",

@@ -66,6 +66,7 @@ from distill.objective.terms import (
     SEQUENCE,
     SOFT,
     TERMS,
+    TermContext,
     TermSpec,
     check_weights,
     format_weights,
@@ -464,8 +465,8 @@ class Objective(nn.Module):
             return (rows.stop - rows.start) / max(n, 1)
 
         def chunk_loss(rows: slice, zs: Tensor):
-            zt_rows, view = teacher_rows(rows), _RowsView(self, targets, rows)
-            shares = [TERMS[name].loss(view, zs, zt_rows if TERMS[name].teacher else None, batch) * share(name, rows)
+            zt_rows, ctx = teacher_rows(rows), self.context(batch, lambda key: targets.get(key)[rows])
+            shares = [TERMS[name].loss(zs, zt_rows if TERMS[name].teacher else None, ctx) * share(name, rows)
                       for name in names]
             value = sum(w * v for w, v in zip(weights, shares))
             return value, torch.stack([v.detach() for v in shares])
@@ -473,7 +474,7 @@ class Objective(nn.Module):
         def chunk_grad(rows: slice, zs: Tensor, scale: float):
             """The chunk's value, parts and ``scale * d value / d zs``: each term's ``logit_grad``, adding its
             share into one gradient; autograd for a term without one."""
-            zt_rows, view = teacher_rows(rows), _RowsView(self, targets, rows)
+            zt_rows, ctx = teacher_rows(rows), self.context(batch, lambda key: targets.get(key)[rows])
             shares, grad, by_autograd = {}, None, []
             # the terms over every row first: the first writes the gradient, a term over some rows adds to it
             for name, weight in sorted(zip(names, weights), key=lambda nw: TERMS[nw[0]].row_mean != "rows"):
@@ -481,13 +482,13 @@ class Objective(nn.Module):
                 if spec.logit_grad is None:
                     by_autograd.append((name, weight, fraction))
                     continue
-                value, grad = spec.logit_grad(view, zs, zt_rows if spec.teacher else None, batch,
+                value, grad = spec.logit_grad(zs, zt_rows if spec.teacher else None, ctx,
                                               fraction * (weight * scale), grad)
                 shares[name] = value * fraction
             if by_autograd:
                 with torch.enable_grad():
                     z = zs.detach().requires_grad_(True)
-                    values = {name: TERMS[name].loss(view, z, zt_rows if TERMS[name].teacher else None, batch)
+                    values = {name: TERMS[name].loss(z, zt_rows if TERMS[name].teacher else None, ctx)
                               * fraction for name, _, fraction in by_autograd}
                     attached = sum(weight * values[name] for name, weight, _ in by_autograd)
                     if attached.requires_grad:
@@ -500,32 +501,41 @@ class Objective(nn.Module):
         rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1], head.hidden.shape[-1])
         return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale, chunk_grad)
 
+    def context(self, batch: Mapping, labels=None) -> TermContext:
+        """The :class:`TermContext` every term of this objective is called with on ``batch``; ``labels``
+        (key -> labels at the logit rows) defaults to :meth:`targets`."""
+        return TermContext(batch=batch, mask=_batch_value(batch, "attention_mask").bool(),
+                           temperature=self.temperature, relation_heads=self.relation_heads,
+                           labels=labels or (lambda key: self.targets(batch, key)))
+
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
-        spec = TERMS[name]
+        """One term's value: ``spec.loss(student, teacher, ctx)`` on the logits, or on each layer pair
+        (mean over the pairs)."""
+        spec, ctx = TERMS[name], self.context(batch)
         if spec.feature == "logits":
             zs = self._logits(student, "student", batch, name)
             zt = self._logits(teacher, "teacher", batch, name) if spec.teacher else None
-            return spec.loss(self, zs, zt, batch)
-        mask = _batch_value(batch, "attention_mask").bool()
-        values = []
-        for s, t in self.layer_pairs[name]:
-            if spec.feature == "hidden":
-                hs = _feature(student, "hidden_states", "student", name)[hidden_index(s)]
-                ht = _feature(teacher, "hidden_states", "teacher", name)[hidden_index(t)]
-                values.append(spec.loss(self._project(name, hs, mask), ht, mask))
-            elif spec.feature == "attentions":
-                a_s = _feature(student, "attentions", "student", name)[attention_index(s)]
-                a_t = _feature(teacher, "attentions", "teacher", name)[attention_index(t)]
-                values.append(spec.loss(a_s, a_t, mask))
-            elif spec.feature == "values":
-                values.append(spec.loss(_value(student, s, "student", name), _value(teacher, t, "teacher", name), mask))
-            elif spec.feature == "qkv":
-                xs = _vectors(student, (s, spec.vectors), "student", name)
-                xt = _vectors(teacher, (t, spec.vectors), "teacher", name)
-                values.append(spec.loss(self, xs, xt, mask))
-            else:
-                raise AssertionError(f"term {name!r}: unknown feature {spec.feature!r}")
+            return spec.loss(zs, zt, ctx)
+        values = [spec.loss(*self._pair(name, spec, student, teacher, s, t, ctx.mask), ctx)
+                  for s, t in self.layer_pairs[name]]
         return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+    def _pair(self, name: str, spec: TermSpec, student: Features, teacher: Features, s: int, t: int,
+              mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The two tensors a layered term compares at student layer ``s`` and teacher layer ``t``."""
+        if spec.feature == "hidden":
+            hs = _feature(student, "hidden_states", "student", name)[hidden_index(s)]
+            ht = _feature(teacher, "hidden_states", "teacher", name)[hidden_index(t)]
+            return self._project(name, hs, mask), ht
+        if spec.feature == "attentions":
+            return (_feature(student, "attentions", "student", name)[attention_index(s)],
+                    _feature(teacher, "attentions", "teacher", name)[attention_index(t)])
+        if spec.feature == "values":
+            return _value(student, s, "student", name), _value(teacher, t, "teacher", name)
+        if spec.feature == "qkv":
+            return (_vectors(student, (s, spec.vectors), "student", name),
+                    _vectors(teacher, (t, spec.vectors), "teacher", name))
+        raise AssertionError(f"term {name!r}: unknown feature {spec.feature!r}")
 
     def _project(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
         if name not in self.projections:
@@ -568,19 +578,6 @@ class _Targets:
         if key not in self._cache:
             self._cache[key] = self._objective.targets(self._batch, key)
         return self._cache[key]
-
-
-class _RowsView:
-    """The objective as a logit term sees it for one chunk of rows: ``targets`` gives that chunk's labels."""
-
-    def __init__(self, objective: "Objective", targets: _Targets, rows: slice):
-        self._objective, self._targets, self._rows = objective, targets, rows
-
-    def targets(self, batch: Mapping, key: str) -> Tensor:
-        return self._targets.get(key)[self._rows]
-
-    def __getattr__(self, name: str):
-        return getattr(self._objective, name)
 
 
 # -----------------------------------------------------------------------------------------

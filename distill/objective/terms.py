@@ -8,16 +8,12 @@ help texts and the docs table (``python -m distill.objective.terms --markdown``)
 one loss function in :mod:`distill.objective.losses` plus one :func:`register` call here; nothing
 else changes.
 
-A term's ``loss`` is called as
-
-- ``loss(objective, student_logits, teacher_logits_or_None, batch)`` for ``feature="logits"``
-  (the objective gives ``objective.temperature`` and ``objective.targets(batch, key)``:
-  labels gathered at the student's logit rows);
-- ``loss(objective, student_x, teacher_x, mask)`` for ``feature="qkv"`` (MiniLMv2's
-  relations: ``objective.relation_heads``; one layer's query, key or value vectors
-  ``[B, S, width]``);
-- ``loss(student, teacher, mask)`` otherwise: one layer pair's tensors and the attention
-  mask ``[B, S]``, as every representation loss of :mod:`distill.objective.losses` takes them.
+Every term is called the same way: ``loss(student, teacher, ctx)``. ``student`` and
+``teacher`` are the two tensors it compares (one layer pair's hidden states, attention maps,
+value or query/key/value vectors, or the logit rows of its head; ``teacher`` is None for a
+term against labels only), and ``ctx`` is a :class:`TermContext`: the attention mask, the
+temperature, the relation heads and the labels lined up with the logit rows. A term with
+its own logit gradient takes ``logit_grad(student, teacher, ctx, scale, out)`` likewise.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from distill.common.errors import UsageError
 from distill.objective import losses
@@ -47,6 +43,33 @@ LAYERS = (None, "map", "last", "embeddings", "relation")
 VECTORS = ("query", "key", "value")  # a qkv term's projection (TermSpec.vectors)
 HEADS = frozenset({"mlm", "rtd"})  # model roles (distill.models.loading) that carry a prediction head
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """What a term may read besides the two tensors it compares: the same object for every term.
+
+    batch: the batch (``input_ids``, ``attention_mask``, labels).
+    mask: ``[B, S]`` bool, the real (non-padding) tokens.
+    temperature: the soft-target temperature T.
+    relation_heads: the relation heads of the MiniLMv2 terms.
+    labels: ``key -> labels`` lined up with the student's logit rows of this call (at token level the
+        ``[B, S]`` labels gathered at the head's positions, a chunk's rows in the chunked head; at
+        sequence level the ``[B]`` labels).
+    """
+
+    batch: Mapping
+    mask: "Tensor"
+    temperature: float
+    relation_heads: int
+    labels: Callable[[str], "Tensor"]
+
+    def targets(self, key: str) -> "Tensor":
+        """The labels ``batch[key]`` at this call's logit rows."""
+        return self.labels(key)
+
 
 @dataclass(frozen=True)
 class TermSpec:
@@ -56,7 +79,7 @@ class TermSpec:
     feature: what it compares: "logits", "hidden" (hidden states), "attentions"
         (probabilities), "values" (value vectors per head) or "qkv" (one layer's query,
         key or value projection output, all heads concatenated: ``vectors`` says which).
-    loss: the function (see the module docstring for its two call forms).
+    loss: the function, ``loss(student, teacher, ctx) -> scalar`` (see the module docstring).
     doc: what it is, one line (docs table, help texts).
     formula / over: its value and what it is averaged over (docs table).
     teacher: whether it reads the teacher at all (False: against labels only).
@@ -82,7 +105,7 @@ class TermSpec:
         (``"mlm_labels"``). Such terms run over a vocabulary head chunk by chunk, never holding
         ``[N, vocab]`` logits (``logit_chunk_rows``); None: the term needs all its rows at once.
     logit_grad: for a ``row_mean`` term, optionally its value with its gradient w.r.t. the student's
-        logits, without autograd: ``logit_grad(objective, zs, zt, batch, scale, out) -> (value, out +
+        logits, without autograd: ``logit_grad(zs, zt, ctx, scale, out) -> (value, out +
         scale * d value / d zs)`` on one chunk's rows (``out`` None: 0). The chunked head then makes no
         autograd graph over the chunk's logits (fewer passes over its largest tensors); a row-mean term
         without one is differentiated by autograd, chunk by chunk, as before.
@@ -239,52 +262,64 @@ def check_weights(weights, *, sequence_level: bool | None = None, what: str = "l
 # the entries
 
 
-def _ce(o, zs, zt, batch):
-    return losses.soft_cross_entropy(zs, zt, o.temperature)
+def _ce(zs, zt, c):
+    return losses.soft_cross_entropy(zs, zt, c.temperature)
 
 
-def _kl(o, zs, zt, batch):
-    return losses.kl_divergence(zs, zt, o.temperature)
+def _kl(zs, zt, c):
+    return losses.kl_divergence(zs, zt, c.temperature)
 
 
-def _out_mse(o, zs, zt, batch):
+def _out_mse(zs, zt, c):
     return losses.logits_mse(zs, zt)
 
 
-def _mlm(o, zs, zt, batch):
-    return losses.mlm_loss(zs, o.targets(batch, "mlm_labels"))
+def _mlm(zs, zt, c):
+    return losses.mlm_loss(zs, c.targets("mlm_labels"))
 
 
-def _ce_grad(o, zs, zt, batch, scale, out):
-    return losses.soft_cross_entropy_grad(zs, zt, o.temperature, scale, out)
+def _ce_grad(zs, zt, c, scale, out):
+    return losses.soft_cross_entropy_grad(zs, zt, c.temperature, scale, out)
 
 
-def _kl_grad(o, zs, zt, batch, scale, out):
-    return losses.kl_divergence_grad(zs, zt, o.temperature, scale, out)
+def _kl_grad(zs, zt, c, scale, out):
+    return losses.kl_divergence_grad(zs, zt, c.temperature, scale, out)
 
 
-def _out_mse_grad(o, zs, zt, batch, scale, out):
+def _out_mse_grad(zs, zt, c, scale, out):
     return losses.logits_mse_grad(zs, zt, scale, out)
 
 
-def _mlm_grad(o, zs, zt, batch, scale, out):
-    return losses.mlm_loss_grad(zs, o.targets(batch, "mlm_labels"), scale, out)
+def _mlm_grad(zs, zt, c, scale, out):
+    return losses.mlm_loss_grad(zs, c.targets("mlm_labels"), scale, out)
 
 
-def _hard_ce(o, zs, zt, batch):
-    return losses.hard_cross_entropy(zs, o.targets(batch, "labels"))
+def _hard_ce(zs, zt, c):
+    return losses.hard_cross_entropy(zs, c.targets("labels"))
 
 
-def _rtd(o, zs, zt, batch):
-    return losses.rtd_loss(zs, o.targets(batch, "replaced_labels"))
+def _rtd(zs, zt, c):
+    return losses.rtd_loss(zs, c.targets("replaced_labels"))
 
 
-def _rtd_kl(o, zs, zt, batch):
-    return losses.rtd_kl(zs, zt, o.temperature)
+def _rtd_kl(zs, zt, c):
+    return losses.rtd_kl(zs, zt, c.temperature)
 
 
-def _relation(o, xs, xt, mask):
-    return losses.relation_kl(xs, xt, mask, o.relation_heads)
+def _relation(xs, xt, c):
+    return losses.relation_kl(xs, xt, c.mask, c.relation_heads)
+
+
+def masked(loss: Callable) -> Callable:
+    """A representation loss ``loss(student, teacher, mask)`` of :mod:`distill.objective.losses` as a term:
+    ``(student, teacher, ctx)``, over the real tokens of ``ctx.mask``."""
+
+    def term(student, teacher, ctx: TermContext):
+        return loss(student, teacher, ctx.mask)
+
+    term.__name__ = term.__qualname__ = loss.__name__
+    term.__doc__ = loss.__doc__
+    return term
 
 
 _MLM = frozenset({"mlm"})
@@ -321,21 +356,21 @@ for _spec in (
              "`T² · [q_t log(q_t/q_s) + (1−q_t) log((1−q_t)/(1−q_s))]`", "real tokens", temperature=True,
              input=CORRUPTED_INPUT, logits_at=REAL, student_heads=_RTD, teacher_heads=_RTD, sequence_level=False,
              source="Hentschel et al."),
-    TermSpec("cos", "hidden", losses.cosine_loss, "cosine distance of the last hidden states (DistilBERT's `L_cos`)",
+    TermSpec("cos", "hidden", masked(losses.cosine_loss), "cosine distance of the last hidden states (DistilBERT's `L_cos`)",
              "`1 − cos(W h_s, h_t)`", "real tokens", layers="last", projects=True, source="DistilBERT"),
-    TermSpec("hid_mse", "hidden", losses.hidden_mse, "hidden-state MSE",
+    TermSpec("hid_mse", "hidden", masked(losses.hidden_mse), "hidden-state MSE",
              "`(W h_s − h_t)²`", "real tokens and hidden features; mean over the layer-map pairs",
              layers="map", projects=True, source="TinyBERT"),
-    TermSpec("emb_mse", "hidden", losses.hidden_mse, "embedding-output MSE",
+    TermSpec("emb_mse", "hidden", masked(losses.hidden_mse), "embedding-output MSE",
              "as `hid_mse`, at layer 0 ↔ 0", "real tokens and features", layers="embeddings", projects=True,
              source="TinyBERT"),
-    TermSpec("att_mse", "attentions", losses.attention_mse, "attention-map MSE, on probabilities",
+    TermSpec("att_mse", "attentions", masked(losses.attention_mse), "attention-map MSE, on probabilities",
              "`(a_s − a_t)²`", "entries whose query **and** key are real tokens, all heads; mean over the "
              "layer-map pairs", layers="map", source="TinyBERT"),
-    TermSpec("att_kl", "attentions", losses.attention_kl, "attention-map KL",
+    TermSpec("att_kl", "attentions", masked(losses.attention_kl), "attention-map KL",
              "`Σ_key a_t log(a_t / a_s)` per query row", "real query rows and heads; mean over the layer-map pairs",
              layers="map", source="MiniLM"),
-    TermSpec("val_kl", "values", losses.value_relation_kl, "value-relation KL",
+    TermSpec("val_kl", "values", masked(losses.value_relation_kl), "value-relation KL",
              "KL between `softmax(V Vᵀ / √d)` of teacher and student, per head and query row, over real keys "
              "(`d` = each model's head size)", "real query rows and heads; last layers", layers="last",
              source="MiniLM"),
