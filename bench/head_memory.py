@@ -1,10 +1,10 @@
 """Peak memory of one DistilBERT distillation step with the vocabulary head chunked (the default) and whole.
 
-    python bench/head_memory.py                  # batch 8 x 128, BERT-base teacher, 1,5,8,12 student, fp32
-    python bench/head_memory.py --batch 16
+    python -m bench.head_memory                  # batch 8 x 128, BERT-base teacher, 1,5,8,12 student, fp32
+    python -m bench.head_memory --batch 16
 
 Each variant runs in a fresh process (one warm-up step, then the measured one), ``ce`` over every real token:
-the step of ``bench/peers.py``'s ``ours_full``. The figure is the rise of the process's resident set
+the step of ``bench.peers``' ``ours_full``. The figure is the rise of the process's resident set
 (VmHWM, reset before the step) above what it held before, with glibc's trim and mmap thresholds fixed at
 64 KiB so that freed memory is returned and the rise is the step's peak of live memory. Linux only.
 """
@@ -23,10 +23,10 @@ VARIANTS = {"chunked (logit_chunk_rows 0, auto)": 0, "whole head (logit_chunk_ro
 
 
 def child(rows: int, batch_size: int) -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    import peers
     import torch
-    from speed import make_batch
+
+    from bench import peers
+    from bench.common import make_batch
 
     torch.set_num_threads(1)
     teacher, student = peers.agnostic_models(torch.device("cpu"))
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
     for name, rows in VARIANTS.items():
-        done = subprocess.run([sys.executable, __file__, "--_child", str(rows), "--batch", str(args.batch)],
-                              env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", "bench.head_memory", "--_child", str(rows), "--batch",
+                               str(args.batch)], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
         peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rise_mb"]
         print(f"{name}: {peaks[name]:.0f} MB")
     chunked, whole = peaks.values()

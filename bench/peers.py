@@ -3,9 +3,9 @@
 Run from the repository root, in an environment that holds the peers (see
 ``bench/requirements-peers.txt``; neither peer is a dependency of the toolkit)::
 
-    python bench/peers.py --quick                 # < 15 min on a 2-core CPU
-    python bench/peers.py                         # batch 8 for part 1, more rounds
-    python bench/peers.py --only textbrewer       # part 1 only (torchdistill not installed)
+    python -m bench.peers --quick                 # < 15 min on a 2-core CPU
+    python -m bench.peers                         # batch 8 for part 1, more rounds
+    python -m bench.peers --only textbrewer       # part 1 only (torchdistill not installed)
 
 Two comparisons, each on one torch build, both sides in the same process, same threads,
 same precision (fp32), same weights:
@@ -61,23 +61,13 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(ROOT), str(ROOT / "bench")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import torch  # noqa: E402
-
-# Timing, batches, /proc readings and the machine record, shared with the speed report.
-from speed import (  # noqa: E402
+# Timing, batches, /proc readings and the machine record, shared with the other benches.
+from bench.common import (
+    ROOT,
     Clock,
-    _vm_kb,
     command_line,
     interleaved,
     machine,
@@ -86,22 +76,23 @@ from speed import (  # noqa: E402
     set_threads,
     summary,
     teacher_config,
+    vm_kb,
 )
 
 # "Ours": the toolkit's public pieces, imported here only, so they can be re-pointed in one place.
-from distill.common.errors import UsageError, quiet_library_progress  # noqa: E402
-from distill.common.io import atomic_write_json, atomic_write_text  # noqa: E402
-from distill.models.loading import extract  # noqa: E402
-from distill.models.student import build_student  # noqa: E402
-from distill.objective.plan import Objective  # noqa: E402
-from distill.train.precision import Precision  # noqa: E402
-from glue_eval.distillation import (  # noqa: E402
+from distill.common.errors import UsageError, quiet_library_progress
+from distill.common.io import atomic_write_json, atomic_write_text
+from distill.models.loading import extract
+from distill.models.student import build_student
+from distill.objective.plan import Objective
+from distill.train.precision import Precision
+from glue_eval.distillation import (
     load_checked_teacher,
     needs_attention,
     stage_objectives,
 )
-from glue_eval.teacher_cache import TeacherCache, plan_for  # noqa: E402
-from glue_eval.trainer import DistillationTrainer, teacher_autocast  # noqa: E402
+from glue_eval.teacher_cache import TeacherCache, plan_for
+from glue_eval.trainer import DistillationTrainer, teacher_autocast
 
 SEQ = 128
 AGNOSTIC_WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
@@ -197,7 +188,7 @@ class PeakMemory:
         if not self.cpu_resettable:
             return float("nan")
         self._reset_hwm()
-        return _vm_kb("VmRSS") * 1024.0
+        return vm_kb("VmRSS") * 1024.0
 
     def stop(self, base: float) -> float:
         """Bytes above ``base`` at the peak since :meth:`start`."""
@@ -206,7 +197,7 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) - base
         if not self.cpu_resettable:
             return float("nan")
-        return _vm_kb("VmHWM") * 1024.0 - base
+        return vm_kb("VmHWM") * 1024.0 - base
 
 
 # --------------------------------------------------------------------------------------- 1. TextBrewer
@@ -881,7 +872,7 @@ def report_markdown(report: dict) -> str:
                       f"(`ours_full`, the default) is {res['chunked_head_speedup']:.2f}x its speed (median of the "
                       f"within-round ratios), at a peak of {chunked['peak_memory_mb']} MB against "
                       f"{whole['peak_memory_mb']} MB (resident-set peaks of the timed rounds, allocator as it is; "
-                      "`python bench/head_memory.py` measures each variant alone in a fresh process)."]
+                      "`python -m bench.head_memory` measures each variant alone in a fresh process)."]
         cache = res.get("teacher_cache")
         if cache:
             lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
@@ -949,7 +940,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="textbrewer,torchdistill", help="comma list of textbrewer, torchdistill")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison")
     p.add_argument("--threads", default="auto", help="torch CPU threads: a number, or auto (default): torch's own "
-                   "on an idle machine, 1 when the load average says other processes hold the cores (as speed.py)")
+                   "on an idle machine, 1 when the load average says other processes hold the cores (as bench.speed)")
     p.add_argument("--profile", action="store_true", help="also a torch.profiler table of one step of each side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "docs" / "peers"), help="writes OUT.json and OUT.md")
@@ -973,7 +964,7 @@ def main(argv=None) -> int:
     log(f"torch threads: {torch.get_num_threads()} ({threads_choice})")
     device = torch.device(args.device)
     clock = Clock(device)
-    report = {"command": command_line("bench/peers.py", sys.argv[1:] if argv is None else list(argv)),
+    report = {"command": command_line("bench.peers", sys.argv[1:] if argv is None else list(argv)),
               "quick": args.quick, "smoke": args.smoke, "shape": shape or "BERT-base width (768)",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "device": str(device),

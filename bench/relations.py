@@ -1,14 +1,14 @@
 """MiniLMv2's relation terms: the engine's relation loss against the same formula composed of autograd operations.
 
-    python bench/relations.py                   # the study's shapes: 6 x 384 teacher, 3-layer student, 16 x 128
-    python bench/relations.py --quick           # 3 rounds
-    python bench/relations.py --precision fp32  # default: auto (distill-train's choice for this machine)
+    python -m bench.relations                   # the study's shapes: 6 x 384 teacher, 3-layer student, 16 x 128
+    python -m bench.relations --quick           # 3 rounds
+    python -m bench.relations --precision fp32  # default: auto (distill-train's choice for this machine)
 
 ``distill.objective.losses.relation_kl`` computes the loss and the student's gradient in one pass of tensor operations
 (``losses._RelationKL``): autograd keeps none of the ``[B, relation_heads, S, S]`` maps. ``composed`` is the
 same formula written as autograd operations, swapped in for ``_RelationKL`` only (the inputs are prepared as the
 engine prepares them), so the ratio is the one-pass computation's alone; the engine's implementation before it
-also masked and gathered on packed batches, so its step was slower than ``composed`` (``bench/study.py
+also masked and gathered on packed batches, so its step was slower than ``composed`` (``python -m bench.study
 --remeasure_distill`` compares a whole run's speed with the run's own). Both are timed in interleaved rounds on (1) the loss alone, forward and backward, for the query, key
 and value vectors of one layer pair, and (2) one whole distillation step of ``qq_rel + kk_rel + vv_rel``
 (teacher forward, student forward, loss, backward, grad-norm clip, fused AdamW step), as the study's relations row
@@ -22,30 +22,22 @@ import argparse
 import math
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from speed import (  # noqa: E402
+from bench.common import (
     Clock,
     command_line,
     interleaved,
     log,
     machine,
-    two_way_ending,
-    two_way_flags,
-    two_way_setup,
-    two_way_step,
 )
-
-from distill.models.student import build_student  # noqa: E402
-from distill.objective import losses  # noqa: E402
-from distill.objective.plan import Objective  # noqa: E402
-from distill.train.loop import StudentStep  # noqa: E402
+from bench.two_way import two_way_ending, two_way_flags, two_way_setup, two_way_step
+from distill.models.student import build_student
+from distill.objective import losses
+from distill.objective.plan import Objective
+from distill.train.loop import StudentStep
 
 WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
 LAYERS = [2, 4, 6]
@@ -134,7 +126,7 @@ def main(argv=None) -> int:
     step_runs = interleaved({"composed": step("composed"), "fused": step("fused")}, repeats, 1, clock)
     tokens = args.batch * args.seq
     report = {
-        "command": command_line("bench/relations.py", sys.argv[1:] if argv is None else list(argv)),
+        "command": command_line("bench.relations", sys.argv[1:] if argv is None else list(argv)),
         "machine": machine(), "threads": torch.get_num_threads(), "threads_why": threads_why,
         "precision": precision_name,
         "setup": {"batch": args.batch, "seq": args.seq, "width": args.width, "relation_heads": args.relation_heads,

@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python bench/speed.py --quick                       # < 5 min on a 2-core CPU
-    python bench/speed.py --out docs/speed.json         # the full report (~15 min there)
-    python bench/speed.py --smoke                       # every code path on tiny models, seconds
+    python -m bench.speed --quick                       # < 5 min on a 2-core CPU
+    python -m bench.speed --out docs/speed.json         # the full report (~15 min there)
+    python -m bench.speed --smoke                       # every code path on tiny models, seconds
 
 Four measurements, each a median of repeated runs. The compared variants run
 interleaved, one round after another (A B C, C B A, ...), so load from other
@@ -74,7 +74,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -83,21 +82,30 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench.common import (
+    ROOT,
+    SEQ,
+    SHAPE,
+    Clock,
+    command_line,
+    interleaved,
+    log,
+    machine,
+    make_batch,
+    paired_ratio,
+    set_threads,
+    summary,
+    teacher_config,
+    vm_kb,
+    write_json,
+)
 
 WEIGHTS = {"ce": 5.0, "mlm": 2.0, "cos": 1.0}
 TEMPERATURE = 2.0
-SEQ = 128
 STUDENT_LAYERS = [1, 5, 8, 12]
 STUDENT6_LAYERS = [2, 4, 6, 8, 10, 12]
 RATIO_NAMES = ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
@@ -119,209 +127,12 @@ FULL = dict(batch=8, repeats=5, warmup=0, precisions_cpu=("fp32", "bf16"), extra
 CUDA_PRECISIONS = ("fp32", "bf16", "fp16 O1", "fp16 O2")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------- timing
-
-
-class Clock:
-    """Wall time of a callable, synchronising the device first and last."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
-
-    def __call__(self, fn) -> tuple[float, float, dict | None]:
-        """(wall seconds, process CPU seconds, the phase times ``fn`` returned, if any)."""
-        t0, c0 = self.now(), time.process_time()
-        phases = fn()
-        return self.now() - t0, time.process_time() - c0, phases
-
-
-def interleaved(variants: dict, repeats: int, warmup: int, clock: Clock) -> dict[str, list[tuple]]:
-    """One untimed run of the first variant and ``warmup`` untimed rounds of all, then ``repeats``
-    timed rounds, each running every variant once, in reversed order every other round
-    (A B C, C B A, ...) so slow drifts in the load hit all variants alike. Returns clock()
-    results per variant, in round order."""
-    next(iter(variants.values()))()
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    runs = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            runs[name].append(clock(variants[name]))
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1][0]:.2f}s" for n in names))
-    return runs
-
-
-def paired_ratio(runs: dict, num: str, den: str) -> dict:
-    """``num / den`` as the median over rounds of the within-round ratio (the two ran back to back,
-    so load that changes between rounds cancels), with the ratio of the medians beside it."""
-    per_round = [a[0] / b[0] for a, b in zip(runs[num], runs[den])]
-    med = statistics.median(r[0] for r in runs[num]) / statistics.median(r[0] for r in runs[den])
-    cpu = statistics.median(r[1] for r in runs[num]) / max(statistics.median(r[1] for r in runs[den]), 1e-12)
-    return {"value": statistics.median(per_round), "ratio_of_medians": med, "cpu_time_ratio_of_medians": cpu,
-            "per_round": [round(x, 3) for x in per_round]}
-
-
-def summary(runs: list, tokens: int | None = None) -> dict:
-    """Median (the figure), min, max and every run's wall time; CPU time and phases when recorded."""
-    walls = [r[0] if isinstance(r, tuple) else r for r in runs]
-    med = statistics.median(walls)
-    out = {"median_s": med, "min_s": min(walls), "max_s": max(walls), "runs_s": [round(x, 4) for x in walls]}
-    if runs and isinstance(runs[0], tuple):
-        out["cpu_median_s"] = statistics.median(r[1] for r in runs)
-        if runs[0][2]:
-            out["phases_median_s"] = {k: statistics.median(r[2][k] for r in runs) for k in runs[0][2]}
-    if tokens is not None:
-        out["tokens"] = tokens
-        out["tokens_per_s"] = tokens / med
-    return out
-
-
-# --------------------------------------------------------------------------------------- machine
-
-
-def machine() -> dict:
-    """Versions, and the machine as distill.common.hardware reads it (CPU model, speed flags, cores, GPUs)."""
-    from distill import __version__
-    from distill.common.hardware import describe_machine, machine_description
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    try:
-        import datasets
-        import tokenizers
-        import transformers
-
-        info.update(transformers=transformers.__version__, datasets=datasets.__version__,
-                    tokenizers=tokenizers.__version__)
-    except ImportError:
-        pass
-    info["distill"] = __version__
-    info.update(machine_description())
-    info["description"] = describe_machine(info)
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-    try:
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
 # --------------------------------------------------------------------------------------- 1. distillation step
 
 
-# BERT-base. --smoke shrinks the width (not the layer count: students take layers 1,5,8,12) to check
-# every code path, fp16 O1/O2 included (allowed on a CPU for that), in seconds.
-SHAPE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
+# --smoke shrinks bench.common's SHAPE (BERT-base) to this width, in place (not the layer count: students take
+# layers 1,5,8,12), to check every code path, fp16 O1/O2 included (allowed on a CPU for that), in seconds.
 SMOKE = {"shape": dict(hidden_size=32, num_attention_heads=2, intermediate_size=64), "allow_cpu_fp16": False}
-
-
-def command_line(script: str, argv: list[str]) -> str:
-    """A bench's command as run, for its report: ``python SCRIPT`` and the arguments as given, ``--out`` relative to
-    the repository when it lies inside it, else by its name alone (no directory of the machine it ran on goes into
-    a committed report; such a command reruns from the folder that should hold the file)."""
-    import shlex
-
-    words, out_next = ["python", script], False
-    for word in argv:
-        flag, eq, value = word.partition("=")
-        if out_next or (flag == "--out" and eq):
-            path = Path(word if out_next else value).resolve()
-            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-            word = shown if out_next else f"--out={shown}"
-        out_next = word == "--out"
-        words.append(word)
-    return " ".join(shlex.quote(w) for w in words)
-
-
-def two_way_flags(parser, precision: str) -> None:
-    """The flags the two-way benches share (relations.py, logit_grad.py); :func:`two_way_setup` reads them."""
-    parser.add_argument("--precision", default=precision, help="fp32, bf16 or auto (distill-train's choice here)")
-    parser.add_argument("--threads", default="auto", help="torch CPU threads: a number or auto (bench/speed.py's rule)")
-    parser.add_argument("--out", help="write the results as JSON here")
-
-
-def two_way_setup(parser, args):
-    """``(why this thread count, device, precision name, Precision)`` from :func:`two_way_flags`' flags."""
-    from distill.common.hardware import auto_precision_here
-    from distill.train.precision import Precision
-
-    threads_why = set_threads(args.threads)
-    device = torch.device("cpu")
-    name = auto_precision_here("cpu")[0] if args.precision == "auto" else args.precision
-    if name not in ("fp32", "bf16"):
-        parser.error(f"--precision {args.precision!r}: this CPU bench runs fp32 or bf16 (or auto)")
-    return threads_why, device, name, Precision.from_config(name, device=device)
-
-
-def two_way_step(engine, prec, optimizer, batch: dict, way):
-    """One timed distillation step for the two-way benches: ``engine`` (distill-train's ``StudentStep``) under
-    ``way()`` (the context that selects one way) and the precision's autocast, then backward, clip at 5, step."""
-    def run():
-        with way(), prec.autocast():
-            loss = engine(batch)[0]
-        prec.backward(loss)
-        prec.step(optimizer, max_grad_norm=5.0)
-    return run
-
-
-def two_way_ending(report: dict, parts: dict, before: str, after: str, tokens: int, out: str | None,
-                   figures: dict[str, str], difference: tuple[str, float]) -> None:
-    """The common ending of the benches that time one way against another (relations.py, logit_grad.py): each
-    part's summaries (tokens/s for the ``"step"`` part) and its ``before / after`` ratio under ``figures[part]``
-    into ``report``, the JSON written atomically to ``out``, then one ``name: value`` line per figure."""
-    from distill.common.io import atomic_write_json
-
-    for part, runs in parts.items():
-        report[part] = {name: summary(r, tokens if part == "step" else None) for name, r in runs.items()}
-        report[figures[part]] = paired_ratio(runs, before, after)
-    if out:
-        atomic_write_json(out, report)
-    print(f"{difference[0]}: {difference[1]:.2e}")
-    for part in parts:
-        print(f"{figures[part]}: {report[figures[part]]['value']:.2f}")
-    for name in (before, after):
-        print(f"step_tokens_per_s_{name}: {report['step'][name]['tokens_per_s']:.0f}")
-
-
-def teacher_config(**overrides):
-    from transformers import BertConfig
-
-    config = BertConfig(vocab_size=30522, num_hidden_layers=12, max_position_embeddings=512,
-                        **{**SHAPE, **overrides})
-    config.architectures = ["BertForMaskedLM"]
-    return config
-
-
-def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
-    """Packed blocks ``[CLS] ... [SEP]`` (no padding) masked DistilBERT's way by ``distill.data.masking``."""
-    from distill.data.masking import mask_tokens, masking_weights
-
-    g = torch.Generator().manual_seed(seed)
-    # Zipf-like token frequencies, so the count^-0.7 weights are not uniform
-    ranks = torch.arange(1, vocab - 999 + 1, dtype=torch.float64)
-    probs = (1.0 / ranks) / (1.0 / ranks).sum()
-    ids = 999 + torch.multinomial(probs, batch * SEQ, replacement=True, generator=g).view(batch, SEQ)
-    ids[:, 0], ids[:, -1] = 101, 102
-    mask = torch.ones_like(ids)
-    counts = torch.bincount(ids.flatten(), minlength=vocab)
-    weights = masking_weights(counts, special_ids=[0, 100, 101, 102, 103])
-    masked, labels = mask_tokens(ids, mask, weights, 103, vocab, g)
-    return {"input_ids": masked, "attention_mask": mask, "mlm_labels": labels}
 
 
 def plain_loss(student, teacher, batch: dict, restrict_ce_to_mask: bool):
@@ -632,14 +443,6 @@ def profile_engine(cfg: dict, device: torch.device, precision: str = "fp32", var
 # --------------------------------------------------------------------------------------- 2. data preparation
 
 
-def _vm_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
@@ -676,7 +479,7 @@ def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None
     import gc
 
     gc.collect()
-    base_rss = _vm_kb("VmRSS")
+    base_rss = vm_kb("VmRSS")
     resettable = _reset_peak()
     t0 = time.perf_counter()
     if kind in ("pipeline", "cached"):
@@ -708,7 +511,7 @@ def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None
         np.save(os.path.join(cache_dir, "blocks.npy"), out)
         num_blocks = n
     seconds = time.perf_counter() - t0
-    peak = _vm_kb("VmHWM")
+    peak = vm_kb("VmHWM")
     return {"kind": kind, "seconds": seconds, "tokens": int(tokens), "blocks": int(num_blocks),
             "tokens_per_s": tokens / seconds, "base_rss_mb": base_rss / 1024,
             "peak_above_base_mb": (peak - base_rss) / 1024 if resettable else None}
@@ -727,11 +530,11 @@ def _run_worker(kind: str, text_file: str, max_lines: int | None = None, paralle
         if parallelism is not None:
             env["TOKENIZERS_PARALLELISM"] = parallelism
     try:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--prep-worker", kind, "--text-file", text_file,
+        cmd = [sys.executable, "-m", "bench.speed", "--prep-worker", kind, "--text-file", text_file,
                "--cache-dir", cache]
         if max_lines is not None:
             cmd += ["--max-lines", str(max_lines)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"prep worker {kind} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -857,6 +660,44 @@ def bench_inference(cfg: dict, device: torch.device, clock: Clock) -> dict:
 # --------------------------------------------------------------------------------------- task-stage teacher cache
 
 
+def task_stage_models(device: torch.device):
+    """The task stage's random teacher (12 layers of ``SHAPE``) and 4-layer student, sequence classifiers, eager."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, num_hidden_layers=12, num_labels=2, **SHAPE)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(config).to(device).eval()
+    small = BertConfig(vocab_size=30522, num_hidden_layers=4, num_labels=2, **SHAPE)
+    small._attn_implementation = "eager"
+    return teacher, BertForSequenceClassification(small).to(device)
+
+
+def task_stage_collate(items: list[dict]) -> dict:
+    """Rows padded to the longest, as glue-eval's collator does, with the teacher cache's row keys."""
+    width = max(len(x["input_ids"]) for x in items)
+    pad = lambda key: torch.tensor([x[key] + [0] * (width - len(x[key])) for x in items])  # noqa: E731
+    out = {"input_ids": pad("input_ids"), "attention_mask": pad("attention_mask")}
+    out.update({k: torch.tensor([x[k] for x in items]) for k in ("row", "labelled", "label") if k in items[0]})
+    if "label" in out:
+        out["labels"] = out.pop("label")
+    return out
+
+
+def task_stage_data(n: int, batch: int, device: torch.device):
+    """``(dataset, its batches on device, lengths)``: ``n`` labelled examples of 64..128 random tokens."""
+    import datasets
+
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(64, SEQ + 1, (n,), generator=g).tolist()
+    rows = {"input_ids": [[101] + torch.randint(999, 30522, (k - 2,), generator=g).tolist() + [102] for k in lengths]}
+    rows.update(attention_mask=[[1] * k for k in lengths], label=[i % 2 for i in range(n)], row=list(range(n)),
+                labelled=[1] * n)
+    data = datasets.Dataset.from_dict(rows)
+    batches = [task_stage_collate([data[i] for i in range(s, min(s + batch, n))]) for s in range(0, n, batch)]
+    return data, [{k: v.to(device) for k, v in b.items()} for b in batches], lengths
+
+
 def bench_task_stage(cfg: dict, device: torch.device, clock: Clock) -> dict:
     """One KD epoch of ``glue-eval --teacher`` (``DistillationTrainer.distillation_loss``, backward, AdamW step per
     batch) with the teacher's outputs cached against a teacher forward per batch (``--no_teacher_cache``).
@@ -865,45 +706,18 @@ def bench_task_stage(cfg: dict, device: torch.device, clock: Clock) -> dict:
     Examples of 64..128 tokens (padded per batch). Two objectives: the prediction stage ``kl + hard_ce`` (logits
     cached) and the intermediate stage ``hid_mse + att_mse`` over teacher layers 3,6,9,12 (representations
     cached). The cache's one-off build (one teacher pass) is reported beside the epoch times.
-    Run it with ``python bench/speed.py --task-stage`` (or ``--only task_stage``).
+    Run it with ``python -m bench.speed --task-stage`` (or ``--only task_stage``).
     """
-    import datasets
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        TrainingArguments,
-    )
+    from transformers import TrainingArguments
 
     from glue_eval.distillation import stage_objectives
     from glue_eval.teacher_cache import TeacherCache, plan_for
     from glue_eval.trainer import DistillationTrainer
 
     n, batch = (32, 8) if cfg["batch"] <= 4 else (64, 16)
-    config = BertConfig(vocab_size=30522, num_hidden_layers=12, num_labels=2, **SHAPE)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(config).to(device).eval()
-    small = BertConfig(vocab_size=30522, num_hidden_layers=4, num_labels=2, **SHAPE)
-    small._attn_implementation = "eager"
-    student = BertForSequenceClassification(small).to(device)
-    g = torch.Generator().manual_seed(2)
-    lengths = torch.randint(64, SEQ + 1, (n,), generator=g).tolist()
-    rows = {"input_ids": [[101] + torch.randint(999, 30522, (k - 2,), generator=g).tolist() + [102] for k in lengths]}
-    rows.update(attention_mask=[[1] * k for k in lengths], label=[i % 2 for i in range(n)], row=list(range(n)),
-                labelled=[1] * n)
-    data = datasets.Dataset.from_dict(rows)
-
-    def collate(items):
-        width = max(len(x["input_ids"]) for x in items)
-        pad = lambda key: torch.tensor([x[key] + [0] * (width - len(x[key])) for x in items])
-        out = {"input_ids": pad("input_ids"), "attention_mask": pad("attention_mask")}
-        out.update({k: torch.tensor([x[k] for x in items]) for k in ("row", "labelled", "label") if k in items[0]})
-        if "label" in out:
-            out["labels"] = out.pop("label")
-        return out
-
-    batches = [collate([data[i] for i in range(s, min(s + batch, n))]) for s in range(0, n, batch)]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    teacher, student = task_stage_models(device)
+    data, batches, lengths = task_stage_data(n, batch, device)
+    collate = task_stage_collate
 
     class Glue:  # the two settings stage_objectives reads
         temperature, student_layers = 1.0, "3,6,9,12"
@@ -1044,24 +858,7 @@ def named_ratios(report: dict) -> dict:
     return out
 
 
-def set_threads(spec: str) -> str:
-    """Apply ``--threads``; returns why that number was chosen."""
-    if spec != "auto":
-        torch.set_num_threads(int(spec))
-        return "set by --threads"
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return "torch default (load average unknown)"
-    cores = os.cpu_count() or 1
-    if load >= 0.5 * cores:
-        torch.set_num_threads(1)
-        return (f"auto: 1 thread, since the 1-minute load average was {load:.1f} on {cores} cores "
-                "(other processes hold the cores; more OpenMP threads would wait on each other)")
-    return f"auto: torch default, the machine looked idle (load average {load:.1f} on {cores} cores)"
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 4, fp32 only (< 5 min on 2 cores)")
@@ -1087,13 +884,11 @@ def main(argv=None) -> int:
     parser.add_argument("--text-file", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--max-lines", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.prep_worker:
-        print(json.dumps(prep_worker(args.prep_worker, args.text_file, args.cache_dir, args.max_lines)))
-        return 0
 
-    threads_note = set_threads(args.threads)
+def run_settings(args: argparse.Namespace, threads_note: str) -> tuple[dict, torch.device, tuple]:
+    """``(cfg, device, precisions)`` of a run: the quick or full preset, --smoke's tiny shapes, the flags on top."""
     cfg = dict(QUICK if args.quick or args.smoke else FULL)
     if args.smoke:
         SHAPE.update(SMOKE["shape"])
@@ -1118,16 +913,12 @@ def main(argv=None) -> int:
     cfg["threads_choice"] = threads_note
     log(f"torch threads: {cfg['threads']} ({threads_note})")
     cfg["device"] = str(device)
-    sections = {s.strip() for s in args.only.split(",")}
-    clock = Clock(device)
+    return cfg, device, precisions
 
-    started = time.perf_counter()
-    command = command_line("bench/speed.py", argv if argv is not None else sys.argv[1:])
-    report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "command": command,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": machine(), "config": {**cfg, "precisions": list(precisions)},
-              "objective": "5*ce(T=2) + 2*mlm + 1*cos", "teacher": "BertForMaskedLM 12 x 768, random weights",
-              "student": f"4 layers from teacher layers {','.join(map(str, STUDENT_LAYERS))} (build_student)"}
+
+def run_sections(report: dict, args, cfg: dict, device: torch.device, precisions: tuple, clock: Clock) -> None:
+    """Each section ``--only`` (and ``--task-stage``) asks for, into ``report`` under its name."""
+    sections = {s.strip() for s in args.only.split(",")}
     if "distill" in sections:
         report["distill"] = bench_distill(cfg, device, precisions, clock)
     if "breakdown" in sections or ("distill" in sections and cfg["breakdown_repeats"]):
@@ -1143,6 +934,24 @@ def main(argv=None) -> int:
         report["inference"] = bench_inference(cfg, device, clock)
     if args.task_stage or "task_stage" in sections:
         report["task_stage"] = bench_task_stage(cfg, device, clock)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.prep_worker:
+        print(json.dumps(prep_worker(args.prep_worker, args.text_file, args.cache_dir, args.max_lines)))
+        return 0
+
+    cfg, device, precisions = run_settings(args, set_threads(args.threads))
+    clock = Clock(device)
+    started = time.perf_counter()
+    command = command_line("bench.speed", argv if argv is not None else sys.argv[1:])
+    report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "command": command,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "config": {**cfg, "precisions": list(precisions)},
+              "objective": "5*ce(T=2) + 2*mlm + 1*cos", "teacher": "BertForMaskedLM 12 x 768, random weights",
+              "student": f"4 layers from teacher layers {','.join(map(str, STUDENT_LAYERS))} (build_student)"}
+    run_sections(report, args, cfg, device, precisions, clock)
     try:
         report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -1156,8 +965,7 @@ def main(argv=None) -> int:
         print(f"\n### Profile of one engine_masked step ({precisions[0]})\n")
         print(profile_engine(cfg, device, precisions[0]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, report)
         log(f"wrote {args.out}")
     print(f"\n({report['mode']} mode, {report['seconds']:.0f} s)")
     for name in RATIO_NAMES:

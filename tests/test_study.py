@@ -1,4 +1,4 @@
-"""bench/study.py end to end on tiny models, through the path hub users take: any teacher folder, GLUE tasks
+"""bench.study end to end on tiny models, through the path hub users take: any teacher folder, GLUE tasks
 from a GLUE folder (classification and regression), and a table that agrees with the cells it came from."""
 
 import json

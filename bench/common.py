@@ -1,0 +1,213 @@
+"""What the benches share: timing in interleaved rounds, the machine record and the thread choice, the command
+line a report records, the atomic JSON write, and the BERT-base workload (teacher shape, masked packed batch).
+
+Every bench runs as a module from the repository root (``python -m bench.speed``), so ``bench`` and ``distill``
+import as packages: no bench edits ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 128
+# BERT-base. speed's --smoke shrinks the width in place (not the layer count: students take layers 1,5,8,12).
+SHAPE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Wall time of a callable, synchronising the device first and last."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def __call__(self, fn) -> tuple[float, float, dict | None]:
+        """(wall seconds, process CPU seconds, the phase times ``fn`` returned, if any)."""
+        t0, c0 = self.now(), time.process_time()
+        phases = fn()
+        return self.now() - t0, time.process_time() - c0, phases
+
+
+def interleaved(variants: dict, repeats: int, warmup: int, clock: Clock) -> dict[str, list[tuple]]:
+    """One untimed run of the first variant and ``warmup`` untimed rounds of all, then ``repeats``
+    timed rounds, each running every variant once, in reversed order every other round
+    (A B C, C B A, ...) so slow drifts in the load hit all variants alike. Returns clock()
+    results per variant, in round order."""
+    next(iter(variants.values()))()
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    runs = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            runs[name].append(clock(variants[name]))
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1][0]:.2f}s" for n in names))
+    return runs
+
+
+def paired_ratio(runs: dict, num: str, den: str) -> dict:
+    """``num / den`` as the median over rounds of the within-round ratio (the two ran back to back,
+    so load that changes between rounds cancels), with the ratio of the medians beside it."""
+    per_round = [a[0] / b[0] for a, b in zip(runs[num], runs[den])]
+    med = statistics.median(r[0] for r in runs[num]) / statistics.median(r[0] for r in runs[den])
+    cpu = statistics.median(r[1] for r in runs[num]) / max(statistics.median(r[1] for r in runs[den]), 1e-12)
+    return {"value": statistics.median(per_round), "ratio_of_medians": med, "cpu_time_ratio_of_medians": cpu,
+            "per_round": [round(x, 3) for x in per_round]}
+
+
+def summary(runs: list, tokens: int | None = None) -> dict:
+    """Median (the figure), min, max and every run's wall time; CPU time and phases when recorded."""
+    walls = [r[0] if isinstance(r, tuple) else r for r in runs]
+    med = statistics.median(walls)
+    out = {"median_s": med, "min_s": min(walls), "max_s": max(walls), "runs_s": [round(x, 4) for x in walls]}
+    if runs and isinstance(runs[0], tuple):
+        out["cpu_median_s"] = statistics.median(r[1] for r in runs)
+        if runs[0][2]:
+            out["phases_median_s"] = {k: statistics.median(r[2][k] for r in runs) for k in runs[0][2]}
+    if tokens is not None:
+        out["tokens"] = tokens
+        out["tokens_per_s"] = tokens / med
+    return out
+
+
+def vm_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``); 0 where it is absent."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------------------- machine and threads
+
+
+def machine() -> dict:
+    """Versions, and the machine as distill.common.hardware reads it (CPU model, speed flags, cores, GPUs)."""
+    from distill import __version__
+    from distill.common.hardware import describe_machine, machine_description
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    try:
+        import datasets
+        import tokenizers
+        import transformers
+
+        info.update(transformers=transformers.__version__, datasets=datasets.__version__,
+                    tokenizers=tokenizers.__version__)
+    except ImportError:
+        pass
+    info["distill"] = __version__
+    info.update(machine_description())
+    info["description"] = describe_machine(info)
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def set_threads(spec: str) -> str:
+    """Apply ``--threads``; returns why that number was chosen."""
+    if spec != "auto":
+        torch.set_num_threads(int(spec))
+        return "set by --threads"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "torch default (load average unknown)"
+    cores = os.cpu_count() or 1
+    if load >= 0.5 * cores:
+        torch.set_num_threads(1)
+        return (f"auto: 1 thread, since the 1-minute load average was {load:.1f} on {cores} cores "
+                "(other processes hold the cores; more OpenMP threads would wait on each other)")
+    return f"auto: torch default, the machine looked idle (load average {load:.1f} on {cores} cores)"
+
+
+# --------------------------------------------------------------------------------------- what a report records
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """A bench's command as run, for its report: ``python -m MODULE`` and the arguments as given, ``--out`` relative
+    to the repository when it lies inside it, else by its name alone (no directory of the machine it ran on goes into
+    a committed report; such a command reruns from the folder that should hold the file)."""
+    words, out_next = ["python", "-m", module], False
+    for word in argv:
+        flag, eq, value = word.partition("=")
+        if out_next or (flag == "--out" and eq):
+            path = Path(word if out_next else value).resolve()
+            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+            word = shown if out_next else f"--out={shown}"
+        out_next = word == "--out"
+        words.append(word)
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def write_json(path: str | os.PathLike, report: dict) -> None:
+    """``report`` as indented JSON at ``path``, whole or not at all (a temporary file, then a rename); the folder is
+    made when missing."""
+    from distill.common.io import atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
+
+
+# --------------------------------------------------------------------------------------- the BERT-base workload
+
+
+def teacher_config(**overrides):
+    """A ``BertForMaskedLM`` config of :data:`SHAPE` (12 layers, the 30,522-word vocabulary), ``overrides`` on top."""
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, num_hidden_layers=12, max_position_embeddings=512,
+                        **{**SHAPE, **overrides})
+    config.architectures = ["BertForMaskedLM"]
+    return config
+
+
+def make_batch(batch: int, vocab: int, seed: int = 0) -> dict:
+    """Packed blocks ``[CLS] ... [SEP]`` (no padding) masked DistilBERT's way by ``distill.data.masking``."""
+    from distill.data.masking import mask_tokens, masking_weights
+
+    g = torch.Generator().manual_seed(seed)
+    # Zipf-like token frequencies, so the count^-0.7 weights are not uniform
+    ranks = torch.arange(1, vocab - 999 + 1, dtype=torch.float64)
+    probs = (1.0 / ranks) / (1.0 / ranks).sum()
+    ids = 999 + torch.multinomial(probs, batch * SEQ, replacement=True, generator=g).view(batch, SEQ)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    counts = torch.bincount(ids.flatten(), minlength=vocab)
+    weights = masking_weights(counts, special_ids=[0, 100, 101, 102, 103])
+    masked, labels = mask_tokens(ids, mask, weights, 103, vocab, g)
+    return {"input_ids": masked, "attention_mask": mask, "mlm_labels": labels}
