@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-import sys
 from pathlib import Path
 
 import torch
@@ -246,12 +245,8 @@ def save_bert_with_pooler(kind: str, folder, tokenizer_dir: str | None = None, s
 
 
 def bench_module(name: str):
-    """A module of bench/ (``peers``, ``study``, ``prepare_study_data``), imported as the bench scripts run."""
+    """A module of the ``bench`` package (``peers``, ``study``, ``prepare_study_data``), as ``python -m bench.NAME``
+    imports it."""
     import importlib
 
-    folder = str(Path(__file__).resolve().parents[1] / "bench")
-    sys.path.insert(0, folder)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(folder)
+    return importlib.import_module(f"bench.{name}")
