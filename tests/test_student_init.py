@@ -371,7 +371,8 @@ def test_the_pooler_is_read_from_sharded_and_pickled_checkpoints(pooled_teachers
             assert torch.equal(got[k], expect[k]), (folder, k)
 
 
-@pytest.mark.parametrize("kind", ["bert_mlm", "distilbert_mlm", "electra_disc", "electra_gen", "roberta_mlm", "xlmr_mlm"])
+@pytest.mark.parametrize("kind", ["bert_mlm", "distilbert_mlm", "electra_disc", "electra_gen", "roberta_mlm", "xlmr_mlm",
+                                  "mpnet_mlm"])
 def test_every_family_entrys_paths_name_real_modules(kind):
     """The registry's query/key/value, attention and pooler paths resolve in a real model of the family."""
     from distill.models.loading import (
@@ -383,7 +384,8 @@ def test_every_family_entrys_paths_name_real_modules(kind):
         transformer_layers,
     )
 
-    model = tiny.build_roberta(kind, 50) if kind.split("_")[0] in ("roberta", "xlmr") else tiny.build_model(kind)
+    builders = {"roberta": tiny.build_roberta, "xlmr": tiny.build_roberta, "mpnet": tiny.build_mpnet}
+    model = builders[kind.split("_")[0]](kind, 50) if kind.split("_")[0] in builders else tiny.build_model(kind)
     family = family_of(model)
     layers = transformer_layers(model)
     assert len(layers) == num_layers(model) > 0  # layers_path and num_layers_field agree

@@ -252,7 +252,7 @@ def test_chunk_sizes():
                               teacher_config=build_model("bert_mlm"), logit_chunk_rows=-2)
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "xlm-roberta", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "xlm-roberta", "mpnet", "electra"])
 def test_each_family_vocab_head_is_the_models_own_head(kind):
     """decoder(transform(h)) of the registry entry equals the model's own forward logits."""
     from transformers import AutoConfig, AutoModelForMaskedLM

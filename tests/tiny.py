@@ -250,3 +250,55 @@ def bench_module(name: str):
     import importlib
 
     return importlib.import_module(f"bench.{name}")
+
+
+# --- MPNet: RoBERTa's special tokens over a WordPiece vocabulary, a relative-position bias in the encoder ---
+
+MPNET_SPECIALS = ["<s>", "<pad>", "</s>", "[UNK]"]  # all-mpnet-base-v2's first ids; <mask> is the last one
+
+
+def save_mpnet_tokenizer(folder) -> str:
+    """An MPNetTokenizer over :func:`vocab_tokens` (BERT's specials replaced by MPNet's)."""
+    from transformers import MPNetTokenizer
+
+    tokens = MPNET_SPECIALS + [t for t in vocab_tokens() if not t.startswith("[")] + ["<mask>"]
+    tok = MPNetTokenizer(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=64)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def build_mpnet(kind: str, vocab_size: int, seed: int = 0, **overrides):
+    """``mpnet_mlm`` or ``mpnet_base``: tiny, random, with MPNet's conventions (pad id 1, positions counted
+    from padding_idx + 1, no token types, one relative-position bias table shared by every layer)."""
+    from transformers import MPNetConfig, MPNetForMaskedLM, MPNetModel
+
+    cfg = MPNetConfig(vocab_size=vocab_size, max_position_embeddings=64 + 2, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = {"mpnet_mlm": MPNetForMaskedLM, "mpnet_base": MPNetModel}[kind](cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if "relative_attention_bias" in name:  # large enough that a lost or wrong table shows
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def save_mpnet(kind: str, folder, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    build_mpnet(kind, len(tok), seed=seed, **overrides).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def mpnet_batch(vocab_size: int, batch: int = 3, seq: int = 12, seed: int = 0, pad_last: int = 4):
+    """Token ids ``<s> ... </s>`` and right padding with ``<pad>`` (id 1) on every row but the first."""
+    return random_batch(batch, seq, seed, pad_last, vocab_size=vocab_size - 1, first_id=len(MPNET_SPECIALS), cls=0,
+                        sep=2, pad=1)

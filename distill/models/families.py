@@ -249,6 +249,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         tokens=_ROBERTA_TOKENS, **_BERT_LAYER,
     ),
     Family(
+        # MPNet's layers hold no position terms: one relative-position bias table in the encoder
+        # (encoder.relative_attention_bias) serves every layer, so a student copies it under its own name
+        "mpnet", {"base": "MPNetModel", "mlm": "MPNetForMaskedLM"}, {"mlm": _ROBERTA_HEAD},  # RoBERTa's head layout
+        layers_path="encoder.layer", self_attention_path="attention.attn", query_path="attention.attn.q",
+        key_path="attention.attn.k", value_path="attention.attn.v", num_layers_field="num_hidden_layers",
+        hidden_size_field="hidden_size", num_heads_field="num_attention_heads",
+        pooler_path="pooler", pooler_class="transformers.models.mpnet.modeling_mpnet:MPNetPooler",
+        tokens=_ROBERTA_TOKENS,  # <s> ... </s>, no token types, positions counted past padding_idx
+        note="an MPNet teacher's relative-position bias, shared by all its layers, is kept by its student",
+    ),
+    Family(
         "electra", {"base": "ElectraModel", "mlm": "ElectraForMaskedLM", "rtd": "ElectraForPreTraining"},
         {"mlm": VocabHead(lambda m, h: m.generator_predictions(h), "generator_lm_head"),
          "rtd": lambda m, h: m.discriminator_predictions(h)},

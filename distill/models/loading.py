@@ -10,6 +10,7 @@ Every family-specific fact (classes, module paths, heads) comes from
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -60,16 +61,64 @@ def check_model_path(name_or_path: str, what: str = "teacher") -> None:
 
 
 def load_config(name_or_path: str, what: str = "teacher"):
-    """``AutoConfig.from_pretrained`` with one clear line when a path is missing or a hub id unreachable."""
+    """``AutoConfig.from_pretrained`` with one clear line when a path is missing or a hub id unreachable.
+
+    A config that names a head its weights do not hold (all-mpnet-base-v2 says ``MPNetForMaskedLM``
+    but saved the encoder alone) is read as the family's base model, so no head starts at random
+    and terms that need the head are refused by name.
+    """
     check_model_path(name_or_path, what)
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
             f"cannot load the {what} {name_or_path!r} ({first[:160]}): check the hub id and the network, "
             "or give a local folder saved with save_pretrained"
         ) from None
+    _drop_missing_head(name_or_path, config)
+    return config
+
+
+def _drop_missing_head(name_or_path: str, config) -> None:
+    """Point ``config.architectures`` at the base model when the checkpoint holds none of its head's tensors."""
+    model_type = getattr(config, "model_type", None)
+    role = role_from_architectures(config)
+    if model_type not in FAMILIES or role == "base" or role not in FAMILIES[model_type].classes:
+        return
+    family = FAMILIES[model_type]
+    keys = checkpoint_keys(name_or_path)
+    if not keys:
+        return  # weights not found here: loading reports that, not this check
+    with torch.device("meta"):  # the head's parameter names, without allocating a model
+        model = family.cls(role)(config)
+    prefix = model.base_model_prefix + "."
+    head = [k for k in model.state_dict() if not k.startswith(prefix)]
+    if head and not any(k in keys for k in head):
+        if name_or_path not in _NOTED:  # said once per process, however often the config is read
+            _NOTED.add(name_or_path)
+            print(f"note: {name_or_path} names {config.architectures[0]} but its weights hold no "
+                  f"{head[0].split('.')[0]}.* tensors (no {_HEADS.get(role, role)} head): read as "
+                  f"{family.classes['base']}", file=sys.stderr)
+        config.architectures = [family.classes["base"]]
+
+
+_NOTED: set[str] = set()
+_HEADS = {"mlm": "masked-LM", "rtd": "discriminator"}
+
+
+def checkpoint_keys(name_or_path: str) -> set[str]:
+    """The tensor names a checkpoint's weight files hold (read from headers; ``set()`` when none are found)."""
+    keys: set[str] = set()
+    for path in _checkpoint_files(name_or_path):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                keys.update(f.keys())
+        else:
+            keys.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return keys
 
 
 def load_model(name_or_path: str, role: str | None = None, eager: bool = False, what: str = "teacher", **kwargs):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from distill.common.assets import resolve_model_name
 from distill.common.errors import UsageError
 from distill.common.io import atomic_dir, atomic_write_json, check_output_dir
 from distill.models.families import (
@@ -269,14 +270,15 @@ def init_sized_student(teacher: str, size: StudentSize, output: str, student_typ
     check_output_dir(output, overwrite)
     if student_type is not None and student_type not in student_types():
         raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
-    config = load_config(teacher, "teacher")
+    path = resolve_model_name(teacher)  # an offline alias names an installed folder; the record keeps the alias
+    config = load_config(path, "teacher")
     student_type = student_type or family_of(config).name
     s_config = sized_student_config(config, size, student_type)
     from distill.models.sentence import read_pipeline
 
-    sentence = read_pipeline(teacher, s_config)  # a sentence teacher's pooling, fitted to the student's width
+    sentence = read_pipeline(path, s_config)  # a sentence teacher's pooling, fitted to the student's width
     try:
-        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UsageError(f"teacher {teacher!r} has no loadable tokenizer ({err.__class__.__name__}): "
                          "save the tokenizer in the teacher folder") from None
@@ -343,19 +345,20 @@ def init_student(teacher: str, layers, output: str, student_type: str | None = N
     if student_type is not None and student_type not in student_types():
         raise UsageError(f"unknown student type {student_type!r}: choose one of {', '.join(student_types())}")
     # every check that needs only the config runs before the (possibly slow) weight load
-    config = load_config(teacher, "teacher")
+    path = resolve_model_name(teacher)  # an offline alias names an installed folder; the record keeps the alias
+    config = load_config(path, "teacher")
     check_pair(family_of(config).name, student_type or family_of(config).name)
     parse_layers(layers, num_layers(config), what="teacher")
     from distill.models.sentence import read_pipeline
 
     # a sentence-transformers teacher: its pipeline travels (checked against the student's width now)
-    sentence = read_pipeline(teacher, student_config(config, len(parse_layers(layers, num_layers(config))),
-                                                     student_type or family_of(config).name))
-    teacher_model = load_model(teacher, what="teacher")
+    sentence = read_pipeline(path, student_config(config, len(parse_layers(layers, num_layers(config))),
+                                                  student_type or family_of(config).name))
+    teacher_model = load_model(path, what="teacher")
     student_type = student_type or family_of(teacher_model).name
     student, report = build_student(teacher_model, layers, student_type, teacher_name=teacher)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UsageError(f"teacher {teacher!r} has no loadable tokenizer ({err.__class__.__name__}): "
                          "save the tokenizer in the teacher folder") from None

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill import __version__
-from distill.common.assets import minilm_dir, wiki_extract_path
+from distill.common.assets import resolve_model_name, wiki_extract_path
 from distill.common.errors import UsageError
 from distill.common.io import (
     atomic_write_json,
@@ -59,7 +59,6 @@ from distill.models.student import (
 )
 from distill.settings.config import (
     DEMO_CORPUS,
-    DEMO_TEACHER,
     DistillConfig,
     check_config,
 )
@@ -110,7 +109,7 @@ def setup_distributed(device: str) -> Dist:
 
 
 def resolve_teacher(name: str) -> str:
-    return minilm_dir() if name == DEMO_TEACHER else name
+    return resolve_model_name(name)  # the offline aliases (offline:all-MiniLM-L6-v2, offline:all-mpnet-base-v2)
 
 
 def resolve_corpus(name: str) -> str:
