@@ -186,10 +186,11 @@ class Exported:
 
 
 def export_model(model, tokenizer, out_dir: str | os.PathLike, head: str = "encoder",
-                 folder: str | os.PathLike | None = None, max_length: int = 128) -> Exported:
+                 folder: str | os.PathLike | None = None, max_length: int | None = None) -> Exported:
     """Write ``out_dir/model.onnx`` for an in-memory fp32 ``model`` and check it against torch.
 
-    ``folder``: the model folder whose sentence pipeline a ``sentence`` head exports. The model is
+    ``folder``: the model folder whose sentence pipeline a ``sentence`` head exports; ``max_length``: the
+    parity batch's token limit (default: 128, or the model's position limit if shorter). The model is
     left as it was found (train/eval mode, device, weights); on a failed parity check (max abs
     difference over real tokens above :data:`PARITY_LIMIT`) the file is removed and a UsageError raised.
     """
@@ -199,6 +200,7 @@ def export_model(model, tokenizer, out_dir: str | os.PathLike, head: str = "enco
                          "dtype=torch.float32); int8 is made from the fp32 file")
     # the exporter sets its module to eval and back to that module's own mode afterwards, recursively:
     # a wrapper left in train mode (as a new nn.Module is) would switch the model's dropout on
+    max_length = min(max_length or 128, max_positions(model.config))
     was_training = model.training
     graph = build_graph(model, head, folder).eval()
     path = Path(out_dir) / FP32_FILE
