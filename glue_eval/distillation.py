@@ -169,10 +169,10 @@ def check_task_stage(glue, tasks) -> None:
     if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
         raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
                          "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")
-    from distill.objective.losses import check_temperature
+    from distill.common.declare import check_ranges
 
     try:
-        check_temperature(glue.temperature)
+        check_ranges(glue)  # the shared objective settings, against their one declared range
     except UsageError as err:
         raise UsageError(f"--{err}") from None
     for task in tasks:
@@ -212,11 +212,12 @@ def stage_objectives(weights: dict, glue, student, teacher):
     """(soft, hard) objectives of one stage: the terms that read the teacher, and those against the gold labels
     (the registry's ``teacher=False`` terms, which the unlabelled and augmented rows must not reach); either None."""
     from distill.objective.plan import Objective
+    from distill.objective.settings import task_values
 
     def build(part):
         if not part:
             return None
-        return Objective.from_config(part, glue.temperature, student_config=student, teacher_config=teacher,
+        return Objective.from_config(part, **task_values(glue), student_config=student, teacher_config=teacher,
                                      student_layers=glue.student_layers, projection=True, sequence_level=True)
 
     soft = {k: v for k, v in weights.items() if terms.TERMS[k].teacher and v}

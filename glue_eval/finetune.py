@@ -22,14 +22,16 @@ from distill.models.loading import TOKENIZER_FILES
 # Trainer and the Auto classes are imported where used: importing Trainer takes seconds, and a
 # bad argument should be reported before that.
 from distill.objective import terms
+from distill.objective.settings import TaskObjectiveSettings
 
 from .metrics import compute_metrics, task_score
 from .tasks import Task
 
 
 @dataclass
-class GlueArguments:
-    """What the run needs beyond Trainer's own arguments."""
+class GlueArguments(TaskObjectiveSettings):
+    """What the run needs beyond Trainer's own arguments; the objective settings the task stage shares with
+    distill-train (``--temperature``, ``--layer_map``) are inherited from their one declaration."""
 
     model: str | None = field(default=None, metadata={"help": "Model folder or hub id to fine-tune."})
     task: str | None = field(default=None, metadata={
@@ -50,9 +52,6 @@ class GlueArguments:
         "help": "A fine-tuned teacher folder: adds distillation terms while fine-tuning (TinyBERT's 2nd stage)."})
     distill_weights: str = field(default=json.dumps(terms.TASK_WEIGHTS), metadata={
         "help": f"JSON weights of the --teacher terms: {terms.term_list(terms.level_terms(sequence_level=True))}."})
-    temperature: float = field(default=1.0, metadata={
-        "help": f"Temperature of the {'/'.join(terms.select(temperature=True, sequence_level=True))} terms "
-                "(multiplied by T^2)."})
     student_layers: str | None = field(default=None, metadata={
         "help": "Teacher layers the student was built from, e.g. 1,5,8,12: the layer map of "
                 f"{'/'.join(terms.select(layers='map', sequence_level=True))}."})

@@ -196,11 +196,9 @@ def _trainer(tmp_path, student, teacher, tokenizer, weights, cache=None, tempera
     from glue_eval.distillation import stage_objectives
     from glue_eval.trainer import DistillationTrainer
 
-    class Glue:
-        pass
+    from glue_eval.finetune import GlueArguments
 
-    glue = Glue()
-    glue.temperature, glue.student_layers = temperature, student_layers
+    glue = GlueArguments(temperature=temperature, student_layers=student_layers)
     soft, hard = stage_objectives(weights, glue, student, teacher)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     return DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=hard, teacher_cache=cache,
@@ -449,5 +447,5 @@ def test_a_bad_teacher_temperature_is_refused_before_anything_loads(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "config.json").write_text("{}")
-    with pytest.raises(UsageError, match=r"^--temperature 0.0 must be a number > 0"):
+    with pytest.raises(UsageError, match=r"^--temperature=0.0 is out of range: it must be a finite number in \(0, 100\]"):
         check_task_stage(GlueArguments(model="m", teacher=str(teacher), temperature=0.0), [])

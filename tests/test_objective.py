@@ -331,7 +331,9 @@ def test_electra_discriminator_terms_end_to_end():
 def test_width_mismatch_without_projection_is_a_clear_error(narrow_student, teacher):
     for term in ("hid_mse", "cos", "emb_mse"):
         with pytest.raises(UsageError, match=rf"'{term}'.*16 wide and the teacher 32.*projection: true"):
-            make({term: 1}, narrow_student, teacher)
+            make({term: 1}, narrow_student, teacher, projection=False)
+    # the declared default (the recipe's) learns the projection
+    assert set(make({"cos": 1}, narrow_student, teacher).projections) == {"cos"}
 
 
 def test_projection_is_a_trained_objective_parameter_not_a_student_one(narrow_student, teacher):
@@ -399,9 +401,9 @@ def test_attention_terms_need_equal_head_counts(teacher):
         ({"ce": float("nan")}, 2.0, "weight of 'ce' is nan"),
         ({"ce": 0, "mlm": 0.0}, 2.0, "all loss weights are zero"),
         ({}, 2.0, "non-empty"),
-        ({"ce": 1}, 0.0, "temperature 0.0 must be a number > 0"),
-        ({"ce": 1}, -2, "temperature -2"),
-        ({"ce": 1}, float("inf"), "temperature inf"),
+        ({"ce": 1}, 0.0, r"temperature=0.0 is out of range: it must be a finite number in \(0, 100\]"),
+        ({"ce": 1}, -2, "temperature=-2 is out of range"),
+        ({"ce": 1}, float("inf"), "temperature=inf is out of range"),
     ],
 )
 def test_bad_weights_and_temperature(student, teacher, weights, temperature, message):

@@ -247,7 +247,7 @@ def test_chunk_sizes():
     assert 2 ** 22 <= auto * 30522 <= 2 * 2 ** 22 and -(-1024 // auto) * auto - 1024 < 5  # about the budget, equal chunks
     assert chunk_rows(0, 1000, 250002, 768) == 200  # a 250k vocabulary: the floor of width / 4 rows, 5 chunks
     assert chunk_rows(0, 10, 100, 8) == 10  # small heads: one chunk
-    with pytest.raises(UsageError, match="logit_chunk_rows -2"):
+    with pytest.raises(UsageError, match=r"logit_chunk_rows=-2 is out of range: it must be a finite number in \[-1, inf\)"):
         Objective.from_config({"ce": 1}, T, student_config=build_model("bert_mlm"),
                               teacher_config=build_model("bert_mlm"), logit_chunk_rows=-2)
 

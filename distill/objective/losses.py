@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distill.common.errors import UsageError
+from distill.common.declare import Range
 
 __all__ = [
     "soft_cross_entropy",
@@ -83,13 +83,14 @@ def _mean(x: Tensor) -> Tensor:
     return x.sum() / max(x.numel(), 1)
 
 
+# The temperature's one declared bound: the recipe, glue-eval's --temperature, the objective and the loss
+# functions all check it here, with one message.
+TEMPERATURE = Range(0, 100, low_open=True)
+
+
 def check_temperature(temperature) -> float:
-    """``T`` as a float, or one :class:`UsageError` line: the one check of a temperature, for every caller
-    (the loss functions, the objective, the recipe and glue-eval arguments)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise UsageError(f"temperature {temperature!r} must be a number > 0 (DistilBERT uses 2.0)")
-    return float(temperature)
+    """``T`` as a float, or the one :class:`UsageError` line for a temperature outside :data:`TEMPERATURE`."""
+    return float(TEMPERATURE.check("temperature", temperature))
 
 
 def _check_same_shape(a: Tensor, b: Tensor, what: str) -> None:

@@ -31,6 +31,8 @@ What the training loop does with it::
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -56,12 +58,12 @@ from distill.models.loading import (
 )
 from distill.models.vocab_head import DeferredLogits, chunk_rows, chunked
 from distill.objective.losses import check_relation_heads, check_temperature
+from distill.objective.settings import ObjectiveSettings
 from distill.objective.terms import (
     CORRUPTED_INPUT,
     MASKED,
     PER_HEAD,
     REAL,
-    RELATION_HEADS,
     REPRESENTATION_WEIGHTS,
     SEQUENCE,
     SOFT,
@@ -114,34 +116,20 @@ class Objective(nn.Module):
     layer pairs, so a term's scale does not grow with the number of layers (TinyBERT sums).
     """
 
-    def __init__(
-        self,
-        *,
-        weights: dict[str, float],
-        temperature: float,
-        layer_pairs: dict[str, tuple[tuple[int, int], ...]],
-        logits_at: dict[str, str | None],
-        projections: dict[str, tuple[int, int]],
-        sequence_level: bool,
-        restrict_ce_to_mask: bool,
-        record: dict,
-        relation_heads: int = RELATION_HEADS,
-        logit_chunk_rows: int = 0,
-    ):
+    def __init__(self, *, settings: ObjectiveSettings, weights: dict[str, float],
+                 layer_pairs: dict[str, tuple[tuple[int, int], ...]], logits_at: dict[str, str | None],
+                 projections: dict[str, tuple[int, int]], sequence_level: bool, record: dict):
         super().__init__()
-        self.weights = dict(weights)
-        self.temperature = float(temperature)
-        self.relation_heads = int(relation_heads)
+        self.settings = settings
+        self.weights = dict(weights)  # the active terms (calibration swaps them one at a time)
         self.layer_pairs = dict(layer_pairs)
         self.sequence_level = sequence_level
-        self.restrict_ce_to_mask = restrict_ce_to_mask
         self._logits_at = dict(logits_at)
         self._record = dict(record)
         # Vocabulary heads run chunk by chunk (distill.models.vocab_head) when every active logit term is a mean
-        # over logit rows: 0 = auto rows per chunk, N rows, -1 = never (the whole [N, vocab] logits).
-        self.logit_chunk_rows = int(logit_chunk_rows)
+        # over logit rows: logit_chunk_rows 0 = auto rows per chunk, N rows, -1 = never (the whole logits).
         logit_terms = [TERMS[n] for n in self.weights if TERMS[n].feature == "logits"]
-        self._chunk_logits = (self.logit_chunk_rows != -1 and not sequence_level and bool(logit_terms)
+        self._chunk_logits = (settings.logit_chunk_rows != -1 and not sequence_level and bool(logit_terms)
                               and all(spec.row_mean for spec in logit_terms))
         # The factor the loop multiplies the loss by before backward: chunked heads take their gradients at
         # it, in range. None: what Precision.autocast() says (the GradScaler's scale in fp16 modes), else 1.
@@ -151,77 +139,40 @@ class Objective(nn.Module):
         self.projections = nn.ModuleDict({name: nn.Linear(w_in, w_out) for name, (w_in, w_out) in projections.items()})
         self._requests = {role: self._request_for(role) for role in ROLES}
 
+    @property
+    def temperature(self) -> float:
+        return self.settings.temperature
+
     # -------------------------------------------------------------------------------------
     # construction
 
     @classmethod
-    def from_config(
-        cls,
-        weights: Mapping[str, float],
-        temperature: float = 2.0,
-        *,
-        student_config,
-        teacher_config,
-        student_layers: Sequence[int] | str | None = None,
-        layer_map: Sequence[Sequence[int]] | None = None,
-        restrict_ce_to_mask: bool = False,
-        projection: bool = False,
-        sequence_level: bool = False,
-        relation_heads: int = RELATION_HEADS,
-        relation_teacher_layer: int | None = None,
-        logit_chunk_rows: int = 0,
-    ) -> "Objective":
-        """Validate a config and build the objective. Every bad value is a one-line :class:`UsageError`.
+    def from_config(cls, weights: Mapping[str, float] | None = None, temperature: float | None = None, *,
+                    student_config, teacher_config, student_layers: Sequence[int] | str | None = None,
+                    sequence_level: bool = False, settings: ObjectiveSettings | None = None,
+                    **fields) -> "Objective":
+        """Validate the settings against the two models and build the objective. Every bad value is a
+        one-line :class:`UsageError`.
 
         Args:
-            weights: term key -> weight >= 0, e.g. ``{"ce": 5, "mlm": 2, "cos": 1}``;
-                keys are those of :data:`TERMS`. Zero-weight terms are dropped.
-            temperature: T > 0 of the soft-target terms (those with ``TermSpec.temperature``).
+            weights, temperature, **fields: the objective's settings (:class:`ObjectiveSettings`: weights,
+                temperature, layer_map, relation_heads, relation_teacher_layer, restrict_ce_to_mask,
+                projection, logit_chunk_rows), over ``settings`` or their declared defaults. A recipe
+                passes ``settings=cfg`` (DistillConfig is an ObjectiveSettings).
             student_config, teacher_config: transformers configs, or the models themselves
                 (pass the model when its config has no ``architectures`` yet, e.g. a student
                 built in memory: the head is then read from the model class).
             student_layers: the 1-based teacher layers the student was initialised from
                 (student layer i <-> teacher layer ``student_layers[i-1]``); the default
                 layer map for hid_mse / att_mse / att_kl.
-            layer_map: explicit ``[[student_layer, teacher_layer], ...]`` overriding the
-                default map (1-based; 0 = embedding output, used by hidden terms only).
-            restrict_ce_to_mask: soft logit terms (ce, kl, out_mse) only at MLM targets
-                instead of every real token (DistilBERT's ``--restrict_ce_to_mask``).
-            projection: allow a learned linear projection student width -> teacher width
-                for the hidden terms (cos, hid_mse, emb_mse). Created only when the widths
-                differ; without it a width mismatch is an error.
             sequence_level: task distillation: logits are ``[B, classes]`` from
                 sequence-classification heads that the caller runs (``Features.logits``
                 filled by the caller, positions None). Enables hard_ce; disables mlm/rtd terms.
-            relation_heads: MiniLMv2's relation heads for the qkv terms (qq_rel, kk_rel,
-                vv_rel): must divide both models' widths (48 for base-size teachers).
-            relation_teacher_layer: the 1-based teacher layer those terms compare with the
-                student's last layer (default: the teacher's last; e.g. 21 of 24 for large ones).
-            logit_chunk_rows: logit rows per chunk of the vocabulary head (0: auto, about 2**22
-                logits a chunk; -1: never chunk). Chunks apply when every active logit term is a
-                mean over rows (``TermSpec.row_mean``); the values are those of the whole head.
         """
-        if isinstance(logit_chunk_rows, bool) or not isinstance(logit_chunk_rows, int) or logit_chunk_rows < -1:
-            raise UsageError(f"logit_chunk_rows {logit_chunk_rows!r} must be an integer >= -1 "
-                             "(0: auto, -1: never chunk the vocabulary head)")
-        active = check_weights(weights)
-        temperature = check_temperature(temperature)
+        settings = _settings(settings, weights, temperature, fields)
+        active = check_weights(settings.weights)
         specs = {name: TERMS[name] for name in active}
-        level = "sequence" if sequence_level else "token"
-        for name, spec in specs.items():
-            if not (spec.sequence_level if sequence_level else spec.token_level):
-                hint = (
-                    "use it for masked-LM / ELECTRA pre-training distillation (sequence_level=False)"
-                    if sequence_level
-                    else "it is the task-label loss of sequence-classification distillation: pass sequence_level=True"
-                )
-                raise UsageError(f"term {name!r} does not exist at {level} level: {hint}")
-        if restrict_ce_to_mask and (sequence_level or any(s.input == CORRUPTED_INPUT for s in specs.values())):
-            raise UsageError(
-                "restrict_ce_to_mask=True applies to masked-LM token distillation only: "
-                "set it to false for sequence-level or ELECTRA objectives"
-            )
-
+        _check_levels(specs, sequence_level, settings.restrict_ce_to_mask)
         student_cfg, teacher_cfg = _config(student_config), _config(teacher_config)
         family_of(student_cfg), family_of(teacher_cfg)  # unsupported model types fail here, clearly
         if not sequence_level:  # at sequence level the caller runs its own task heads
@@ -236,53 +187,20 @@ class Objective(nn.Module):
                     f"student_layers {','.join(map(str, student_layers))} name {len(student_layers)} teacher layers "
                     f"but the student has {n_student}: give one teacher layer per student layer"
                 )
-        pairs_map = _layer_map(layer_map, student_layers, n_student, n_teacher, specs)
-
+        pairs_map = _layer_map(settings.layer_map, student_layers, n_student, n_teacher, specs)
         relations = [n for n, spec in specs.items() if spec.layers == "relation"]
         if relations:
-            relation_teacher_layer = _check_relations(relations, relation_heads, relation_teacher_layer,
-                                                      student_cfg, teacher_cfg)
-        layer_pairs: dict[str, tuple[tuple[int, int], ...]] = {}
-        for name, spec in specs.items():
-            if spec.layers == "relation":
-                layer_pairs[name] = ((n_student, relation_teacher_layer),)
-            elif spec.layers == "last":
-                layer_pairs[name] = ((n_student, n_teacher),)
-            elif spec.layers == "embeddings":
-                layer_pairs[name] = ((0, 0),)
-            elif spec.layers == "map":
-                # Attention and value vectors exist for layers 1..L only; 0 (embeddings) is a hidden-state index.
-                pairs = pairs_map if spec.feature == "hidden" else tuple((s, t) for s, t in pairs_map if s and t)
-                if not pairs:
-                    raise UsageError(
-                        f"term {name!r}: the layer map has no pair of transformer layers (>= 1) to compare; "
-                        "layer 0 is the embedding output, which has no attention"
-                    )
-                layer_pairs[name] = pairs
-
-        projections = _check_shapes(specs, student_cfg, teacher_cfg, projection)
-        record = {
-            "weights": dict(active),
-            "temperature": temperature,
-            "student_layers": list(student_layers) if student_layers is not None else None,
-            "layer_map": [list(p) for p in pairs_map] if pairs_map else None,
-            "restrict_ce_to_mask": bool(restrict_ce_to_mask),
-            "projection": bool(projection),
-            "sequence_level": bool(sequence_level),
-            **({"relation_heads": relation_heads, "relation_teacher_layer": relation_teacher_layer} if relations else {}),
-        }
-        return cls(
-            weights=active,
-            temperature=temperature,
-            layer_pairs=layer_pairs,
-            logits_at=_logits_at(specs, restrict_ce_to_mask, sequence_level),
-            projections=projections,
-            sequence_level=bool(sequence_level),
-            restrict_ce_to_mask=bool(restrict_ce_to_mask),
-            record=record,
-            relation_heads=relation_heads,
-            logit_chunk_rows=logit_chunk_rows,
-        )
+            settings.relation_teacher_layer = _check_relations(
+                relations, settings.relation_heads, settings.relation_teacher_layer, student_cfg, teacher_cfg)
+        record = {**{k: v for k, v in dataclasses.asdict(settings).items()
+                     if relations or k not in ("relation_heads", "relation_teacher_layer")},
+                  "weights": dict(active), "student_layers": list(student_layers) if student_layers is not None else None,
+                  "layer_map": [list(p) for p in pairs_map] if pairs_map else None, "sequence_level": bool(sequence_level)}
+        return cls(settings=settings, weights=active,
+                   layer_pairs=_layer_pairs(specs, pairs_map, n_student, n_teacher, settings.relation_teacher_layer),
+                   logits_at=_logits_at(specs, settings.restrict_ce_to_mask, sequence_level),
+                   projections=_check_shapes(specs, student_cfg, teacher_cfg, settings.projection),
+                   sequence_level=bool(sequence_level), record=record)
 
     def _request_for(self, role: str) -> Request:
         specs = [(name, TERMS[name]) for name in self.weights]
@@ -498,14 +416,14 @@ class Objective(nn.Module):
             value = sum(w * shares[name] for name, w in zip(names, weights))
             return value, torch.stack([shares[name] for name in names]), grad
 
-        rows_per_chunk = chunk_rows(self.logit_chunk_rows, n, head.shape[1], head.hidden.shape[-1])
+        rows_per_chunk = chunk_rows(self.settings.logit_chunk_rows, n, head.shape[1], head.hidden.shape[-1])
         return chunked(chunk_loss, head, rows_per_chunk, self.gradient_scale, chunk_grad)
 
     def context(self, batch: Mapping, labels=None) -> TermContext:
         """The :class:`TermContext` every term of this objective is called with on ``batch``; ``labels``
         (key -> labels at the logit rows) defaults to :meth:`targets`."""
         return TermContext(batch=batch, mask=_batch_value(batch, "attention_mask").bool(),
-                           temperature=self.temperature, relation_heads=self.relation_heads,
+                           temperature=self.settings.temperature, relation_heads=self.settings.relation_heads,
                            labels=labels or (lambda key: self.targets(batch, key)))
 
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
@@ -688,6 +606,58 @@ def _check_shapes(specs: dict[str, TermSpec], student_cfg, teacher_cfg, projecti
                 f"teacher {ht}: give the student {ht} heads or drop the term"
             )
     return projections
+
+
+def _settings(settings: ObjectiveSettings | None, weights, temperature, fields: dict) -> ObjectiveSettings:
+    """A checked copy of ``settings`` (or the declared defaults) with ``weights``, ``temperature`` and
+    ``fields`` put over it; a name that is no objective setting is one UsageError line."""
+    names = {f.name for f in dataclasses.fields(ObjectiveSettings)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise UsageError(f"unknown objective setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(names))}")
+    base = {f: getattr(settings, f) for f in names} if settings is not None else {}
+    given = {**fields, **({"weights": weights} if weights is not None else {}),
+             **({"temperature": temperature} if temperature is not None else {})}
+    out = ObjectiveSettings(**{**base, **given}).check()
+    out.temperature = check_temperature(out.temperature)
+    if isinstance(out.logit_chunk_rows, bool) or not isinstance(out.logit_chunk_rows, int):
+        raise UsageError(f"logit_chunk_rows={out.logit_chunk_rows!r} must be a whole number >= -1 "
+                         "(0: auto, -1: never chunk the vocabulary head)")
+    return out
+
+
+def _check_levels(specs: dict[str, TermSpec], sequence_level: bool, restrict_ce_to_mask: bool) -> None:
+    """Each term exists at the objective's level, and restrict_ce_to_mask only where there is masking."""
+    level = "sequence" if sequence_level else "token"
+    for name, spec in specs.items():
+        if not (spec.sequence_level if sequence_level else spec.token_level):
+            hint = ("use it for masked-LM / ELECTRA pre-training distillation (sequence_level=False)" if sequence_level
+                    else "it is the task-label loss of sequence-classification distillation: pass sequence_level=True")
+            raise UsageError(f"term {name!r} does not exist at {level} level: {hint}")
+    if restrict_ce_to_mask and (sequence_level or any(s.input == CORRUPTED_INPUT for s in specs.values())):
+        raise UsageError("restrict_ce_to_mask=True applies to masked-LM token distillation only: "
+                         "set it to false for sequence-level or ELECTRA objectives")
+
+
+def _layer_pairs(specs: dict[str, TermSpec], pairs_map, n_student: int, n_teacher: int,
+                 relation_teacher_layer: int | None) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Each layered term's (student layer, teacher layer) pairs, 1-based (0 = the embedding output)."""
+    layer_pairs: dict[str, tuple[tuple[int, int], ...]] = {}
+    for name, spec in specs.items():
+        if spec.layers == "relation":
+            layer_pairs[name] = ((n_student, relation_teacher_layer),)
+        elif spec.layers == "last":
+            layer_pairs[name] = ((n_student, n_teacher),)
+        elif spec.layers == "embeddings":
+            layer_pairs[name] = ((0, 0),)
+        elif spec.layers == "map":
+            # Attention and value vectors exist for layers 1..L only; 0 (embeddings) is a hidden-state index.
+            pairs = pairs_map if spec.feature == "hidden" else tuple((s, t) for s, t in pairs_map if s and t)
+            if not pairs:
+                raise UsageError(f"term {name!r}: the layer map has no pair of transformer layers (>= 1) to compare; "
+                                 "layer 0 is the embedding output, which has no attention")
+            layer_pairs[name] = pairs
+    return layer_pairs
 
 
 def _logits_at(specs: dict[str, TermSpec], restrict_ce_to_mask: bool, sequence_level: bool) -> dict[str, str | None]:

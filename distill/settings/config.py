@@ -10,76 +10,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from distill.common.assets import DEMO_TEACHER
+from distill.common.declare import (AT_LEAST_1, AUTO, NON_NEGATIVE, POSITIVE, UNIT, Range, check_ranges, resume_fields, setting)
 from distill.common.errors import UsageError
 from distill.common.io import read_json_object
 from distill.models.families import STUDENT_TYPES, pairs_text
 from distill.models.layers import parse_layer_map
 from distill.objective.terms import (
-    DISTILBERT_WEIGHTS,
-    RELATION_HEADS,
     REPRESENTATION_WEIGHTS,
-    SOFT,
-    TERMS,
-    format_weights,
-    select,
-    term_list,
 )
+from distill.objective.settings import ObjectiveSettings
 from distill.settings.arguments import DataclassParser, coerce
 
 DEMO_CORPUS = "offline:wikipedia-extract"
 
 
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of a numeric field: finite, between ``low`` and ``high`` (open ends where marked).
-
-    Written as in mathematics, ``[0, 1)``, in --help and in the error for a value outside it.
-    """
-
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value) -> bool:
-        try:
-            value = float(value)
-        except (OverflowError, TypeError, ValueError):
-            return False
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        high = "inf)" if math.isinf(self.high) else f"{self.high:g}{')' if self.high_open else ']'}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
-
-
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-AT_LEAST_1 = Range(1)
-UNIT = Range(0, 1)  # a fraction or probability, ends included
-AUTO = "auto"  # fields with auto=True also take "auto": the machine decides (distill.common.hardware)
-
-
-def _f(default, help: str, *, range: Range | None = None, auto: bool = False, **kw):
-    meta = {"help": help, "range": range, "auto": auto}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+_f = setting  # the one declaration form (distill.common.declare), short in this long table
 
 
 @dataclass
-class DistillConfig:
+class ModelSettings:
     # --- models ---
     teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
@@ -90,15 +44,12 @@ class DistillConfig:
     student_num_heads: int | None = _f(None, "attention heads of a student built with student_num_layers; must divide its width (default: the teacher's)", range=AT_LEAST_1)
     student_intermediate_size: int | None = _f(None, "feed-forward width of a student built with student_num_layers (default: the teacher's feed-forward/width ratio times its width)", range=AT_LEAST_1)
     # --- objective ---
-    weights: dict[str, float] = _f(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
-    temperature: float = _f(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
-                            range=Range(0, 100, low_open=True))
-    layer_map: list[list[int]] | None = _f(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)")
-    relation_heads: int = _f(RELATION_HEADS, f"relation heads of the MiniLMv2 terms ({term_list(select(feature='qkv'))}): split both models' query/key/value vectors into this many heads of their own size; must divide both widths (MiniLMv2: 48 for base-size teachers, 64 for large)", range=AT_LEAST_1)
-    relation_teacher_layer: int | None = _f(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
-    restrict_ce_to_mask: bool = _f(False, f"compute {'/'.join(select(logits_at=SOFT))} on masked positions only (default: every real token)")
-    projection: bool = _f(True, "learn a linear map student->teacher width where hidden sizes differ (dropped from the saved student)")
-    logit_chunk_rows: int = _f(0, f"run the vocabulary head over this many logit rows at a time, each chunk's gradient taken at once, so no [tokens, vocab] logits are held (the values are the whole head's); 0: auto (about 2^22 logits a chunk, at least a quarter of the head width in rows), -1: never chunk; applies when every logit term is a mean over rows ({term_list(k for k, spec in TERMS.items() if spec.row_mean)})", range=Range(-1))
+
+
+@dataclass
+class DistillConfig(ObjectiveSettings, ModelSettings):
+    """The whole recipe: the model and objective settings (declared where they are used), then the rest."""
+
     # --- ELECTRA ---
     generator: str | None = _f(None, "ELECTRA generator (ElectraForMaskedLM) that corrupts the input; ELECTRA recipes only")
     train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
@@ -107,10 +58,10 @@ class DistillConfig:
     corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>], a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
     block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included", range=Range(3))
     data_mode: str = _f("pack", "pack (fixed blocks, no padding) or group (one paragraph per sequence, batched by length)")
-    cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)")
+    cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)", resume=False)
     num_proc: int | str = _f(AUTO, "processes for tokenisation (datasets.map); auto: this process for small corpora "
                                    "(its tokenizer threads use the cores), one per usable core for large ones",
-                             range=AT_LEAST_1, auto=True)
+                             range=AT_LEAST_1, auto=True, resume=False)
     max_documents: int | None = _f(None, "use only the first N documents of the corpus (quick runs)", range=AT_LEAST_1)
     mlm_probability: float = _f(0.15, "fraction of tokens that are prediction targets", range=Range(0, 1, low_open=True))
     mask_smoothing: float = _f(0.7, "targets are drawn with probability proportional to count^-mask_smoothing",
@@ -136,23 +87,25 @@ class DistillConfig:
     force_o3: bool = _f(False, "allow fp16 O3 (pure fp16; it does not train well)")
     amp_backend: str = _f("native", "native (torch.amp) or apex (only if NVIDIA apex with apex.amp is importable)")
     # --- run ---
-    output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go")
-    overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir")
-    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)", range=NON_NEGATIVE)
-    save_total_limit: int = _f(2, "keep only the newest N checkpoints", range=AT_LEAST_1)
-    logging_steps: int = _f(10, "log every N optimiser steps", range=AT_LEAST_1)
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)")
+    output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go", resume=False)
+    overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir", resume=False)
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir", resume=False)
+    save_steps: int = _f(500, "checkpoint every N optimiser steps (0: no checkpoints)", range=NON_NEGATIVE, resume=False)
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints", range=AT_LEAST_1, resume=False)
+    logging_steps: int = _f(10, "log every N optimiser steps", range=AT_LEAST_1, resume=False)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (torchrun sets the local GPU)", resume=False)
     threads: int | str = _f(AUTO, "torch CPU threads; auto: the cores this process may use (its CPU affinity mask, "
-                                  "capped by OMP_NUM_THREADS when set)", range=AT_LEAST_1, auto=True)
-    progress: bool = _f(True, "draw a progress bar")
-    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train", range=NON_NEGATIVE)
+                                  "capped by OMP_NUM_THREADS when set)", range=AT_LEAST_1, auto=True, resume=False)
+    progress: bool = _f(True, "draw a progress bar", resume=False)
+    calibrate: int = _f(0, "measure each term's value and gradient norm on N batches without training, print weights that balance them (calibration.json in output_dir), then stop; 0: train", range=NON_NEGATIVE, resume=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+# What a resumed run must keep: read from the declarations, so a new field is kept unless it says otherwise.
+RESUME_FIELDS = resume_fields(DistillConfig)
 
 
 HINTS = typing.get_type_hints(DistillConfig)
@@ -197,13 +150,7 @@ def check_config(cfg: DistillConfig) -> None:
 def _check_ranges(cfg: DistillConfig) -> None:
     """Every numeric field against its declared Range, and the loss weights: NaN, inf and out-of-range values
     stop the run here, before anything is loaded or written, instead of as a traceback mid-run."""
-    for name, f in FIELDS.items():
-        allowed, value = f.metadata["range"], getattr(cfg, name)
-        if allowed is None or value is None or value == AUTO:
-            continue
-        if value not in allowed:
-            auto = ' or "auto"' if f.metadata["auto"] else ""
-            raise UsageError(f"{name}={value!r} is out of range: it must be a finite number in {allowed}{auto}")
+    check_ranges(cfg)
     for term, weight in (cfg.weights or {}).items():
         if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight not in NON_NEGATIVE:
             raise UsageError(f"weights[{term!r}]={weight!r} is out of range: a loss weight must be a finite number "
@@ -222,10 +169,12 @@ class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefault
     """The epilog as written, and each field's default after its help."""
 
 
-def build_parser() -> DataclassParser:
+def build_parser(cls=None) -> DataclassParser:
     """distill-train's flags: one per DistillConfig field (the same convention as glue-eval's), plus --config."""
+    cls = cls or DistillConfig
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     p = DataclassParser(
-        DistillConfig,
+        cls,
         prog="distill-train",
         description="Distil a student from a teacher. With no arguments: the offline demo (MiniLM teacher, "
                     "Wikipedia extract, 3-layer student, cos + hid_mse + att_mse).",
@@ -237,7 +186,7 @@ def build_parser() -> DataclassParser:
         formatter_class=_HelpFormat,
     )
     for action in p._actions:  # the allowed values, as the checks will hold them, after each field's help
-        f = FIELDS.get(action.dest)
+        f = fields.get(action.dest)
         if f is not None and f.metadata.get("range") is not None:
             action.help += f"; allowed: {f.metadata['range']}" + (' or "auto"' if f.metadata["auto"] else "")
     p.add_argument("--config", metavar="JSON", help="recipe file (student_configs/*.json)")

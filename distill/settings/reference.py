@@ -24,14 +24,19 @@ _SECTION = re.compile(r"^\s*#\s*---\s*(.+?)\s*---\s*$")
 _FIELD = re.compile(r"^\s*(\w+)\s*:")
 
 
-def _sections() -> dict[str, str]:
+def _sections(config=None) -> dict[str, str]:
     """field name -> the section comment above it in DistillConfig's source."""
-    section, out = "General", {}
-    for line in inspect.getsource(DistillConfig).splitlines():
-        if m := _SECTION.match(line):
-            section = m.group(1)[:1].upper() + m.group(1)[1:]
-        elif (m := _FIELD.match(line)) and m.group(1) in {f.name for f in dataclasses.fields(DistillConfig)}:
-            out[m.group(1)] = section
+    config = config or DistillConfig
+    out, names = {}, {f.name for f in dataclasses.fields(config)}
+    for cls in config.__mro__:  # the settings declared in other packages bring their own sections
+        if not dataclasses.is_dataclass(cls):
+            continue
+        section = "General"
+        for line in inspect.getsource(cls).splitlines():
+            if m := _SECTION.match(line):
+                section = m.group(1)[:1].upper() + m.group(1)[1:]
+            elif (m := _FIELD.match(line)) and m.group(1) in names:
+                out.setdefault(m.group(1), section)
     return out
 
 
@@ -43,9 +48,10 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def configuration_markdown() -> str:
+def configuration_markdown(config=None) -> str:
     """The whole of docs/configuration.md."""
-    sections = _sections()
+    config = config or DistillConfig
+    sections = _sections(config)
     lines = [
         "# Configuration: every `distill-train` field",
         "",
@@ -56,18 +62,26 @@ def configuration_markdown() -> str:
         "starting with `_` are comments. The resolved recipe is saved next to the student as",
         "`distill_config.json`. With no `--config`, `distill-train` starts from the demo recipe",
         f"(`student_configs/demo_minilm_3l.json`), which sets: {', '.join(f'`{k}`' for k in DEMO_RECIPE)}.",
+        "",
+        "*Resume keeps it*: `--resume` refuses a run whose value differs from the recorded one (it decides what",
+        "each step computes). *glue-eval*: the task stage (`glue-eval --teacher`) takes the same setting.",
+        "Each row is one declaration in the code (`distill.common.declare.setting`); this page, the flags, the",
+        "checks and the resume list are all read from it.",
     ]
     current = None
-    for f in dataclasses.fields(DistillConfig):
+    for f in dataclasses.fields(config):
         section = sections.get(f.name, "General")
         if section != current:
-            lines += ["", f"## {section}", "", "| field | default | meaning |", "|---|---|---|"]
+            lines += ["", f"## {section}", "", "| field | default | meaning | resume keeps it | glue-eval |",
+                      "|---|---|---|---|---|"]
             current = section
         help_text = f.metadata.get("help", "")
         allowed = f.metadata.get("range")
         if allowed is not None:
             help_text += f"; allowed: {allowed}" + (' or "auto"' if f.metadata.get("auto") else "")
-        lines.append(f"| `{f.name}` | `{_cell(json.dumps(_default(f)))}` | {_cell(help_text)} |")
+        task = f"`--{f.name}` (default `{json.dumps(f.metadata['task_default'])}`)" if f.metadata.get("task") else ""
+        lines.append(f"| `{f.name}` | `{_cell(json.dumps(_default(f)))}` | {_cell(help_text)} | "
+                     f"{'yes' if f.metadata.get('resume', True) else 'no'} | {_cell(task)} |")
     return "\n".join(lines) + "\n"
 
 

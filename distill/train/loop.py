@@ -11,7 +11,6 @@ process sees with N times the accumulation.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -20,7 +19,6 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distill import __version__
 from distill.common.assets import resolve_model_name, wiki_extract_path
 from distill.common.errors import UsageError
 from distill.common.io import (
@@ -62,13 +59,21 @@ from distill.settings.config import (
     DistillConfig,
     check_config,
 )
+from distill.train.checkpoints import (
+    CHECKPOINTS,
+    RunStats,
+    check_resume_config,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distill.train.distributed import (
+    NO_BUFFER_SYNC,
+    Dist,
+    all_finite,
+    setup_distributed,
+)
 
-CHECKPOINTS = "checkpoints"
-# buffers (position ids) are equal on every rank: no need to broadcast them each forward
-# (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                  if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-                  else {"broadcast_buffers": False})
 LOGS = "logs"
 
 
@@ -77,36 +82,6 @@ class TrainingError(RuntimeError):
 
 
 # --- setup ------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """Read torchrun's environment; one process without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
-
 
 def resolve_teacher(name: str) -> str:
     return resolve_model_name(name)  # the offline aliases (offline:all-MiniLM-L6-v2, offline:all-mpnet-base-v2)
@@ -120,21 +95,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- the step module: everything with gradients, so DDP sees one forward ----------------------
@@ -239,12 +199,8 @@ def _train(cfg: DistillConfig) -> str:
 
     source = pipeline_source(teacher_path, cfg.student)  # sentence-transformers in, sentence-transformers out
     sentence = read_pipeline(source, student_config) if source else None
-    objective = Objective.from_config(
-        cfg.weights, temperature=cfg.temperature, student_config=student_config, teacher_config=teacher_config,
-        student_layers=layers, layer_map=cfg.layer_map, restrict_ce_to_mask=cfg.restrict_ce_to_mask,
-        projection=cfg.projection, relation_heads=cfg.relation_heads, relation_teacher_layer=cfg.relation_teacher_layer,
-        logit_chunk_rows=cfg.logit_chunk_rows,
-    )
+    objective = Objective.from_config(settings=cfg, student_config=student_config, teacher_config=teacher_config,
+                                      student_layers=layers)
     precision = Precision.from_config(cfg.precision, cfg.fp16_opt_level, device=env.device, force_o3=cfg.force_o3,
                                       amp_backend=cfg.amp_backend)
     set_seed(cfg.seed)
@@ -464,14 +420,6 @@ def check_calibrate(cfg: DistillConfig, env: Dist) -> None:
         raise UsageError("--calibrate runs in one process: start it without torchrun")
 
 
-def all_finite(values: torch.Tensor, env: Dist) -> bool:
-    """True when every process's losses are finite (all processes stop together, or none does)."""
-    bad = (~torch.isfinite(values)).any().float()
-    if env.world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad)
-
-
 def freeze_unused(step_module: nn.Module, batch: dict, precision) -> list[str]:
     """Freeze parameters the objective never reaches (e.g. BERT's pooler, or a head no term uses).
 
@@ -501,13 +449,6 @@ def param_groups(module: nn.Module, weight_decay: float):
 
 
 # --- statistics and logging -------------------------------------------------------------------
-
-@dataclass
-class RunStats:
-    skipped: int = 0
-    tokens: int = 0
-    last_terms: dict | None = None
-
 
 class Window:
     """Sums of the loss and terms since the last log, kept on the device; one sync per step (the progress bar)."""
@@ -589,80 +530,6 @@ class Logger:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-
-def latest_checkpoint(out: Path) -> Path | None:
-    folder = Path(out) / CHECKPOINTS
-    found = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
-    return found[-1] if found else None
-
-
-def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, precision, stats, cfg, env: Dist):
-    """Everything needed to continue exactly, in one file written atomically (temp + rename)."""
-    rng = [None] * env.world
-    if env.world > 1:
-        dist.all_gather_object(rng, rng_state())
-    else:
-        rng = [rng_state()]
-    if not env.main:
-        return
-    folder = Path(out) / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step, "model": step_module.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "rng": rng,
-        "stats": {"skipped": stats.skipped, "tokens": stats.tokens}, "config": cfg.to_dict(), "version": __version__,
-        "world": env.world,
-    }
-    path = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(folder.glob("step-*.pt"))[:-max(cfg.save_total_limit, 1)]:
-        old.unlink()
-
-
-# Fields that decide what each step computes: a resumed run must keep them (logging, checkpoint
-# cadence, device and tokenisation workers may change).
-RESUME_FIELDS = ("teacher", "student", "student_layers", "student_type", *SIZE_FIELDS, "weights", "temperature", "layer_map",
-                 "relation_heads", "relation_teacher_layer", "restrict_ce_to_mask", "projection", "generator",
-                 "train_generator", "generator_weight", "corpus",
-                 "block_size", "data_mode", "max_documents", "mlm_probability", "mask_smoothing", "learning_rate",
-                 "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "warmup_ratio", "max_grad_norm",
-                 "per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps", "seed",
-                 "precision", "fp16_opt_level")
-
-
-def check_resume_config(cfg: DistillConfig, out: Path) -> None:
-    """--resume continues exactly only with the recipe the run started with: refuse a changed one."""
-    recorded = out / "distill_config.json"
-    if not recorded.exists():
-        return
-    before = json.loads(recorded.read_text())
-    now = cfg.to_dict()
-    for name in RESUME_FIELDS:
-        if name in before and before[name] != now[name]:
-            raise UsageError(
-                f"--resume with {name}={json.dumps(now[name])} but the run in {str(out)!r} started with "
-                f"{json.dumps(before[name])}: resume with the same recipe (its distill_config.json), or start a new run")
-
-
-def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, env: Dist):
-    state = torch.load(path, map_location=env.device, weights_only=False)
-    if state.get("world", env.world) != env.world:
-        raise UsageError(
-            f"--resume on {env.world} processes but {path} was written by a run on {state['world']}: the data "
-            "each step sees depends on the process count; resume with the same torchrun --nproc_per_node")
-    step_module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    precision.load_state_dict(state["precision"])
-    rngs = state["rng"]
-    set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    stats = RunStats(skipped=state["stats"]["skipped"], tokens=state["stats"]["tokens"])
-    if env.main:
-        print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
-    return state["step"], stats
-
 
 # --- the saved student ------------------------------------------------------------------------
 
