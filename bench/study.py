@@ -91,7 +91,7 @@ def objective_weights(obj: str) -> dict | None:
 
 # --- arguments --------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (under 15 min)")
     p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="hub id, folder, or the offline MiniLM")
@@ -158,7 +158,12 @@ def parse_args(argv=None):
     p.add_argument("--remeasure_distill", type=int, default=0, metavar="N",
                    help="run N distillation steps of each distilled row's recipe with this checkout's engine, "
                         "record its tokens/s and the full run's time at those rates, then write the report")
-    ns = p.parse_args(argv)
+    return p
+
+
+def fill_and_check(p, ns) -> None:
+    """--remeasure_distill's minimum, the presets under unset flags, the seed and objective lists (each objective
+    known, a calibrated one with two or more terms)."""
     if ns.remeasure_distill and ns.remeasure_distill < 4:
         p.error(f"--remeasure_distill {ns.remeasure_distill}: give 4 steps or more (the first logged quarter is "
                 "warm-up and left out), e.g. 60")
@@ -177,6 +182,11 @@ def parse_args(argv=None):
                         f"objective also as OBJECTIVE{CALIBRATED}")
             if o.endswith(CALIBRATED) and len(objective_weights(o)) < 2:
                 p.error(f"{flag}: {o!r} has one term: calibration balances two or more; drop {CALIBRATED}")
+
+
+def task_kd_rows(p, ns) -> None:
+    """``ns.kd_rows`` from --task_kd (its default when not given): ``(init, objective, terms, augmented)`` each,
+    every part checked against the rows it extends."""
     if ns.task_kd is None:
         kd = "kl+hard_ce+hid_mse+att_mse"
         ns.task_kd = [f"{ns.inits[0]}:{o}:{kd}" for o in ("hid_mse+att_mse", "qq_rel+kk_rel+vv_rel")
@@ -200,6 +210,13 @@ def parse_args(argv=None):
         ns.kd_rows.append((init, obj, terms, bool(aug)))
     if ns.augment < 1 and any(r[3] for r in ns.kd_rows):
         p.error(f"--augment {ns.augment}: the rows marked aug need 1 or more variants per example")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    ns = p.parse_args(argv)
+    fill_and_check(p, ns)
+    task_kd_rows(p, ns)
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
     ns.corpus_default = ns.corpus is None
@@ -764,14 +781,9 @@ def fmt(vals) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
-def findings(summary, speed, ns) -> list[str]:
-    by = {f"{init_name(r['layers'])}_{r['objective']}": r for r in summary
-          if r["kind"] == "student" and not r.get("task_kd")}
-    done = [r for r in summary if r["avg"] is not None]
-    if not any(r["kind"] == "teacher" for r in done):
-        return ["The teacher has no finished cells yet: no comparison possible."]
+def gain_lines(by: dict, ns) -> list[str]:
+    """Per initialisation: each distillation objective's points over fine-tuning alone."""
     lines = []
-    # does distillation help, per initialisation
     for layers in ns.inits:
         base = by.get(f"{init_name(layers)}_none")
         if not base or base["avg"] is None:
@@ -784,24 +796,35 @@ def findings(summary, speed, ns) -> list[str]:
         if parts:
             lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained; "
                          f"fine-tuned only: {base['retained']:.1f}%): " + ", ".join(parts) + ".")
-    # which initialisation wins
+    return lines
+
+
+def initialisation_lines(by: dict, ns) -> list[str]:
+    """Which initialisation wins, and each objective's spread across initialisations."""
     best_by_init = {}
     for layers in ns.inits:
         cands = [by.get(f"{init_name(layers)}_{o}") for o in objectives_of(layers, ns)]
         cands = [c for c in cands if c and c["avg"] is not None]
         if cands:
             best_by_init[layers] = max(cands, key=lambda c: c["avg"])
-    if best_by_init:
-        order = sorted(best_by_init.items(), key=lambda kv: -kv[1]["avg"])
-        lines.append("Best task-agnostic row per initialisation: " + "; ".join(
-            f"layers {k}: {v['retained']:.1f}% (" + v["label"].split(": ", 1)[1] + ")" for k, v in order) + ".")
-        for o in dict.fromkeys(ns.objective_list + ns.other_objective_list):
-            vals = {k: by.get(f"{init_name(k)}_{o}") for k in ns.inits}
-            vals = {k: v for k, v in vals.items() if v and v["avg"] is not None}
-            if len(vals) > 1:
-                lo, hi = min(v["retained"] for v in vals.values()), max(v["retained"] for v in vals.values())
-                lines.append(f"Spread across initialisations with {o if o != 'none' else 'fine-tuning only'}: "
-                             f"{hi - lo:.1f} points (" + ", ".join(f"{k}: {v['retained']:.1f}%" for k, v in vals.items()) + ").")
+    if not best_by_init:
+        return []
+    order = sorted(best_by_init.items(), key=lambda kv: -kv[1]["avg"])
+    lines = ["Best task-agnostic row per initialisation: " + "; ".join(
+        f"layers {k}: {v['retained']:.1f}% (" + v["label"].split(": ", 1)[1] + ")" for k, v in order) + "."]
+    for o in dict.fromkeys(ns.objective_list + ns.other_objective_list):
+        vals = {k: by.get(f"{init_name(k)}_{o}") for k in ns.inits}
+        vals = {k: v for k, v in vals.items() if v and v["avg"] is not None}
+        if len(vals) > 1:
+            lo, hi = min(v["retained"] for v in vals.values()), max(v["retained"] for v in vals.values())
+            lines.append(f"Spread across initialisations with {o if o != 'none' else 'fine-tuning only'}: "
+                         f"{hi - lo:.1f} points (" + ", ".join(f"{k}: {v['retained']:.1f}%" for k, v in vals.items()) + ").")
+    return lines
+
+
+def task_kd_lines(summary, by: dict) -> list[str]:
+    """Each task-KD row's points over the distilled student it starts from."""
+    lines = []
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
         if base and r["avg"] is not None and base["avg"] is not None:
@@ -810,6 +833,17 @@ def findings(summary, speed, ns) -> list[str]:
                          + f") on top of {base['label']} "
                          f"({base['retained']:.1f}%): "
                          f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
+    return lines
+
+
+def verdict(ns, met: bool, short: str) -> str:
+    return " (quick mode: not a result)." if ns.quick else ": met." if met else f": not met (short by {short})."
+
+
+def target_lines(done, by: dict, speed, ns) -> list[str]:
+    """The study's three targets: the best distilled student's share and speed, agnostic distillation's gain over
+    fine-tuning alone, the best student against the outside reference."""
+    lines = []
     distilled = [r for r in done if r.get("objective") not in (None, "none") and r["kind"] == "student"]
     if distilled:
         best = max(distilled, key=lambda r: r["avg"])
@@ -822,7 +856,6 @@ def findings(summary, speed, ns) -> list[str]:
                      + (" (quick mode: not a result)." if ns.quick else ": met." if target else
                         f": not met (short by {max(0.0, 98.0 - best['retained']):.1f} points"
                         + (f" and {1.9 - sp:.2f}x" if sp is not None and sp < 1.9 else "") + ")."))
-    # the issue's two other targets
     first = ns.inits[0]
     base = by.get(f"{init_name(first)}_none")
     agnostic = [by[k] for k in (f"{init_name(first)}_{o}" for o in objectives_of(first, ns) if o != "none")
@@ -832,40 +865,35 @@ def findings(summary, speed, ns) -> list[str]:
         gain = best_a["retained"] - base["retained"]
         lines.append(f"Target (task-agnostic distillation alone beats fine-tuning alone, layers {first}, by >= 2 "
                      f"points): best is {best_a['label']} at {gain:+.2f} points ({best_a['retained']:.1f}% against "
-                     f"{base['retained']:.1f}%)" + (" (quick mode: not a result)." if ns.quick else
-                                                   ": met." if gain >= 2 else f": not met (short by {2 - gain:.2f})."))
+                     f"{base['retained']:.1f}%)" + verdict(ns, gain >= 2, f"{2 - gain:.2f}"))
     ref = next((r for r in done if r["kind"] == "reference"), None)
     if ref and distilled:
         gap = best["retained"] - ref["retained"]
         lines.append(f"Target (best student beats {ref['label'].split(' (')[0]} by >= 1.5 points): {gap:+.1f} "
                      f"points ({best['retained']:.1f}% against {ref['retained']:.1f}%)"
-                     + (" (quick mode: not a result)." if ns.quick else
-                        ": met." if gap >= 1.5 else f": not met (short by {1.5 - gap:.1f})."))
+                     + verdict(ns, gap >= 1.5, f"{1.5 - gap:.1f}"))
+    return lines
+
+
+def findings(summary, speed, ns) -> list[str]:
+    """What the table says, computed from it: distillation's gains, the initialisations, task KD, the targets, and
+    the floor and the reference."""
+    by = {f"{init_name(r['layers'])}_{r['objective']}": r for r in summary
+          if r["kind"] == "student" and not r.get("task_kd")}
+    done = [r for r in summary if r["avg"] is not None]
+    if not any(r["kind"] == "teacher" for r in done):
+        return ["The teacher has no finished cells yet: no comparison possible."]
+    lines = gain_lines(by, ns) + initialisation_lines(by, ns) + task_kd_lines(summary, by)
+    lines += target_lines(done, by, speed, ns)
     for r in done:
         if r["kind"] in ("random", "reference"):
             lines.append(f"{r['label']}: {r['retained']:.1f}% of the teacher's average.")
     return lines
 
 
-def write_report(ns, rows, tasks, results, speed, params, timings, command, distill_speed=None) -> None:
-    import transformers
-
-    from distill.common.io import atomic_write_text
-
-    summary = summarise(rows, tasks, results, ns.seed_list)
-    for r in summary:
-        r["compute"] = row_compute(r, timings, ns)
-    own_timings = row_timings(rows, timings)
-    projection = projected_run(rows, own_timings, distill_speed, ns) if distill_speed else None
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
-    sp1 = speed.get("batch1", {}).get("speedup_median") if speed else None
-    mode = "QUICK MODE (tiny subsets, 1 seed, short distillation: a smoke test of the pipeline, not a result)" \
-        if ns.quick else "full run"
-    seeds_done = sorted({s for r in summary for s in r["seeds"]})
-    incomplete = [r["label"] for r in summary if len(r["seeds"]) < len(ns.seed_list)]
-    lines = [
+def report_title(ns, mode: str, command: str) -> list[str]:
+    """The report's title, when and how it was made (the preparation, then the run's command)."""
+    return [
         "# Distillation study: 3-layer students of all-MiniLM-L6-v2" if ns.teacher == "offline:all-MiniLM-L6-v2"
         else f"# Distillation study: students of {shown_path(ns.teacher, ns)}",
         "",
@@ -876,6 +904,15 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
         command,
         "```",
         "",
+    ]
+
+
+def setup_lines(ns, tasks, summary) -> list[str]:
+    """Machine, versions, teacher, tasks and fine-tuning, and the distillation recipe, one bullet each."""
+    import transformers
+
+    seeds_done = sorted({s for r in summary for s in r["seeds"]})
+    return [
         f"- Machine: {describe_machine()}; {torch.get_num_threads()} torch threads",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
@@ -893,6 +930,12 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
            "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "
            "near zero); cos: last layer against last layer" if ns.layer_map == "uniform" else
            "hid_mse/att_mse: student layer i against the teacher layer it was copied from; cos: last against last"),
+    ]
+
+
+def method_lines(ns, rows, speed, own_timings, projection) -> list[str]:
+    """The task-KD and augmentation rows, the calibrated weights, how speed was taken, and the compute spent."""
+    return [
         *([f"- Task KD rows: the distilled student fine-tuned with glue-eval `--teacher` (the teacher row's model "
            f"fine-tuned on the same task with the same seed), each term weight 1 ({'+'.join(TASK_KD_TERMS)} unless "
            f"the row names its terms), T={TASK_KD_TEMPERATURE:g}, hid_mse/att_mse over the row's layer map; "
@@ -919,15 +962,18 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
         *([distill_speed_line(projection)] if projection else []),
         "",
     ]
-    if incomplete:
-        lines += [f"**Incomplete:** {len(incomplete)} of {len(summary)} rows have fewer seeds than asked (column n): "
-                  "the run was stopped before their cells.", ""]
+
+
+def table_lines(summary, tasks, params, speed) -> list[str]:
+    """The results table, one row per model, and the paragraph that says what its columns are."""
+    sp32 = speed.get("batch32", {}).get("speedup_median") if speed else None
+    sp1 = speed.get("batch1", {}).get("speedup_median") if speed else None
     sp = next((params[r["name"]] for r in summary if r["kind"] == "student" and r["name"] in params), None)
     arch = (f" ({sp['total'] / 1e6:.1f}M parameters, of which {(sp['total'] - sp['non_embedding']) / 1e6:.1f}M are "
             "embeddings)") if sp else ""
     head = ["model", "n", *[t.name for t in tasks], "average", "% of teacher", "params (M)", "speed-up b32", "speed-up b1",
             "distil min (tokens)", "fine-tune min/seed"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         p = params.get(r["name"])
         is_teacher = r["kind"] == "teacher"
@@ -940,22 +986,50 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
                  "1.00" if is_teacher else (f"{sp1:.2f}" if sp1 else "–"),
                  *fmt_compute(r["compute"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores are each task's dev score in % (accuracy for the local tasks; GLUE's task score, e.g. "
-              "Matthews correlation for CoLA, for GLUE tasks), mean ± standard deviation over the seeds; the "
-              "average is per seed, then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
-              "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them. "
-              "Compute is wall clock as measured on this machine: a distilled row's distillation (with its "
-              "calibration; a task-KD row starts from the same distilled model, so it shares that figure) and "
-              "tokens seen, and its fine-tuning per seed over all tasks (a task-KD row's includes the teacher "
-              "passes and any augmentation).",
-              "", "## Findings (computed from the table)", ""]
+    return lines + ["", "Scores are each task's dev score in % (accuracy for the local tasks; GLUE's task score, e.g. "
+                    "Matthews correlation for CoLA, for GLUE tasks), mean ± standard deviation over the seeds; the "
+                    "average is per seed, then over seeds; % of teacher is against the teacher on the same seeds; n is the number of seeds "
+                    "done. Every student row has one architecture" + arch + ", so one speed-up applies to all of them. "
+                    "Compute is wall clock as measured on this machine: a distilled row's distillation (with its "
+                    "calibration; a task-KD row starts from the same distilled model, so it shares that figure) and "
+                    "tokens seen, and its fine-tuning per seed over all tasks (a task-KD row's includes the teacher "
+                    "passes and any augmentation)."]
+
+
+def findings_lines(summary, speed, ns) -> list[str]:
+    """The findings section: the caveats of quick mode and of one seed, then :func:`findings`, one bullet each."""
+    lines = ["", "## Findings (computed from the table)", ""]
     if ns.quick:
         lines += ["Quick mode fine-tunes on 160 examples for one epoch (5 steps): scores sit near chance and the "
                   "lines below only show that every piece of the pipeline ran. Do not read them as results.", ""]
     if max((len(r["seeds"]) for r in summary), default=0) == 1 and not ns.quick:
         lines += ["One seed per row so far: the spread between seeds is not measured yet, so read differences of a "
                   "point or two as noise.", ""]
-    lines += [f"- {x}" for x in findings(summary, speed, ns)]
+    return lines + [f"- {x}" for x in findings(summary, speed, ns)]
+
+
+def write_report(ns, rows, tasks, results, speed, params, timings, command, distill_speed=None) -> None:
+    """OUT.md (the table, how it was made, the findings), OUT.json (the same, and every figure) and OUT.png."""
+    import transformers
+
+    from distill.common.io import atomic_write_text
+
+    summary = summarise(rows, tasks, results, ns.seed_list)
+    for r in summary:
+        r["compute"] = row_compute(r, timings, ns)
+    own_timings = row_timings(rows, timings)
+    projection = projected_run(rows, own_timings, distill_speed, ns) if distill_speed else None
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mode = "QUICK MODE (tiny subsets, 1 seed, short distillation: a smoke test of the pipeline, not a result)" \
+        if ns.quick else "full run"
+    incomplete = [r["label"] for r in summary if len(r["seeds"]) < len(ns.seed_list)]
+    lines = (report_title(ns, mode, command) + setup_lines(ns, tasks, summary)
+             + method_lines(ns, rows, speed, own_timings, projection))
+    if incomplete:
+        lines += [f"**Incomplete:** {len(incomplete)} of {len(summary)} rows have fewer seeds than asked (column n): "
+                  "the run was stopped before their cells.", ""]
+    lines += table_lines(summary, tasks, params, speed) + findings_lines(summary, speed, ns)
     lines += ["", "![study](study.png)" if out.name == "study" else f"![study]({out.name}.png)", ""]
     atomic_write_text(str(out) + ".md", "\n".join(lines))
     atomic_write_text(str(out) + ".json", json.dumps({
