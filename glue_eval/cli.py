@@ -3,6 +3,7 @@
     glue-eval --model STUDENT --task rte --output_dir OUT [any TrainingArguments flag]
     glue-eval --model STUDENT --grid default --output_dir OUT
     glue-eval report OUT [--teacher_results TEACHER_OUT]
+    glue-eval --backend torch,onnx,onnx-int8 --model FINETUNED --task rte --output_dir OUT   (backends.py)
 
 Arguments are parsed with :class:`distill.settings.arguments.DataclassParser` (the convention distill-train
 shares: transformers' ``HfArgumentParser`` plus JSON-valued fields) over :class:`GlueArguments` and
@@ -60,6 +61,10 @@ def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "report":
         return _report(argv[1:])
+    if any(a.split("=")[0] == "--backend" for a in argv):  # evaluate a fine-tuned folder, torch and ONNX side by side
+        from .backends import main as evaluate_backends
+
+        return evaluate_backends(argv)
     glue, args = _parse(argv)
 
     from .finetune import apply_precision, precision_check
