@@ -161,7 +161,8 @@ def _corpus(path: Path) -> str:
 
 def _train_args(teacher, corpus, out, tmp_path, **overrides):
     values = dict(teacher=teacher, corpus=corpus, output_dir=str(out), cache_dir=str(tmp_path / "cache"),
-                  student_layers=[1, 4], weights={"hid_mse": 1.0, "att_mse": 1.0, "vv_rel": 1.0}, block_size=24,
+                  student_layers=[1, 4], weights={"hid_mse": 1.0, "att_mse": 1.0, "vv_rel": 1.0, "sent_mse": 1.0},
+                  block_size=24,
                   data_mode="group", per_device_batch_size=8, learning_rate=1e-3, max_steps=6, precision="fp32",
                   relation_heads=4, save_steps=0, logging_steps=1, progress=False, device="cpu")
     values.update(overrides)
@@ -174,7 +175,7 @@ def test_distill_train_distils_a_sentence_mpnet_into_a_sentence_student(sentence
     out = tmp_path / "run"
     assert train_main(_train_args(sentence_mpnet_dir, _corpus(tmp_path / "c.txt"), out, tmp_path)) == 0
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
-    for term in ("hid_mse", "att_mse", "vv_rel"):
+    for term in ("hid_mse", "att_mse", "vv_rel", "sent_mse"):
         assert all(term in row and row[term] > 0 for row in log), term
     assert log[-1]["loss"] < log[0]["loss"]
     model, info = AutoModel.from_pretrained(out, output_loading_info=True)

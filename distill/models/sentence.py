@@ -195,4 +195,47 @@ def _fit_width(pipeline: SentencePipeline, width: int, source: str, what: str) -
             features = config.get("out_features", features)
 
 
-__all__ = ["SentencePipeline", "is_sentence_model", "pipeline_source", "pooling_mode", "read_pipeline"]
+# the modes distill.objective.losses.pool_sentence computes (models/ sits below objective/: named here too)
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")
+# sentence-transformers' legacy Pooling flags, in the order it concatenates the modes they turn on
+_LEGACY_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+                 ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+                 ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))
+
+
+def sentence_pooling(source: str, what: str = "teacher") -> dict | None:
+    """How a sentence-transformers model turns token states into its embedding: ``{"modes": ["mean"],
+    "normalize": True}`` (its Pooling modes, in the order it concatenates them, and whether a Normalize
+    follows); None for a plain transformers model (sentence-transformers would mean-pool it).
+
+    A pipeline whose embedding is more than pooled token states (a Dense layer, a second Pooling) is
+    refused with one line: the sentence-embedding terms pool the hidden states themselves.
+    """
+    modules_path = _fetch(source, MODULES) if source else None
+    if modules_path is None:
+        return None
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        kinds = [_kind(m) for m in modules]
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        raise UsageError(f"the {what} {source!r} has a {MODULES} that is not a list of modules: "
+                         "re-save it with SentenceTransformer.save") from None
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
+        raise UsageError(f"the {what} {source!r} makes its sentence embedding with modules {kinds}: the "
+                         "sentence-embedding terms (sent_mse, sent_cos) follow Transformer -> Pooling [-> Normalize] "
+                         "only; distil its token states instead (hid_mse, cos)")
+    config_path = _fetch(source, f"{modules[1]['path']}/config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
+    if "pooling_mode" in config:
+        modes = [config["pooling_mode"]] if isinstance(config["pooling_mode"], str) else list(config["pooling_mode"])
+    else:
+        modes = [mode for key, mode in _LEGACY_MODES if config.get(key) is True] or ["mean"]
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown:
+        raise UsageError(f"the {what} {source!r} pools with {unknown[0]!r}: the sentence-embedding terms pool with "
+                         f"{', '.join(POOLING_MODES)}")
+    return {"modes": modes, "normalize": "Normalize" in kinds}
+
+
+__all__ = ["SentencePipeline", "is_sentence_model", "pipeline_source", "pooling_mode", "read_pipeline",
+           "sentence_pooling"]

@@ -663,3 +663,79 @@ def relation_kl(student_x: Tensor, teacher_x: Tensor, mask: Tensor | None, relat
 
 
 __all__ += ["relation_kl", "check_relation_heads"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sentence embeddings: token states pooled as a sentence-transformers pipeline pools them
+
+SENTENCE_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")
+
+
+@_full_precision
+def pool_sentence(hidden: Tensor, mask: Tensor, modes: tuple[str, ...] = ("mean",), normalize: bool = False) -> Tensor:
+    """The sentence embedding sentence-transformers' Pooling (and Normalize) module makes of token states.
+
+    Args:
+        hidden: ``[B, S, H]`` token states; ``mask`` ``[B, S]`` (1 = real token). What sits in padding
+            never counts (it is replaced, not multiplied, so inf/NaN there cannot leak in).
+        modes: pooled vectors, concatenated in this order: ``cls`` (the first real token), ``max``,
+            ``mean``, ``mean_sqrt_len_tokens`` (sum / sqrt(length)), ``lasttoken`` (the last real token).
+        normalize: divide each embedding by its L2 norm (a Normalize module after the Pooling).
+
+    Returns:
+        ``[B, H * len(modes)]``, float32 (float64 for float64 input).
+    """
+    if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"pool_sentence: expected hidden [B, S, H] and mask [B, S], got {tuple(hidden.shape)} "
+                         f"and {tuple(mask.shape)}")
+    h, keep = _wide(hidden), mask.to(device=hidden.device, dtype=torch.bool)
+    rows = torch.arange(h.shape[0], device=h.device)
+    lengths = keep.sum(1, keepdim=True).to(h.dtype).clamp(min=1e-9)
+    total = torch.where(keep[..., None], h, 0).sum(1)
+    pooled = []
+    for mode in modes:
+        if mode == "cls":
+            pooled.append(h[rows, keep.int().argmax(1)])
+        elif mode == "lasttoken":
+            pooled.append(h[rows, h.shape[1] - 1 - keep.flip(1).int().argmax(1)])
+        elif mode == "max":
+            pooled.append(torch.where(keep[..., None], h, float("-inf")).max(1).values)
+        elif mode == "mean":
+            pooled.append(total / lengths)
+        elif mode == "mean_sqrt_len_tokens":
+            pooled.append(total / lengths.sqrt())
+        else:
+            raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(SENTENCE_POOLING_MODES)}")
+    out = torch.cat(pooled, dim=-1)
+    return F.normalize(out, p=2, dim=-1) if normalize else out
+
+
+@_full_precision
+def sentence_mse(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor, modes: tuple[str, ...] = ("mean",),
+                 normalize: bool = False) -> Tensor:
+    """MSE between the two models' pooled sentence embeddings (sentence-transformers' ``MSELoss``, the
+    objective of Reimers & Gurevych 2020 for distilling embedding models).
+
+    Args:
+        student_hidden, teacher_hidden: ``[B, S, H]`` last hidden states (same ``H``: project first);
+            ``mask`` ``[B, S]``; ``modes`` and ``normalize`` as :func:`pool_sentence`.
+
+    Returns:
+        scalar: the mean over sentences and embedding features of the squared difference.
+    """
+    _check_same_shape(student_hidden, teacher_hidden, "sentence_mse")
+    s, t = pool_sentence(student_hidden, mask, modes, normalize), pool_sentence(teacher_hidden, mask, modes, normalize)
+    return _mean((s - t) ** 2)
+
+
+@_full_precision
+def sentence_cosine(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor, modes: tuple[str, ...] = ("mean",),
+                    normalize: bool = False) -> Tensor:
+    """``mean over sentences of 1 - cos(e_s, e_t)`` between pooled sentence embeddings (arguments as
+    :func:`sentence_mse`; normalising does not change a cosine). Scalar in ``[0, 2]``."""
+    _check_same_shape(student_hidden, teacher_hidden, "sentence_cosine")
+    s, t = pool_sentence(student_hidden, mask, modes), pool_sentence(teacher_hidden, mask, modes)
+    return _mean(1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8))
+
+
+__all__ += ["pool_sentence", "sentence_mse", "sentence_cosine", "SENTENCE_POOLING_MODES"]

@@ -56,6 +56,7 @@ from distill.models.loading import (
     role_from_architectures,
     role_of,
 )
+from distill.models.sentence import sentence_pooling
 from distill.models.vocab_head import DeferredLogits, chunk_rows, chunked
 from distill.objective.losses import check_relation_heads, check_temperature
 from distill.objective.settings import ObjectiveSettings
@@ -77,6 +78,7 @@ from distill.objective.terms import (
 __all__ = ["Objective", "Request", "TERMS", "TermSpec"]  # TERMS, TermSpec: the registry, re-exported
 
 ROLES = ("student", "teacher")
+_MEAN_POOLING = {"modes": ["mean"], "normalize": False}  # how sentence-transformers pools a plain transformers model
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,8 @@ class Objective(nn.Module):
                      if relations or k not in ("relation_heads", "relation_teacher_layer")},
                   "weights": dict(active), "student_layers": list(student_layers) if student_layers is not None else None,
                   "layer_map": [list(p) for p in pairs_map] if pairs_map else None, "sequence_level": bool(sequence_level)}
+        if any(spec.pooled for spec in specs.values()):  # pooled as the teacher's sentence-transformers pipeline
+            record["sentence_pooling"] = sentence_pooling(getattr(teacher_cfg, "name_or_path", "")) or _MEAN_POOLING
         return cls(settings=settings, weights=active,
                    layer_pairs=_layer_pairs(specs, pairs_map, n_student, n_teacher, settings.relation_teacher_layer),
                    logits_at=_logits_at(specs, settings.restrict_ce_to_mask, sequence_level),
@@ -424,7 +428,8 @@ class Objective(nn.Module):
         (key -> labels at the logit rows) defaults to :meth:`targets`."""
         return TermContext(batch=batch, mask=_batch_value(batch, "attention_mask").bool(),
                            temperature=self.settings.temperature, relation_heads=self.settings.relation_heads,
-                           labels=labels or (lambda key: self.targets(batch, key)))
+                           labels=labels or (lambda key: self.targets(batch, key)),
+                           sentence_pooling=self._record.get("sentence_pooling"))
 
     def _term(self, name: str, student: Features, teacher: Features, batch: Mapping) -> Tensor:
         """One term's value: ``spec.loss(student, teacher, ctx)`` on the logits, or on each layer pair

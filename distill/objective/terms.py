@@ -12,7 +12,8 @@ Every term is called the same way: ``loss(student, teacher, ctx)``. ``student`` 
 ``teacher`` are the two tensors it compares (one layer pair's hidden states, attention maps,
 value or query/key/value vectors, or the logit rows of its head; ``teacher`` is None for a
 term against labels only), and ``ctx`` is a :class:`TermContext`: the attention mask, the
-temperature, the relation heads and the labels lined up with the logit rows. A term with
+temperature, the relation heads, the labels lined up with the logit rows and the teacher's
+sentence pooling. A term with
 its own logit gradient takes ``logit_grad(student, teacher, ctx, scale, out)`` likewise.
 """
 
@@ -58,6 +59,9 @@ class TermContext:
     labels: ``key -> labels`` lined up with the student's logit rows of this call (at token level the
         ``[B, S]`` labels gathered at the head's positions, a chunk's rows in the chunked head; at
         sequence level the ``[B]`` labels).
+    sentence_pooling: for the ``pooled`` terms, how the teacher's sentence-transformers pipeline pools:
+        ``{"modes": ["mean"], "normalize": True}`` (None: mean pooling, not normalised, as
+        sentence-transformers pools a plain model).
     """
 
     batch: Mapping
@@ -65,6 +69,7 @@ class TermContext:
     temperature: float
     relation_heads: int
     labels: Callable[[str], "Tensor"]
+    sentence_pooling: Mapping | None = None
 
     def targets(self, key: str) -> "Tensor":
         """The labels ``batch[key]`` at this call's logit rows."""
@@ -99,6 +104,8 @@ class TermSpec:
         (regression) task head cannot use it.
     projects: the student's hidden states go through a learned width projection when
         the widths differ.
+    pooled: compares sentence embeddings, the last hidden states pooled (and normalised) as the
+        teacher's sentence-transformers pipeline does (``TermContext.sentence_pooling``).
     source: where it comes from (paper or code base), for the docs.
     row_mean: for a token-level logit term whose value is a mean over logit rows: ``"rows"``
         (every row given counts) or the batch key of the labels whose ``-100`` rows do not count
@@ -133,6 +140,7 @@ class TermSpec:
     source: str = ""
     row_mean: str | None = None
     logit_grad: Callable | None = None
+    pooled: bool = False
 
     def __post_init__(self):
         problems = []
@@ -167,6 +175,9 @@ class TermSpec:
             problems.append("logit_grad is a function, for a row_mean term only (its gradient over a chunk of rows)")
         if self.projects and self.feature != "hidden":
             problems.append("only hidden-state terms can go through a width projection")
+        if self.pooled and (self.feature != "hidden" or self.layers != "last"):
+            problems.append("a pooled (sentence-embedding) term compares the last hidden states: feature 'hidden', "
+                            "layers 'last'")
         if not callable(self.loss):
             problems.append("loss must be a function")
         if problems:
@@ -322,6 +333,19 @@ def masked(loss: Callable) -> Callable:
     return term
 
 
+def pooled(loss: Callable) -> Callable:
+    """A sentence-embedding loss ``loss(student, teacher, mask, modes, normalize)`` as a term, pooling as
+    ``ctx.sentence_pooling`` says (default: mean, not normalised)."""
+
+    def term(student, teacher, ctx: TermContext):
+        how = ctx.sentence_pooling or {}
+        return loss(student, teacher, ctx.mask, tuple(how.get("modes", ("mean",))), bool(how.get("normalize", False)))
+
+    term.__name__ = term.__qualname__ = loss.__name__
+    term.__doc__ = loss.__doc__
+    return term
+
+
 _MLM = frozenset({"mlm"})
 _RTD = frozenset({"rtd"})
 _RELATION = ("KL between `softmax(x_r x_rᵀ / √d)` of teacher and student, `x` = one layer's {} split into "
@@ -374,6 +398,14 @@ for _spec in (
              "KL between `softmax(V Vᵀ / √d)` of teacher and student, per head and query row, over real keys "
              "(`d` = each model's head size)", "real query rows and heads; last layers", layers="last",
              source="MiniLM"),
+    TermSpec("sent_mse", "hidden", pooled(losses.sentence_mse), "sentence-embedding MSE: the student's "
+             "pooled sentence embedding against the teacher's", "`(pool(W h_s) − pool(h_t))²`, pooled (and "
+             "normalised) as the teacher's sentence-transformers pipeline: mean, CLS, max", "sentences and "
+             "embedding features; last layers", layers="last", projects=True, sequence_level=False, pooled=True,
+             source="Reimers & Gurevych 2020"),
+    TermSpec("sent_cos", "hidden", pooled(losses.sentence_cosine), "cosine distance of the pooled sentence "
+             "embeddings", "`1 − cos(pool(W h_s), pool(h_t))`", "sentences; last layers", layers="last",
+             projects=True, sequence_level=False, pooled=True, source="sentence-transformers"),
     *(TermSpec(key, "qkv", _relation, f"{what} self-attention relation KL", _RELATION.format({"query": "queries", "key": "keys", "value": "values"}[vec]), _RELATION_OVER,
                layers="relation", vectors=vec, sequence_level=False, source="MiniLMv2")
       for key, vec, what in (("qq_rel", "query", "query-query"), ("kk_rel", "key", "key-key"),
@@ -448,6 +480,8 @@ def markdown() -> str:
         f"{keys(k for k, s in TERMS.items() if s.feature in PER_HEAD)}.",
         f"- Go through a learned width projection when the widths differ: {keys(select(projects=True))}.",
         f"- Follow the layer map: {keys(select(layers='map'))}.",
+        f"- Pool the last hidden states into sentence embeddings as the teacher's sentence-transformers "
+        f"pipeline does (its Pooling modes and Normalize; mean for a plain teacher): {keys(select(pooled=True))}.",
         f"- Are a mean over logit rows, so they run over a vocabulary head chunk by chunk, never holding "
         f"`[tokens, vocab]` logits (`logit_chunk_rows`; on when every active logit term is one of them): "
         f"{keys(k for k, s in TERMS.items() if s.row_mean)}.",
