@@ -204,6 +204,7 @@ def test_bad_inputs_are_one_line_and_nothing_is_written(vocab, tmp_path, capsys,
     empty.mkdir()
     _refused(capsys, [str(empty)], empty, "has no config.json")
     _refused(capsys, [str(tmp_path / "missing")], tmp_path, "does not exist")
+    _refused(capsys, ["bert-base-uncased"], tmp_path, "is not a local folder")  # a hub id: nothing to write into
     _refused(capsys, [str(folder), "--head", "pooler"], folder, "'pooler'")
     _refused(capsys, [str(folder), "--head", "sentence"], folder, "--head encoder")
     _refused(capsys, [str(folder), "--head", "classifier"], folder, "glue-eval --save_model")

@@ -335,9 +335,13 @@ def export_folder(folder: str | os.PathLike, head: str = "auto", quantize: str =
     import onnxruntime
     import transformers
 
-    from distill.models.loading import load_config
+    from distill.models.loading import check_model_path, load_config
 
     folder = str(folder)
+    if not os.path.isdir(folder):
+        check_model_path(folder, "model")  # a path that does not exist: one line naming it
+        raise UsageError(f"{folder!r} is not a local folder: distill-export writes into the model folder; save the "
+                         "model there first (from_pretrained(...).save_pretrained(DIR), with its tokenizer)")
     config = load_config(folder, "model")
     family = family_of(config)
     head = check_head(folder, config, head)
