@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from glue_eval.samples import write_glue_sample
 from tests import tiny
@@ -126,12 +127,29 @@ def test_the_calibrated_row_distils_with_the_weights_its_calibration_suggests(fi
     assert json.dumps(record["suggested_weights"]) in md
 
 
-def test_the_relations_row_distils_the_three_relation_terms(finished):
+def test_the_relations_row_distils_the_three_relation_terms(finished, bert_mlm_dir):
+    """MiniLMv2's terms read the last layer's queries, keys and values only. So the distilled student's last layer
+    (a copy of teacher layer 3) must have moved in its query, key and value weights, each of which only its own term
+    reaches, and kept everything after the attention scores bit for bit as the teacher has it: the attention output,
+    the feed-forward block, their LayerNorms and the MLM head's transform, which a cos, hid_mse, att_mse, ce or mlm
+    term would have moved (weight decay is 0)."""
+    from safetensors.torch import load_file
+
     root, _, _ = finished
     (model,) = (root / "work" / "models").glob("L1-3_qq_rel+kk_rel+vv_rel_*_rh4")
     config = json.loads((model / "distill_config.json").read_text())
-    assert config["weights"] == {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0} and config["relation_heads"] == 4
-    assert config["layer_map"] is None  # the relation terms compare last layers: no map
+    assert config["relation_heads"] == 4 and config["weight_decay"] == 0.0
+    student = load_file(str(model / "model.safetensors"))
+    teacher = load_file(str(Path(bert_mlm_dir) / "model.safetensors"))
+    last, copied = "bert.encoder.layer.1.", "bert.encoder.layer.2."  # student layer 2 <- teacher layer 3
+    after_scores = [k for k in student if k.startswith(last) and not k.startswith(last + "attention.self.")]
+    after_scores += [k for k in student if k.startswith("cls.predictions.transform.")]
+    assert len(after_scores) == 10 + 4  # attention output dense + LN, intermediate, output dense + LN; transform
+    for key in after_scores:
+        assert torch.equal(student[key], teacher[key.replace(last, copied)]), f"{key} moved"
+    for part in ("query", "key", "value"):  # qq_rel, kk_rel, vv_rel: each reaches its own projection only
+        key = f"{last}attention.self.{part}.weight"
+        assert not torch.equal(student[key], teacher[key.replace(last, copied)]), f"{key} did not move"
 
 
 def test_each_row_reports_its_own_measured_compute(finished):
@@ -200,13 +218,50 @@ def test_task_kd_rows_follow_the_flag(study, bert_mlm_dir):
             study.parse_args(base + ["--objectives", bad])
 
 
-def test_the_default_rows(study, bert_mlm_dir):
-    ns = study.parse_args(["--teacher", bert_mlm_dir, "--reference", "none", "--layer_map", "init"])
-    assert [r["name"] for r in study.make_rows(ns)] == [
-        "teacher", "random", "L2-4-6_none", "L2-4-6_cos", "L2-4-6_hid_mse+att_mse",
-        "L2-4-6_hid_mse+att_mse_kd_kl+hard_ce+hid_mse+att_mse", "L2-4-6_hid_mse+att_mse@cal",
-        "L2-4-6_qq_rel+kk_rel+vv_rel", "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse",
-        "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse_aug4", "L1-2-3_none", "L4-5-6_none"]
+def test_the_default_rows(study, vocab_dir, tmp_path):
+    """The study that runs with no row flags, against its documented defaults written out here: inits 2,4,6, 1,2,3
+    and 4,5,6; the first fine-tuned only and distilled with cos, hid_mse+att_mse (also calibrated) and the relations;
+    task KD (kl+hard_ce+hid_mse+att_mse) on the hid_mse+att_mse and relations students, the relations one again on 4
+    augmented variants; the other inits fine-tuned only; a random floor. A 12-layer teacher makes the uniform map
+    (student layer i -> teacher layer 4i) differ from the init, so a row that distils over the wrong layers shows."""
+    teacher = tiny.save_model("bert_mlm", tmp_path / "teacher12", vocab_dir, num_hidden_layers=12)
+    ns = study.parse_args(["--teacher", teacher, "--cache_dir", str(tmp_path / "cache")])
+    ns.train_precision = "fp32"  # main() resolves --precision auto here; no row depends on it
+    uniform = [[1, 4], [2, 8], [3, 12]]
+    hid, rel, kd = {"hid_mse": 1.0, "att_mse": 1.0}, {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}, \
+        ["kl", "hard_ce", "hid_mse", "att_mse"]
+    # name: (kind, init, weights distill-train gets (None: no distillation), its layer map, task-KD terms, variants)
+    want = {
+        "teacher": ("teacher", None, None, None, None, 0),
+        "random": ("random", "2,4,6", None, None, None, 0),
+        "L2-4-6_none": ("student", "2,4,6", None, None, None, 0),
+        "L2-4-6_cos": ("student", "2,4,6", {"cos": 1.0}, None, None, 0),
+        "L2-4-6_hid_mse+att_mse_map4-8-12": ("student", "2,4,6", hid, uniform, None, 0),
+        "L2-4-6_hid_mse+att_mse_map4-8-12_kd_kl+hard_ce+hid_mse+att_mse": ("student", "2,4,6", hid, uniform, kd, 0),
+        "L2-4-6_hid_mse+att_mse@cal_map4-8-12": ("student", "2,4,6", hid, uniform, None, 0),  # weights: calibrated
+        "L2-4-6_qq_rel+kk_rel+vv_rel": ("student", "2,4,6", rel, None, None, 0),
+        "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse": ("student", "2,4,6", rel, None, kd, 0),
+        "L2-4-6_qq_rel+kk_rel+vv_rel_kd_kl+hard_ce+hid_mse+att_mse_aug4": ("student", "2,4,6", rel, None, kd, 4),
+        "L1-2-3_none": ("student", "1,2,3", None, None, None, 0),
+        "L4-5-6_none": ("student", "4,5,6", None, None, None, 0),
+    }
+    rows = study.make_rows(ns)
+    got = {}
+    for row in rows:
+        distilled = row["kind"] == "student" and row["objective"] != "none"
+        settings = study.distill_settings(row, study.objective_weights(row["objective"]), ns) if distilled else {}
+        if settings:
+            assert settings["student_layers"] == [int(x) for x in row["layers"].split(",")]
+        got[row["name"]] = (row["kind"], row.get("layers"), settings.get("weights"), settings.get("layer_map"),
+                            row.get("task_kd"), row.get("augment", 0))
+    assert got == want
+    assert [r["name"] for r in rows] == list(want)  # the table's order: cheap rows after the teacher
+    # a task-KD row fine-tunes the distilled folder of its base row, over the same uniform map (hid_mse/att_mse)
+    folders = {r["name"]: study.model_folder(r, ns) for r in rows if r["kind"] != "teacher"}
+    for r in (r for r in rows if r.get("task_kd")):
+        assert folders[r["name"]] == folders[r["model"]] and not r["model"].endswith("_kd")
+        assert (r.get("loss_layers") or study.loss_targets(r["layers"], ns)) == [t for _, t in uniform]
+    assert len({f for n, f in folders.items() if "_kd" not in n}) == len(want) - 1 - 3  # the rest: a folder each
 
 
 def test_clipping_texts_to_max_seq_length_words_keeps_every_token_the_model_reads(study, vocab_dir):
