@@ -137,7 +137,7 @@ def kill_after_checkpoint(values: dict, checkpoint_step: int, timeout: float = 2
     proc = subprocess.Popen([shutil.which("distill-train")] + cli_args(values), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    first = out / "checkpoints" / f"step-{checkpoint_step:08d}.pt"
+    first = out / "checkpoints" / f"step-{checkpoint_step:08d}"  # a folder, renamed into place whole
     deadline = time.time() + timeout
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
