@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.common.errors import UsageError
 from glue_eval.cli import main
@@ -121,8 +122,60 @@ def test_intermediate_terms_run_with_the_layer_map(teacher, keyword_task, bert_m
     weights = '{"kl": 1.0, "hard_ce": 1.0, "hid_mse": 1.0, "att_mse": 1.0}'
     main(["--model", bert_mlm_dir, "--task", str(keyword_task / "task.json"), "--output_dir", str(out),
           "--teacher", str(next(teacher.rglob("model"))), "--distill_weights", weights, "--student_layers", "1,2,3,4",
-          "--use_cpu", "--max_steps", "2", "--disable_tqdm", "true"])
-    assert _result(out)["settings"]["student_layers"] == "1,2,3,4"
+          "--use_cpu", "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"])
+    record = _result(out)
+    assert record["settings"]["student_layers"] == "1,2,3,4"
+    assert record["settings"]["distill_weights"] == json.loads(weights)
+
+
+def _layer_map_terms(student_layers: str, vocab_dir):
+    """glue-eval's own stage objective and trainer on one padded batch: (its terms, float64 by hand)."""
+    from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    from glue_eval.distillation import stage_objectives
+    from glue_eval.finetune import GlueArguments
+    from glue_eval.trainer import DistillationTrainer
+
+    def classifier(seed, layers):
+        torch.manual_seed(seed)
+        config = tiny.make_config("bert_mlm", num_labels=2, num_hidden_layers=layers, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+        config._attn_implementation = "eager"
+        return BertForSequenceClassification(config).eval()
+
+    student, teacher = classifier(1, 2), classifier(2, 4)
+    with torch.no_grad():  # teacher layer t's hidden states scaled by t, so each map reads visibly other targets
+        for t, layer in enumerate(teacher.bert.encoder.layer, start=1):
+            layer.output.LayerNorm.weight.mul_(t)
+    tok = BertTokenizer.from_pretrained(vocab_dir)
+    batch = DataCollatorWithPadding(tok)([tok(t) for t in ("the cat sat", "a dog ran far away from home", "yes")])
+    batch["labels"] = torch.tensor([0, 1, 0])
+    glue = GlueArguments(student_layers=student_layers)
+    soft, _ = stage_objectives({"hid_mse": 1.0, "att_mse": 1.0}, glue, student, teacher)
+    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(Path(vocab_dir) / "t"), use_cpu=True,
+                                  report_to=[]), teacher=teacher, soft=soft, hard=None)
+    _, terms, _ = trainer.distillation_loss(student, dict(batch))
+    with torch.no_grad():
+        s_out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
+        t_out = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
+    mask = batch["attention_mask"].double()
+    pairs = [(i + 1, int(t)) for i, t in enumerate(student_layers.split(","))]  # student i <- teacher layer, 1-based
+    hid = [(((s_out.hidden_states[s].double() - t_out.hidden_states[t].double()) ** 2).sum(-1) * mask).sum()
+           / (mask.sum() * s_out.hidden_states[s].shape[-1]) for s, t in pairs]
+    keep = mask[:, None, :, None] * mask[:, None, None, :]  # query and key both real, every head
+    att = [(((s_out.attentions[s - 1].double() - t_out.attentions[t - 1].double()) ** 2) * keep).sum()
+           / (keep.sum() * s_out.attentions[s - 1].shape[1]) for s, t in pairs]
+    return terms, {"hid_mse": float(sum(hid) / len(hid)), "att_mse": float(sum(att) / len(att))}
+
+
+@pytest.mark.parametrize("student_layers", ["2,4", "1,3"])
+def test_the_task_stage_compares_the_layers_of_the_map(student_layers, vocab_dir):
+    terms, expected = _layer_map_terms(student_layers, vocab_dir)
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-5), name
+    # another map reads other teacher layers: the values move with it, far beyond the tolerance above
+    other, _ = _layer_map_terms("1,2", vocab_dir)
+    assert abs(float(other["hid_mse"]) / expected["hid_mse"] - 1) > 0.1
 
 
 def test_gradient_accumulation_keeps_the_loss_scale(keyword_task, bert_mlm_dir):

@@ -141,9 +141,9 @@ def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, c
         terms.unregister("poisoned_mse")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: loss is") and "--resume" in err
-    saved = sorted((out / "checkpoints").glob("step-*.pt"))
-    assert [p.name for p in saved] == ["step-00000006.pt"], "the last good state (step 6) was not saved"
-    state = torch.load(saved[-1], weights_only=False)
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == ["step-00000006"], "the last good state (step 6) was not saved"
+    state = torch.load(saved[-1] / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -212,8 +212,16 @@ def test_block_size_beyond_position_limit(capsys, bert_mlm_dir, corpus, tmp_path
 
 
 def test_layer_map_that_does_not_fit(capsys, bert_mlm_dir, corpus, tmp_path):
-    err = _bad(capsys, run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, layer_map=[[1, 1], [3, 4]]), tmp_path)
-    assert "3" in err and "student" in err
+    # the student has one layer per entry of student_layers; the map's second entry names one past it
+    values = run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, weights={"hid_mse": 1.0})
+    n_student = len(values["student_layers"])
+    bad = [[1, 1], [n_student + 1, 4]]
+    err = _bad(capsys, {**values, "layer_map": bad}, tmp_path)
+    assert err == (f"error: layer map entry {n_student + 1}->4: student layer {n_student + 1} does not exist "
+                   f"(the student has {n_student} layers; layers are 1-based, 0 is the embeddings)")
+    # the same map inside the student trains: the refusal was the layer count, nothing else
+    train(make_config({**values, "layer_map": [[1, 1], [n_student, 4]], "max_steps": 1}))
+    assert json.loads((tmp_path / "o" / "distill_config.json").read_text())["layer_map"] == [[1, 1], [n_student, 4]]
 
 
 def test_student_tokenizer_differs_from_teacher(capsys, bert_mlm_dir, corpus, tmp_path):
@@ -231,9 +239,14 @@ def test_student_tokenizer_differs_from_teacher(capsys, bert_mlm_dir, corpus, tm
     assert "tokenizer" in err
 
 
-def test_ce_with_a_teacher_without_mlm_head(capsys, bert_base_dir, corpus, tmp_path):
+def test_ce_with_a_teacher_without_mlm_head(capsys, bert_base_dir, bert_mlm_dir, corpus, tmp_path):
+    # a teacher without a masked-LM head gives a student without one (layer selection copies the classes)
     err = _bad(capsys, run_config(bert_base_dir, corpus, tmp_path / "o", tmp_path, weights={"ce": 1.0}), tmp_path)
-    assert "head" in err
+    assert err.startswith("error: term 'ce' needs a masked-LM head on the student, but the student (BertModel) has "
+                          "none: distil its representations instead")
+    # the same recipe from the masked-LM teacher runs: the refusal was the missing head
+    train(make_config(run_config(bert_mlm_dir, corpus, tmp_path / "mlm", tmp_path, weights={"ce": 1.0}, max_steps=1)))
+    assert (tmp_path / "mlm" / "config.json").exists()
 
 
 def test_existing_output_needs_overwrite_or_resume(capsys, bert_mlm_dir, corpus, tmp_path):
