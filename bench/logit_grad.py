@@ -41,8 +41,8 @@ from distill.models.student import build_student
 from distill.models.vocab_head import DeferredLogits
 from distill.objective import plan as objective_module
 from distill.objective.plan import Objective
-from distill.train.loop import StudentStep
 from distill.train.precision import Precision
+from distill.train.step import StudentStep
 
 LAYERS = [1, 5, 8, 12]
 HEAD_WEIGHTS = {"ce": 5.0, "mlm": 2.0}

@@ -37,7 +37,7 @@ from bench.two_way import two_way_ending, two_way_flags, two_way_setup, two_way_
 from distill.models.student import build_student
 from distill.objective import losses
 from distill.objective.plan import Objective
-from distill.train.loop import StudentStep
+from distill.train.step import StudentStep
 
 WEIGHTS = {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}
 LAYERS = [2, 4, 6]

@@ -195,8 +195,8 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
 
     from distill.models.student import build_student
     from distill.objective.plan import Objective
-    from distill.train.loop import StudentStep
     from distill.train.precision import Precision
+    from distill.train.step import StudentStep
 
     torch.manual_seed(0)
     teacher = BertForMaskedLM(teacher_config()).to(device).eval()
@@ -278,8 +278,8 @@ def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
     from distill.models.student import build_student
     from distill.objective.plan import Objective
     from distill.settings.config import DEMO_RECIPE
-    from distill.train.loop import StudentStep
     from distill.train.precision import Precision
+    from distill.train.step import StudentStep
 
     torch.manual_seed(0)
     teacher = load_model(minilm_dir(), eager=True).to(device).eval()
@@ -420,7 +420,7 @@ def profile_engine(cfg: dict, device: torch.device, precision: str = "fp32", var
     """torch.profiler table (top ops by self time) of one engine step, after a warm-up step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from distill.train.loop import StudentStep
+    from distill.train.step import StudentStep
 
     teacher, student, objectives, batch, prec, optimizer = _setup(cfg, device, precision)
     step_module = StudentStep(student, objectives[variant], teacher)

@@ -262,7 +262,7 @@ def auto_precision() -> tuple[str, str]:
 # --- the pieces -------------------------------------------------------------------------------
 
 def teacher_path(ns) -> str:
-    from distill.train.loop import resolve_teacher
+    from distill.train.setup import resolve_teacher
 
     return resolve_teacher(ns.teacher)
 
@@ -487,7 +487,8 @@ def calibrated_weights(row: dict, ns) -> dict:
 
 def distil(row: dict, folder: str, ns) -> None:
     from distill.settings.config import make_config
-    from distill.train.loop import latest_checkpoint, train
+    from distill.train.checkpoints import latest_checkpoint
+    from distill.train.loop import train
 
     weights = calibrated_weights(row, ns) if row["objective"].endswith(CALIBRATED) else objective_weights(row["objective"])
     resume = latest_checkpoint(Path(folder)) is not None
