@@ -454,7 +454,7 @@ def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str
     teacher cache glue-eval uses by default, built over that batch's rows. Returns (trainer, cache build s or
     None) and the zero-argument function that builds that cache again (None without ``cache_over``), for timing;
     the cached trainer's steps take ``rows_of(batch)[1]`` (the batch with its ``row`` column)."""
-    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
+    from glue_eval.arguments import GlueArguments, GlueTrainingArguments
     from glue_eval.tasks import get_task
 
     glue = GlueArguments(model="(in memory)", task="SST-2", teacher=teacher_dir,

@@ -628,7 +628,7 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
     import shutil
 
     from glue_eval.distillation import regression_terms, soft_terms
-    from glue_eval.finetune import GlueArguments, GlueTrainingArguments
+    from glue_eval.arguments import GlueArguments, GlueTrainingArguments
     from glue_eval.grid import cell_name, run_grid
 
     out = finetune_dir(row, ns)

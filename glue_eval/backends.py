@@ -56,7 +56,7 @@ def check_model(model: str, tasks: list[Task], backends: list[str]) -> None:
     """A fine-tuned classifier with each task's label count, exported where an ONNX backend is asked for."""
     from distill.models.loading import load_config
 
-    from .finetune import check_model_dir
+    from .encode import check_model_dir
 
     check_model_dir(model, None)
     config = load_config(model, "model")
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     tasks = resolve_tasks(args.task)
     check_model(args.model, tasks, backends)
     from .data import check_sources, load_splits
-    from .finetune import load_tokenizer
+    from .encode import load_tokenizer
 
     for task in tasks:
         check_sources(task, task.dev_splits, args.data_dir)

@@ -22,7 +22,7 @@ from distill.common.errors import ArgumentParser, UsageError, cli_entry
 def _parse(argv: list[str]):
     from distill.settings.arguments import DataclassParser
 
-    from .finetune import GlueArguments, GlueTrainingArguments
+    from .arguments import GlueArguments, GlueTrainingArguments
 
     parser = DataclassParser((GlueArguments, GlueTrainingArguments), prog="glue-eval",
                              description="Fine-tune on GLUE tasks with transformers' Trainer and grade on dev. "
@@ -67,7 +67,7 @@ def _main(argv=None) -> int:
         return evaluate_backends(argv)
     glue, args = _parse(argv)
 
-    from .finetune import apply_precision, precision_check
+    from .arguments import apply_precision, precision_check
     from .grid import load_grid, plan, run_grid
 
     args, precision_line = apply_precision(glue, args)  # the line is printed when training starts

@@ -225,12 +225,30 @@ def stage_objectives(weights: dict, glue, student, teacher):
     return build(soft), build(hard)
 
 
-def train_with_teacher(model, train, trainer_kwargs: dict, args, glue, task: Task):
-    """Run every stage on ``model``; returns (the last trainer, a record of the stages, the cache's size).
+def attention_needed(glue, task: Task) -> bool:
+    """Whether any --teacher stage has an attention term (the models then run eager attention)."""
+    return bool(glue.teacher) and any(needs_attention(stage["weights"]) for stage in run_stages(glue, task))
 
-    train: the training set with ``row`` (0..N-1) and ``labelled`` columns (augmented and unlabelled rows 0).
-    trainer_kwargs: Trainer arguments shared by the stages (eval set, collator, tokenizer, metrics).
+
+def train_with_teacher(model, data: dict, tokenizer, shared: dict, args, glue, task: Task):
+    """Run every stage on ``model``; returns (the last trainer, a :class:`glue_eval.trainer.TrainOutput`).
+
+    data: the task's tokenized splits; the training set gets its ``row`` and ``labelled`` columns here
+        (augmented and unlabelled rows 0: :func:`glue_eval.encode.teacher_train_set`).
+    shared: Trainer arguments shared by the stages (eval set, collator, tokenizer, metrics).
     """
+    from .encode import teacher_train_set
+    from .trainer import TrainOutput
+
+    train, extra = teacher_train_set(task, data, tokenizer, args, glue)
+    trainer, stages, cache = run_teacher_stages(model, train, shared, args, glue, task)
+    return trainer, TrainOutput(sum(s["steps"] for s in stages), stages[-1]["loss"],
+                                sum(s["runtime_s"] for s in stages), len(train),
+                                {**extra, "stages": stages, "teacher_cache": cache})
+
+
+def run_teacher_stages(model, train, trainer_kwargs: dict, args, glue, task: Task):
+    """Every stage of a --teacher run on ``model``: (the last trainer, a record of the stages, the cache's size)."""
     from distill.models.loading import set_attention_dropout
 
     from .teacher_cache import TeacherCache, plan_for

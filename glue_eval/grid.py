@@ -12,7 +12,6 @@ it stopped; a cell killed mid-run has no result file and is run again.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -20,21 +19,20 @@ import sys
 
 from distill.common.errors import UsageError
 from distill.common.io import (  # temp file + os.replace: a reader never sees half a result
-    atomic_write_text,
     read_json_object,
 )
 
+from .arguments import GlueArguments, GlueTrainingArguments
 from .data import check_sources, load_diagnostic, load_splits, splits_needed
-from .finetune import (
-    GlueArguments,
-    GlueTrainingArguments,
-    check_model_dir,
+from .encode import check_model_dir, load_tokenizer, sequence_length, tokenize
+from .finetune import finetune
+from .record import (  # noqa: F401
     describe,
-    finetune,
-    load_tokenizer,
-    sequence_length,
+    done,
+    read_results,
     task_settings,
-    tokenize,
+    write_result,
+    write_results_jsonl,
 )
 from .tasks import DIAGNOSTIC_SPLIT, Task, resolve_tasks
 
@@ -139,7 +137,7 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
         for lr, bs, seed in cells:
             cell_args = dataclasses.replace(args, learning_rate=lr, per_device_train_batch_size=bs, seed=seed,
                                             output_dir=os.path.join(out, task.name, cell_name(lr, bs, seed)))
-            if not _done(cell_args.output_dir, describe(glue, cell_args, task_data[task.name])):
+            if not done(cell_args.output_dir, describe(glue, cell_args, task_data[task.name])):
                 todo.setdefault(task.name, []).append(cell_args)
     # Read (and so check) every task's files before training anything: a bad row in the last task
     # should stop the grid now, not after hours of work on the others.
@@ -177,43 +175,3 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
             with open(os.path.join(out, task.name, cell_name(lr, bs, seed), "result.json"), encoding="utf-8") as f:
                 records.append(json.load(f))
     return records
-
-
-def _done(cell_dir: str, settings: dict) -> bool:
-    path = os.path.join(cell_dir, "result.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f).get("settings", {})
-    # a setting newer than the record (absent from it) is not held against it
-    diff = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
-    if diff:
-        k = diff[0]
-        raise UsageError(
-            f"{cell_dir} already holds a result with other settings ({k}: {old.get(k)!r} there, "
-            f"{settings.get(k)!r} now): use another --output_dir, or delete that cell folder to redo it"
-        )
-    return True
-
-
-def write_result(cell_dir: str, record: dict, settings: dict) -> None:
-    import torch
-    import transformers
-
-    record = {"cell": os.path.basename(cell_dir), **record, "settings": settings,
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-    atomic_write_text(os.path.join(cell_dir, "result.json"), json.dumps(record, indent=2) + "\n")
-
-
-def read_results(out: str) -> list[dict]:
-    """Every finished cell under ``out`` (any grid, any task), sorted by task and cell."""
-    records = []
-    for path in sorted(glob.glob(os.path.join(out, "*", "*", "result.json"))):
-        with open(path, encoding="utf-8") as f:
-            records.append(json.load(f))
-    return records
-
-
-def write_results_jsonl(out: str) -> None:
-    lines = [json.dumps(r, sort_keys=True) for r in read_results(out)]
-    atomic_write_text(os.path.join(out, "results.jsonl"), "".join(line + "\n" for line in lines))

@@ -16,8 +16,8 @@ from collections import defaultdict
 from distill.common.errors import UsageError
 from distill.common.io import atomic_write_text
 
-from .grid import read_results
 from .metrics import task_score
+from .record import read_results
 from .tasks import GLUE_ORDER, GLUE_TASKS
 
 # GLUE dev, as DESIGN.md lists them. One number per task as the sources give it (MNLI m/mm where

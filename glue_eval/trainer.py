@@ -8,9 +8,10 @@ pre-training engine uses too, so the task stage reads models exactly as ``distil
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from distill.models.loading import Features, extract
 
@@ -142,3 +143,23 @@ def teacher_autocast(args):
     """The autocast context the teacher runs under for ``args`` (TrainingArguments): bf16, fp16 or none."""
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     return torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@dataclass
+class TrainOutput:
+    """What the record reads of training: steps, final loss and runtime (summed over a teacher run's stages),
+    and anything the training stage adds to the record (the stages, the teacher cache, the extra rows)."""
+
+    steps: int
+    loss: float
+    runtime_s: float
+    examples: int
+    record: dict
+
+
+def train_plain(model, train, shared: dict, args: TrainingArguments):
+    """Fine-tuning on the gold labels alone: the trainer and what it did."""
+    trainer = GlueTrainer(model=model, args=args, train_dataset=train, **shared)
+    out = trainer.train()
+    return trainer, TrainOutput(out.global_step, out.training_loss, out.metrics.get("train_runtime", 0.0),
+                                len(train), {})

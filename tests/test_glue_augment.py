@@ -196,7 +196,7 @@ def _trainer(tmp_path, student, teacher, tokenizer, weights, cache=None, tempera
     from glue_eval.distillation import stage_objectives
     from glue_eval.trainer import DistillationTrainer
 
-    from glue_eval.finetune import GlueArguments
+    from glue_eval.arguments import GlueArguments
 
     glue = GlueArguments(temperature=temperature, student_layers=student_layers)
     soft, hard = stage_objectives(weights, glue, student, teacher)
@@ -442,7 +442,7 @@ def test_weights_and_stages_read_the_same_from_a_flag_and_from_an_arguments_file
 
 def test_a_bad_teacher_temperature_is_refused_before_anything_loads(tmp_path):
     from glue_eval.distillation import check_task_stage
-    from glue_eval.finetune import GlueArguments
+    from glue_eval.arguments import GlueArguments
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()

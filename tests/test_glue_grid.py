@@ -155,7 +155,8 @@ def test_max_seq_length_is_cut_to_the_positions_the_models_hold(bert_mlm_dir, tm
     from transformers import AutoConfig
 
     from distill.models.families import max_positions
-    from glue_eval.finetune import GlueArguments, sequence_length
+    from glue_eval.arguments import GlueArguments
+    from glue_eval.encode import sequence_length
     from tests import tiny
 
     limit = max_positions(AutoConfig.from_pretrained(bert_mlm_dir))

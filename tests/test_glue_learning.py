@@ -133,7 +133,7 @@ def _layer_map_terms(student_layers: str, vocab_dir):
     from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainingArguments
 
     from glue_eval.distillation import stage_objectives
-    from glue_eval.finetune import GlueArguments
+    from glue_eval.arguments import GlueArguments
     from glue_eval.trainer import DistillationTrainer
 
     def classifier(seed, layers):

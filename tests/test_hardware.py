@@ -209,7 +209,7 @@ def test_a_run_prints_and_records_the_resolved_precision_and_threads(bert_mlm_di
 
 def _glue(monkeypatch, argv, use_cpu=True):
     from glue_eval.cli import _parse
-    from glue_eval.finetune import apply_precision
+    from glue_eval.arguments import apply_precision
 
     glue, args = _parse(argv + ["--model", "m", "--output_dir", "o"] + (["--use_cpu"] if use_cpu else []))
     return apply_precision(glue, args)

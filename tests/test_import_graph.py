@@ -179,3 +179,18 @@ def test_sub_packages_import_only_downward():
     graph = import_graph()
     assert {floor_of(m)[0] for m in graph} >= set(FLOORS) - {"distill.cli"} - {"distill"}  # every room is walked
     assert upward_imports(graph) == []
+
+
+# glue-eval is a pipeline: cli -> grid -> finetune (one cell) -> the stages (encode, model, trainer or
+# distillation, evaluate) -> what they share (arguments, tasks, data, metrics, record). A stage never calls
+# back into the module that runs it.
+PIPELINE_TOP = ("glue_eval.cli", "glue_eval.grid", "glue_eval.finetune")
+
+
+def test_glue_eval_stages_never_call_back_into_the_pipeline():
+    graph = import_graph()
+    stages = [m for m in graph if m.startswith("glue_eval.") and m not in PIPELINE_TOP]
+    assert {"glue_eval.encode", "glue_eval.model", "glue_eval.evaluate", "glue_eval.distillation"} <= set(stages)
+    back = sorted((m, t) for m in stages for t in graph[m] if t in PIPELINE_TOP)
+    assert back == []
+    assert "glue_eval.grid" not in graph["glue_eval.finetune"] and "glue_eval.cli" not in graph["glue_eval.grid"]

@@ -26,7 +26,7 @@ from distill.objective.settings import (
     task_settings_class,
 )
 from distill.settings import config, reference
-from glue_eval.finetune import GlueArguments
+from glue_eval.arguments import GlueArguments
 
 
 @dataclasses.dataclass
