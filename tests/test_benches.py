@@ -53,3 +53,15 @@ def test_two_way_benches_check_then_time_both_ways_and_write_their_report(tmp_pa
     assert float(difference) <= 1e-4  # the two ways agreed before anything was timed
     # run as a module, and no directory of this machine in a report
     assert report["command"].startswith(f"python -m bench.{bench} ") and report["command"].endswith("--out report.json")
+
+
+def test_bench_is_a_package_and_no_bench_edits_sys_path():
+    """Every bench runs as ``python -m bench.NAME`` from the repository root; none reaches into ``sys.path``."""
+    import ast
+
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        touched = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                   and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+        assert not touched, f"{path.name} uses sys.path at line(s) {touched}: import through the bench package"
