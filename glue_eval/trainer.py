@@ -91,7 +91,7 @@ class DistillationTrainer(GlueTrainer):
         labelled = torch.ones_like(mask[:, 0], dtype=torch.bool) if labelled is None else labelled.bool()
         request = self.soft.requests()["student"] if self.soft is not None else None
         # The teacher first: its temporary activations are freed before the student's are saved for backward
-        # (the other order peaked 108 MB higher in bench/peers.py's memory probe).
+        # (the other order peaked 108 MB higher in bench.peers' memory probe).
         teacher = self.teacher_features(inputs) if self.soft is not None else None
         student = extract(model, ids, mask, token_type_ids=types, sequence_logits=True,
                           hidden=bool(request and request.hidden), attentions=bool(request and request.attentions),

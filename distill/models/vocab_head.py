@@ -18,7 +18,7 @@ exactly. The registry's own loss functions compute each chunk's value, so a new 
 needs nothing here. A term that also gives its gradient (``TermSpec.logit_grad``) is not
 differentiated by autograd: its value and gradient come from a few passes over the chunk, most of
 them in place, and no graph is kept over its logits (``chunked(..., chunk_grad=...)``;
-``python bench/logit_grad.py`` times it against autograd).
+``python -m bench.logit_grad`` times it against autograd).
 
 Gradients are taken in the forward pass, before the loop's backward scales the loss, so in fp16
 modes ``Precision.autocast()`` says which scale it will be (:func:`gradient_scale`): the gradients

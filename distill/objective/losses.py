@@ -255,7 +255,7 @@ def logits_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 # They run without autograd, as a few passes over the chunk with in-place arithmetic where it can be: the
 # vocabulary head's logits are the largest tensors of a step, and autograd's formula for these terms keeps
 # its intermediates and makes a fresh [N, V] tensor for each step of its backward (distill.models.vocab_head;
-# ``python bench/logit_grad.py`` times the two). Values are summed pairwise, as ``.sum()`` does (a single
+# ``python -m bench.logit_grad`` times the two). Values are summed pairwise, as ``.sum()`` does (a single
 # float32 dot over a chunk's millions of entries is off by 1e-4). ``scale`` may be a 0-dim tensor, read
 # without a host sync (mlm's selection of its target rows is its one sync). Tests check each against autograd of
 # the function above, in float64.

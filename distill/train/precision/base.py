@@ -225,7 +225,7 @@ class Precision:
         if self.fused_optimizer and optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) \
                 and self.device.type in ("cpu", "cuda") and not {"fused", "foreach"} & set(kwargs):
             # one kernel over all parameters instead of a Python loop over them: at BERT-base student size
-            # the AdamW step is about 5x faster on a CPU (bench/peers.py)
+            # the AdamW step is about 5x faster on a CPU (python -m bench.peers)
             kwargs = {**kwargs, "fused": True}
         self._optimizer = self._build_optimizer(params_or_groups, optimizer_cls, **kwargs)
         return self._optimizer
