@@ -27,6 +27,7 @@ from distill.train.distributed import Dist, all_finite
 from distill.train.logs import LOGS, Logger, Window  # noqa: F401  (LOGS: the folder, re-exported)
 from distill.train.save import save_student  # noqa: F401  (re-exported: tests patch it here)
 from distill.train.setup import Run, Optimisation, announce, build_run, calibrate_only, optimisation, start_process
+from distill.train.signals import StopRequest, end_run, EXIT_STOPPED
 from distill.train.step import StudentStep  # noqa: F401  (re-exported: the benches time it)
 
 
@@ -42,11 +43,12 @@ def train(cfg: DistillConfig) -> str:
     from distill.common.locks import output_lock
 
     check_config(cfg)  # a config built in code gets the checks a recipe or the command line gets
-    with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg)
+    with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0), \
+            StopRequest(armed=False) as stop:  # SIGTERM, SIGINT, SIGUSR1: see distill/train/signals.py
+        return _train(cfg, stop)
 
 
-def _train(cfg: DistillConfig) -> str:
+def _train(cfg: DistillConfig, stop: StopRequest) -> str:
     env, threads, out = start_process(cfg)
     run = build_run(cfg, env)  # configs first, then teacher, student, objective, precision, batches
     if cfg.calibrate:  # measure the terms on the first steps' batches, change nothing, stop
@@ -60,6 +62,7 @@ def _train(cfg: DistillConfig) -> str:
         torch.manual_seed(cfg.seed + env.rank)  # dropout differs per process, as in any DDP run
     logger = announce(cfg, run, env, out, threads, start_step)
     window = Window()
+    stop.arm()  # from here a signal stops the run after the step under way, with a checkpoint
     for step in range(start_step, run.total_steps):
         t0 = time.perf_counter()
         losses = forward_backward(cfg, run, opt, env, step, window)
@@ -75,6 +78,8 @@ def _train(cfg: DistillConfig) -> str:
         log_step(cfg, run, opt, env, logger, window, stats, result, done)
         if cfg.save_steps and done % cfg.save_steps == 0 and done < run.total_steps:
             save_checkpoint(out, done, opt.step_module, opt.optimizer, opt.scheduler, run.precision, stats, cfg, env)
+        if done < run.total_steps and stop.requested(env.world, env.device):  # every rank agrees, every step
+            stop_after(cfg, run, opt, env, out, logger, stats, done, stop)
     finish(cfg, run, opt, env, out, logger, stats)
     return str(out)
 
@@ -102,6 +107,21 @@ def stop_on_non_finite(cfg, run: Run, opt: Optimisation, env: Dist, out: Path, s
     raise TrainingError(
         f"loss is {[float(x) for x in losses]} at step {step + 1} ({window.last_terms()}): saved step {step} to "
         f"{out / CHECKPOINTS}; lower learning_rate or check the data, then --resume")
+
+
+def stop_after(cfg, run: Run, opt: Optimisation, env: Dist, out: Path, logger: Logger | None, stats: RunStats,
+               done: int, stop: StopRequest):
+    """A signal came: checkpoint step ``done`` (unless just saved), one line, exit ``EXIT_STOPPED`` on every rank."""
+    if not (cfg.save_steps and done % cfg.save_steps == 0):
+        save_checkpoint(out, done, opt.step_module, opt.optimizer, opt.scheduler, run.precision, stats, cfg, env)
+    if logger:
+        logger.close()
+    line = stop.stopped_line(f"after step {done} of {run.total_steps}", out / CHECKPOINTS / f"step-{done:08d}",
+                             f"to resume, run the same {'torchrun ' if env.world > 1 else ''}command with --resume")
+    if env.world > 1:
+        opt.model = None  # as in finish(): DDP's reducer must not outlive the process group
+        dist.destroy_process_group()
+    end_run(line, EXIT_STOPPED, main=env.main)
 
 
 def log_step(cfg, run: Run, opt: Optimisation, env: Dist, logger: Logger | None, window: Window, stats: RunStats,

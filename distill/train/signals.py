@@ -14,6 +14,7 @@ The statuses are written here and nowhere else (docs/training.md quotes them).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -49,17 +50,29 @@ class StopRequest:
     """Catches ``signals`` while installed (a ``with`` block); :meth:`requested` says whether one came.
 
     Handlers can only be installed from the main thread; elsewhere the request is inert and the
-    signals keep their previous handlers.
+    signals keep their previous handlers. ``armed=False``: until :meth:`arm`, a signal ends the process
+    at once (a run still loading its models has nothing to checkpoint).
     """
 
-    def __init__(self, signals=STOP_SIGNALS):
+    def __init__(self, signals=STOP_SIGNALS, armed: bool = True):
         self.signals = tuple(signals)
         self.received: int | None = None
+        self.armed = armed
         self._previous: dict = {}
+
+    def arm(self) -> None:
+        """From now on a signal is recorded and acted on at the next check; before, it ends the process at
+        once (there is nothing to save yet) with :data:`EXIT_STOPPED`."""
+        self.armed = True
 
     def _handle(self, signum, frame):
         if self.received is None:  # the first signal names the stop; later ones change nothing
             self.received = signum
+        if not self.armed:
+            # os.write, not print: the interrupted code may be inside a print to stderr (no reentrant call)
+            os.write(2, f"stopped by {self.name} before the first step: nothing to save; run the same command "
+                        f"again (exit status {EXIT_STOPPED})\n".encode())
+            raise RunEnded(EXIT_STOPPED)
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -92,3 +105,7 @@ class StopRequest:
         if self.received is None and int(flag):
             self.received = int(flag)  # another process's signal: its name goes into this one's line
         return bool(int(flag))
+
+    def stopped_line(self, where: str, checkpoint, resume: str) -> str:
+        """The one line a stopped run prints: which signal, where it stopped, the checkpoint, how to resume."""
+        return f"stopped by {self.name} {where}: checkpoint {checkpoint}; {resume} (exit status {EXIT_STOPPED})"
