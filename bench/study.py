@@ -62,7 +62,8 @@ from distill.objective import terms as term_registry  # noqa: E402
 OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0},
-              "qq_rel+kk_rel+vv_rel": {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0}}
+              "qq_rel+kk_rel+vv_rel": {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0},
+              "sent_mse": {"sent_mse": 1.0}, "sent_mse+hid_mse": {"sent_mse": 1.0, "hid_mse": 1.0}}
 # OBJECTIVE@cal: the same terms with the weights distill-train --calibrate suggests for them (equal gradient shares),
 # measured once per distillation setting on CALIBRATE_BATCHES batches of the distillation corpus
 CALIBRATED = "@cal"
@@ -77,6 +78,26 @@ TASK_KD_TEMPERATURE = 1.0
 
 FULL = dict(seeds="1,2,3", distill_steps=1500, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None, augment=4)
 QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160, augment=1)
+# The studies (--study): each one's models and rows, under the flags left unset. "minilm" is the study of
+# docs/study.md (a 6-layer, 384-wide teacher into 3 layers); "mpnet" the mission's shape, docs/study-mpnet.md: the
+# 12-layer, 768-wide all-mpnet-base-v2 into 4 layers (1,5,8,12, the seed report's; 3,6,9,12) and 6 layers, every
+# intermediate term mapped to the layers each student was copied from (the seed report's map), and the real
+# all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 as references ("l3": prepare_study_data.py's converted folder).
+STUDIES = {
+    "minilm": dict(teacher="offline:all-MiniLM-L6-v2", inits=["2,4,6", "1,2,3", "4,5,6"],
+                   objectives="none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel",
+                   other_objectives="none", layer_map="uniform", reference="auto", out="docs/study"),
+    "mpnet": dict(teacher="offline:all-mpnet-base-v2", inits=["1,5,8,12", "3,6,9,12", "2,4,6,8,10,12"],
+                  objectives="none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel", other_objectives="same",
+                  layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet"),
+}
+# Per-study presets where they differ from FULL / QUICK. mpnet's distillation budget: 150 steps of 16 x 128 tokens
+# (307k tokens a row), sized from a measured 12 -> 4 layer hid_mse+att_mse step in bf16 (docs/study-mpnet.md says
+# how); 2 augmented variants per example, as the teacher labels every variant.
+STUDY_PRESETS = {("mpnet", "full"): dict(distill_steps=150, augment=2), ("mpnet", "quick"): dict(distill_steps=10)}
+# The augmented task-KD row of the mpnet study: the first init's hid_mse+att_mse student (the last study's best
+# task-agnostic objective), with TinyBERT's whole second stage
+MPNET_TASK_KD = "hid_mse+att_mse:kl+hard_ce+hid_mse+att_mse:aug"
 
 
 def objective_base(obj: str) -> str:
@@ -94,22 +115,31 @@ def objective_weights(obj: str) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, short distillation (under 15 min)")
-    p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="hub id, folder, or the offline MiniLM")
+    p.add_argument("--study", choices=sorted(STUDIES), default="minilm",
+                   help="which study's models and rows fill the flags left unset: minilm (docs/study.md: "
+                        "all-MiniLM-L6-v2 into 3 layers) or mpnet (docs/study-mpnet.md: all-mpnet-base-v2 into 4 "
+                        "and 6 layers)")
+    p.add_argument("--teacher", default=None, help="hub id, folder, or an offline alias (minilm: "
+                   "offline:all-MiniLM-L6-v2; mpnet: offline:all-mpnet-base-v2)")
     p.add_argument("--tasks", default=",".join(LOCAL_TASKS),
                    help="comma list: polarity, uncertainty, bbc (prepared local tasks), GLUE names, or task spec .json")
     p.add_argument("--data_dir", default=None, help="local GLUE folder for GLUE task names (default: the hub)")
-    p.add_argument("--inits", nargs="+", default=["2,4,6", "1,2,3", "4,5,6"], help="teacher layers of each student init")
-    p.add_argument("--objectives", default="none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel",
+    p.add_argument("--inits", nargs="+", default=None,
+                   help="teacher layers of each student init (minilm: 2,4,6 1,2,3 4,5,6; mpnet: 1,5,8,12 3,6,9,12 "
+                        "2,4,6,8,10,12)")
+    p.add_argument("--objectives", default=None,
                    help=f"rows of the first init: comma list of {', '.join(OBJECTIVES)} ('none': fine-tuned without "
                         f"distillation), each also as OBJECTIVE{CALIBRATED} (its terms with the weights "
-                        "distill-train --calibrate suggests)")
-    p.add_argument("--other_objectives", default="none",
-                   help="rows of every other init, the same choices ('same': those of --objectives); default none: "
-                        "the last study measured their distilled rows")
-    p.add_argument("--layer_map", default="uniform",
+                        "distill-train --calibrate suggests); minilm: none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,"
+                        "qq_rel+kk_rel+vv_rel; mpnet: none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel")
+    p.add_argument("--other_objectives", default=None,
+                   help="rows of every other init, the same choices ('same': those of --objectives); minilm: none "
+                        "(the last study measured their distilled rows); mpnet: same")
+    p.add_argument("--layer_map", default=None,
                    help="which teacher layer each student layer's hid_mse/att_mse term targets: 'uniform' (student "
                         "layer i <-> teacher layer i*Lt/Ls, e.g. 2,4,6 for 6 -> 3, whatever the initialisation) or "
-                        "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero)")
+                        "'init' (the layers the student was copied from: for 1,2,3 these terms then start at zero); "
+                        "minilm: uniform; mpnet: init (the seed report's map)")
     p.add_argument("--task_kd", nargs="*", default=None, metavar="INIT:OBJECTIVE[:TERMS[:aug]]",
                    help="extra rows: the student of INIT distilled with OBJECTIVE, then fine-tuned with task "
                         "distillation from the teacher fine-tuned on the same task and seed; TERMS: glue-eval "
@@ -123,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quick 1)")
     p.add_argument("--relation_heads", type=int, default=None,
                    help="relation heads of qq_rel/kk_rel/vv_rel (default: distill-train's, MiniLMv2's 48)")
-    p.add_argument("--reference", default="auto",
-                   help="outside student folder (or hub id); 'auto': the converted paraphrase-MiniLM-L3-v2 when the "
-                        "teacher is the offline MiniLM; 'none' to skip")
+    p.add_argument("--reference", default=None,
+                   help="outside student folders (or hub ids, offline aliases), comma list; 'l3': the converted "
+                        "paraphrase-MiniLM-L3-v2; 'auto': that one when the teacher is the offline MiniLM; 'none' to "
+                        "skip (minilm: auto; mpnet: offline:all-MiniLM-L6-v2,l3)")
     p.add_argument("--no_random", action="store_true", help="skip the randomly initialised floor")
     p.add_argument("--seeds", default=None, help="fine-tuning seeds, comma list (full: 1,2,3; quick: 1)")
     p.add_argument("--corpus", default=None,
@@ -147,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 O2 on an older GPU, else fp32)")
     p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
-    p.add_argument("--out", default="docs/study", help="writes OUT.md, OUT.png and OUT.json")
+    p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet)")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
     p.add_argument("--prepare", action="store_true",
                    help="first prepare what the run uses from prepare_study_data.py (the local tasks, the L3 "
@@ -167,7 +198,8 @@ def fill_and_check(p, ns) -> None:
     if ns.remeasure_distill and ns.remeasure_distill < 4:
         p.error(f"--remeasure_distill {ns.remeasure_distill}: give 4 steps or more (the first logged quarter is "
                 "warm-up and left out), e.g. 60")
-    preset = QUICK if ns.quick else FULL
+    mode = "quick" if ns.quick else "full"
+    preset = {**STUDIES[ns.study], **(QUICK if ns.quick else FULL), **STUDY_PRESETS.get((ns.study, mode), {})}
     for k, v in preset.items():
         if getattr(ns, k) is None:
             setattr(ns, k, v)
@@ -187,6 +219,8 @@ def fill_and_check(p, ns) -> None:
 def task_kd_rows(p, ns) -> None:
     """``ns.kd_rows`` from --task_kd (its default when not given): ``(init, objective, terms, augmented)`` each,
     every part checked against the rows it extends."""
+    if ns.task_kd is None and ns.study == "mpnet":
+        ns.task_kd = [f"{ns.inits[0]}:{MPNET_TASK_KD}"] if MPNET_TASK_KD.split(":")[0] in ns.objective_list else []
     if ns.task_kd is None:
         kd = "kl+hard_ce+hid_mse+att_mse"
         ns.task_kd = [f"{ns.inits[0]}:{o}:{kd}" for o in ("hid_mse+att_mse", "qq_rel+kk_rel+vv_rel")
@@ -218,7 +252,8 @@ def parse_args(argv=None):
     fill_and_check(p, ns)
     task_kd_rows(p, ns)
     ns.cache_dir = ns.cache_dir or default_cache_dir()
-    ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-quick" if ns.quick else "runs")
+    runs = "runs" if ns.study == "minilm" else f"runs-{ns.study}"
+    ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, runs + ("-quick" if ns.quick else ""))
     ns.corpus_default = ns.corpus is None
     ns.corpus = ns.corpus or default_corpus(ns.cache_dir)
     return ns
@@ -384,13 +419,32 @@ def make_rows(ns) -> list[dict]:
     n = len(ns.inits[0].split(","))
     if not ns.no_random:
         extra.append({"name": "random", "label": f"{n}L random init (floor)", "kind": "random", "layers": ns.inits[0]})
-    ref = ns.reference
-    if ref == "auto":
-        ref = os.path.join(ns.cache_dir, "models", L3_NAME) if ns.teacher == "offline:all-MiniLM-L6-v2" else "none"
-    if ref != "none":
-        extra.append({"name": "reference", "label": f"{os.path.basename(ref.rstrip('/'))} (outside reference)",
-                     "kind": "reference", "path": ref})
+    extra += reference_rows(ns)
     rows[1:1] = extra  # cheap rows (no distillation) right after the teacher
+    return rows
+
+
+def reference_folders(ns) -> list[str]:
+    """--reference as folders, hub ids or offline aliases ('l3', and 'auto' with the offline MiniLM teacher: the
+    converted paraphrase-MiniLM-L3-v2)."""
+    l3 = os.path.join(ns.cache_dir, "models", L3_NAME)
+    refs = []
+    for ref in [r.strip() for r in ns.reference.split(",") if r.strip()]:
+        if ref == "auto":
+            ref = l3 if ns.teacher == "offline:all-MiniLM-L6-v2" else "none"
+        refs += [] if ref == "none" else [l3 if ref == "l3" else ref]
+    return refs
+
+
+def reference_rows(ns) -> list[dict]:
+    """One row per outside reference: named "reference" when there is one (the minilm study's), else
+    "reference-NAME"."""
+    refs = reference_folders(ns)
+    rows = []
+    for ref in refs:
+        short = os.path.basename(ref.rstrip("/")).split(":")[-1]
+        rows.append({"name": "reference" if len(refs) == 1 else f"reference-{short}",
+                     "label": f"{short} (outside reference)", "kind": "reference", "path": ref})
     return rows
 
 
@@ -402,7 +456,9 @@ def model_folder(row: dict, ns) -> str:
     if row["kind"] == "teacher":
         return teacher_path(ns)
     if row["kind"] == "reference":
-        return row["path"]
+        from distill.train.setup import resolve_teacher
+
+        return resolve_teacher(row["path"]) if row["path"].startswith("offline:") else row["path"]
     name = row.get("model", row["name"])
     if row["kind"] == "student" and row["objective"] != "none":  # the distillation settings are part of the key
         name += f"_s{ns.distill_steps}b{ns.distill_batch}lr{ns.distill_lr:g}"
@@ -1093,7 +1149,7 @@ def prepare_inputs(ns) -> None:
         prepare_tasks(ns.cache_dir, 13)  # the corpus keeps the tasks' dev examples out, so it needs them first
     if ns.corpus_default:
         ns.corpus = prepare_corpus(ns.cache_dir)
-    if ns.reference == "auto" and ns.teacher == "offline:all-MiniLM-L6-v2":
+    if os.path.join(ns.cache_dir, "models", L3_NAME) in reference_folders(ns):
         build_l3(ns.cache_dir)
 
 
@@ -1158,7 +1214,11 @@ def main(argv=None) -> int:
     timings = state.setdefault("timings", {})
     if ns.remeasure_distill:
         measure_distill_speed(rows, ns, state)  # into state["distill_speed"], saved figure by figure
-    if ns.remeasure_speed:
+    if ns.remeasure_speed and ns.study == "mpnet":
+        from bench.study_mpnet import measure_speeds
+
+        measure_speeds(rows, ns, state, again=True)
+    elif ns.remeasure_speed:
         first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
         prepare_model(first, ns)
         log("measuring inference speed")
@@ -1178,22 +1238,36 @@ def main(argv=None) -> int:
             if spent > 5:
                 timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
                 save_state(ns, state)
-                write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"),
-                             params_of(rows, ns, state), timings, command, state.get("distill_speed"))
+                report(ns, rows, tasks, state, command)
         # 2. speed and size, last: the machine is most likely quiet once the run's own work is done (a figure taken
         # beside other processes is not the model's speed; --remeasure_speed takes it again). One architecture for
         # all students, so the first student folder serves.
         first = next((r for r in rows if r["kind"] == "student" and r["objective"] == "none"), None)
-        if not ns.skip_speed and "speed" not in state and first:
+        if ns.study == "mpnet":  # a speed per architecture, and the frozen-embedding scores
+            from bench.study_mpnet import finish
+
+            finish(rows, ns, state)
+        elif not ns.skip_speed and "speed" not in state and first:
             prepare_model(first, ns)
             log("measuring inference speed")
             state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
             save_state(ns, state)
-    write_report(ns, rows, tasks, collect_results(rows, tasks, ns), state.get("speed"), params_of(rows, ns, state),
-                 timings, command, state.get("distill_speed"))
+    report(ns, rows, tasks, state, command)
     if not ns.report_only:
         save_state(ns, state)
     return 0
+
+
+def report(ns, rows, tasks, state: dict, command: str) -> None:
+    """The study's report from what is done: docs/study.md's form, or the mpnet study's own (bench/study_mpnet)."""
+    results = collect_results(rows, tasks, ns)
+    if ns.study == "mpnet":
+        from bench import study_mpnet
+
+        study_mpnet.write_report(ns, rows, tasks, results, state, command)
+        return
+    write_report(ns, rows, tasks, results, state.get("speed"), params_of(rows, ns, state), state.get("timings", {}),
+                 command, state.get("distill_speed"))
 
 
 def priority(row: dict, ns) -> int:
@@ -1202,6 +1276,8 @@ def priority(row: dict, ns) -> int:
     4 the rest (other initialisations distilled)."""
     if row["kind"] == "teacher":
         return 0
+    if row.get("task_kd") and ns.study == "mpnet":  # the costliest rows: after every init fine-tuned only
+        return 2
     if row["kind"] == "student" and row["layers"] == ns.inits[0]:
         return 1
     if row["kind"] == "student" and row["objective"] == "none":
