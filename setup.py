@@ -28,13 +28,16 @@ setup(
     # TextBrewer: tests/test_peers.py checks bench/peers.py's TextBrewer path (its deps are all ours already)
     # export: distill-export writes ONNX files (onnx) and checks, quantises and serves them (onnxruntime);
     # only distill.export and glue-eval's --backend onnx import them, never the training path
-    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7", "textbrewer==0.2.1.post1"],
+    # mteb: embed-eval runs MTEB's own evaluators (installs in about 20 s beside torch 2.13 and keeps it)
+    extras_require={"test": ["pytest>=7", "sentence-transformers>=6,<7", "textbrewer==0.2.1.post1", "mteb>=2.26,<3"],
+                    "embed": ["sentence-transformers>=6,<7", "mteb>=2.26,<3"],
                     "export": ["onnx>=1.16", "onnxruntime>=1.18"]},
     entry_points={
         "console_scripts": [
             "distill-init=distill.cli:init_main",
             "distill-train=distill.cli:train_main",
             "glue-eval=glue_eval.cli:main",
+            "embed-eval=glue_eval.embedding:main",
             "distill-export=distill.export.cli:main",
         ]
     },

@@ -340,3 +340,29 @@ def test_distill_init_1_5_8_12_of_all_mpnet_base_v2_loads_everywhere(real_mpnet,
     assert json.loads((out / "student_init.json").read_text())["teacher"] == "offline:all-mpnet-base-v2"
     card = (out / "README.md").read_text()
     assert "sentence-transformers/all-mpnet-base-v2" in card and "Pooling(mean) -> Normalize" in card
+
+
+@pytest.mark.slow
+def test_the_mpnet_script_runs_its_recipe_through_torchrun(tmp_path, mpnet_tok_dir):
+    """scripts/distill_mpnet_4l.sh on a tiny 12-layer sentence MPNet in place of all-mpnet-base-v2: the recipe's
+    layers and objective (sent_mse pooled as the teacher pools), through the real script and torchrun."""
+    import os
+    import subprocess
+
+    from sentence_transformers import SentenceTransformer
+
+    teacher = save_sentence_mpnet(tmp_path / "teacher", mpnet_tok_dir, num_hidden_layers=12)
+    script = Path(__file__).parent.parent / "scripts" / "distill_mpnet_4l.sh"
+    out = tmp_path / "run"
+    overrides = tiny.cli_args({"teacher": teacher, "corpus": _corpus(tmp_path / "c.txt"), "cache_dir": str(tmp_path / "cache"),
+                               "block_size": 32, "per_device_batch_size": 2, "max_steps": 2, "precision": "fp32",
+                               "num_proc": 1, "save_steps": 0, "progress": False, "device": "cpu"})
+    done = subprocess.run(["bash", str(script), "1", str(out)] + overrides, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.loads((out / "distill_config.json").read_text())
+    assert recipe["weights"] == {"hid_mse": 1.0, "att_mse": 30.0, "sent_mse": 30.0}
+    assert json.loads((out / "student_init.json").read_text())["layers"] == [1, 5, 8, 12]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mpnet" and config["num_hidden_layers"] == 4
+    assert SentenceTransformer(str(out), device="cpu").encode(["the city"]).shape == (1, 32)
