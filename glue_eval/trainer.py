@@ -7,16 +7,43 @@ pre-training engine uses too, so the task stage reads models exactly as ``distil
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distill.models.loading import Features, extract
+from distill.train.signals import EXIT_STOPPED, StopRequest, end_run
 
 # Batch columns the distillation trainer reads itself; the model never sees them.
 ROW, LABELLED = "row", "labelled"
+
+# SIGTERM, SIGINT, SIGUSR1 (distill/train/signals.py): a grid installs it, a trainer arms it while it trains
+STOP = StopRequest(armed=False)
+
+
+class StopOnSignal(TrainerCallback):
+    """After each optimiser step, every rank agreeing: on a signal, stop training (and checkpoint if ``save``)."""
+
+    def __init__(self, save: bool):
+        self.save = save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if STOP.requested(args.world_size, args.device):
+            control.should_save = control.should_save or self.save
+            control.should_training_stop = True
+        return control
+
+
+def whole_checkpoint(folder: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that a save finished (``trainer_state.json`` is written last)."""
+    found = [p for p in glob.glob(os.path.join(folder, "checkpoint-*"))
+             if p.rsplit("-", 1)[1].isdigit() and os.path.isfile(os.path.join(p, "trainer_state.json"))]
+    return max(found, key=lambda p: int(p.rsplit("-", 1)[1])) if found else None
 
 
 class GlueTrainer(Trainer):
@@ -29,6 +56,38 @@ class GlueTrainer(Trainer):
     """
 
     loss_is_scaled_for_ga = False
+    # a stopped cell resumes from its checkpoint; the teacher stages share one folder, so a stopped one restarts
+    resumable = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(StopOnSignal(save=self.resumable))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``, resuming from the cell's newest checkpoint; a signal ends the process (exit 75)."""
+        if resume_from_checkpoint is None and self.resumable:
+            resume_from_checkpoint = whole_checkpoint(self.args.output_dir)
+        STOP.arm()
+        try:
+            out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            STOP.armed = STOP.received is not None  # between cells a signal ends the process at once
+        if STOP.received is not None:
+            self.stopped()
+        if self.args.save_strategy == "no" and self.args.should_save:  # the checkpoints a stop left: done with
+            for folder in glob.glob(os.path.join(self.args.output_dir, "checkpoint-*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        return out
+
+    def stopped(self):
+        where = f"in {self.args.output_dir} after step {self.state.global_step}"
+        if self.resumable:
+            line = STOP.stopped_line(where, whole_checkpoint(self.args.output_dir), "to resume, run the same command "
+                                     "(finished cells are skipped, this one goes on from its checkpoint)")
+        else:
+            line = (f"stopped by {STOP.name} {where}: a teacher-stage cell restarts from its beginning; run the same "
+                    f"command again (exit status {EXIT_STOPPED})")
+        end_run(line, EXIT_STOPPED, main=self.args.process_index == 0)
 
 
 class DistillationTrainer(GlueTrainer):
@@ -45,6 +104,8 @@ class DistillationTrainer(GlueTrainer):
     group and are never saved with it. The mean of each term over a logging window is logged as
     ``distill/<term>`` (unweighted; hard_ce over the batches that held labelled rows).
     """
+
+    resumable = False
 
     def __init__(self, *args, teacher, soft=None, hard=None, teacher_cache=None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -121,10 +121,13 @@ def test_a_signal_mid_step_finishes_the_step_checkpoints_exits_75_and_resumes_to
                         f"with --resume (exit status {EXIT_STOPPED})")
         assert ck.latest_checkpoint(tmp_path / "stopped") == stopped  # step 5 finished, then saved
         assert not (tmp_path / "stopped" / "model.safetensors").exists()
+        record = tmp_path / "stopped" / "checkpoints" / ck.STOP_RECORD
+        assert json.loads(record.read_text())["step"] == 5
         calls.append(0)
         train(make_config({**values, "resume": True}))
     finally:
         terms.unregister("signalling_mse")
+    assert not record.exists()  # resumed: no longer stopped
     assert_same_weights(tmp_path / "whole", tmp_path / "stopped")
 
 
@@ -198,3 +201,35 @@ def test_a_run_whose_checkpoint_does_not_fit_ends_in_one_line_with_the_previous_
     assert "file too large" in errors[0] and "no earlier checkpoint" in errors[0]
     assert ck.list_checkpoints(tmp_path / "full") == []
     assert not list((tmp_path / "full" / "checkpoints").iterdir())  # no temp folder left behind
+
+
+def torchrun(values: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--signals_to_handle", "SIGTERM,SIGINT,SIGUSR1", "--shutdown_timeout", "60", "--no-python",
+           shutil.which("distill-train")] + tiny.cli_args(values)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_to_identical_weights(
+        bert_mlm_dir, corpus, tmp_path):
+    values = base_values(bert_mlm_dir, corpus, tmp_path, "whole", max_steps=10, save_steps=0, per_device_batch_size=2)
+    whole = torchrun(values)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    values = {**values, "output_dir": str(tmp_path / "stopped")}
+    proc = torchrun(values)
+    err = interrupt_at(proc, tmp_path / "stopped", 3, signal.SIGTERM)  # torchrun and both ranks, as SLURM does
+    lines = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and "torchrun command with --resume" in lines[0], err[-3000:]  # rank 0 speaks
+    assert proc.stopped_after < 50, "torchrun waited for its shutdown timeout (60 s): a rank hung"
+    step = int(lines[0].split("after step ")[1].split(" ")[0])
+    assert ck.latest_checkpoint(tmp_path / "stopped").name == f"step-{step:08d}"
+    # torchrun's own status says nothing of its workers': the record a job script tests
+    record = json.loads((tmp_path / "stopped" / "checkpoints" / ck.STOP_RECORD).read_text())
+    assert record == {"signal": "SIGTERM", "step": step, "exit_status": EXIT_STOPPED,
+                      "checkpoint": str(tmp_path / "stopped" / "checkpoints" / f"step-{step:08d}")}
+    resumed = torchrun({**values, "resume": True})
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert_same_weights(tmp_path / "whole", tmp_path / "stopped")
+    assert not (tmp_path / "stopped" / "checkpoints" / ck.STOP_RECORD).exists()

@@ -34,12 +34,16 @@ import torch.distributed as dist
 
 from distill import __version__
 from distill.common.errors import UsageError
+from distill.common.io import atomic_write_json
 from distill.settings.config import RESUME_FIELDS, DistillConfig
 from distill.train.distributed import Dist
 from distill.train.signals import EXIT_NO_SPACE, end_run
 
 CHECKPOINTS = "checkpoints"
 STATE, MANIFEST = "state.pt", "manifest.json"
+# written when a signal stopped the run (a job script under torchrun, whose own status says nothing of its
+# workers', tests for it to requeue); removed when the run resumes
+STOP_RECORD = "stopped.json"
 PREFIX = "step-"
 # the errors that mean "the disk (or a quota, or a file-size limit) has no room for this"
 NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -295,6 +299,13 @@ def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, pre
         end_run(failed, EXIT_NO_SPACE, main=env.main)
 
 
+def record_stop(out: Path, step: int, signal_name: str, status: int, env: Dist) -> None:
+    if env.main:
+        atomic_write_json(Path(out) / CHECKPOINTS / STOP_RECORD,
+                          {"signal": signal_name, "step": step, "checkpoint": str(checkpoint_dir(out, step)),
+                           "exit_status": status})
+
+
 def check_resume_config(cfg: DistillConfig, out: Path) -> None:
     """--resume continues exactly only with the recipe the run started with: refuse a changed one."""
     recorded = out / "distill_config.json"
@@ -328,5 +339,6 @@ def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, en
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     stats = RunStats(skipped=state["stats"]["skipped"], tokens=state["stats"]["tokens"])
     if env.main:
+        (Path(path).parent / STOP_RECORD).unlink(missing_ok=True)  # this run goes on: it is no longer stopped
         print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
     return state["step"], stats

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from distill.common.errors import UsageError
 from distill.settings.config import DistillConfig, check_config
-from distill.train.checkpoints import CHECKPOINTS, RunStats, latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.train.checkpoints import (CHECKPOINTS, RunStats, latest_checkpoint, load_checkpoint, record_stop,
+                                      save_checkpoint)
 from distill.train.distributed import Dist, all_finite
 from distill.train.logs import LOGS, Logger, Window  # noqa: F401  (LOGS: the folder, re-exported)
 from distill.train.save import save_student  # noqa: F401  (re-exported: tests patch it here)
@@ -116,6 +117,7 @@ def stop_after(cfg, run: Run, opt: Optimisation, env: Dist, out: Path, logger: L
         save_checkpoint(out, done, opt.step_module, opt.optimizer, opt.scheduler, run.precision, stats, cfg, env)
     if logger:
         logger.close()
+    record_stop(out, done, stop.name, EXIT_STOPPED, env)  # for job scripts under torchrun (exit status 1 there)
     line = stop.stopped_line(f"after step {done} of {run.total_steps}", out / CHECKPOINTS / f"step-{done:08d}",
                              f"to resume, run the same {'torchrun ' if env.world > 1 else ''}command with --resume")
     if env.world > 1:

@@ -57,7 +57,7 @@ class StopRequest:
     def __init__(self, signals=STOP_SIGNALS, armed: bool = True):
         self.signals = tuple(signals)
         self.received: int | None = None
-        self.armed = armed
+        self.armed = self._armed_at_start = armed
         self._previous: dict = {}
 
     def arm(self) -> None:
@@ -75,6 +75,7 @@ class StopRequest:
             raise RunEnded(EXIT_STOPPED)
 
     def install(self) -> StopRequest:
+        self.received, self.armed = None, self._armed_at_start  # used again (a second grid in one process): clean
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
