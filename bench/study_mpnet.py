@@ -53,25 +53,18 @@ def embed_scores(row: dict, ns) -> dict | None:
     return {"scores": model["scores"], "averages": model["averages"]}
 
 
-def run_embed_eval(row: dict, ns) -> str | None:
-    """Score the row's frozen model with embed-eval (glue_eval.embedding; MTEB's evaluators) unless done; returns
-    why it cannot run here (embed-eval or mteb missing), else None."""
+def run_embed_eval(row: dict, ns) -> None:
+    """Score the row's frozen model with embed-eval (glue_eval.embedding; MTEB's evaluators) unless done
+    (:func:`embed_unavailable` says whether it can run here)."""
     if not embeds_row(row) or embed_scores(row, ns) is not None:
         return None
-    try:
-        from glue_eval import embedding
-    except ImportError as e:
-        return f"embed-eval is not in this checkout ({e})"
-    try:
-        embedding._mteb()
-    except Exception as e:  # its one-line UsageError naming the install command
-        return str(e)
+    from glue_eval import embedding
+
     args = embedding.build_parser().parse_args(
         ["--model", study.model_folder(row, ns), "--output_dir", embed_folder(row, ns), "--data_dir", ns.cache_dir,
          "--overwrite", *(["--n_experiments", "2", "--samples_per_label", "4"] if ns.quick else [])])
     study.log(f"frozen-embedding scores of {row['name']}")
     embedding.write(embedding.run(args), args.output_dir, overwrite=True)
-    return None
 
 
 # --- speed per architecture ---------------------------------------------------------------------------
@@ -113,17 +106,33 @@ def row_speed(row: dict, ns, speeds: dict) -> dict | None:
     return speeds.get(arch_key(folder))
 
 
+def embed_unavailable(ns) -> str | None:
+    """Why embed-eval cannot score here (not in this checkout, mteb missing, the study's data not prepared), or
+    None."""
+    try:
+        from glue_eval import embedding
+    except ImportError as e:
+        return f"embed-eval is not in this checkout ({e})"
+    try:
+        embedding._mteb()
+        embedding.load_data(ns.cache_dir)
+    except Exception as e:  # embed-eval's one-line errors: the install command, the missing file and its command
+        return str(e)
+    return None
+
+
 def finish(rows, ns, state: dict) -> None:
     """The run's last phase: speeds (unless --skip_speed) and the frozen-embedding scores of every model made."""
     if not ns.skip_speed:
         measure_speeds(rows, ns, state)
+    why = embed_unavailable(ns)
+    if why:
+        study.log(f"frozen-embedding scores left pending: {why}")
+        return
     for row in rows:
         folder = study.model_folder(row, ns)
         if os.path.isfile(os.path.join(folder, "config.json")) or row["kind"] in ("teacher", "reference"):
-            why = run_embed_eval(row, ns)
-            if why:
-                study.log(f"frozen-embedding scores left pending: {why}")
-                return
+            run_embed_eval(row, ns)
 
 
 # --- the report -----------------------------------------------------------------------------------------
