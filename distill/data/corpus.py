@@ -41,6 +41,7 @@ import lzma
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -490,7 +491,50 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _write_meta(folder: Path, meta: dict) -> None:
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    """meta.json, with each data file's size and sha256 (checked before the cache is read); everything synced
+    to disk first, so a crash after the rename cannot leave a cache of empty files that looks whole."""
+    sums = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != "meta.json"):
+        with open(path, "rb") as f:
+            sums[path.name] = {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+            os.fsync(f.fileno())
+    with open(folder / "meta.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps({**meta, "checksums": sums}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cache_problem(folder: Path, meta: dict, contents: bool) -> str | None:
+    """None when every file meta.json lists has its size (and, with ``contents``, its sha256), else what is wrong.
+
+    A cache written before checksums were recorded is checked for its files only.
+    """
+    names = meta.get("checksums") or {name: None for name in meta.get("files", ["blocks.arrow"])}
+    for name, want in names.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if want is None:
+            continue
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, meta.json says {want['size']}"
+        if contents:
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != want["sha256"]:
+                    return f"{name} does not match the sha256 in meta.json"
+    return None
+
+
+def _whole_meta(folder: Path, contents: bool) -> dict | None:
+    """The cache's meta.json if the cache is whole; a damaged one is reported in one line and removed
+    (the caller then rebuilds it), never read."""
+    meta = _read_meta(folder)
+    problem = "its meta.json is missing or unreadable" if meta is None else _cache_problem(folder, meta, contents)
+    if problem is None or not folder.exists():
+        return meta
+    print(f"note: corpus cache {folder} is damaged ({problem}): rebuilding it", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -580,7 +624,7 @@ def _write_text_rows(files: list[str], max_documents: int | None, path: Path):
 
 
 def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_documents: int | None = None,
-                     split: str = "train"):
+                     split: str = "train", verify_contents: bool = True):
     """The corpus tokenised once: a Dataset with an ``ids`` column (one row per paragraph, no specials).
 
     ``num_proc``: ``datasets.map`` processes, or ``"auto"`` (:func:`distill.common.hardware.resolve_num_proc`:
@@ -589,7 +633,9 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
     not depend on it.
 
     Cached under ``<cache_dir>/tokens-<key>/``, key = corpus (files with size and mtime,
-    or hub id/config/split) + tokenizer (its tokenizer.json) + ``max_documents``.
+    or hub id/config/split) + tokenizer (its tokenizer.json) + ``max_documents``. A cache whose
+    files do not match the sizes (and, with ``verify_contents``, the sha256) in its meta.json is
+    reported in one line and rebuilt.
     """
     from datasets import Features, List, Value
 
@@ -605,7 +651,7 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
     key = _sha(key_payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}"
-    meta = _read_meta(final)
+    meta = _whole_meta(final, contents=verify_contents)
     if meta is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
@@ -737,7 +783,9 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     _check_block_holds_a_token(block_size)
     src = parse_source(source, split)
     cls_id, sep_id = _special_id(tokenizer, "cls"), _special_id(tokenizer, "sep")
-    tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents)
+    # the token files' sizes are checked here, their contents only when blocks are built from them
+    tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents,
+                              verify_contents=False)
     tokens_dir = Path(tokens.cache_files[0]["filename"]).parent
     tokens_key = tokens_dir.name.split("-", 1)[1]
     payload = {"v": CACHE_VERSION, "tokens": tokens_key, "block_size": block_size, "mode": mode,
@@ -745,7 +793,9 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     key = _sha(payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"blocks-{key}"
-    if _read_meta(final) is None:
+    if _whole_meta(final, contents=True) is None:
+        if _whole_meta(tokens_dir, contents=True) is None:  # damaged: removed, so this call rebuilds it
+            tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".blocks-{key}.tmp-"))
         try:
             started = time.time()
@@ -796,7 +846,14 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
         if meta.get("kind") == "blocks" and meta.get("num_rows") == len(dataset):
             cache = folder / f"token_counts-{vocab_size}.npy"
     if cache is not None and cache.is_file():
-        return np.load(cache)
+        try:
+            counts = np.load(cache)  # allow_pickle stays False: a count file holds numbers only
+            if counts.shape == (vocab_size,) and counts.dtype == np.int64:
+                return counts
+            problem = f"shape {counts.shape} of {counts.dtype}, not ({vocab_size},) int64"
+        except (OSError, ValueError, EOFError) as err:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"note: token count cache {cache} is damaged ({problem}): counting again", file=sys.stderr)
     counts = np.zeros(vocab_size, dtype=np.int64)
     for chunk in _iter_list_column(dataset, "input_ids"):
         ids = chunk.flatten().to_numpy(zero_copy_only=False)

@@ -1,0 +1,79 @@
+"""A corpus cache that was cut short, emptied by a crash or bit-flipped is reported in one line and rebuilt,
+never read as garbage: the rebuilt blocks equal a fresh build's, and a whole cache is never rebuilt."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from distill.data import corpus as data
+from tests.test_data import random_lines, write
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def tok(vocab_dir):
+    return AutoTokenizer.from_pretrained(vocab_dir)
+
+
+def build(tmp_path, tok):
+    path = write(tmp_path / "corpus.txt", "\n".join(random_lines(200, seed=5)))
+    ds = data.load_corpus_blocks(path, tok, 16, tmp_path / "cache")
+    return path, ds["input_ids"][:], Path(ds.cache_files[0]["filename"]).parent
+
+
+def damage(file: Path, how: str) -> None:
+    if how == "truncated":
+        os.truncate(file, file.stat().st_size // 2)
+    elif how == "emptied":
+        os.truncate(file, 0)
+    else:  # one byte flipped: same size, other contents
+        raw = bytearray(file.read_bytes())
+        raw[len(raw) - 40] ^= 0x01
+        file.write_bytes(bytes(raw))
+
+
+def test_the_cache_records_each_files_size_and_sha256(tmp_path, tok):
+    import hashlib
+
+    _, _, blocks = build(tmp_path, tok)
+    meta = json.loads((blocks / "meta.json").read_text())
+    raw = (blocks / "blocks.arrow").read_bytes()
+    assert meta["checksums"] == {"blocks.arrow": {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
+
+
+@pytest.mark.parametrize("which", ["blocks", "tokens"])
+@pytest.mark.parametrize("how", ["truncated", "emptied", "flipped"])
+def test_a_damaged_cache_is_reported_in_one_line_and_rebuilt_to_the_same_blocks(tmp_path, tok, capsys, how, which):
+    path, expected, blocks = build(tmp_path, tok)
+    tokens = tmp_path / "cache" / json.loads((blocks / "meta.json").read_text())["tokens_dir"]
+    if which == "tokens":  # what blocks are built from: checked when a block setting needs them again
+        (tmp_path / "cache" / blocks.name).rename(tmp_path / "blocks-set-aside")
+        damage(tokens / "tokens.arrow", how)
+    else:
+        damage(blocks / "blocks.arrow", how)
+    capsys.readouterr()
+    again = data.load_corpus_blocks(path, tok, 16, tmp_path / "cache")
+    lines = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in lines if line.startswith("note: corpus cache")]
+    folder = tokens if which == "tokens" else blocks
+    assert len(notes) == 1 and str(folder) in notes[0] and notes[0].endswith("rebuilding it"), lines
+    assert again["input_ids"][:] == expected
+    capsys.readouterr()
+    data.load_corpus_blocks(path, tok, 16, tmp_path / "cache")  # whole now: read as is, nothing said
+    assert "corpus cache" not in capsys.readouterr().err
+
+
+def test_a_damaged_token_count_file_is_counted_again(tmp_path, tok, capsys):
+    path, _, blocks = build(tmp_path, tok)
+    ds = data.load_corpus_blocks(path, tok, 16, tmp_path / "cache")
+    counts = data.token_counts(ds, tiny.VOCAB_SIZE)
+    cached = blocks / f"token_counts-{tiny.VOCAB_SIZE}.npy"
+    damage(cached, "truncated")
+    capsys.readouterr()
+    np.testing.assert_array_equal(data.token_counts(ds, tiny.VOCAB_SIZE), counts)
+    assert "token count cache" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(cached), counts)  # rewritten whole
