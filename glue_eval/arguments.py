@@ -67,6 +67,16 @@ class GlueArguments(TaskObjectiveSettings):
                 "--teacher_cache_mb)."})
     teacher_cache_mb: float = field(default=2048, metadata={
         "help": "Largest float32 size (MiB) of cached teacher representations; over it they are recomputed."})
+    # extractive QA (--task squad, squad_v2 or an extractive_qa spec; glue_eval.qa)
+    doc_stride: int = field(default=128, metadata={
+        "help": "QA: tokens shared by consecutive windows of a long context (transformers' run_qa: 128 of 384)."})
+    max_answer_length: int = field(default=30, metadata={"help": "QA: longest answer span decoded, in tokens."})
+    n_best_size: int = field(default=20, metadata={
+        "help": "QA: the highest start and end logits of each window that pair into candidate spans."})
+    null_score_diff_threshold: float = field(default=0.0, metadata={
+        "help": "QA, SQuAD v2: answer nothing when the null score beats the best span's by more than this."})
+    eval_files: list[str] | None = field(default=None, metadata={
+        "help": "QA: out-of-domain SQuAD-format files also evaluated, one dev entry per file (named by its stem)."})
 
 
 @dataclass

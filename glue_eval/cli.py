@@ -4,6 +4,7 @@
     glue-eval --model STUDENT --grid default --output_dir OUT
     glue-eval report OUT [--teacher_results TEACHER_OUT]
     glue-eval --backend torch,onnx,onnx-int8 --model FINETUNED --task rte --output_dir OUT   (backends.py)
+    glue-eval --multitask TASKS.json --model STUDENT --output_dir OUT   (multitask/, docs/multitask.md)
 
 Arguments are parsed with :class:`distill.settings.arguments.DataclassParser` (the convention distill-train
 shares: transformers' ``HfArgumentParser`` plus JSON-valued fields) over :class:`GlueArguments` and
@@ -65,6 +66,10 @@ def _main(argv=None) -> int:
         from .backends import main as evaluate_backends
 
         return evaluate_backends(argv)
+    if any(a.split("=")[0] == "--multitask" for a in argv):  # one student, many tasks (docs/multitask.md)
+        from .multitask.run import main as run_multitask
+
+        return run_multitask(argv)
     glue, args = _parse(argv)
 
     from .arguments import apply_precision, precision_check
@@ -79,6 +84,9 @@ def _main(argv=None) -> int:
     from .distillation import check_task_stage
 
     check_task_stage(glue, tasks)  # --teacher, --stages, --augment, --unlabelled_file: before anything loads
+    from .qa_finetune import check_qa_run
+
+    check_qa_run(glue, args, tasks)  # extractive QA's own settings
     records = run_grid(tasks, cells, base, glue, args.output_dir, announce=precision_line)
     for r in records:
         parts = ", ".join(f"{split} " + " ".join(f"{k} {100 * v:.1f}" for k, v in m.items())

@@ -34,6 +34,10 @@ def splits_needed(task: Task, predict_test: bool = False) -> list[str]:
 def load_splits(task: Task, splits, data_dir: str | None = None, skip_bad_rows: bool = False
                 ) -> dict[str, datasets.Dataset]:
     """Split name -> dataset; a clear :class:`UsageError` for any missing file or bad row."""
+    if task.is_qa:  # SQuAD's JSON layout: glue_eval.qa_data
+        from .qa_data import load_qa_splits
+
+        return load_qa_splits(task, splits, data_dir)
     if task.files is not None:
         return {s: _read_local(task, s, skip_bad_rows) for s in splits}
     if data_dir is None:
@@ -44,6 +48,10 @@ def load_splits(task: Task, splits, data_dir: str | None = None, skip_bad_rows: 
 
 def check_sources(task: Task, splits, data_dir: str | None) -> None:
     """Fail before any training if a split file is missing (cheap: no file is read)."""
+    if task.is_qa:
+        from .qa_data import check_qa_sources
+
+        return check_qa_sources(task, splits, data_dir)
     if task.files is not None:
         for s in splits:
             if s not in task.files:

@@ -79,9 +79,14 @@ def _position_limits(model: str, teacher: str | None) -> tuple:
     return tuple(limits)
 
 
-def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int) -> dict:
+def tokenize(task: Task, splits: dict, tokenizer, max_seq_length: int, doc_stride: int = 128) -> dict:
     """Split -> dataset of ``input_ids``/``attention_mask``(/``token_type_ids``), ``label``, ``idx``
-    (and, on ``train`` only, the task's text fields)."""
+    (and, on ``train`` only, the task's text fields). Extractive QA: windows of ``doc_stride`` overlap
+    (:func:`glue_eval.qa.encode_splits`)."""
+    if task.is_qa:
+        from .qa import encode_splits
+
+        return encode_splits(task, splits, tokenizer, max_seq_length, doc_stride)
 
     def encode(batch):
         return tokenizer(*[batch[f] for f in task.text_fields], truncation=True, max_length=max_seq_length)

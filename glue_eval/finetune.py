@@ -30,6 +30,10 @@ def finetune(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: G
 
     from .distillation import attention_needed
 
+    if task.is_qa:  # spans, not labels: the same stages with QA's model and scoring
+        from .qa_finetune import finetune_qa
+
+        return finetune_qa(task, data, tokenizer, args, glue)
     set_seed(args.seed)  # before the model: the new classifier head is drawn from this seed
     model = load_classifier(glue.model, task, eager=attention_needed(glue, task))
     check_vocabulary(tokenizer, model, glue.model)

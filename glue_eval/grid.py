@@ -34,6 +34,7 @@ from .record import (  # noqa: F401
     write_result,
     write_results_jsonl,
 )
+from .qa_tasks import with_eval_files
 from .tasks import DIAGNOSTIC_SPLIT, Task, resolve_tasks
 
 # The seed report's grid (lr x batch, 3 epochs). Seeds 1, 2, 3: three fixed seeds so the median is
@@ -94,7 +95,7 @@ def axis_value_ok(key: str, value) -> bool:
 
 def plan(grid: dict, args: GlueTrainingArguments, glue: GlueArguments):
     """(tasks, cells, base args) of a grid dict; axes missing from the grid come from the command line."""
-    tasks = resolve_tasks(glue.task if glue.task else _as_spec(grid.get("tasks")))
+    tasks = [with_eval_files(t, glue.eval_files) for t in resolve_tasks(glue.task or _as_spec(grid.get("tasks")))]
     fixed = {k: v for k, v in grid.items() if k not in (*AXES, "tasks", "max_seq_length")}
     try:
         base = dataclasses.replace(args, **fixed)
@@ -122,7 +123,9 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
     """
     from distill.common.locks import output_lock
 
-    with output_lock(out, "glue-eval"):
+    from .trainer import STOP
+
+    with output_lock(out, "glue-eval"), STOP:  # a signal: the cell under way checkpoints, the grid exits 75
         return _run_grid(tasks, cells, args, glue, out, announce)
 
 
@@ -159,7 +162,7 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
     for task in tasks:
         if task.name not in todo:
             continue
-        data = tokenize(task, raw.pop(task.name), tokenizer, length)
+        data = tokenize(task, raw.pop(task.name), tokenizer, length, glue.doc_stride)
         for cell_args in todo[task.name]:
             n += 1
             if announce and n == 1:

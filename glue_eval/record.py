@@ -12,6 +12,7 @@ from distill.common.errors import UsageError
 from distill.common.io import atomic_write_text
 
 from .arguments import GlueArguments
+from .qa_tasks import EXTRACTIVE_QA, qa_cell_settings
 from .tasks import Task
 
 
@@ -29,6 +30,10 @@ def task_settings(task: Task) -> dict | None:
     """What defines a local task for cell reuse: its files by content, its labels, text columns and metrics (a spec
     pointing at other or edited data must not reuse cells; the same data under another path may). None for GLUE
     tasks, whose data is ``data_dir``."""
+    if task.is_qa:
+        from .qa_tasks import qa_task_settings
+
+        return qa_task_settings(task, file_digest)
     if not task.files:
         return None
     return {
@@ -66,6 +71,7 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         # a shared objective setting joins the cell's settings only when set, so older cells still match
         **({"layer_map": glue.layer_map} if glue.teacher and glue.layer_map is not None else {}),
         **task_stage_settings(glue),
+        **(qa_cell_settings(glue) if task_data and task_data.get("kind") == EXTRACTIVE_QA else {}),
     }
 
 

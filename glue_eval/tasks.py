@@ -19,6 +19,7 @@ from distill.common.errors import UsageError
 from distill.common.io import read_json_object
 
 from .metrics import METRICS
+from .qa_tasks import EXTRACTIVE_QA, SQUAD_FILES, qa_spec_fields, squad_task_fields
 
 TSV_FILES = {
     "train": "train.tsv",
@@ -76,10 +77,16 @@ class Task:
     tsv_test: TsvLayout | None = None
     files: dict | None = None
     glue: bool = True
+    kind: str = "classification"  # or "extractive_qa" (glue_eval.qa_tasks): spans, not labels
+    version_2: bool = False  # extractive QA: questions may have no answer (SQuAD v2)
+
+    @property
+    def is_qa(self) -> bool:
+        return self.kind == EXTRACTIVE_QA
 
     @property
     def is_regression(self) -> bool:
-        return self.labels is None
+        return self.labels is None and not self.is_qa
 
     @property
     def num_labels(self) -> int:
@@ -164,11 +171,13 @@ def get_task(name: str) -> Task:
     """A GLUE task by any usual spelling (``SST-2``, ``sst2``, ``STS-B``), or a local task spec (``*.json``)."""
     if name.endswith(".json"):
         return load_task_spec(name)
+    if _key(name) in {_key(n) for n in SQUAD_FILES}:  # extractive QA (glue_eval.qa_tasks)
+        return Task(**squad_task_fields(next(n for n in SQUAD_FILES if _key(n) == _key(name))))
     by_key = {_key(t.name): t for t in GLUE_TASKS.values()} | {_key(t.display): t for t in GLUE_TASKS.values()}
     if _key(name) not in by_key:
         raise UsageError(
             f"unknown task {name!r}: GLUE tasks are {', '.join(GLUE_TASKS[n].display for n in GLUE_ORDER)} "
-            "(or 'all'), or give a local task spec file ending in .json"
+            "(or 'all'), extractive QA squad or squad_v2, or give a local task spec file ending in .json"
         )
     return by_key[_key(name)]
 
@@ -192,6 +201,8 @@ def load_task_spec(path: str) -> Task:
     "metric": "accuracy"}``; ``"regression": true`` instead of ``labels`` for scores.
     """
     spec = read_json_object(path, "task spec", "give a JSON file describing the task")
+    if spec.get("type") == EXTRACTIVE_QA:
+        return Task(**qa_spec_fields(spec, path))
     where = f"task spec {path!r}"
     unknown = set(spec) - SPEC_KEYS
     if unknown:
