@@ -217,10 +217,13 @@ def test_zero_weight_terms_are_dropped_and_their_tensors_never_requested(student
 def test_requests_follow_the_active_terms(student, teacher):
     val = make({"val_kl": 1}, student, teacher)
     assert val.requests()["student"] == Request(value_layers=(2,))
-    assert val.requests()["teacher"] == Request(value_layers=(4,))
+    assert val.requests()["teacher"] == Request(value_layers=(4,), depth=4)  # its last layer: it runs whole
     assert not val.needs_attention  # value vectors are not touched by attention dropout
     att = make({"att_kl": 1}, student, teacher)
-    assert att.needs_attention and att.requests()["teacher"] == Request(attentions=True)
+    # eager attention only on the mapped teacher layers; nothing deeper than layer 4 is read
+    assert att.needs_attention and att.requests()["teacher"] == Request(attentions=True, attention_layers=(2, 4),
+                                                                        depth=4)
+    assert make({"att_kl": 1}, student, teacher, student_layers=[1, 2]).requests()["teacher"].depth == 2
     mlm_only = make({"mlm": 1}, student, teacher)
     assert mlm_only.requests() == {"student": Request(logits="masked"), "teacher": Request()}
     assert not mlm_only.needs_teacher and att.needs_teacher

@@ -26,6 +26,7 @@ from distill.models.families import (  # noqa: F401
     max_positions,
     role_from_architecture,
 )
+from distill.models.frozen import attention_layers, truncated
 from distill.models.layers import module_index
 from distill.models.qkv import capture_qkv
 from distill.models.vocab_head import DeferredLogits, capture_autocast
@@ -331,6 +332,7 @@ def extract(
     token_type_ids: torch.Tensor | None = None,
     sequence_logits: bool = False,
     defer_head: bool = False,
+    depth: int | None = None,
 ) -> Features:
     """Run ``model`` once and return only what was asked for.
 
@@ -345,8 +347,15 @@ def extract(
     ``defer_head=True``: where the head ends in a linear layer onto the vocabulary, ``logits`` is
     a :class:`distill.models.vocab_head.DeferredLogits` (the transform run, the decoder not), for terms
     that take the logits chunk by chunk.
+    ``depth``: run the first ``depth`` layers only (None: all), for a teacher whose terms read nothing deeper;
+    hidden states and attentions past it come back as None, and no head may be asked for.
+    Attentions are indexed by layer whatever ran: a layer that ran sdpa
+    (:func:`distill.models.frozen.eager_only_on`) has None in its place.
     """
     family = family_of(model)
+    if depth is not None and depth < num_layers(model) and (positions is not None or sequence_logits):
+        raise ValueError(f"extract(depth={depth}) stops before the last layer, so no head can run on it: "
+                         "ask for the whole model (depth=None) where logits are wanted")
     layers = transformer_layers(model)
     # modules looked up before any hook goes on, so a bad layer leaves the model as it was
     paths = {"query": family.query_path, "key": family.key_path, "value": family.value_path}
@@ -362,7 +371,7 @@ def extract(
         hooks.append(get_path(layers[module_index(layer)], family.value_path).register_forward_hook(hook))
     extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
     try:
-        with capture_qkv(projections) as captured_qkv:
+        with truncated(model, depth), capture_qkv(projections) as captured_qkv:
             # A task model's head (pooler, dropout, classifier) differs by family: let the model run it.
             out = (model if sequence_logits else model.base_model)(
                 input_ids=input_ids,
@@ -380,20 +389,46 @@ def extract(
             f"{type(model).__name__} returned no attention weights: attention terms need "
             "attn_implementation='eager' (sdpa returns none)"
         )
-    logits = out.logits if sequence_logits else None
-    if positions is not None:
-        head = vocab_head(model) if defer_head else None
-        rows = out.last_hidden_state[positions]
-        if head is None:
-            logits = apply_head(model, rows)
-        else:
-            decoder = head.decoder_of(model)
-            logits = DeferredLogits(head.transform(model, rows), decoder.weight, decoder.bias,
-                                    capture_autocast(rows.device.type))
+    logits = out.logits if sequence_logits else _head_at(model, out.last_hidden_state, positions, defer_head)
     return Features(
-        hidden_states=out.hidden_states if hidden else None,
-        attentions=out.attentions if attentions else None,
+        hidden_states=_full_length(out.hidden_states, num_layers(model) + 1) if hidden else None,
+        attentions=_by_layer(model, out.attentions, depth) if attentions else None,
         values=captured,
         qkv=dict(captured_qkv),
         logits=logits,
     )
+
+
+def _head_at(model: nn.Module, last: torch.Tensor, positions: torch.Tensor | None, defer_head: bool):
+    """The prediction head on the last hidden states at ``positions`` (None: not asked): ``[N, ...]`` rows, or a
+    :class:`DeferredLogits` where ``defer_head`` and the head ends in a vocabulary decoder."""
+    if positions is None:
+        return None
+    head = vocab_head(model) if defer_head else None
+    rows = last[positions]
+    if head is None:
+        return apply_head(model, rows)
+    decoder = head.decoder_of(model)
+    return DeferredLogits(head.transform(model, rows), decoder.weight, decoder.bias, capture_autocast(rows.device.type))
+
+
+def _full_length(states: tuple, length: int) -> tuple:
+    """``states`` padded with None to ``length`` entries (a truncated forward's hidden states stay indexed by layer)."""
+    return tuple(states) + (None,) * (length - len(states))
+
+
+def _by_layer(model: nn.Module, recorded: tuple, depth: int | None) -> tuple:
+    """The recorded attention maps at their layer numbers: entry ``i`` is layer ``i + 1``'s, None for a layer that
+    ran sdpa or lies past ``depth``."""
+    total = num_layers(model)
+    ran = attention_layers(model) or tuple(range(1, total + 1))
+    ran = [layer for layer in ran if depth is None or layer <= depth]
+    if len(ran) != len(recorded):
+        raise RuntimeError(f"{type(model).__name__} recorded {len(recorded)} attention maps where layers {ran} run "
+                           "eager attention: the per-layer attention set-up no longer matches the model")
+    if len(ran) == total:
+        return tuple(recorded)
+    out = [None] * total
+    for layer, att in zip(ran, recorded):
+        out[layer - 1] = att
+    return tuple(out)

@@ -90,6 +90,10 @@ class Request:
         token), ``"masked"`` (MLM targets only) or ``"sequence"`` (a task head's
         ``[B, classes]``, produced by the caller). :meth:`Objective.positions` turns the
         first three into the ``positions`` mask for ``extract``.
+    attention_layers: the layers (1-based) whose attention maps a term reads: the only ones that need eager
+        attention (:func:`distill.models.frozen.eager_only_on`).
+    depth: the deepest layer any term reads, for ``extract(depth=...)``; None: the whole model (a head's
+        output is read, or the role is the student, which trains every layer).
     """
 
     hidden: bool = False
@@ -97,6 +101,8 @@ class Request:
     value_layers: tuple[int, ...] = ()
     qkv: tuple[tuple[int, str], ...] = ()
     logits: str | None = None
+    attention_layers: tuple[int, ...] = ()
+    depth: int | None = None
 
 
 def _no_autocast(batch: Mapping):
@@ -213,12 +219,20 @@ class Objective(nn.Module):
         index = 0 if role == "student" else 1
         value_layers = sorted({pair[index] for n, s in specs if s.feature == "values" for pair in self.layer_pairs[n]})
         qkv = sorted({(pair[index], s.vectors) for n, s in specs if s.feature == "qkv" for pair in self.layer_pairs[n]})
+        attention_layers = sorted({pair[index] for n, s in specs if s.feature == "attentions"
+                                   for pair in self.layer_pairs[n]})
+        read = [pair[index] for n, s in specs if n in self.layer_pairs for pair in self.layer_pairs[n]]
+        # the teacher stops after the deepest layer a term reads, unless a head (at the top) is read
+        # (at least one layer: the embedding output is recorded as the first layer's input)
+        depth = max(1, *read) if role == "teacher" and read and self._logits_at[role] is None else None
         return Request(
             hidden=any(s.feature == "hidden" for _, s in specs),
             attentions=any(s.feature == "attentions" for _, s in specs),
             value_layers=tuple(value_layers),
             qkv=tuple(qkv),
             logits=self._logits_at[role],
+            attention_layers=tuple(attention_layers),
+            depth=depth,
         )
 
     # -------------------------------------------------------------------------------------
@@ -273,6 +287,7 @@ class Objective(nn.Module):
             "qkv": request.qkv,
             "positions": self.positions(batch, role),
             "defer_head": self._chunk_logits,
+            "depth": request.depth,
         }
 
     def to_dict(self) -> dict:

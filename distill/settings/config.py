@@ -86,6 +86,9 @@ class DistillConfig(ObjectiveSettings, ModelSettings):
     fp16_opt_level: str = _f("O2", "apex-style opt level for fp16: O1 (autocast), O2 (fp16 weights, fp32 norms and master weights) or O3 (pure fp16, needs force_o3)")
     force_o3: bool = _f(False, "allow fp16 O3 (pure fp16; it does not train well)")
     amp_backend: str = _f("native", "native (torch.amp) or apex (only if NVIDIA apex with apex.amp is importable)")
+    compile: bool = _f(False, "torch.compile the teacher's forward and the student's apart (the first steps compile, "
+                              "minutes on a CPU; needs a C++ compiler there); off by default: python -m bench.speed "
+                              "--only compile measures what it gives on this machine", resume=False)
     # --- run ---
     output_dir: str = _f("runs/demo-minilm-3l", "where the student, checkpoints and logs go", resume=False)
     overwrite_output_dir: bool = _f(False, "replace a non-empty output_dir", resume=False)

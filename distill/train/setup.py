@@ -166,6 +166,7 @@ def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str], Path]:
 
 def build_run(cfg: DistillConfig, env: Dist) -> Run:
     """Configs first, so every config error comes before a weight load; then the models, the batches."""
+    from distill.models.frozen import prepare_teacher
     from distill.models.sentence import pipeline_source, read_pipeline
     from distill.objective.plan import Objective
     from distill.train.electra import check_recipe
@@ -184,6 +185,7 @@ def build_run(cfg: DistillConfig, env: Dist) -> Run:
     set_seed(cfg.seed)
     teacher, student, tokenizer, pooler_start = load_models(cfg, env, teacher_path, teacher_config, layers, size,
                                                             objective)
+    prepare_teacher(teacher, objective.requests()["teacher"].attention_layers, precision.autocast_dtype)
     return build_data(cfg, env, Run(teacher, student, tokenizer, objective, precision, None, None, layers, size,
                                     sentence, pooler_start, teacher_config, 0, 0))
 
@@ -264,6 +266,8 @@ def optimisation(cfg: DistillConfig, run: Run, env: Dist) -> Optimisation:
     run.student = run.precision.prepare(run.student)
     if run.generator is not None:  # ELECTRA with train_generator
         run.precision.prepare(run.generator)
+    if cfg.compile:  # each model's forward apart: the teacher's under no_grad, the student's with its backward
+        compile_models(run.teacher, run.student)
     step_module = StudentStep(run.student, run.objective, run.teacher, run.generator)
     if env.world > 1:
         freeze_unused(step_module, run.batches.chunk(0, 0), run.precision)
@@ -277,6 +281,13 @@ def optimisation(cfg: DistillConfig, run: Run, env: Dist) -> Optimisation:
         model = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None, **NO_BUFFER_SYNC)
     return Optimisation(step_module, model, optimizer, scheduler)
+
+
+def compile_models(*models: nn.Module) -> None:
+    """``torch.compile`` each model's base (the encoder extract runs), in place; the heads stay eager (the chunked
+    vocabulary head runs outside the model)."""
+    for model in models:
+        model.base_model.compile()
 
 
 def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[int, str], start_step: int):
