@@ -15,10 +15,10 @@ Three levers, each exact or bounded, each applied to a teacher that never trains
   registry (MPNet) stay as they are.
 - :func:`truncated`: the forward stops after the deepest layer a term reads (the layer list cut for the call).
 
-``torch.inference_mode`` is not used on the training path: the teacher's outputs are loss targets, and the
-losses save their targets for backward, which torch refuses for inference tensors (a copy would cost more than
-inference mode saves). Where outputs are only read (the task stage's teacher cache) no_grad and inference mode
-cost the same to within the noise of a step.
+``torch.inference_mode`` is not used on the training path: the teacher's outputs are loss targets, and some
+losses save their target for backward (``F.mse_loss``: hid_mse, att_mse), which torch refuses for inference
+tensors ("Inference tensors cannot be saved for backward"); a copy of every feature would undo what inference
+mode saves over ``no_grad``.
 """
 
 from __future__ import annotations
