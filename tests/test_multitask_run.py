@@ -1,0 +1,215 @@
+"""glue-eval --multitask end to end on two local keyword tasks, and the loop's steps against independent
+computations: one-hot meta-batches = per-task steps, PCGrad = the float64 reference over per-task gradients,
+a teacher's terms = KL computed from the teacher's own logits."""
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from glue_eval.cli import main
+from glue_eval.multitask import train as mtrain
+from glue_eval.multitask.config import load_config
+from glue_eval.multitask.model import build_multitask, load_multitask
+from tests import tiny
+from tests.test_multitask_pure import reference_pcgrad
+
+KEYWORDS = {"city": ("no", "yes"), "school": ("absent", "present")}
+FAST = ["--use_cpu", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--warmup_steps", "0.1",
+        "--disable_tqdm", "true", "--logging_steps", "5"]
+
+
+def _rows(keyword, labels, n, rng, noise=False):
+    words = [w for w in tiny.WORDS if w not in KEYWORDS]
+    rows = []
+    for i in range(n):
+        text = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+        if i % 2:
+            text.insert(rng.randint(0, len(text)), keyword)
+        rows.append((" ".join(text), rng.choice(labels) if noise else labels[i % 2]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """Two keyword tasks (different label names), a noisy copy of the first, and configs over them."""
+    folder = tmp_path_factory.mktemp("mt_tasks")
+    rng = random.Random(0)
+    for keyword, labels in KEYWORDS.items():
+        for split, n in (("train", 120), ("dev", 60)):
+            with open(folder / f"{keyword}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([("text", "label"), *_rows(keyword, labels, n, rng)])
+        spec = {"name": keyword, "train": f"{keyword}_train.csv", "dev": f"{keyword}_dev.csv",
+                "text_columns": ["text"], "label_column": "label", "labels": list(labels), "metric": "accuracy"}
+        (folder / f"{keyword}.json").write_text(json.dumps(spec))
+    return folder
+
+
+def _config(folder, name, tasks_dir=None, **extra):
+    where = f"{tasks_dir}/" if tasks_dir else ""
+    raw = {"tasks": [{"task": f"{where}city.json", "head": {"layers": [16], "activation": "gelu"}},
+                     {"task": f"{where}school.json"}], **extra}
+    (folder / name).write_text(json.dumps(raw))
+    return str(folder / name)
+
+
+def _predict(model, task, texts, tokenizer):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(task=task, **enc).logits.argmax(-1).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"schedule": "per_task", "sampling": {"kind": "temperature", "temperature": 2}},
+                                   {"schedule": {"mode": "hybrid", "window": 3, "patience": 1, "sum_every": 3},
+                                    "gradient": "pcgrad"}])
+def test_one_student_learns_both_tasks_and_the_saved_model_reproduces_its_scores(tasks, bert_mlm_dir, vocab_dir,
+                                                                                tmp_path, extra, capsys):
+    from transformers import AutoTokenizer
+
+    config = _config(tmp_path, "mt.json", tasks_dir=tasks, **extra)
+    out = tmp_path / "out"
+    assert main(["--multitask", config, "--model", bert_mlm_dir, "--output_dir", str(out), "--seed", "0",
+                 "--num_train_epochs", "4", *FAST]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert list(result["tasks"]) == ["city", "school"]
+    assert result["average"] == pytest.approx(np.mean([r["score"] for r in result["tasks"].values()]))
+    assert "| city |" in printed and "| school |" in printed and "| **average** |" in printed
+    model = load_multitask(str(out / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+    for keyword, labels in KEYWORDS.items():
+        with open(tasks / f"{keyword}_dev.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        predicted = _predict(model, keyword, [r["text"] for r in rows], tokenizer)
+        accuracy = np.mean([labels[p] == r["label"] for p, r in zip(predicted, rows)])
+        assert accuracy == pytest.approx(result["tasks"][keyword]["dev"]["validation"]["accuracy"])  # the saved model
+        assert accuracy > 0.8  # chance is 0.5: both tasks learnt by one encoder
+    if "gradient" in extra:
+        assert result["train"]["kinds"]["sum"] > 0 and result["settings"]["gradient"] == "pcgrad"
+
+
+def _runs(tasks, tokenizer, config):
+    from glue_eval.data import load_splits
+    from glue_eval.encode import tokenize
+
+    runs = []
+    for entry in config.tasks:
+        data = tokenize(entry.task, load_splits(entry.task, ["train", "validation"]), tokenizer, 32)
+        train = data["train"].remove_columns(["text", "idx"])
+        runs.append(mtrain.TaskRun(entry.task, entry.weight, train.add_column("row", list(range(len(train)))),
+                                   {"validation": data["validation"].remove_columns(["idx"])}))
+    return runs
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _setup(tasks, bert_mlm_dir, name, raw=None, **extra):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    config = load_config(str(tasks / "pc.json") if raw else _config(tasks, name, **extra))
+    tokenizer = AutoTokenizer.from_pretrained(bert_mlm_dir)
+    collate = DataCollatorWithPadding(tokenizer)
+    return config, _runs(tasks, tokenizer, config), collate
+
+
+def test_a_meta_batch_with_one_hot_weights_is_a_per_task_step(tasks, bert_mlm_dir):
+    import contextlib
+
+    config, runs, collate = _setup(tasks, bert_mlm_dir, "onehot.json", schedule="sum")
+    runs[0].weight, runs[1].weight = 1.0, 0.0  # one-hot on the first task
+    torch.manual_seed(0)
+    model = build_multitask(bert_mlm_dir, config.tasks).train()  # dropout on: the same draws in both steps
+    grads, losses = [], []
+    for kind in ("sum", "per_task"):
+        streams = [mtrain.BatchStream(r.train, 8, collate, seed=k) for k, r in enumerate(runs)]
+        torch.manual_seed(1)  # the first task's forward comes first either way: the same dropout draws
+        loss, _ = mtrain.train_step(model, runs, streams, kind, 0, config, "cpu", None, contextlib.nullcontext)
+        losses.append(loss)
+        grads.append(_grads(model))
+        model.zero_grad(set_to_none=True)
+    assert losses[0] == losses[1]
+    assert grads[0].keys() == grads[1].keys() and not any(k.startswith("heads.school") for k in grads[0])
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+def test_pcgrad_in_the_loop_is_the_float64_reference_over_each_tasks_gradient(tasks, bert_mlm_dir):
+    import contextlib
+
+    from glue_eval.multitask.pcgrad import projection_orders
+
+    spec = json.loads((tasks / "city.json").read_text())
+    (tasks / "city_flip.json").write_text(json.dumps({**spec, "name": "city_flip", "labels": ["yes", "no"]}))
+    raw = {"tasks": [{"task": "city.json", "weight": 2.0}, {"task": "city_flip.json"}], "schedule": "sum",
+           "gradient": "pcgrad"}
+    (tasks / "pc.json").write_text(json.dumps(raw))
+    config, runs, collate = _setup(tasks, bert_mlm_dir, None, raw=raw)
+    torch.manual_seed(0)
+    model = build_multitask(bert_mlm_dir, config.tasks).eval()  # no dropout: every forward alike
+    # The same head and the same rows with the labels the other way round: the two tasks' gradients conflict.
+    model.heads["city_flip"].load_state_dict(model.heads["city"].state_dict())
+    shared = list(model.encoder.parameters())
+    per_task, heads = [], {}
+    for run in runs:
+        loss, _ = mtrain.run_loss(model, run, mtrain.BatchStream(run.train, 8, collate, seed=0).next(), "cpu")
+        wrt = shared + list(model.heads[run.name].parameters())
+        g = torch.autograd.grad(run.weight * loss, wrt, allow_unused=True)  # the pooler is never used
+        g = [torch.zeros_like(p) if x is None else x for p, x in zip(wrt, g)]
+        per_task.append(torch.cat([x.reshape(-1) for x in g[:len(shared)]]).double())
+        heads[run.name] = g[len(shared):]
+    assert float(per_task[0] @ per_task[1]) < 0  # they conflict: the projection acts
+    streams = [mtrain.BatchStream(r.train, 8, collate, seed=0) for r in runs]
+    mtrain.train_step(model, runs, streams, "sum", None, config, "cpu", torch.Generator().manual_seed(5),
+                      contextlib.nullcontext)
+    expected = reference_pcgrad(torch.stack(per_task), projection_orders(2, torch.Generator().manual_seed(5)))
+    got = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                     for p in shared]).double()
+    # float32 gradients and projection against float64: the nearly opposite gradients cancel, so the bound is
+    # relative to the largest entry (the float32 rounding of the terms that cancel), far below what surgery moves
+    scale = float(np.abs(expected).max())
+    assert np.allclose(got.numpy(), expected, rtol=0, atol=1e-3 * scale)
+    assert np.abs(got.numpy() - (per_task[0] + per_task[1]).numpy()).max() > 0.1 * scale
+    for run in runs:  # a head's gradient is its own task's alone
+        for p, g in zip(model.heads[run.name].parameters(), heads[run.name]):
+            assert torch.allclose(p.grad, g, atol=1e-7)
+
+
+def test_a_tasks_teacher_terms_are_computed_from_the_teachers_own_logits(tasks, bert_mlm_dir, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    teacher_dir = tmp_path / "teacher"
+    torch.manual_seed(3)
+    BertForSequenceClassification(tiny.make_config("bert", num_labels=2)).save_pretrained(str(teacher_dir))
+    config_path = _config(tasks, "kd.json", distill_weights={"kl": 1.0, "hard_ce": 0.5})
+    raw = json.loads(open(config_path).read())
+    raw["tasks"][0]["teacher"] = str(teacher_dir)
+    open(config_path, "w").write(json.dumps(raw))
+    _, runs, collate = _setup(tasks, bert_mlm_dir, "kd_plain.json")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_multitask(bert_mlm_dir, config.tasks).eval()
+    from glue_eval.multitask.run import MultitaskArguments, attach_teachers
+    from transformers import TrainingArguments
+
+    glue = MultitaskArguments(model=bert_mlm_dir, temperature=2.0)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, per_device_eval_batch_size=16)
+    record = attach_teachers(runs, config, glue, args, model, collate)
+    assert list(record) == ["city"] and runs[1].soft is None and runs[1].cache is None
+    batch = mtrain.BatchStream(runs[0].train, 8, collate, seed=0).next()
+    loss, terms = mtrain.run_loss(model, runs[0], batch, "cpu")
+    teacher = BertForSequenceClassification.from_pretrained(str(teacher_dir)).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        zt = teacher(**inputs).logits.double()
+        zs = model(task="city", **inputs).logits.double()
+    pt, log_ps = (zt / 2).softmax(-1), (zs / 2).log_softmax(-1)
+    kl = 4 * (pt * (pt.log() - log_ps)).sum(-1).mean()  # T^2 KL at T = 2
+    hard = torch.nn.functional.cross_entropy(zs, batch["labels"])
+    assert float(terms["kl"]) == pytest.approx(float(kl), abs=1e-5)
+    assert float(terms["hard_ce"]) == pytest.approx(float(hard), abs=1e-5)
+    assert float(loss) == pytest.approx(float(kl + 0.5 * hard), abs=1e-5)
