@@ -233,3 +233,64 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_to_iden
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert_same_weights(tmp_path / "whole", tmp_path / "stopped")
     assert not (tmp_path / "stopped" / "checkpoints" / ck.STOP_RECORD).exists()
+
+
+def rank_pid(proc: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_other_within_seconds_with_one_line_naming_the_loss(bert_mlm_dir, corpus,
+                                                                                      tmp_path):
+    values = base_values(bert_mlm_dir, corpus, tmp_path, "dead", max_steps=400, save_steps=0,
+                         per_device_batch_size=2)
+    proc = torchrun(values)
+    victim = rank_pid(proc, 1)
+    deadline = time.time() + 120
+    while logged_steps(tmp_path / "dead") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(victim, signal.SIGKILL)  # an OOM kill, a lost node
+    killed = time.time()
+    err = proc.communicate(timeout=120)[1]
+    assert time.time() - killed < 30, "the surviving rank hung"  # well inside torchrun's 60 s shutdown timeout
+    lost = [line for line in err.splitlines() if "lost contact with another rank" in line]
+    assert lost and lost[0].startswith("error: rank 0 of 2") and "--resume" in lost[0], err[-3000:]
+    summary = err[err.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in summary and "SIGKILL" in summary, summary
+    assert "/distill/" not in err  # no worker traceback (torchrun prints its own, of its ChildFailedError)
+
+
+def test_the_process_group_timeout_is_documented_default_or_a_positive_override(monkeypatch):
+    from distill.common.errors import UsageError
+    from distill.train import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.process_group_timeout().total_seconds() == 1800
+    docs = (ROOT / "docs" / "training.md").read_text()
+    assert distributed.TIMEOUT_ENV in docs and "1800" in docs
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "90")
+    assert distributed.process_group_timeout().total_seconds() == 90
+    for bad in ("0", "-5", "ten"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(UsageError, match=f"{distributed.TIMEOUT_ENV}='{bad}' is not a positive number"):
+            distributed.process_group_timeout()
+
+
+def test_only_a_failed_collective_counts_as_a_lost_rank():
+    from distill.train.distributed import lost_peer
+
+    assert lost_peer(RuntimeError("[pair.cc:537] Read error [10.0.0.2]:8077: Connection reset by peer. GLHF"))
+    assert lost_peer(torch.distributed.DistBackendError("NCCL error"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_peer(ValueError("Connection reset by peer"))

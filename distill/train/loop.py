@@ -24,7 +24,7 @@ from distill.common.errors import UsageError
 from distill.settings.config import DistillConfig, check_config
 from distill.train.checkpoints import (CHECKPOINTS, RunStats, latest_checkpoint, load_checkpoint, record_stop,
                                       save_checkpoint)
-from distill.train.distributed import Dist, all_finite
+from distill.train.distributed import Dist, all_finite, peers_watched
 from distill.train.logs import LOGS, Logger, Window  # noqa: F401  (LOGS: the folder, re-exported)
 from distill.train.save import save_student  # noqa: F401  (re-exported: tests patch it here)
 from distill.train.setup import Run, Optimisation, announce, build_run, calibrate_only, optimisation, start_process
@@ -45,7 +45,7 @@ def train(cfg: DistillConfig) -> str:
 
     check_config(cfg)  # a config built in code gets the checks a recipe or the command line gets
     with output_lock(cfg.output_dir, "distill-train", enabled=int(os.environ.get("RANK", "0")) == 0), \
-            StopRequest(armed=False) as stop:  # SIGTERM, SIGINT, SIGUSR1: see distill/train/signals.py
+            StopRequest(armed=False) as stop, peers_watched():  # signals, dead ranks: see distill/train/signals.py
         return _train(cfg, stop)
 
 

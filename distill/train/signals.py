@@ -26,6 +26,8 @@ import torch.distributed as dist
 EXIT_STOPPED = 75
 # sysexits.h EX_IOERR: a write failed for lack of space (ENOSPC, EDQUOT) or a file-size limit (EFBIG)
 EXIT_NO_SPACE = 74
+# sysexits.h EX_UNAVAILABLE: another process of a torchrun run died or hung (distributed.peers_watched)
+EXIT_PEER_LOST = 69
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
