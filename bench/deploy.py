@@ -227,16 +227,20 @@ def cosines(fns: dict, feeds: list) -> dict:
 
 
 def dev_accuracy(fns: dict, task, rows, tokenizer) -> dict:
-    """Dev accuracy (percent) of the fine-tuned classifier in every backend, on the same tokenised batches."""
+    """Dev accuracy (percent) of the fine-tuned classifier in every backend, on the same tokenised batches, and
+    how many dev predictions each backend changes against the student's torch fp32."""
     from glue_eval.backends import batches
     from glue_eval.metrics import compute_metrics, task_score
 
     data = [(tokenised_enc(enc), y) for enc, y in batches(task, rows, tokenizer, 128, 64)]
-    out = {}
+    labels = np.concatenate([y for _, y in data])
+    out, flips, reference = {}, {}, None
     for name, fn in fns.items():
         logits = np.concatenate([fn(feed) for feed, _ in data])
-        out[name] = 100 * task_score(compute_metrics(task, logits, np.concatenate([y for _, y in data])))
-    return out
+        reference = logits if name == "torch_fp32" else reference  # the first side: the student's fp32
+        out[name] = 100 * task_score(compute_metrics(task, logits, labels))
+        flips[name] = int((logits.argmax(-1) != reference.argmax(-1)).sum())  # flips that cancel leave the score
+    return out, flips
 
 
 def tokenised_enc(enc) -> dict:
@@ -328,10 +332,11 @@ def measure(args, work: Path, threads: int) -> dict:
     del fns
     classifier = exported_copy(fine_tune(student, spec, work, args.epochs), work, "classifier-onnx")
     clf_fns = sides(classifier, classifier, "classifier", threads, model_cls=AutoModelForSequenceClassification)
-    accuracy = dev_accuracy(clf_fns, task, dev, AutoTokenizer.from_pretrained(classifier))
+    accuracy, flips = dev_accuracy(clf_fns, task, dev, AutoTokenizer.from_pretrained(classifier))
     export = json.loads((Path(encoder) / "onnx" / "export.json").read_text())
     clf_export = json.loads((Path(classifier) / "onnx" / "export.json").read_text())
-    return {"speed": speed, "cosine": cos, "dev_accuracy": accuracy, "task": task.name, "dev_examples": len(texts),
+    return {"speed": speed, "cosine": cos, "dev_accuracy": accuracy, "dev_prediction_flips": flips, "task": task.name,
+            "dev_examples": len(texts),
             "export": {k: export[k] for k in ("fp32_max_abs_diff", "int8", "bf16", "versions")},
             "classifier_export": {k: clf_export[k] for k in ("fp32_max_abs_diff", "int8")}}
 

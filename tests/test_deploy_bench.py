@@ -41,5 +41,6 @@ def test_the_smoke_run_writes_its_report_and_figure_lines(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["speed"]) >= {"teacher_fp32", "torch_fp32", "torch_int8", "onnx_fp32", "onnx_int8"}
     assert report["export"]["fp32_max_abs_diff"] <= 1e-4
+    assert report["dev_prediction_flips"]["torch_fp32"] == 0 and report["dev_prediction_flips"]["onnx_fp32"] == 0
     assert report["command"].startswith("python -m bench.deploy --smoke")
     assert (tmp_path / "deploy.md").read_text().startswith("Machine: ")
