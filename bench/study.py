@@ -746,9 +746,13 @@ def measure_speed(teacher: str, student: str, quick: bool) -> dict:
     from transformers import AutoModel
 
     models = {"teacher": AutoModel.from_pretrained(teacher).eval(), "student": AutoModel.from_pretrained(student).eval()}
-    result = {"threads": torch.get_num_threads(), "seq": 128, "dtype": "fp32"}
+    # seq 128 and ids 1000-29000 for any real model; less for a tiny test model
+    seq = min([128] + [m.config.max_position_embeddings - 2 for m in models.values()])
+    hi = min([29000] + [m.config.vocab_size for m in models.values()])
+    lo = min(1000, hi // 4)
+    result = {"threads": torch.get_num_threads(), "seq": seq, "dtype": "fp32"}
     for batch, iters, reps in ((32, 2 if quick else 3, 3 if quick else 7), (1, 10 if quick else 30, 3 if quick else 7)):
-        ids = torch.randint(1000, 29000, (batch, 128), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(lo, hi, (batch, seq), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         times = {k: [] for k in models}
         with torch.inference_mode():
@@ -1113,7 +1117,8 @@ def plot(summary, path: Path, ns, mode: str) -> None:
 
     done = [r for r in summary if r["retained"] is not None]
     colors = {"none": "#999999", "cos": "#4c72b0", "att_mse": "#dd8452", "hid_mse+att_mse": "#55a868",
-              "cos+hid_mse+att_mse": "#8172b3", "hid_mse+att_mse@cal": "#a6d854", "qq_rel+kk_rel+vv_rel": "#da8bc3"}
+              "cos+hid_mse+att_mse": "#8172b3", "hid_mse+att_mse@cal": "#a6d854", "qq_rel+kk_rel+vv_rel": "#da8bc3",
+              "sent_mse": "#c9a227", "sent_mse+hid_mse": "#937860"}
     fig, ax = plt.subplots(figsize=(12, 0.42 * len(done) + 1.6))
     y = list(range(len(done)))[::-1]
     for yi, r in zip(y, done):
