@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from distill.models.frozen import prepare_teacher
 from distill.models.loading import Features, extract
 from distill.train.signals import EXIT_STOPPED, StopRequest, end_run
 
@@ -111,6 +112,8 @@ class DistillationTrainer(GlueTrainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.soft = soft.to(self.args.device) if soft is not None else None
+        if self.soft is not None:  # this stage's teacher: eager attention only where its terms read maps, cast once
+            prepare_teacher(self.teacher, self.soft.requests()["teacher"].attention_layers, teacher_dtype(self.args))
         self.hard = hard.to(self.args.device) if hard is not None else None
         self.teacher_cache = teacher_cache
         self._terms = defaultdict(float)
@@ -200,9 +203,14 @@ class DistillationTrainer(GlueTrainer):
         super().log(logs, start_time)
 
 
+def teacher_dtype(args):
+    """The dtype the teacher computes in for ``args`` (TrainingArguments): bf16, fp16 or None (fp32)."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
 def teacher_autocast(args):
     """The autocast context the teacher runs under for ``args`` (TrainingArguments): bf16, fp16 or none."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    dtype = teacher_dtype(args)
     return torch.autocast(args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -150,14 +150,15 @@ def _layer_map_terms(student_layers: str, vocab_dir):
     tok = BertTokenizer.from_pretrained(vocab_dir)
     batch = DataCollatorWithPadding(tok)([tok(t) for t in ("the cat sat", "a dog ran far away from home", "yes")])
     batch["labels"] = torch.tensor([0, 1, 0])
+    # the reference first: the trainer sets its teacher up to run eager attention on the mapped layers only
+    with torch.no_grad():
+        s_out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
+        t_out = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
     glue = GlueArguments(student_layers=student_layers)
     soft, _ = stage_objectives({"hid_mse": 1.0, "att_mse": 1.0}, glue, student, teacher)
     trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(Path(vocab_dir) / "t"), use_cpu=True,
                                   report_to=[]), teacher=teacher, soft=soft, hard=None)
     _, terms, _ = trainer.distillation_loss(student, dict(batch))
-    with torch.no_grad():
-        s_out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
-        t_out = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, output_attentions=True)
     mask = batch["attention_mask"].double()
     pairs = [(i + 1, int(t)) for i, t in enumerate(student_layers.split(","))]  # student i <- teacher layer, 1-based
     hid = [(((s_out.hidden_states[s].double() - t_out.hidden_states[t].double()) ** 2).sum(-1) * mask).sum()
