@@ -496,7 +496,8 @@ def _write_meta(folder: Path, meta: dict) -> None:
     sums = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != "meta.json"):
         with open(path, "rb") as f:
-            sums[path.name] = {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            sums[path.name] = {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
             os.fsync(f.fileno())
     with open(folder / "meta.json", "w", encoding="utf-8") as f:
         f.write(json.dumps({**meta, "checksums": sums}, indent=2) + "\n")

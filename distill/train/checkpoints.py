@@ -261,8 +261,9 @@ def no_room_line(err: OSError, folder: Path, step: int, needed: int) -> str:
     free = shutil.disk_usage(folder).free if folder.exists() else 0
     whole = latest_checkpoint(folder.parent, report=False)
     kept = f"the previous checkpoint {whole.name} is intact" if whole else "no earlier checkpoint exists"
-    return (f"error: could not write checkpoint step {step} to {str(folder)!r}: {NO_ROOM[err.errno]} (it needs about "
-            f"{needed / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free there); {kept}: make room, then rerun with --resume")
+    return (f"error: could not write checkpoint step {step} to {str(folder)!r}: {NO_ROOM[err.errno]} (it needs "
+            f"about {needed / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free there); {kept}: make room, then rerun with "
+            "--resume")
 
 
 def save_checkpoint(out: Path, step: int, step_module, optimizer, scheduler, precision, stats, cfg, env: Dist):
