@@ -216,7 +216,11 @@ def load_encoder(name: str, max_seq_length: int | None = None, device: str = "cp
     from sentence_transformers import SentenceTransformer
 
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)  # "no sentence-transformers model found"
-    model = SentenceTransformer(path, device=device)
+    try:
+        model = SentenceTransformer(path, device=device)
+    except OSError as err:  # a hub id that is neither cached nor reachable (embed-eval runs with HF_HUB_OFFLINE=1)
+        raise _usage(f"cannot load the model {name!r} ({str(err).strip().splitlines()[0][:160]}): give a local "
+                     "folder, or fetch the model once with HF_HUB_OFFLINE=0") from None
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
