@@ -213,3 +213,53 @@ def test_a_tasks_teacher_terms_are_computed_from_the_teachers_own_logits(tasks, 
     assert float(terms["kl"]) == pytest.approx(float(kl), abs=1e-5)
     assert float(terms["hard_ce"]) == pytest.approx(float(hard), abs=1e-5)
     assert float(loss) == pytest.approx(float(kl + 0.5 * hard), abs=1e-5)
+
+
+@pytest.mark.parametrize("extra_args, config_extra, message", [
+    (["--task", "sst2"], {}, "--task does not go with --multitask: the tasks are the config's"),
+    (["--teacher", "somewhere"], {}, "--teacher does not go with --multitask: teachers are per task"),
+    ([], {"gradient": "pcgrad"}, "one task per batch has nothing to project"),
+    ([], {"distill_weights": {"hid_mse": 1.0}, "teacher": True}, "'hid_mse' compares intermediate features"),
+])
+def test_bad_input_is_one_line_with_nothing_written(tasks, bert_mlm_dir, tmp_path, capsys, extra_args,
+                                                   config_extra, message):
+    config_extra = dict(config_extra)
+    teacher = config_extra.pop("teacher", False)
+    path = _config(tmp_path, "bad.json", tasks_dir=tasks, **config_extra)
+    if teacher:  # any model folder passes the config's check; the term is refused before it loads
+        raw = json.loads(open(path).read())
+        raw["tasks"][0]["teacher"] = bert_mlm_dir
+        open(path, "w").write(json.dumps(raw))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["--multitask", path, "--model", bert_mlm_dir, "--output_dir", str(out), *extra_args, *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and message in err[-1] and err[-1].startswith("error: ")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_task_learns_from_its_own_teacher_alone_inside_the_multitask_run(tasks, bert_mlm_dir, vocab_dir, tmp_path):
+    teacher_out = tmp_path / "teacher"
+    main(["--model", bert_mlm_dir, "--task", str(tasks / "city.json"), "--output_dir", str(teacher_out),
+          "--seed", "0", "--save_model", "--num_train_epochs", "3", *FAST])
+    teacher = next(teacher_out.rglob("model"))
+    rng = random.Random(1)
+    with open(tasks / "city_train.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "noise.csv", "w", newline="", encoding="utf-8") as f:  # the labels are coin flips
+        csv.writer(f).writerows([("text", "label"), *[(r["text"], rng.choice(["no", "yes"])) for r in rows]])
+    spec = json.loads((tasks / "city.json").read_text())
+    (tmp_path / "noisy_city.json").write_text(json.dumps(
+        {**spec, "train": "noise.csv", "dev": str(tasks / "city_dev.csv")}))
+    raw = {"tasks": [{"task": "noisy_city.json", "teacher": str(teacher)}, {"task": str(tasks / "school.json")}],
+           "distill_weights": {"kl": 1.0}}
+    (tmp_path / "kd.json").write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    main(["--multitask", str(tmp_path / "kd.json"), "--model", tiny.save_model("bert_mlm", tmp_path / "s", vocab_dir,
+                                                                               seed=1),
+          "--output_dir", str(out), "--seed", "0", "--temperature", "2", "--num_train_epochs", "4", *FAST])
+    result = json.loads((out / "result.json").read_text())
+    assert result["train"]["teachers"]["city"]["weights"] == {"kl": 1.0}
+    assert result["tasks"]["city"]["dev"]["validation"]["accuracy"] > 0.8  # the train labels are noise
+    assert result["tasks"]["school"]["dev"]["validation"]["accuracy"] > 0.8

@@ -161,6 +161,9 @@ def _task_entry(i: int, item, base: str) -> TaskEntry:
         raise UsageError(f"{where}: task {name!r} must be a GLUE task name or a task spec .json path")
     task = get_task(os.path.join(base, name) if name.endswith(".json") else name)
     where = f"task {task.name!r}"
+    if getattr(task, "is_qa", False):
+        raise UsageError(f"{where} is extractive QA: a multi-task run takes classification and regression tasks "
+                         "(QA's windows and span decoding are not in the multi-task loop yet)")
     weight = float(_number(where, "weight", item.get("weight", 1.0), 0.0))
     teacher = item.get("teacher")
     if teacher is not None:
