@@ -198,14 +198,16 @@ def cells_left(summary, rows, ns) -> tuple[int, int, list[str]]:
     return done, asked, left
 
 
-def status_lines(summary, rows, ns, command: str) -> list[str]:
-    """What is done and what is left, and the command that continues the run."""
+def status_lines(summary, rows, ns, command: str, cells: tuple[int, int]) -> list[str]:
+    """What is done and what is left (``cells``: task cells done and asked), and the command that continues the
+    run."""
     done, asked, left = cells_left(summary, rows, ns)
     embed_left = [r["label"] for r in summary if embeds_row(r) and r["embed"] is None]
     speed_left = sorted({r["label"] for r in summary if r["speed"] is None})
     if not left and not embed_left and not speed_left:
         return ["**Status: complete.**", ""]
-    return [f"**Status: partial.** {done} of {asked} (row, seed) fine-tuning runs done (every task of a seed). "
+    return [f"**Status: partial.** {done} of {asked} (row, seed) fine-tuning runs done (every task of a seed; "
+            f"{cells[0]} of {cells[1]} single-task cells). "
             f"Left: {'; '.join(left) or 'none'}. Frozen-embedding scores pending for {len(embed_left)} rows; speed "
             f"not measured yet for {len(speed_left)} rows (both are taken after the fine-tuning, or at once with "
             "`--remeasure_speed`). The run continues where it stopped (finished cells, distilled students and "
@@ -227,7 +229,10 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
                   else None)
     mode = "QUICK MODE (a smoke test of the pipeline, not a result)" if ns.quick else "full run"
     lines = ["# Distillation study at the mission's shape: all-mpnet-base-v2 (12 layers, 768 wide) into 4 and 6 "
-             "layers", ""] + status_lines(summary, rows, ns, command) + study.report_title(ns, mode, command)[2:]
+             "layers", ""] + status_lines(summary, rows, ns, command,
+                                          (sum(len(v) for v in results.values()),
+                                           len(rows) * len(ns.seed_list) * len(tasks)))
+    lines += study.report_title(ns, mode, command)[2:]
     lines += study.setup_lines(ns, tasks, summary) + [f"- Budget: {BUDGET_NOTE}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
     lines += table_lines(summary, tasks, params) + ["", "## Findings (computed from the table)", ""]

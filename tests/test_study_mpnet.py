@@ -147,7 +147,7 @@ def test_a_stopped_run_continues_and_the_report_says_what_is_left(study, finishe
     more = [a if a != "1" or argv[i - 1] != "--seeds" else "1,2" for i, a in enumerate(argv)]
     assert study.main(more + ["--report_only"]) == 0
     rec, md = report(root)
-    assert "7 of 14 (row, seed) fine-tuning runs done" in md
+    assert "7 of 14 (row, seed) fine-tuning runs done (every task of a seed; 7 of 14 single-task cells)" in md
     continue_at = md.index("```", md.index("**Status: partial.**"))
     command = md[continue_at:md.index("```", continue_at + 3)]
     assert "--seeds 1,2" in command and "--report_only" not in command and "python -m bench.study --study mpnet" in command
