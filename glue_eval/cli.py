@@ -37,9 +37,14 @@ def _parse(argv: list[str]):
                     given = json.load(f)
             except (OSError, json.JSONDecodeError) as err:
                 raise UsageError(f"arguments file {argv[0]!r} could not be read as JSON ({err})") from None
+            if isinstance(given.get("teacher"), list):  # "teacher": ["A", "B"]: several teachers
+                given["teacher"], given["other_teachers"] = given["teacher"][0], ",".join(given["teacher"][1:])
             glue, args = parser.parse_dict(given)
             has_output = "output_dir" in given
         else:
+            from .teachers import gather_teacher_flags
+
+            argv = gather_teacher_flags(argv)  # --teacher A --teacher B: several teachers
             glue, args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
             has_output = any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in argv)
     except ValueError as err:  # TrainingArguments' own checks (e.g. --bf16 on a CPU without --use_cpu)
@@ -87,6 +92,10 @@ def _main(argv=None) -> int:
     from .qa_finetune import check_qa_run
 
     check_qa_run(glue, args, tasks)  # extractive QA's own settings
+    from .distillation import run_stages
+    from .teachers import check_teachers
+
+    check_teachers(glue, [s["weights"] for t in tasks if glue.teacher for s in run_stages(glue, t)])
     records = run_grid(tasks, cells, base, glue, args.output_dir, announce=precision_line)
     for r in records:
         parts = ", ".join(f"{split} " + " ".join(f"{k} {100 * v:.1f}" for k, v in m.items())

@@ -197,7 +197,12 @@ def check_task_stage(glue, tasks) -> None:
 
 
 def load_checked_teacher(glue, task: Task, student, eager: bool):
-    """The teacher, checked against the student's vocabulary (both read the same token ids)."""
+    """The teacher, checked against the student's vocabulary (both read the same token ids); several teachers
+    (``--teacher A --teacher B``) as one :class:`glue_eval.teachers.TeacherMixture`."""
+    from .teachers import load_mixture, teacher_paths
+
+    if len(teacher_paths(glue)) > 1:
+        return load_mixture(glue, lambda path: load_teacher(path, task, eager), student)
     teacher = load_teacher(glue.teacher, task, eager)
     if teacher.get_input_embeddings().num_embeddings != student.get_input_embeddings().num_embeddings:
         raise UsageError(

@@ -180,7 +180,12 @@ def train_qa_with_teacher(model, train, shared: dict, args, glue, task: Task):
 
     stages = run_stages(glue, task)
     eager = any(needs_attention(s["weights"]) for s in stages)
-    teacher = load_qa_teacher(glue.teacher, model, eager)
+    from .teachers import load_mixture, teacher_paths
+
+    if len(teacher_paths(glue)) > 1:  # several teachers: the mixture of their span distributions
+        teacher = load_mixture(glue, lambda path: load_qa_teacher(path, model, eager), model)
+    else:
+        teacher = load_qa_teacher(glue.teacher, model, eager)
     train = train.add_column(ROW, list(range(len(train))))
     cache, cache_record = None, {"enabled": bool(glue.teacher_cache)}
     if glue.teacher_cache:

@@ -14,6 +14,7 @@ from distill.common.io import atomic_write_text
 from .arguments import GlueArguments
 from .qa_tasks import EXTRACTIVE_QA, qa_cell_settings
 from .tasks import Task
+from .teachers import mixture_weights, teacher_paths
 
 
 def file_digest(path: str) -> str:
@@ -72,6 +73,8 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         **({"layer_map": glue.layer_map} if glue.teacher and glue.layer_map is not None else {}),
         **task_stage_settings(glue),
         **(qa_cell_settings(glue) if task_data and task_data.get("kind") == EXTRACTIVE_QA else {}),
+        **({"teachers": teacher_paths(glue), "teacher_weights": mixture_weights(glue)}
+           if len(teacher_paths(glue)) > 1 else {}),
     }
 
 
