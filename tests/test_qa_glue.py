@@ -230,3 +230,33 @@ def test_a_teacher_without_a_span_head_or_with_another_vocabulary_is_refused(tmp
     BertForQuestionAnswering(tiny.make_config("bert", vocab_size=tiny.VOCAB_SIZE + 7)).save_pretrained(other)
     with pytest.raises(UsageError, match="different vocabularies"):
         load_qa_teacher(str(other), student, eager=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["distill_qa.sh", "distill_qa_multi.sh"])
+def test_the_qa_recipe_scripts_run_with_tiny_models(script, tmp_path, paragraphs, vocab_dir, bert_mlm_dir):
+    """The real scripts with the hub models swapped for tiny ones (a teacher per name, a student folder given)."""
+    import os
+    import subprocess
+
+    data = qa_sets.write_squad(tmp_path / "squad", paragraphs[:12], paragraphs[12:16])
+    student = tiny.save_model("bert_mlm", tmp_path / "student", vocab_dir, seed=3)
+    other = tiny.save_model("bert_mlm", tmp_path / "other", vocab_dir, seed=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STUDENT": student, "TEACHER": bert_mlm_dir,
+           "TEACHERS": f"{bert_mlm_dir} {other}", "WEIGHTS": "3,1"}
+    path = Path(__file__).parent.parent / "scripts" / script
+    done = subprocess.run(["bash", str(path), str(tmp_path / "out"), "--data_dir", str(data), "--max_steps", "2",
+                           "--use_cpu", "--precision", "fp32", "--max_seq_length", "48", "--doc_stride", "16",
+                           "--report_to", "none", "--disable_tqdm", "true"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record, _ = _record(tmp_path / "out" / "distilled")
+    settings = record["settings"]
+    assert settings["distill_weights"] == {"kl": 0.5, "hard_ce": 0.5} and settings["temperature"] == 2.0
+    assert settings["model"] == student and set(record["dev"]["validation"]) == {"exact_match", "f1"}
+    if script == "distill_qa_multi.sh":
+        assert [Path(t).parent.parent.parent.name for t in settings["teachers"]] == ["teacher0", "teacher1"]
+        assert settings["teacher_weights"] == pytest.approx([0.75, 0.25])
+    else:
+        assert Path(settings["teacher"]).parts[-4:-2] == ("teacher", "squad")
+        assert (tmp_path / "out" / "alone" / "results.jsonl").is_file()
