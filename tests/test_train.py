@@ -249,6 +249,13 @@ def test_ce_with_a_teacher_without_mlm_head(capsys, bert_base_dir, bert_mlm_dir,
     assert (tmp_path / "mlm" / "config.json").exists()
 
 
+def test_a_fresh_run_over_an_old_folder_logs_only_its_own_steps(bert_mlm_dir, corpus, tmp_path):
+    values = run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, max_steps=3, weights={"cos": 1.0})
+    train(make_config(values))
+    train(make_config({**values, "max_steps": 2, "overwrite_output_dir": True}))
+    assert [r["step"] for r in read_log(tmp_path / "o")] == [1, 2]  # not 1, 2, 3, 1, 2
+
+
 def test_existing_output_needs_overwrite_or_resume(capsys, bert_mlm_dir, corpus, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -73,8 +73,9 @@ class Logger:
         if start and log.exists():  # a resumed run redoes the steps after its checkpoint: drop their records
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= start]
             atomic_write_text(log, "".join(line + "\n" for line in kept))
-        self.jsonl = open(log, "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1 if start else None)
+        # a fresh run (over an --overwrite_output_dir folder) starts its records afresh; a resumed one appends
+        self.jsonl = open(log, "a" if start else "w", encoding="utf-8")
+        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
         self.bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, record: dict):
