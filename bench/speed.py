@@ -86,6 +86,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.levers import (BEFORE_ISSUE_24, BenchError, bench_baseline, bench_compile, bench_teacher12,
+                          render_levers, resolve_commit)
 from bench.common import (
     ROOT,
     SEQ,
@@ -110,10 +112,14 @@ STUDENT_LAYERS = [1, 5, 8, 12]
 STUDENT6_LAYERS = [2, 4, 6, 8, 10, 12]
 RATIO_NAMES = ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
                "prep_vs_loop", "prep_vs_loop_parallelism_unset", "prep_vs_loop_parallelism_false",
-               "student4_vs_teacher_inference", "demo_step_auto_vs_fp32", "demo_step_bf16_vs_fp32")
+               "student4_vs_teacher_inference", "demo_step_auto_vs_fp32", "demo_step_bf16_vs_fp32",
+               "demo_step_vs_baseline", "demo_step_malloc_tuned_vs_default", "teacher12_step_vs_autocast_eager",
+               "teacher12_cast_vs_autocast", "teacher12_eager_mapped_vs_all_eager", "teacher_depth_cut_vs_whole",
+               "demo_step_compiled_vs_eager", "demo_teacher_compiled_vs_eager")
 TARGETS = {"distill_step_vs_plain_masked": (">=", 1.3), "distill_step_vs_plain_full": (">=", 1.0),
            "distill_step_over_floor": ("<=", 1.15), "prep_vs_loop": (">=", 10.0),
-           "student4_vs_teacher_inference": (">=", 2.8)}
+           "student4_vs_teacher_inference": (">=", 2.8), "demo_step_vs_baseline": (">=", 1.3),
+           "teacher12_step_vs_autocast_eager": (">=", 1.5)}
 
 # Quick: the named ratios only, lean enough for < 5 min on 2 shared cores. Full: everything.
 QUICK = dict(batch=4, repeats=3, warmup=0, precisions_cpu=("fp32",), extra_floors=False, breakdown_repeats=0,
@@ -830,6 +836,7 @@ def render(report: dict) -> str:
                 rows.append([batch, name, f"{v['median_s'] * 1000:.1f}", f"{v['tokens_per_s']:,.0f}",
                              f"{speedup:.2f}"])
         parts.append(fmt_table(["batch", "model", "ms (median)", "tokens/s", "speed-up over teacher"], rows))
+    parts.append(render_levers(report))
     return "\n".join(parts)
 
 
@@ -855,6 +862,27 @@ def named_ratios(report: dict) -> dict:
     if report.get("inference"):
         i = report["inference"]
         out["student4_vs_teacher_inference"] = i["batches"][str(i["throughput_batch"])]["ratios"]["student4_speedup"]
+    return {**out, **lever_ratios(report)}
+
+
+def lever_ratios(report: dict) -> dict:
+    """The named figures of bench/levers.py's sections (each > 1: the lever makes the step faster)."""
+    out = {}
+    if report.get("baseline"):
+        r = report["baseline"]["ratios"]
+        out["demo_step_vs_baseline"] = r["baseline_over_current"]
+        out["demo_step_malloc_tuned_vs_default"] = r["default_over_malloc_tuned"]
+    if report.get("teacher12"):
+        r = report["teacher12"]["ratios"]
+        out["teacher12_step_vs_autocast_eager"] = r["autocast_eager_over_engine"]
+        if "autocast_eager_over_cast" in r:  # fp32 machines cast nothing
+            out["teacher12_cast_vs_autocast"] = r["autocast_eager_over_cast"]
+        out["teacher12_eager_mapped_vs_all_eager"] = r["autocast_eager_over_eager_mapped"]
+        out["teacher_depth_cut_vs_whole"] = r["depth_whole_over_cut"]
+    if report.get("compile"):
+        r = report["compile"]["ratios"]
+        out["demo_step_compiled_vs_eager"] = r["step_eager_over_compiled"]
+        out["demo_teacher_compiled_vs_eager"] = r["teacher_eager_over_compiled"]
     return out
 
 
@@ -863,8 +891,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 4, fp32 only (< 5 min on 2 cores)")
     parser.add_argument("--out", help="write the results as JSON here (e.g. docs/speed.json)")
-    parser.add_argument("--only", default="distill,demo,prep,inference",
-                        help="comma-separated sections to run: distill, demo, breakdown, prep, inference")
+    parser.add_argument("--only", default="distill,demo,prep,inference,teacher12,baseline",
+                        help="comma-separated sections to run: distill, demo, breakdown, prep, inference, teacher12, "
+                             "baseline, compile (bench/levers.py says what the last three time)")
+    parser.add_argument("--baseline",
+                        help="the commit whose engine the 'baseline' section times against this tree's (default: "
+                             f"{BEFORE_ISSUE_24}, the engine before issue 24's levers, where this checkout has it); "
+                             "'none' skips the section")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--precisions", help="comma-separated, e.g. fp32,bf16 (CUDA: also 'fp16 O1','fp16 O2')")
     parser.add_argument("--batch", type=int, help="distillation batch size (default 4 quick, 8 full)")
@@ -934,6 +967,13 @@ def run_sections(report: dict, args, cfg: dict, device: torch.device, precisions
         report["inference"] = bench_inference(cfg, device, clock)
     if args.task_stage or "task_stage" in sections:
         report["task_stage"] = bench_task_stage(cfg, device, clock)
+    if "teacher12" in sections:
+        report["teacher12"] = bench_teacher12(cfg, device, clock)
+    for name in ("baseline", "compile"):
+        if name in sections and not (name == "baseline" and args.baseline_commit is None):
+            with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+                report[name] = (bench_baseline(cfg, device, clock, args.baseline, Path(work)) if name == "baseline"
+                                else bench_compile(cfg, device, clock, Path(work)))
 
 
 def main(argv=None) -> int:
@@ -942,6 +982,13 @@ def main(argv=None) -> int:
         print(json.dumps(prep_worker(args.prep_worker, args.text_file, args.cache_dir, args.max_lines)))
         return 0
 
+    sections = {x.strip() for x in args.only.split(",")}
+    try:  # a --baseline that is no commit here fails now, before minutes of other sections
+        args.baseline_commit = resolve_commit(args.baseline) if "baseline" in sections and args.baseline != "none" \
+            else None
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg, device, precisions = run_settings(args, set_threads(args.threads))
     clock = Clock(device)
     started = time.perf_counter()

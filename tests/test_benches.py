@@ -65,3 +65,39 @@ def test_bench_is_a_package_and_no_bench_edits_sys_path():
         touched = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
                    and isinstance(node.value, ast.Name) and node.value.id == "sys"]
         assert not touched, f"{path.name} uses sys.path at line(s) {touched}: import through the bench package"
+
+
+@pytest.mark.slow
+def test_speed_bench_times_the_levers_and_an_older_engine_in_one_run(tmp_path):
+    """--baseline REV: REV's engine (its files from git archive) and this tree's, each in a worker process,
+    alternating on one batch; the teacher levers one by one. Tiny widths: the figures mean nothing here."""
+    import json
+
+    out = tmp_path / "levers.json"
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--only", "teacher12,baseline",
+                           "--baseline", "HEAD", "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line and " " not in line.split(":")[0])
+    report = json.loads(out.read_text())
+    for figure in ("demo_step_vs_baseline", "teacher12_step_vs_autocast_eager", "teacher12_eager_mapped_vs_all_eager",
+                   "teacher_depth_cut_vs_whole", "demo_step_malloc_tuned_vs_default"):
+        assert float(printed[figure]) == pytest.approx(report["ratios"][figure], abs=0.005) and float(printed[figure]) > 0
+    baseline = report["baseline"]
+    # HEAD as it was when the run started (others may commit meanwhile): a full commit id of this repository
+    assert baseline["baseline"] == "HEAD" and len(baseline["baseline_commit"]) == 40
+    assert subprocess.run(["git", "cat-file", "-e", baseline["baseline_commit"] + "^{commit}"], cwd=ROOT).returncode == 0
+    # both engines took the first step from the same weights on the same batch: the same loss, to bf16's rounding
+    assert baseline["first_loss_relative_difference"] <= 1e-3
+    assert set(baseline["variants"]) == {"current", "baseline", "current_malloc_tuned"}
+    assert report["teacher12"]["loss"]["engine_vs_autocast_eager"] <= 1e-3
+
+
+def test_speed_bench_refuses_a_baseline_that_is_no_commit_before_any_work(tmp_path):
+    out = tmp_path / "never.json"
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--only", "baseline", "--baseline",
+                           "no-such-rev-24", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --baseline 'no-such-rev-24' is not a commit")
+    assert not out.exists()
