@@ -67,6 +67,16 @@ class GlueArguments(TaskObjectiveSettings):
                 "the student learns from the weighted mixture of their soft targets (glue_eval.teachers)."})
     other_teachers: str | None = field(default=None, metadata={
         "help": "The second and later teachers, comma-separated (what repeating --teacher sets)."})
+    teacher_gate: str = field(default="none", metadata={
+        "choices": ["none", "softmax", "top1"],
+        "help": "Several teachers: weigh them per example with a gating network trained on the mixture's task loss "
+                "plus --gate_balance x the load-balancing loss (softmax; top1: one teacher per example) "
+                "instead of fixed --teacher_weights (glue_eval.gate)."})
+    gate_layers: str = field(default="1", metadata={"help": "Layers of the first teacher that the gate's encoder keeps."})
+    gate_balance: float = field(default=0.1, metadata={
+        "help": "Weight of the gate's load-balancing loss (CV^2 of the teachers' importance; 0: none)."})
+    gate_epochs: float = field(default=3, metadata={"help": "Epochs of gate training, before the student's."})
+    gate_learning_rate: float = field(default=1e-3, metadata={"help": "The gate's AdamW learning rate."})
     teacher_cache: bool = field(default=True, metadata={
         "help": "Compute the teacher's outputs once per training example (logits always; representations within "
                 "--teacher_cache_mb)."})

@@ -247,9 +247,10 @@ def train_with_teacher(model, data: dict, tokenizer, shared: dict, args, glue, t
 
     train, extra = teacher_train_set(task, data, tokenizer, args, glue)
     trainer, stages, cache = run_teacher_stages(model, train, shared, args, glue, task)
+    gate = cache.pop("gate", None)  # the gating network's record (--teacher_gate), apart from the cache's
     return trainer, TrainOutput(sum(s["steps"] for s in stages), stages[-1]["loss"],
                                 sum(s["runtime_s"] for s in stages), len(train),
-                                {**extra, "stages": stages, "teacher_cache": cache})
+                                {**extra, "stages": stages, "teacher_cache": cache, **({"gate": gate} if gate else {})})
 
 
 def run_teacher_stages(model, train, trainer_kwargs: dict, args, glue, task: Task):
@@ -261,8 +262,11 @@ def run_teacher_stages(model, train, trainer_kwargs: dict, args, glue, task: Tas
 
     stages = run_stages(glue, task)
     teacher = load_checked_teacher(glue, task, model, any(needs_attention(s["weights"]) for s in stages))
+    from .gate import gated_teacher
+
+    teacher, gate = gated_teacher(teacher, train, trainer_kwargs["data_collator"], args, glue)  # (teacher, None)
     objectives = [stage_objectives(s["weights"], glue, model, teacher) for s in stages]
-    cache, cache_record = None, {"enabled": bool(glue.teacher_cache)}
+    cache, cache_record = None, {"enabled": bool(glue.teacher_cache), **({"gate": gate} if gate else {})}
     if glue.teacher_cache:
         teacher.to(args.device)
         plan = plan_for(soft for soft, _ in objectives)

@@ -81,10 +81,16 @@ def check_teachers(glue, stage_weights) -> None:
     """Several teachers: each a model folder, weights that fit, and only logit terms (one line each)."""
     weights = mixture_weights(glue)
     if weights is None:
+        if getattr(glue, "teacher_gate", "none") != "none":
+            raise UsageError(f"--teacher_gate {glue.teacher_gate} weighs several teachers: give --teacher more than once")
         return
     for path in teacher_paths(glue):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UsageError(f"--teacher {path!r} is not a model folder (no config.json): give fine-tuned teachers")
+    if glue.teacher_gate not in ("none", "softmax", "top1"):
+        raise UsageError(f"--teacher_gate {glue.teacher_gate!r}: choose none, softmax or top1")
+    if glue.gate_balance < 0 or glue.gate_epochs <= 0 or glue.gate_learning_rate <= 0:
+        raise UsageError("--gate_balance must be >= 0, --gate_epochs and --gate_learning_rate > 0")
     for stage in stage_weights:
         inner = [k for k, w in stage.items() if w and terms.TERMS[k].feature != "logits"]
         if inner:
@@ -141,9 +147,14 @@ class TeacherMixture(nn.Module):
 
 def mix_logits(logits: list[torch.Tensor], weights: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits whose softmax at ``temperature`` is the ``weights``-mixture of the teachers' (last dim); a
-    one-output head: the weighted mean of the outputs."""
+    one-output head: the weighted mean of the outputs. ``weights``: ``[K]``, or ``[B, K]`` per example (a gate's;
+    a zero weight, as top-1 gives, leaves that teacher out)."""
     stacked = torch.stack(logits)  # [teachers, ..., classes]
-    w = weights.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    weights = weights.to(stacked.device)
+    if weights.dim() == 2:  # per example ([B, K], a gate's): teacher k's weight for row b
+        w = weights.t().reshape(*weights.t().shape, *([1] * (stacked.dim() - 2)))
+    else:
+        w = weights.view(-1, *([1] * (stacked.dim() - 1)))
     if stacked.shape[-1] == 1:
         return (w * stacked).sum(0)
     log_p = torch.log_softmax(stacked / temperature, dim=-1)
