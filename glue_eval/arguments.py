@@ -63,7 +63,8 @@ class GlueArguments(TaskObjectiveSettings):
         "help": "--teacher: extra in-domain text the teacher labels (.txt one example per line, a tab between the "
                 "texts of a pair; or a table with the task's text columns); only soft terms count on it."})
     teacher_weights: str | None = field(default=None, metadata={
-        "help": "Several teachers (--teacher A --teacher B): their weights, e.g. 0.7,0.3 (normalised; default equal); "
+        "help": "Several teachers (--teacher A --teacher B): their weights, e.g. 0.7,0.3 (normalised; default equal), or "
+                "entropy (per example, softmax over the teachers of minus their entropy: the surer weighs more); "
                 "the student learns from the weighted mixture of their soft targets (glue_eval.teachers)."})
     other_teachers: str | None = field(default=None, metadata={
         "help": "The second and later teachers, comma-separated (what repeating --teacher sets)."})

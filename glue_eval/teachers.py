@@ -25,6 +25,7 @@ from distill.common.errors import UsageError
 from distill.objective import terms
 
 PAD_LOGIT = -1e9  # a padded position of a span head: no mass in any teacher's distribution
+CONFIDENCE = "entropy"  # --teacher_weights entropy: per example, softmax over the teachers of minus their entropy
 
 
 def teacher_paths(glue) -> list[str]:
@@ -67,6 +68,8 @@ def mixture_weights(glue) -> list[float] | None:
         return None
     if not glue.teacher_weights:
         return [1 / len(paths)] * len(paths)
+    if glue.teacher_weights == CONFIDENCE:
+        return CONFIDENCE
     try:
         weights = [float(w) for w in str(glue.teacher_weights).split(",")]
     except ValueError:
@@ -123,6 +126,8 @@ class TeacherMixture(nn.Module):
     def __init__(self, teachers, weights, temperature: float):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
+        self.confidence = weights == CONFIDENCE  # per-example weights from each teacher's own entropy
+        weights = [1 / len(teachers)] * len(teachers) if self.confidence else weights
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.temperature = float(temperature)
         self.config = teachers[0].config
@@ -139,10 +144,24 @@ class TeacherMixture(nn.Module):
         if getattr(outs[0], "start_logits", None) is not None:  # a span head: [B, 2, S], padding at no mass
             real = attention_mask.bool()[:, None, :]
             z = [torch.stack((o.start_logits, o.end_logits), 1).float().masked_fill(~real, PAD_LOGIT) for o in outs]
-            mixed = mix_logits(z, self.weights, self.temperature)
+            mixed = mix_logits(z, confidence_weights(z) if self.confidence else self.weights, self.temperature)
             return QuestionAnsweringModelOutput(start_logits=mixed[:, 0], end_logits=mixed[:, 1])
-        return SequenceClassifierOutput(logits=mix_logits([o.logits.float() for o in outs], self.weights,
+        z = [o.logits.float() for o in outs]
+        return SequenceClassifierOutput(logits=mix_logits(z, confidence_weights(z) if self.confidence else self.weights,
                                                           self.temperature))
+
+
+def confidence_weights(logits: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, K]`` per-example weights: ``softmax_k(-H_k)``, ``H_k`` the entropy (nats, T = 1) of teacher k's
+    distribution on the example (a span head: the mean of its start and end entropies); the surer teacher weighs
+    more. A one-output head has no distribution: equal weights."""
+    z = torch.stack(logits).float()  # [K, B, ...classes]
+    if z.shape[-1] == 1:
+        return torch.full((z.shape[1], z.shape[0]), 1 / z.shape[0], device=z.device)
+    log_p = torch.log_softmax(z, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # [K, B] or [K, B, 2]
+    entropy = entropy.reshape(entropy.shape[0], entropy.shape[1], -1).mean(-1)
+    return torch.softmax(-entropy, dim=0).t()
 
 
 def mix_logits(logits: list[torch.Tensor], weights: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -170,3 +170,28 @@ def test_two_qa_teachers_mix_their_span_distributions_over_real_tokens():
             expected = _mixture64([getattr(o, name)[i][real] for o in own], [0.25, 0.75], 3.0)
             assert torch.allclose(torch.softmax(mixed[i][real].double() / 3.0, -1), expected, atol=1e-6)
             assert (mixed[i][~real] < -1e8).all()  # padding holds no mass in the mixture
+
+
+def test_confidence_weights_favour_the_surer_teacher_per_example():
+    from glue_eval.teachers import confidence_weights
+
+    assert mixture_weights(SimpleNamespace(teacher="a", other_teachers="b", teacher_weights="entropy")) == "entropy"
+    g = torch.Generator().manual_seed(1)
+    z = [torch.randn(4, 3, generator=g) * 4, torch.randn(4, 3, generator=g)]
+    entropy = torch.stack([-(torch.softmax(t.double(), -1) * torch.log_softmax(t.double(), -1)).sum(-1) for t in z])
+    expected = torch.softmax(-entropy, dim=0).t()  # [4, 2]
+    assert torch.allclose(confidence_weights(z).double(), expected, atol=1e-6)
+    teachers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        from transformers import BertForSequenceClassification
+
+        teachers.append(BertForSequenceClassification(tiny.make_config("bert", num_labels=3)).eval())
+    mixture = TeacherMixture(teachers, "entropy", temperature=2.0)
+    ids = torch.randint(5, tiny.VOCAB_SIZE, (4, 8))
+    with torch.no_grad():
+        mixed = mixture(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        own = [t(input_ids=ids).logits for t in teachers]
+    w = confidence_weights(own).double()
+    target = sum(w[:, k, None] * torch.softmax(own[k].double() / 2.0, -1) for k in range(2))
+    assert torch.allclose(torch.softmax(mixed.double() / 2.0, -1), target, atol=1e-6)
