@@ -1136,9 +1136,11 @@ def plot(summary, path: Path, ns, mode: str) -> None:
     ax.axvline(100, color="black", lw=0.8)
     ax.axvline(98, color="black", lw=0.8, ls="--")
     ax.set_xlabel("% of the teacher's average dev score (mean ± std over seeds; dashed line: 98%)")
+    rows_key = ("distilled with hid_mse+att_mse (green), sent_mse (gold),\nrelations qq_rel+kk_rel+vv_rel (pink)"
+                if ns.study == "mpnet" else "distilled with cos (blue), hid_mse+att_mse (green;\nlight green: "
+                "calibrated weights), relations qq_rel+kk_rel+vv_rel (pink)")
     ax.set_title(("[quick mode] " if ns.quick else "") + f"Students of {ns.teacher.split(':')[-1]}: fine-tuned only "
-                 "(grey), distilled with cos (blue), hid_mse+att_mse (green;\nlight green: calibrated weights), "
-                 "relations qq_rel+kk_rel+vv_rel (pink); hatched: + task KD (crossed: augmented)", fontsize=9)
+                 f"(grey), {rows_key}; hatched: + task KD (crossed: augmented)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the long row labels would push the title off the canvas
