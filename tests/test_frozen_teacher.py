@@ -185,3 +185,30 @@ def test_the_task_stage_teacher_runs_eager_only_where_its_stage_reads_maps(tmp_p
     soft, _ = stage_objectives({"att_mse": 1.0}, glue, student, teacher)
     DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=None)
     assert attention_layers(teacher) == (2, 4)
+
+
+@pytest.mark.slow
+def test_compiled_models_give_the_eager_steps_loss_and_gradients(teacher_dir):
+    """--compile (distill.train.setup.compile_models): the teacher's and the student's forward compiled apart;
+    the step's loss and the student's gradients as in eager mode (inductor may reorder float sums)."""
+    from distill.train.setup import compile_models
+
+    teacher = _teacher(teacher_dir)
+    student0, _ = build_student(teacher, [1, 3])
+    objective = _objective({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, teacher, student0, [1, 3])
+    prepare_teacher(teacher, objective.requests()["teacher"].attention_layers)
+    ids, mask = random_batch(seq=12, pad_last=5)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    results = []
+    for compiled in (False, True):
+        student, t = copy.deepcopy(student0).eval(), copy.deepcopy(teacher)
+        if compiled:
+            compile_models(t, student)
+        loss, _ = StudentStep(student, objective, t)(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in student.parameters() if p.grad is not None]))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, atol=0, rtol=1e-5)
+    assert len(got_grads) == len(ref_grads)
+    for a, b in zip(ref_grads, got_grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
