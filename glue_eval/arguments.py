@@ -12,11 +12,15 @@ from transformers import TrainingArguments
 
 from distill.common.errors import UsageError
 from distill.objective import terms
-from distill.objective.settings import TaskObjectiveSettings
+from distill.objective.settings import task_settings_class
+from distill.settings.config import DistillConfig
+
+# the recipe's settings that the task stage shares (declared once, with task=True): --temperature, --layer_map
+TaskSettings = task_settings_class(DistillConfig)
 
 
 @dataclass
-class GlueArguments(TaskObjectiveSettings):
+class GlueArguments(TaskSettings):
     """What the run needs beyond Trainer's own arguments; the objective settings the task stage shares with
     distill-train (``--temperature``, ``--layer_map``) are inherited from their one declaration."""
 

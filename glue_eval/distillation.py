@@ -160,12 +160,19 @@ def run_stages(glue, task: Task) -> list[dict]:
 
 def check_task_stage(glue, tasks) -> None:
     """Every --teacher setting, checked before anything loads (one clear line each)."""
-    given = [f for f in ("augment", "augment_model", "unlabelled_file", "stages") if getattr(glue, f)]
+    given = [f for f in ("augment", "augment_model", "unlabelled_file", "stages", "layer_map") if getattr(glue, f)]
     if not glue.teacher:
         if given:
             raise UsageError(f"--{given[0]} needs --teacher: augmented and unlabelled rows are labelled by the "
-                             "teacher, and stages weight teacher terms")
+                             "teacher, and stages and layer maps weight or pair teacher terms")
         return
+    if glue.layer_map is not None:  # its shape now; the layer counts once the models' configs are read
+        from distill.models.layers import parse_layer_map
+
+        try:
+            parse_layer_map(glue.layer_map)
+        except UsageError as err:
+            raise UsageError(f"--layer_map: {err}") from None
     if not os.path.isfile(os.path.join(glue.teacher, "config.json")):
         raise UsageError(f"--teacher {glue.teacher!r} is not a model folder (no config.json): give a fine-tuned "
                          "teacher, e.g. OUT/<task>/<cell>/model from glue-eval --save_model")

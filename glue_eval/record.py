@@ -103,6 +103,11 @@ def task_stage_settings(glue: GlueArguments) -> dict:
 
 # --- the result a cell writes, and the grid's reader ----------------------------------------------
 
+# The cell settings describe() writes only when they are set (so cells recorded before they existed match).
+RECORDED_WHEN_SET = ("layer_map", "stages", "augment", "unlabelled_file", "teachers", "teacher_weights",
+                     "teacher_gate", "gate_layers", "gate_balance", "gate_epochs", "gate_learning_rate")
+
+
 def done(cell_dir: str, settings: dict) -> bool:
     """Whether ``cell_dir`` holds a finished result of these settings; one line if it holds other ones."""
     path = os.path.join(cell_dir, "result.json")
@@ -110,8 +115,10 @@ def done(cell_dir: str, settings: dict) -> bool:
         return False
     with open(path, encoding="utf-8") as f:
         old = json.load(f).get("settings", {})
-    # a setting newer than the record (absent from it) is not held against it
-    diff = sorted(k for k in set(old) | set(settings) if k in old and old.get(k) != settings.get(k))
+    # A setting newer than the record (absent from it) is not held against it, except those describe() records
+    # only when set: for them absence means "not set", so a run that sets one is not the recorded cell.
+    diff = sorted(k for k in set(old) | set(settings)
+                  if (k in old or k in RECORDED_WHEN_SET) and old.get(k) != settings.get(k))
     if diff:
         k = diff[0]
         raise UsageError(

@@ -449,3 +449,25 @@ def test_a_bad_teacher_temperature_is_refused_before_anything_loads(tmp_path):
     (teacher / "config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"^--temperature=0.0 is out of range: it must be a finite number in \(0, 100\]"):
         check_task_stage(GlueArguments(model="m", teacher=str(teacher), temperature=0.0), [])
+
+
+def test_the_layer_map_flag_is_checked_first_and_reaches_the_objective_and_the_cell(tmp_path):
+    from transformers import TrainingArguments
+
+    from glue_eval.arguments import GlueArguments
+    from glue_eval.distillation import check_task_stage, stage_objectives
+    from glue_eval.record import describe
+
+    teacher_dir = tmp_path / "teacher"
+    teacher_dir.mkdir()
+    (teacher_dir / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"^--layer_map: "):  # before any model loads
+        check_task_stage(GlueArguments(model="m", teacher=str(teacher_dir), layer_map=[[1]]), [])
+    with pytest.raises(UsageError, match=r"^--layer_map needs --teacher"):  # never silently ignored
+        check_task_stage(GlueArguments(model="m", layer_map=[[1, 2]]), [])
+    glue = GlueArguments(model="m", teacher=str(teacher_dir), layer_map=[[1, 3], [2, 4]])
+    soft, _ = stage_objectives({"hid_mse": 1.0, "kl": 1.0}, glue, _classifier(1), _classifier(2))
+    assert soft.layer_pairs["hid_mse"] == ((1, 3), (2, 4))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[])
+    assert describe(glue, args)["layer_map"] == [[1, 3], [2, 4]]
+    assert "layer_map" not in describe(GlueArguments(model="m", teacher=str(teacher_dir)), args)

@@ -203,3 +203,22 @@ def test_a_run_past_the_position_table_says_where_it_cuts_and_trains(bert_mlm_di
            "at 64 tokens" in err
     result = json.loads(next(out.rglob("result.json")).read_text())
     assert result["settings"]["max_seq_length"] == 100  # the setting as asked: a rerun with it resumes
+
+
+def test_a_cell_is_not_reused_for_a_run_that_sets_an_optional_setting(tmp_path):
+    # describe() writes some settings only when they are set; a run that sets one is not the recorded cell
+    from distill.common.errors import UsageError
+    from glue_eval.record import RECORDED_WHEN_SET, done, write_result
+
+    cell = tmp_path / "cell"
+    settings = {"model": "m", "teacher": "t", "temperature": 2.0, "seed": 1}
+    write_result(str(cell), {"task": "x", "score": 0.5}, settings)
+    assert done(str(cell), settings)
+    assert done(str(cell), {**settings, "a_setting_newer_than_the_record": 3})  # older cells still match
+    for key, value in (("layer_map", [[1, 2]]), ("teachers", ["t", "t2"]), ("teacher_gate", "softmax")):
+        assert key in RECORDED_WHEN_SET
+        with pytest.raises(UsageError, match=rf"other settings \({key}: None there, "):
+            done(str(cell), {**settings, key: value})
+    write_result(str(cell), {"task": "x", "score": 0.5}, {**settings, "layer_map": [[1, 2]]})
+    with pytest.raises(UsageError, match=r"layer_map: \[\[1, 2\]\] there, None now"):
+        done(str(cell), settings)

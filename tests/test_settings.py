@@ -22,7 +22,6 @@ from distill.common.declare import (
 from distill.common.errors import UsageError
 from distill.objective.settings import (
     ObjectiveSettings,
-    TaskObjectiveSettings,
     task_settings_class,
 )
 from distill.settings import config, reference
@@ -46,8 +45,8 @@ def test_a_new_field_appears_in_every_derived_place():
         check_ranges(WithKnob(knob=1.5))
     # the resume list: kept unless declared otherwise
     assert "knob" in resume_fields(WithKnob) and "chatter" not in resume_fields(WithKnob)
-    # the run record (distill_config.json is the dataclass as a dict)
-    assert json.loads(json.dumps(dataclasses.asdict(WithKnob())))["knob"] == 0.25
+    # the run record: distill_config.json is cfg.to_dict(), the declared fields with their values
+    assert json.loads(json.dumps(WithKnob(knob=0.75).to_dict()))["knob"] == 0.75
     # glue-eval's task stage: the same name and range, its own default
     task = {f.name: f for f in task_fields(WithKnob)}
     assert "knob" in task and "chatter" not in task
@@ -64,9 +63,11 @@ def test_the_real_declarations_drive_resume_and_glue_eval():
     assert {"logit_chunk_rows", "amp_backend", "force_o3"} <= set(config.RESUME_FIELDS)
     assert config.RESUME_FIELDS == tuple(n for n, f in fields.items() if f.metadata["resume"])
     assert not {"output_dir", "logging_steps", "save_steps", "device", "threads"} & set(config.RESUME_FIELDS)
-    # glue-eval's arguments inherit the shared objective settings: their defaults come from the declaration
-    shared = {f.name: f for f in task_fields(ObjectiveSettings)}
-    assert set(shared) == {f.name for f in dataclasses.fields(TaskObjectiveSettings)}
+    # glue-eval's arguments inherit every shared setting of the whole recipe, with their declared task defaults
+    shared = {f.name: f for f in task_fields(config.DistillConfig)}
+    assert set(shared) == {f.name for f in task_fields(ObjectiveSettings)} == {"temperature", "layer_map"}
+    glue_fields = {f.name: f for f in dataclasses.fields(GlueArguments)}
+    assert all(glue_fields[name].metadata["range"] == f.metadata["range"] for name, f in shared.items())
     args = GlueArguments()
     for name, f in shared.items():
         assert getattr(args, name) == f.metadata["task_default"]

@@ -61,7 +61,7 @@ UNIT = Range(0, 1)  # a fraction or probability, ends included
 
 
 def setting(default, help: str, *, range: Range | None = None, auto: bool = False, resume: bool = True,
-            task: bool = False, task_default=dataclasses.MISSING, **kw):
+            task: bool = False, task_default=dataclasses.MISSING, task_help: str | None = None, **kw):
     """One setting's whole declaration, as a dataclass field.
 
     range: the allowed values of a number (checked once, for every caller).
@@ -69,10 +69,11 @@ def setting(default, help: str, *, range: Range | None = None, auto: bool = Fals
     resume: a resumed run must keep its value (it decides what each step computes); False for what may
         change between the pieces of one run (logging, checkpoint cadence, device, workers).
     task: glue-eval's task stage (``--teacher``) has the same setting, under the same name;
-        ``task_default``: its default there when it differs (e.g. the temperature).
+        ``task_default`` / ``task_help``: its default and help there when they differ (e.g. the temperature).
     """
     meta = {"help": help, "range": range, "auto": auto, "resume": resume, "task": task,
-            "task_default": default if task_default is dataclasses.MISSING else task_default}
+            "task_default": default if task_default is dataclasses.MISSING else task_default,
+            "task_help": help if task_help is None else task_help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)

@@ -27,8 +27,8 @@ class ObjectiveSettings:
     # --- objective ---
     weights: dict[str, float] = setting(REPRESENTATION_WEIGHTS, f"loss term -> weight, e.g. {format_weights(DISTILBERT_WEIGHTS)}; terms: {term_list(select(token_level=True))}")
     temperature: float = setting(2.0, f"softmax temperature of the soft-target terms ({term_list(select(temperature=True))}); they are multiplied by T^2",
-                            range=losses.TEMPERATURE,
-                            task=True, task_default=1.0)
+                            range=losses.TEMPERATURE, task=True, task_default=1.0,
+                            task_help=f"temperature of the {'/'.join(select(temperature=True, sequence_level=True))} terms (multiplied by T^2)")
     layer_map: list[list[int]] | None = setting(None, "explicit [[student_layer, teacher_layer], ...] for intermediate terms (0 = embeddings)", task=True)
     relation_heads: int = setting(RELATION_HEADS, f"relation heads of the MiniLMv2 terms ({term_list(select(feature='qkv'))}): split both models' query/key/value vectors into this many heads of their own size; must divide both widths (MiniLMv2: 48 for base-size teachers, 64 for large)", range=AT_LEAST_1)
     relation_teacher_layer: int | None = setting(None, "the 1-based teacher layer the relation terms compare with the student's last layer (default: the last; MiniLMv2 takes an upper-middle one for large teachers, e.g. 21 of 24)", range=AT_LEAST_1)
@@ -43,17 +43,17 @@ class ObjectiveSettings:
 
 
 def task_settings_class(settings=ObjectiveSettings) -> type:
-    """The objective settings glue-eval's task stage shares (``task=True``), as a dataclass its arguments
-    inherit: same names, types, help and ranges, each with its task default."""
+    """The settings of dataclass ``settings`` that glue-eval's task stage shares (``task=True``), as a dataclass
+    its arguments inherit: same names, types and ranges, each with its task default and help. glue-eval
+    derives it from the whole recipe (``DistillConfig``), so a shared field declared anywhere reaches it."""
     hints = typing.get_type_hints(settings)
     return dataclasses.make_dataclass("TaskObjectiveSettings", [
-        (f.name, hints[f.name], dataclasses.field(default=f.metadata["task_default"], metadata=dict(f.metadata)))
+        (f.name, hints[f.name], dataclasses.field(default=f.metadata["task_default"],
+                                                  metadata={**f.metadata, "help": f.metadata["task_help"]}))
         for f in task_fields(settings)])
 
 
 def task_values(args) -> dict:
-    """The shared settings' values on ``args`` (glue-eval's arguments), to build a task-stage objective."""
+    """The shared objective settings' values on ``args`` (glue-eval's arguments), to build a task-stage
+    objective."""
     return {f.name: getattr(args, f.name) for f in task_fields(ObjectiveSettings)}
-
-
-TaskObjectiveSettings = task_settings_class()
