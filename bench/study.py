@@ -1244,6 +1244,10 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             finetune_cells(row, folder, tasks, seed, ns)
             spent = time.perf_counter() - t0
+            if ns.study == "mpnet" and seed == ns.seed_list[0]:  # frozen-embedding scores once the model exists
+                from bench.study_mpnet import score_frozen
+
+                score_frozen(row, ns)
             if spent > 5:
                 timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
                 save_state(ns, state)

@@ -123,6 +123,17 @@ def embed_unavailable(ns) -> str | None:
     return None
 
 
+def score_frozen(row: dict, ns) -> None:
+    """The row's frozen-embedding scores as soon as its model exists (so a partial report has them), when
+    embed-eval can run here (the reason it cannot is logged once)."""
+    if not hasattr(ns, "embed_why"):
+        ns.embed_why = embed_unavailable(ns)
+        if ns.embed_why:
+            study.log(f"frozen-embedding scores left pending: {ns.embed_why}")
+    if not ns.embed_why:
+        run_embed_eval(row, ns)
+
+
 def finish(rows, ns, state: dict) -> None:
     """The run's last phase: speeds (unless --skip_speed) and the frozen-embedding scores of every model made."""
     if not ns.skip_speed:
@@ -211,8 +222,8 @@ def status_lines(summary, rows, ns, command: str, cells: tuple[int, int]) -> lis
     return [f"**Status: partial.** {done} of {asked} (row, seed) fine-tuning runs done (every task of a seed; "
             f"{cells[0]} of {cells[1]} single-task cells). "
             f"Left: {'; '.join(left) or 'none'}. Frozen-embedding scores pending for {len(embed_left)} rows; speed "
-            f"not measured yet for {len(speed_left)} rows (both are taken after the fine-tuning, or at once with "
-            "`--remeasure_speed`). The run continues where it stopped (finished cells, distilled students and "
+            f"not measured yet for {len(speed_left)} rows (frozen scores are taken as each model's first seed "
+            "finishes, speed after all the fine-tuning or at once with `--remeasure_speed`). The run continues where it stopped (finished cells, distilled students and "
             "checkpoints are cached under the work dir) with:", "", "```", command, "```", ""]
 
 
@@ -244,7 +255,7 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     atomic_write_text(str(out) + ".md", "\n".join(lines))
     atomic_write_text(str(out) + ".json", json.dumps({
         "study": ns.study, "mode": "quick" if ns.quick else "full", "command": command,
-        "settings": {k: study.shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
+        "settings": {k: study.shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir", "embed_why")},
         "machine": study.machine_description(), "rows": summary, "params": params, "speeds": state.get("speeds"),
         "timings_s": own, "projected_run": projection, "budget": BUDGET_NOTE,
     }, indent=2, default=str) + "\n")
