@@ -154,21 +154,14 @@ def test_the_step_with_a_prepared_teacher_gives_the_plain_steps_loss_and_gradien
 def test_the_task_stage_teacher_runs_eager_only_where_its_stage_reads_maps(tmp_path):
     """glue-eval loads the teacher eager when any stage reads attention; a stage without attention terms (the
     prediction stage) then runs it all sdpa, with the same loss; an attention stage gets eager on its layers."""
-    from transformers import BertForSequenceClassification, TrainingArguments
+    from transformers import TrainingArguments
 
     from glue_eval.arguments import GlueArguments
     from glue_eval.distillation import stage_objectives
     from glue_eval.trainer import DistillationTrainer
     from tests import tiny
 
-    def classifier(seed, layers):
-        torch.manual_seed(seed)
-        config = tiny.make_config("bert_mlm", num_labels=2, num_hidden_layers=layers, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-        config._attn_implementation = "eager"
-        return BertForSequenceClassification(config).eval()
-
-    student, teacher = classifier(1, 2), classifier(2, 4)
+    student, teacher = tiny.eager_classifier(1, 2), tiny.eager_classifier(2, 4)
     reference = copy.deepcopy(teacher)  # every layer eager, as loaded
     ids, mask = random_batch(seq=12, pad_last=5)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0])}

@@ -130,20 +130,13 @@ def test_intermediate_terms_run_with_the_layer_map(teacher, keyword_task, bert_m
 
 def _layer_map_terms(student_layers: str, vocab_dir):
     """glue-eval's own stage objective and trainer on one padded batch: (its terms, float64 by hand)."""
-    from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainingArguments
+    from transformers import BertTokenizer, DataCollatorWithPadding, TrainingArguments
 
     from glue_eval.distillation import stage_objectives
     from glue_eval.arguments import GlueArguments
     from glue_eval.trainer import DistillationTrainer
 
-    def classifier(seed, layers):
-        torch.manual_seed(seed)
-        config = tiny.make_config("bert_mlm", num_labels=2, num_hidden_layers=layers, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-        config._attn_implementation = "eager"
-        return BertForSequenceClassification(config).eval()
-
-    student, teacher = classifier(1, 2), classifier(2, 4)
+    student, teacher = tiny.eager_classifier(1, 2), tiny.eager_classifier(2, 4)
     with torch.no_grad():  # teacher layer t's hidden states scaled by t, so each map reads visibly other targets
         for t, layer in enumerate(teacher.bert.encoder.layer, start=1):
             layer.output.LayerNorm.weight.mul_(t)

@@ -302,3 +302,16 @@ def mpnet_batch(vocab_size: int, batch: int = 3, seq: int = 12, seed: int = 0, p
     """Token ids ``<s> ... </s>`` and right padding with ``<pad>`` (id 1) on every row but the first."""
     return random_batch(batch, seq, seed, pad_last, vocab_size=vocab_size - 1, first_id=len(MPNET_SPECIALS), cls=0,
                         sep=2, pad=1)
+
+
+def eager_classifier(seed: int, layers: int):
+    """A tiny BertForSequenceClassification (2 labels) of ``layers`` layers, eager attention, no dropout, in
+    eval mode: a student or teacher whose features are exact to compare."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = make_config("bert_mlm", num_labels=2, num_hidden_layers=layers, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    return BertForSequenceClassification(config).eval()
