@@ -152,3 +152,39 @@ def test_a_stopped_run_continues_and_the_report_says_what_is_left(study, finishe
     command = md[continue_at:md.index("```", continue_at + 3)]
     assert "--seeds 1,2" in command and "--report_only" not in command and "python -m bench.study --study mpnet" in command
     assert statistics.mean([len(r["seeds"]) for r in rec["rows"]]) == 1
+
+
+@pytest.mark.slow
+def test_a_distillation_stopped_after_a_checkpoint_continues_from_it(study, mpnet_tok, tmp_path, monkeypatch, capfd):
+    """The run killed right after its first checkpoint (step 25 of 30: the mpnet study checkpoints every 25 steps):
+    the student is not taken as made, and the next run resumes at step 25 instead of starting again."""
+    from distill.train import loop
+
+    teacher = tiny.save_mpnet("mpnet_mlm", tmp_path / "teacher", mpnet_tok)
+    glue = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["sst2"], sizes=(16, 8, 8))
+    argv = ["--study", "mpnet", "--teacher", teacher, "--tasks", "sst2", "--data_dir", glue, "--inits", "1,4",
+            "--objectives", "none,hid_mse+att_mse", "--task_kd", "--reference", "none", "--no_random", "--seeds", "1",
+            "--corpus", write_corpus(tmp_path / "corpus.txt", lines=200), "--distill_steps", "30",
+            "--distill_batch", "2", "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
+            "--precision", "fp32", "--skip_speed", "--cache_dir", str(tmp_path / "cache"),
+            "--work_dir", str(tmp_path / "work"), "--data_cache", str(tmp_path / "data_cache"),
+            "--out", str(tmp_path / "out" / "s")]
+    real = loop.save_checkpoint
+
+    def killed_after_the_first(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        raise KeyboardInterrupt(f"killed after step {step}")
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_the_first)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        study.main(argv)
+    (model,) = (tmp_path / "work" / "models").glob("L1-4_hid_mse+att_mse_*")
+    assert not (model / "config.json").exists()
+    monkeypatch.undo()
+    capfd.readouterr()
+    assert study.main(argv) == 0
+    assert "at step 25" in capfd.readouterr().err
+    assert (model / "config.json").is_file()
+    logged = [json.loads(line)["step"] for line in (model / "logs" / "train_log.jsonl").read_text().splitlines()
+              if line.strip() and "step" in json.loads(line)]
+    assert logged[-1] == 30
