@@ -64,6 +64,11 @@ bf16 in the full report); the named ratios are the fp32 ones.
    (layers 1,5,8,12 and 2,4,6,8,10,12), eval, no_grad, seq 128, batch 32 (8 in
    quick mode) and 1, same threads.
 
+4. **The levers of issue 24** (sections ``teacher12``, ``baseline``, ``compile``; :mod:`bench.levers`): the
+   teacher levers one by one on a 12-layer teacher, the demo recipe's step in this engine against an older
+   commit's (``--baseline REV``, each engine in a worker process of its own), glibc's allocator tuned, and
+   torch.compile on and off.
+
 The last lines printed are the ratios, ``name: value``, one per line.
 """
 
