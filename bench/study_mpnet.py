@@ -211,7 +211,16 @@ def cells_left(summary, rows, ns) -> tuple[int, int, list[str]]:
     return done, asked, left
 
 
-def status_lines(summary, rows, ns, command: str, cells: tuple[int, int]) -> list[str]:
+def loose_cells(summary, results: dict) -> str:
+    """The finished single-task cells of seeds not finished on every task (the table counts whole seeds only)."""
+    labels = {r["name"]: r["label"] for r in summary}
+    whole = {(r["name"], s) for r in summary for s in r["seeds"]}
+    parts = [f"{labels[name]}, seed {seed}: {', '.join(f'{t} {100 * v:.1f}' for t, v in scores.items())}"
+             for (name, seed), scores in results.items() if (name, seed) not in whole and name in labels]
+    return ("Finished cells of seeds not yet whole (dev accuracy %): " + "; ".join(parts) + ". ") if parts else ""
+
+
+def status_lines(summary, rows, ns, command: str, cells: tuple[int, int], results: dict) -> list[str]:
     """What is done and what is left (``cells``: task cells done and asked), and the command that continues the
     run."""
     done, asked, left = cells_left(summary, rows, ns)
@@ -219,12 +228,13 @@ def status_lines(summary, rows, ns, command: str, cells: tuple[int, int]) -> lis
     speed_left = sorted({r["label"] for r in summary if r["speed"] is None})
     if not left and not embed_left and not speed_left:
         return ["**Status: complete.**", ""]
-    return [f"**Status: partial.** {done} of {asked} (row, seed) fine-tuning runs done (every task of a seed; "
-            f"{cells[0]} of {cells[1]} single-task cells). "
+    return ["**Status: partial.** " + f"{done} of {asked} (row, seed) fine-tuning runs done (every task of a seed; "
+            f"{cells[0]} of {cells[1]} single-task cells). " + loose_cells(summary, results) +
             f"Left: {'; '.join(left) or 'none'}. Frozen-embedding scores pending for {len(embed_left)} rows; speed "
             f"not measured yet for {len(speed_left)} rows (frozen scores are taken as each model's first seed "
-            "finishes, speed after all the fine-tuning or at once with `--remeasure_speed`). The run continues where it stopped (finished cells, distilled students and "
-            "checkpoints are cached under the work dir) with:", "", "```", command, "```", ""]
+            "finishes, speed after all the fine-tuning or at once with `--remeasure_speed`). The run continues "
+            "where it stopped (finished cells, distilled students and checkpoints are cached under the work dir) "
+            "with:", "", "```", command, "```", ""]
 
 
 def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
@@ -244,7 +254,7 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     lines = ["# Distillation study at the mission's shape: all-mpnet-base-v2 (12 layers, 768 wide) into 4 and 6 "
              "layers", ""] + status_lines(summary, rows, ns, command,
                                           (sum(len(v) for v in results.values()),
-                                           len(rows) * len(ns.seed_list) * len(tasks)))
+                                           len(rows) * len(ns.seed_list) * len(tasks)), results)
     lines += study.report_title(ns, mode, command)[2:]
     lines += study.setup_lines(ns, tasks, summary) + [f"- Budget: {BUDGET_NOTE}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
