@@ -8,7 +8,7 @@ Run from the repository root (``bench/study.sh [ARGS]`` does the first two steps
     python -m bench.study --quick               # every piece on tiny subsets, 1 seed, 15 steps (under 15 min)
     python -m bench.study                       # the full study (under 3 hours on 2 CPU cores)
     python -m bench.study --study mpnet         # the mission's shape: all-mpnet-base-v2 into 4 and 6 layers
-                                                # (docs/study-mpnet.md; bench/study_mpnet.py; about 10 hours)
+                                                # (docs/study-mpnet.md; bench/study_mpnet.py; about 11 hours)
 
     # the same with hub models and GLUE, where they can be had:
     python -m bench.study --teacher bert-base-uncased --tasks sst2,mrpc --data_dir GLUE_DIR \
