@@ -55,7 +55,7 @@ def parse(argv):
     p.add_argument("--budget", type=float, default=0.5, help="accepted dev accuracy drop, points")
     p.add_argument("--cosine_floor", type=float, default=0.98, help="accepted embedding cosine (without a task)")
     p.add_argument("--work", default=None, help="folder for the student, classifier and exports (default: temporary)")
-    p.add_argument("--out", default=None, help="JSON report (and a Markdown table beside it)")
+    p.add_argument("--out", default=None, help="JSON report (and its Markdown table beside it, as STEM-table.md)")
     return p.parse_args(argv)
 
 
@@ -363,7 +363,8 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         write_json(args.out, report)
-        Path(args.out).with_suffix(".md").write_text(table, encoding="utf-8")
+        # beside the JSON, never over it: docs/deploy.json's table is docs/deploy-table.md, not the docs page
+        Path(args.out).with_name(Path(args.out).stem + "-table.md").write_text(table, encoding="utf-8")
     for name, value in report["figures"].items():
         print(f"{name}: {value}")
     return 0

@@ -43,4 +43,4 @@ def test_the_smoke_run_writes_its_report_and_figure_lines(tmp_path, capsys):
     assert report["export"]["fp32_max_abs_diff"] <= 1e-4
     assert report["dev_prediction_flips"]["torch_fp32"] == 0 and report["dev_prediction_flips"]["onnx_fp32"] == 0
     assert report["command"].startswith("python -m bench.deploy --smoke")
-    assert (tmp_path / "deploy.md").read_text().startswith("Machine: ")
+    assert (tmp_path / "deploy-table.md").read_text().startswith("Machine: ")  # beside the JSON, not over a page
