@@ -334,3 +334,15 @@ def max_positions(config_or_model) -> int:
     """The longest sequence the model's position embeddings hold (RoBERTa: 2 rows fewer than the table)."""
     config = getattr(config_or_model, "config", config_or_model)
     return family_of(config).max_positions(config)
+
+
+def get_path(module, path: str):
+    """The submodule at dotted ``path`` (e.g. a family's ``layers_path``) of ``module``."""
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def transformer_layers(model):
+    """The model's list of transformer layers, where its family keeps it."""
+    return get_path(model.base_model, family_of(model).layers_path)

@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from distill.models.families import family_of
+from distill.models.families import family_of, get_path, transformer_layers
 from distill.models.layers import module_index
 
 # A registered attention function: transformers' sdpa, without its warning that sdpa returns no weights (the
@@ -53,18 +53,10 @@ def _register_sdpa() -> None:
 _register_sdpa()
 
 
-def _path(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    return _path(model.base_model, family_of(model).layers_path)
 
 
 def _attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
-    return _path(layer, family_of(model).self_attention_path)
+    return get_path(layer, family_of(model).self_attention_path)
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -103,7 +95,7 @@ def supports_mixed_attention(model: nn.Module) -> bool:
     DistilBERT, RoBERTa, XLM-R, ELECTRA; not MPNet), so each layer may run its own."""
     if not getattr(type(model), "_supports_sdpa", False):
         return False
-    first = _attention_module(model, _layers(model)[0])
+    first = _attention_module(model, transformer_layers(model)[0])
     return hasattr(first, "config")
 
 
@@ -122,7 +114,7 @@ def eager_only_on(model: nn.Module, layers) -> tuple[int, ...] | None:
             raise ValueError("eager_only_on: the model was not loaded with eager attention, which the attention "
                              "maps need (load_model(..., eager=True))")
         return ()
-    for i, layer in enumerate(_layers(model)):
+    for i, layer in enumerate(transformer_layers(model)):
         module = _attention_module(model, layer)
         if i in wanted:
             module.config = model.config  # eager, shared again
@@ -138,9 +130,9 @@ def attention_layers(model: nn.Module) -> tuple[int, ...] | None:
     model runs one implementation throughout)."""
     if not supports_mixed_attention(model):
         return None
-    eager = tuple(i + 1 for i, layer in enumerate(_layers(model))
+    eager = tuple(i + 1 for i, layer in enumerate(transformer_layers(model))
                   if _attention_module(model, layer).config._attn_implementation == "eager")
-    return None if len(eager) == len(_layers(model)) else eager
+    return None if len(eager) == len(transformer_layers(model)) else eager
 
 
 # --------------------------------------------------------------------------------------- depth
@@ -157,12 +149,12 @@ def truncated(model: nn.Module, depth: int | None):
     an error. Hidden states then have ``depth + 1`` entries; anything after the last layer (pooler, heads)
     sees layer ``depth``'s output, so callers ask only for what lies at or below it.
     """
-    layers = _layers(model)
+    layers = transformer_layers(model)
     if depth is None or depth >= len(layers):
         yield
         return
     parent_path, _, name = family_of(model).layers_path.rpartition(".")
-    parent = _path(model.base_model, parent_path) if parent_path else model.base_model
+    parent = get_path(model.base_model, parent_path) if parent_path else model.base_model
     cut = _CUTS.setdefault(layers, {})
     if depth not in cut:  # one list per depth, kept: a compiled forward sees the same module each step
         cut[depth] = nn.ModuleList(list(layers)[:max(depth, 0)])

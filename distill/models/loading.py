@@ -23,8 +23,10 @@ from distill.models.families import (  # noqa: F401
     Family,
     VocabHead,
     family_of,
+    get_path,
     max_positions,
     role_from_architecture,
+    transformer_layers,
 )
 from distill.models.frozen import attention_layers, truncated
 from distill.models.layers import module_index
@@ -247,15 +249,6 @@ def check_tokenizer(config, tokenizer, name: str = "teacher") -> None:
             f"pad_token_id is {config.pad_token_id}, from which its position ids are counted: use the tokenizer "
             "the model was trained with")
 
-
-def get_path(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    return get_path(model.base_model, family_of(model).layers_path)
 
 
 def num_layers(config_or_model) -> int:
