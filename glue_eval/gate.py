@@ -9,6 +9,13 @@ the squared coefficient of variation of the teachers' importance (their summed g
 that term a gate tends to settle on one teacher: the per-teacher share of the training set is printed and recorded
 after every gate epoch so a collapse shows. The student then distils from the gated mixture (``top1``: each example
 from its one highest-weighted teacher), as from fixed weights (:mod:`glue_eval.teachers`).
+
+Extractive QA gates per training window, the unit that the span loss, the teachers' span logits and the student's
+distillation already work in (an example's windows see different text, and the answer is inside only some of them):
+the gate reads the window and weighs the teachers' start and end distributions over its real tokens; its task loss
+is the mixture's span loss, ``-log sum_k g_k softmax(z_k)[gold]`` at the gold start and at the gold end (the
+classifier token for a window without the answer), averaged (:class:`SpanTargets`, built by
+:func:`glue_eval.qa_distill.span_targets`). One gate, one loop: only the targets and the loss's head type differ.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 
 from distill.common.errors import UsageError
 
-from .teachers import TeacherMixture
+from .teachers import PAD_LOGIT, TeacherMixture
 
 GATES = ("none", "softmax", "top1")
 
@@ -35,16 +42,58 @@ def load_balancing_loss(gates: torch.Tensor, eps: float = 1e-10) -> torch.Tensor
     return importance.var(unbiased=False) / (importance.mean() ** 2 + eps)
 
 
-def mixture_task_loss(teacher_logits: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The task loss of the gated mixture: teacher_logits ``[K, B, C]``, gates ``[B, K]``, labels ``[B]``.
-    Classes: mean of ``-log sum_k g_k softmax(z_k)[y]``; one output (C = 1): mean of ``(sum_k g_k z_k - y)^2``."""
+def mixture_task_loss(teacher_logits: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The task loss of the gated mixture, by the head: gates ``[B, K]``; ``teacher_logits`` ``[K, B, C]`` and
+    ``labels`` ``[B]`` (a sentence head), or ``[K, B, 2, S]`` start/end logits and ``labels`` ``[B, 2]``, the gold
+    start and end tokens (a span head; padding, where ``attention_mask`` ``[B, S]`` is 0, holds no mass).
+    Classes: mean of ``-log sum_k g_k softmax(z_k)[y]``; span: the same at the gold start and at the gold end over
+    each window's real tokens, averaged (the mixture's span loss); one output (C = 1): mean of
+    ``(sum_k g_k z_k - y)^2``."""
     g = gates.float().t()  # [K, B]
-    if teacher_logits.shape[-1] == 1:
-        prediction = (g * teacher_logits[..., 0].float()).sum(0)
+    z = teacher_logits.float()
+    if z.dim() == 4:  # a span head: one gate weight per window, for its start and its end
+        g = g[..., None]
+        if attention_mask is not None:
+            z = z.masked_fill(~attention_mask.bool()[None, :, None, :], PAD_LOGIT)
+    elif z.shape[-1] == 1:
+        prediction = (g * z[..., 0]).sum(0)
         return ((prediction - labels.float()) ** 2).mean()
-    log_p = torch.log_softmax(teacher_logits.float(), -1)  # [K, B, C]
-    gold = log_p.gather(-1, labels.long().view(1, -1, 1).expand(log_p.shape[0], -1, 1))[..., 0]  # [K, B]
+    log_p = torch.log_softmax(z, -1)  # [K, B, (2,) C]
+    index = labels.long().to(z.device)[None, ..., None].expand(*log_p.shape[:-1], 1)
+    gold = log_p.gather(-1, index)[..., 0]  # [K, B] or [K, B, 2]
     return -torch.logsumexp(torch.log(g.clamp_min(1e-30)) + gold, dim=0).mean()
+
+
+@dataclass
+class ClassTargets:
+    """What a sentence task's gate learns against: every teacher's logits on every training row ``[K, N, C]``
+    and the gold labels ``[N]``."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    def batch(self, rows: list[int], attention_mask: torch.Tensor):
+        """``(teacher logits [K, B, C], labels [B])`` of ``rows``, on the batch's device."""
+        device = attention_mask.device
+        return self.logits[:, rows].to(device), self.labels[rows].to(device)
+
+
+@dataclass
+class SpanTargets:
+    """What an extractive-QA gate learns against, per training window: every teacher's start/end logits (one cache
+    per teacher, as :class:`glue_eval.qa_distill.SpanLogitCache`: ``features(rows, attention_mask).logits`` is
+    ``[B, 2, S]`` in the batch's padded layout) and the gold start and end tokens ``[N, 2]`` (the classifier token
+    for a window that does not hold the answer)."""
+
+    caches: list
+    positions: torch.Tensor
+
+    def batch(self, rows: list[int], attention_mask: torch.Tensor):
+        """``(teacher start/end logits [K, B, 2, S], gold [B, 2])`` of ``rows``; padding is masked by the loss."""
+        index = torch.tensor(rows)
+        z = torch.stack([cache.features(index, attention_mask).logits for cache in self.caches])
+        return z, self.positions[rows].to(attention_mask.device)
 
 
 class TeacherGate(nn.Module):
@@ -96,30 +145,34 @@ def build_gate(mixture: TeacherMixture, layers: str, seed: int) -> TeacherGate:
     return TeacherGate(encoder, len(mixture.teachers))
 
 
-def teacher_logits(mixture: TeacherMixture, train, collate, args) -> torch.Tensor:
-    """``[K, N, C]``: every teacher's logits on every training row, computed once."""
+def class_targets(mixture: TeacherMixture, train, collate, args) -> ClassTargets:
+    """A sentence task's gate targets: every teacher's logits on every training row (``[K, N, C]``, computed once,
+    as the teacher cache does) and the rows' ``label``."""
     from .teacher_cache import CachePlan, TeacherCache
     from .trainer import teacher_autocast
 
-    return torch.stack([TeacherCache.build(t, train, collate, CachePlan(), batch_size=args.per_device_eval_batch_size,
-                                           device=args.device, autocast=lambda: teacher_autocast(args)).logits
-                        for t in mixture.teachers])
+    logits = torch.stack([TeacherCache.build(t, train, collate, CachePlan(), batch_size=args.per_device_eval_batch_size,
+                                             device=args.device, autocast=lambda: teacher_autocast(args)).logits
+                          for t in mixture.teachers])
+    return ClassTargets(logits, torch.tensor(train["label"]))
 
 
-def fit_gate(mixture: TeacherMixture, train, collate, args, glue) -> tuple[GatedTeacherMixture, dict]:
-    """Train a gate on ``train`` (tokenized rows with ``label``) against the teachers' logits, computed once; the
-    gated mixture and the gate's record (per epoch: task loss, load-balancing loss, each teacher's share)."""
+def fit_gate(mixture: TeacherMixture, train, collate, args, glue,
+             targets_of=class_targets) -> tuple[GatedTeacherMixture, dict]:
+    """Train a gate on the rows of ``train`` against ``targets_of(mixture, train, collate, args)`` (the teachers'
+    outputs, computed once, and the gold labels: :class:`ClassTargets` or :class:`SpanTargets`); the gated mixture
+    and the gate's record (per epoch: task loss, load-balancing loss, each teacher's share)."""
     mixture.to(args.device)
-    zt = teacher_logits(mixture, train, collate, args)
+    targets = targets_of(mixture, train, collate, args)
     gate = build_gate(mixture, glue.gate_layers, args.seed).to(args.device)
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in train.column_names]
-    epochs = train_gate(gate, train.select_columns(columns), torch.tensor(train["label"]), zt, collate,
+    epochs = train_gate(gate, train.select_columns(columns), targets, collate,
                         GateSchedule(int(max(1, glue.gate_epochs)), glue.gate_learning_rate, glue.gate_balance,
                                      args.per_device_train_batch_size, args.seed), args.device)
     gate.top1 = glue.teacher_gate == "top1"
     record = {"kind": glue.teacher_gate, "layers": glue.gate_layers, "balance_weight": glue.gate_balance,
-              "epochs": epochs}
-    return GatedTeacherMixture(mixture, gate), record
+              "rows": len(train), "epochs": epochs}
+    return GatedTeacherMixture(mixture, gate).eval(), record
 
 
 @dataclass(frozen=True)
@@ -131,24 +184,31 @@ class GateSchedule:
     seed: int
 
 
-def train_gate(gate: TeacherGate, rows, labels, zt, collate, schedule: GateSchedule, device="cpu") -> list[dict]:
+def _batches(rows, collate, order: list[int], size: int, device):
+    """``(row indices, model inputs on device)`` of consecutive chunks of ``order``."""
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        yield chunk, {k: v.to(device) for k, v in collate([rows[i] for i in chunk]).items()}
+
+
+def train_gate(gate: TeacherGate, rows, targets, collate, schedule: GateSchedule, device="cpu") -> list[dict]:
     """AdamW on ``task loss of the mixture + balance * CV(importance)^2`` over shuffled batches of ``rows`` (model
-    inputs), ``labels`` ``[N]`` and the teachers' logits ``zt`` ``[K, N, C]``; the per-epoch records (each printed)."""
+    inputs) against ``targets`` (:class:`ClassTargets` or :class:`SpanTargets`: the teachers' outputs and the gold
+    labels of every row); the per-epoch records (each printed)."""
     optimizer = torch.optim.AdamW(gate.parameters(), lr=schedule.learning_rate)
     generator = torch.Generator().manual_seed(schedule.seed)
     epochs = []
     for epoch in range(schedule.epochs):
         gate.train()
         order = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(order), schedule.batch_size):
-            chunk = order[start:start + schedule.batch_size]
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk]).items()}
+        for chunk, batch in _batches(rows, collate, order, schedule.batch_size, device):
             gates = gate(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            task = mixture_task_loss(zt[:, chunk].to(device), gates, labels[chunk].to(device))
+            zt, labels = targets.batch(chunk, batch["attention_mask"])
+            task = mixture_task_loss(zt, gates, labels, batch["attention_mask"])
             optimizer.zero_grad()
             (task + schedule.balance * load_balancing_loss(gates)).backward()
             optimizer.step()
-        epochs.append(_epoch_record(gate, rows, collate, device, schedule.batch_size, zt, labels, epoch))
+        epochs.append(_epoch_record(gate, rows, collate, device, schedule.batch_size, targets, epoch))
         shares = " ".join(f"{s:.3f}" for s in epochs[-1]["share"])
         print(f"gate epoch {epoch + 1}: teacher shares {shares}, task loss {epochs[-1]['task_loss']:.4f}, "
               f"balance {epochs[-1]['balance']:.4f}", file=sys.stderr)
@@ -157,22 +217,29 @@ def train_gate(gate: TeacherGate, rows, labels, zt, collate, schedule: GateSched
 
 
 @torch.no_grad()
-def _epoch_record(gate, rows, collate, device, size, zt, labels, epoch) -> dict:
+def _epoch_record(gate, rows, collate, device, size, targets, epoch) -> dict:
+    """Over every row, in order: each teacher's share (its mean gate weight), the mixture's task loss (the mean over
+    rows) and the load-balancing loss of the whole set."""
     gate.eval()
-    gates = torch.cat([gate(**{k: v.to(device) for k, v in collate([rows[i] for i in range(s, min(s + size, len(rows)))]).items()
-                               if k in ("input_ids", "attention_mask", "token_type_ids")}).cpu()
-                       for s in range(0, len(rows), size)])
+    every, task = [], 0.0
+    for chunk, batch in _batches(rows, collate, list(range(len(rows))), size, device):
+        gates = gate(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        zt, labels = targets.batch(chunk, batch["attention_mask"])
+        task += float(mixture_task_loss(zt, gates, labels, batch["attention_mask"])) * len(chunk)
+        every.append(gates.cpu())
+    gates = torch.cat(every)
     return {"epoch": epoch + 1, "share": [round(float(x), 4) for x in gates.mean(0)],
-            "task_loss": float(mixture_task_loss(zt.cpu(), gates, labels)), "balance": float(load_balancing_loss(gates))}
+            "task_loss": task / max(1, len(rows)), "balance": float(load_balancing_loss(gates))}
 
 
-def gated_teacher(teacher, train, collate, args, glue):
+def gated_teacher(teacher, train, collate, args, glue, targets_of=class_targets):
     """``(teacher, None)`` without ``--teacher_gate``; else the gated mixture fitted on the labelled training rows
-    and the gate's record."""
+    (sentence tasks: ``targets_of`` :func:`class_targets`; extractive QA passes its span targets) and the gate's
+    record."""
     if getattr(glue, "teacher_gate", "none") in ("none", None):
         return teacher, None
     if not isinstance(teacher, TeacherMixture):
         raise UsageError("--teacher_gate weighs several teachers: give --teacher more than once")
     if "labelled" in train.column_names:  # augmented and unlabelled rows have no gold label to train the gate on
         train = train.filter(lambda row: row["labelled"] == 1)
-    return fit_gate(teacher, train, collate, args, glue)
+    return fit_gate(teacher, train, collate, args, glue, targets_of)

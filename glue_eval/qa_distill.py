@@ -187,6 +187,9 @@ def train_qa_with_teacher(model, train, shared: dict, args, glue, task: Task):
     else:
         teacher = load_qa_teacher(glue.teacher, model, eager)
     train = train.add_column(ROW, list(range(len(train))))
+    from .gate import gated_teacher
+
+    teacher, gate = gated_teacher(teacher, train, shared["data_collator"], args, glue, span_targets)  # (teacher, None)
     cache, cache_record = None, {"enabled": bool(glue.teacher_cache)}
     if glue.teacher_cache:
         teacher.to(args.device)
@@ -212,7 +215,17 @@ def train_qa_with_teacher(model, train, shared: dict, args, glue, task: Task):
     set_attention_dropout(model, dropout)
     return trainer, TrainOutput(sum(s["steps"] for s in record), record[-1]["loss"],
                                 sum(s["runtime_s"] for s in record), len(train),
-                                {"stages": record, "teacher_cache": cache_record})
+                                {"stages": record, "teacher_cache": cache_record, **({"gate": gate} if gate else {})})
+
+
+def span_targets(mixture, train, collate, args):
+    """The gate's targets on the training windows (:class:`glue_eval.gate.SpanTargets`): every teacher's start/end
+    logits, computed once (a :class:`SpanLogitCache` each, real tokens only), and each window's gold start and end."""
+    from .gate import SpanTargets
+
+    caches = [SpanLogitCache.build(t, train, collate, batch_size=args.per_device_eval_batch_size, device=args.device,
+                                   autocast=lambda: teacher_autocast(args)) for t in mixture.teachers]
+    return SpanTargets(caches, torch.tensor([train["start_positions"], train["end_positions"]]).t())
 
 
 def _stage_args(args, stage: dict):

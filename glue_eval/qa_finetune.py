@@ -54,9 +54,6 @@ def check_qa_run(glue, args, tasks) -> None:
             raise UsageError(f"--{name} {value}: give a whole number >= {low}")
     if not glue.teacher:
         return
-    if glue.teacher_gate != "none":
-        raise UsageError(f"--teacher_gate is for sentence tasks for now; {qa[0].display} mixes its teachers with "
-                         "fixed --teacher_weights")
     for task in qa:
         for stage in run_stages(glue, task):
             for name in stage["weights"]:

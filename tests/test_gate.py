@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from glue_eval.cli import main
-from glue_eval.gate import GateSchedule, TeacherGate, load_balancing_loss, mixture_task_loss, train_gate
+from glue_eval.gate import (
+    ClassTargets,
+    GateSchedule,
+    TeacherGate,
+    load_balancing_loss,
+    mixture_task_loss,
+    train_gate,
+)
 from glue_eval.teachers import mix_logits
 from tests import tiny
 
@@ -65,7 +72,7 @@ def _gate_shares(balance, vocab_dir):
     rows = datasets.Dataset.from_dict(dict(tokenizer(texts)))
     torch.manual_seed(0)
     gate = TeacherGate(BertModel(tiny.make_config("bert", num_hidden_layers=1)), 2)
-    epochs = train_gate(gate, rows, labels, zt, DataCollatorWithPadding(tokenizer),
+    epochs = train_gate(gate, rows, ClassTargets(zt, labels), DataCollatorWithPadding(tokenizer),
                         GateSchedule(epochs=8, learning_rate=1e-2, balance=balance, batch_size=16, seed=0))
     return epochs[-1]["share"]
 
@@ -100,7 +107,7 @@ def test_a_gated_run_trains_the_gate_logs_its_shares_and_distils_the_student(tmp
     assert record["settings"]["teacher_gate"] == "top1" and record["settings"]["gate_balance"] == 0.5
 
 
-def test_a_gate_needs_several_teachers_and_a_sentence_task(tmp_path, vocab_dir, capsys):
+def test_a_gate_needs_several_teachers(tmp_path, vocab_dir, capsys):
     from tests.test_teachers import _classifier, _spec
 
     teacher = _classifier(tmp_path / "a", 1, vocab_dir)
