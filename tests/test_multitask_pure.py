@@ -65,7 +65,8 @@ def test_a_config_names_tasks_heads_and_how_they_train(tmp_path):
      "temperature is 0: give a number > 0"),
     ({"tasks": [{"task": "pol.json"}], "schedule": {"mode": "hybrid", "window": 0}}, "window is 0"),
     ({"tasks": [{"task": "pol.json"}], "distill_weights": {"kl": 1}}, 'no task names a "teacher"'),
-    ({"tasks": [{"task": "pol.json"}, {"task": "squad"}]}, "task 'squad' is extractive QA"),
+    ({"tasks": [{"task": "pol.json"}, {"task": "squad", "head": {"transformers": "RobertaClassificationHead"}}]},
+     "task 'squad' is extractive QA: its head is a span head"),
 ])
 def test_a_bad_config_is_one_line_naming_the_value(tmp_path, raw, message):
     _spec(tmp_path, "pol")

@@ -19,6 +19,9 @@ def model_card(tasks: dict, scores: dict, encoder: str, settings: dict) -> str:
         kind = "regression" if info["num_labels"] == 1 else f"{info['num_labels']} classes"
         labels = ", ".join(info["labels"]) if info["labels"] else "score"
         head = info["head"].get("transformers") or _stack(info["head"])
+        if info.get("kind") == "extractive_qa":
+            kind = "extractive QA" + (" (v2: may have no answer)" if info.get("version_2") else "")
+            labels = "answer spans"
         result = scores.get(name)
         metrics = "; ".join(" ".join(f"{m} {100 * v:.1f}" for m, v in split.items())
                             for split in result["dev"].values()) if result else "not evaluated"
@@ -42,4 +45,6 @@ def model_card(tasks: dict, scores: dict, encoder: str, settings: dict) -> str:
 def _stack(head: dict) -> str:
     widths = head.get("layers") or []
     inner = " → ".join(f"linear {w} + {head.get('activation')}" for w in widths)
+    if head.get("span"):
+        return "every token → " + (inner + " → " if inner else "") + "linear 2 (start, end)"
     return f"{head.get('pooling', 'cls')} pooling → " + (inner + " → " if inner else "") + "linear"

@@ -22,7 +22,8 @@ from ..tasks import Task, get_task
 
 TOP_KEYS = ("tasks", "sampling", "schedule", "gradient", "distill_weights")
 TASK_KEYS = ("task", "head", "weight", "teacher")
-HEAD_KEYS = {"stack": ("layers", "activation", "dropout", "pooling"), "transformers": ("transformers", "config")}
+HEAD_KEYS = {"stack": ("layers", "activation", "dropout", "pooling"), "transformers": ("transformers", "config"),
+             "span": ("span", "layers", "activation", "dropout")}
 SAMPLING_KINDS = ("proportional", "uniform", "temperature", "annealed")
 SAMPLING_KEYS = ("kind", "temperature", "final_exponent")
 SCHEDULE_MODES = ("per_task", "sum", "hybrid")
@@ -37,7 +38,8 @@ class HeadSpec:
     ``activation`` and dropout, over the pooled encoder output (``cls``: the first token; ``mean``: the mean over
     real tokens); ``layers=()`` is one linear layer. ``transformers``: a transformers head class by name, built
     from the encoder's config updated with ``config`` (and the task's ``num_labels``), called on the last
-    hidden states ``[B, S, H]``."""
+    hidden states ``[B, S, H]``. ``span`` (an extractive-QA task's): the same stack on every token, then a linear
+    layer of 2 outputs per token (the start and end logits, as transformers' ``qa_outputs``); no pooling."""
 
     kind: str = "stack"
     layers: tuple[int, ...] = ()
@@ -50,6 +52,8 @@ class HeadSpec:
     def to_json(self) -> dict:
         if self.kind == "transformers":
             return {"transformers": self.class_name, "config": dict(self.config)}
+        if self.kind == "span":
+            return {"span": True, "layers": list(self.layers), "activation": self.activation, "dropout": self.dropout}
         return {"layers": list(self.layers), "activation": self.activation, "dropout": self.dropout,
                 "pooling": self.pooling}
 
@@ -118,20 +122,39 @@ def _number(where: str, key: str, value, low: float, integer: bool = False, open
     return value
 
 
-def parse_head(where: str, head) -> HeadSpec:
-    """A head entry -> :class:`HeadSpec` (absent: one linear layer on the first token)."""
+def parse_head(where: str, head, qa: bool = False) -> HeadSpec:
+    """A head entry -> :class:`HeadSpec`. Absent: one linear layer on the first token, or for an extractive-QA
+    task (``qa``) the span head: one linear layer of 2 outputs per token, no dropout (transformers' QA head)."""
     if head is None:
-        return HeadSpec()
+        return HeadSpec(kind="span", dropout=0.0) if qa else HeadSpec()
     if not isinstance(head, dict):
         raise UsageError(f'{where}: head must be an object, e.g. {{"layers": [128], "activation": "gelu"}} or '
                          '{"transformers": "RobertaClassificationHead"}')
     if "transformers" in head:
+        if qa:
+            raise UsageError(f"{where} is extractive QA: its head is a span head on every token; give "
+                             '{"layers": [...], "activation": "gelu", "dropout": 0.1} or no head, not a transformers '
+                             "classification head")
         _unknown(f"{where} head", head, HEAD_KEYS["transformers"])
         name, config = head["transformers"], head.get("config", {})
         if not isinstance(name, str) or not name or not isinstance(config, dict):
             raise UsageError(f'{where}: a transformers head is {{"transformers": "CLASS NAME", "config": {{...}}}}')
         return HeadSpec(kind="transformers", class_name=name, config=dict(config))
-    _unknown(f"{where} head", head, HEAD_KEYS["stack"])
+    if "span" in head and not qa:
+        raise UsageError(f"{where}: a span head is for extractive QA tasks; this task takes a classification head, "
+                         'e.g. {"layers": [128], "activation": "gelu"}')
+    _unknown(f"{where} head", head, HEAD_KEYS["span" if qa else "stack"])
+    stack = _stack_fields(where, head, default_dropout=0.0 if qa else 0.1)
+    if qa:
+        return HeadSpec(kind="span", **stack)
+    pooling = head.get("pooling", "cls")
+    if pooling not in POOLINGS:
+        raise UsageError(f"{where}: head pooling {pooling!r}: choose {' or '.join(POOLINGS)}")
+    return HeadSpec(pooling=pooling, **stack)
+
+
+def _stack_fields(where: str, head: dict, default_dropout: float) -> dict:
+    """The ``layers``, ``activation`` and ``dropout`` of a stack or span head, each checked."""
     layers = head.get("layers", [])
     if not isinstance(layers, list) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in layers):
         raise UsageError(f"{where}: head layers {layers!r} must be a list of widths >= 1, e.g. [256, 128] ([] = "
@@ -141,13 +164,10 @@ def parse_head(where: str, head) -> HeadSpec:
 
     if activation not in ACT2FN:
         raise UsageError(f"{where}: unknown activation {activation!r}; choose one of {', '.join(sorted(ACT2FN))}")
-    dropout = head.get("dropout", 0.1)
+    dropout = head.get("dropout", default_dropout)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UsageError(f"{where}: head dropout {dropout!r}: give a probability in [0, 1)")
-    pooling = head.get("pooling", "cls")
-    if pooling not in POOLINGS:
-        raise UsageError(f"{where}: head pooling {pooling!r}: choose {' or '.join(POOLINGS)}")
-    return HeadSpec(layers=tuple(layers), activation=activation, dropout=float(dropout), pooling=pooling)
+    return {"layers": tuple(layers), "activation": activation, "dropout": float(dropout)}
 
 
 def _task_entry(i: int, item, base: str) -> TaskEntry:
@@ -161,9 +181,6 @@ def _task_entry(i: int, item, base: str) -> TaskEntry:
         raise UsageError(f"{where}: task {name!r} must be a GLUE task name or a task spec .json path")
     task = get_task(os.path.join(base, name) if name.endswith(".json") else name)
     where = f"task {task.name!r}"
-    if getattr(task, "is_qa", False):
-        raise UsageError(f"{where} is extractive QA: a multi-task run takes classification and regression tasks "
-                         "(QA's windows and span decoding are not in the multi-task loop yet)")
     weight = float(_number(where, "weight", item.get("weight", 1.0), 0.0))
     teacher = item.get("teacher")
     if teacher is not None:
@@ -171,7 +188,8 @@ def _task_entry(i: int, item, base: str) -> TaskEntry:
         if not os.path.isfile(os.path.join(teacher, "config.json")):
             raise UsageError(f"{where}: teacher {teacher!r} is not a model folder (no config.json): give a teacher "
                              "fine-tuned on this task (glue-eval --save_model)")
-    return TaskEntry(task=task, head=parse_head(where, item.get("head")), weight=weight, teacher=teacher)
+    return TaskEntry(task=task, head=parse_head(where, item.get("head"), qa=task.is_qa), weight=weight,
+                     teacher=teacher)
 
 
 def _sampling(given) -> Sampling:

@@ -6,8 +6,9 @@ and ``heads/<n>.safetensors`` (each head's weights). :func:`load_multitask` give
 ``model(task=..., **inputs)``.
 
 A head is built by ``HEAD_BUILDERS[spec.kind](spec, encoder_config, num_labels)`` and called as
-``head(hidden [B, S, H], attention_mask [B, S]) -> logits [B, num_labels]``: a new kind of head is one
-builder here and one form of config entry.
+``head(hidden [B, S, H], attention_mask [B, S]) -> logits [B, num_labels]`` (a span head, for extractive QA:
+``[B, S, 2]``, the start and end logits of every token): a new kind of head is one builder here and one form of
+config entry.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from distill.common.errors import UsageError
 
+from ..qa_tasks import EXTRACTIVE_QA
 from .config import HeadSpec, parse_head
 
 FORMAT = 1
@@ -65,6 +67,37 @@ class TransformersHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
+
+
+class SpanHead(nn.Module):
+    """Extractive QA's head: on every token, the optional stack (linear layers of ``spec.layers`` widths, each
+    followed by the activation and dropout), then ``qa_outputs``, a linear layer of 2 outputs (start, end) as in
+    transformers' ``...ForQuestionAnswering``, so a span head without a stack carries over to one weight for
+    weight."""
+
+    def __init__(self, spec: HeadSpec, hidden_size: int):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        layers: list[nn.Module] = [nn.Dropout(spec.dropout)] if spec.dropout else []
+        width = hidden_size
+        for out in spec.layers:
+            layers += [nn.Linear(width, out), ACT2FN[spec.activation], nn.Dropout(spec.dropout)]
+            width = out
+        self.layers = nn.Sequential(*layers)
+        self.qa_outputs = nn.Linear(width, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.qa_outputs(self.layers(hidden))
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """transformers' QA loss: the mean of the start and end cross-entropies over each window's whole row (a
+    position past the row, after clamping, is ignored), in float32."""
+    ignored = start_logits.size(1)
+    loss = nn.CrossEntropyLoss(ignore_index=ignored)
+    starts, ends = start_positions.view(-1).clamp(0, ignored), end_positions.view(-1).clamp(0, ignored)
+    return (loss(start_logits.float(), starts) + loss(end_logits.float(), ends)) / 2
 
 
 def find_head_class(name: str) -> type:
@@ -111,7 +144,11 @@ def build_stack_head(spec: HeadSpec, encoder_config, num_labels: int) -> nn.Modu
     return StackHead(spec, encoder_config.hidden_size, num_labels)
 
 
-HEAD_BUILDERS = {"stack": build_stack_head, "transformers": build_transformers_head}
+def build_span_head(spec: HeadSpec, encoder_config, num_labels: int) -> nn.Module:
+    return SpanHead(spec, encoder_config.hidden_size)
+
+
+HEAD_BUILDERS = {"stack": build_stack_head, "transformers": build_transformers_head, "span": build_span_head}
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -122,11 +159,14 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> to
 
 
 class MultitaskModel(nn.Module):
-    """A shared encoder and a head per task. ``tasks``: name -> info dict (``num_labels``, ``labels``,
+    """A shared encoder and a head per task. ``tasks``: name -> info dict (``kind``, ``num_labels``, ``labels``,
     ``metrics``, ``head``: the head's spec as JSON), in the run's task order.
 
     ``model(task=NAME, input_ids=..., attention_mask=..., [token_type_ids=...], [labels=...])`` returns a
-    ``SequenceClassifierOutput``: ``logits`` ``[B, num_labels]`` and, given labels, the task's ``loss``.
+    ``SequenceClassifierOutput``: ``logits`` ``[B, num_labels]`` and, given labels, the task's ``loss``. For an
+    extractive-QA task, ``[start_positions=..., end_positions=...]`` instead of labels, and a
+    ``QuestionAnsweringModelOutput``: ``start_logits`` and ``end_logits`` ``[B, S]`` and, given the positions,
+    transformers' QA ``loss`` (:func:`span_loss`).
     """
 
     def __init__(self, encoder: nn.Module, heads: dict, tasks: dict):
@@ -141,22 +181,29 @@ class MultitaskModel(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
                             **extra).last_hidden_state
 
-    def forward(self, task: str, input_ids, attention_mask=None, token_type_ids=None, labels=None, **_):
-        from transformers.modeling_outputs import SequenceClassifierOutput
+    def forward(self, task: str, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                start_positions=None, end_positions=None, **_):
+        from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
 
         if task not in self.heads:
             raise UsageError(f"task {task!r} has no head here: this model's tasks are {', '.join(self.tasks)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         logits = self.heads[task](self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
+        if self.tasks[task].get("kind") == EXTRACTIVE_QA:
+            start, end = (z.squeeze(-1).contiguous() for z in logits.split(1, dim=-1))
+            loss = None if start_positions is None else span_loss(start, end, start_positions, end_positions)
+            return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end)
         loss = None if labels is None else task_loss(logits, labels, self.tasks[task]["num_labels"])
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def task_info(task, head: HeadSpec) -> dict:
-    """What a saved model keeps of a task (:class:`glue_eval.tasks.Task`) and its head."""
-    return {"num_labels": task.num_labels, "labels": list(task.labels) if task.labels else None,
-            "metrics": list(task.metrics), "head": head.to_json()}
+    """What a saved model keeps of a task (:class:`glue_eval.tasks.Task`) and its head (an extractive-QA task: 2
+    outputs per token, and whether questions may have no answer)."""
+    info = {"kind": task.kind, "num_labels": 2 if task.is_qa else task.num_labels,
+            "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics), "head": head.to_json()}
+    return {**info, "version_2": task.version_2} if task.is_qa else info
 
 
 def build_multitask(encoder_path: str, entries, eager: bool = False) -> MultitaskModel:
@@ -215,10 +262,12 @@ def load_multitask(folder: str, device=None) -> MultitaskModel:
     encoder = AutoModel.from_pretrained(folder)
     heads, tasks = {}, {}
     for item in manifest["tasks"]:
-        spec = parse_head(f"task {item['name']!r}", item["head"])
+        qa = item.get("kind") == EXTRACTIVE_QA  # absent in folders written before QA tasks: classification
+        spec = parse_head(f"task {item['name']!r}", item["head"], qa=qa)
         head = HEAD_BUILDERS[spec.kind](spec, encoder.config, item["num_labels"])
         head.load_state_dict(load_file(os.path.join(folder, item["weights"])), strict=True)
         heads[item["name"]] = head
-        tasks[item["name"]] = {k: item[k] for k in ("num_labels", "labels", "metrics", "head")}
+        tasks[item["name"]] = {k: item[k] for k in ("kind", "num_labels", "labels", "metrics", "head", "version_2")
+                               if k in item}
     model = MultitaskModel(encoder, heads, tasks).eval()
     return model.to(device) if device is not None else model

@@ -72,9 +72,11 @@ def check_distill_weights(weights: dict | None) -> None:
 
 
 def task_runs(config, glue, args, tokenizer):
-    """Each task's tokenized train (with ``row``) and dev splits, as :class:`glue_eval.multitask.train.TaskRun`."""
+    """Each task's tokenized train (with ``row``) and dev splits, as :class:`glue_eval.multitask.train.TaskRun`
+    (an extractive-QA task's: windows of ``--doc_stride`` overlap, :func:`glue_eval.multitask.qa.qa_run_fields`)."""
     from ..data import check_sources, load_splits
     from ..encode import sequence_length, tokenize
+    from .qa import qa_run_fields
     from .train import TaskRun
 
     for entry in config.tasks:
@@ -86,7 +88,10 @@ def task_runs(config, glue, args, tokenizer):
     for entry in config.tasks:
         task = entry.task
         splits = load_splits(task, ["train", *task.dev_splits], glue.data_dir, glue.skip_bad_rows)
-        data = tokenize(task, splits, tokenizer, length)
+        data = tokenize(task, splits, tokenizer, length, glue.doc_stride)
+        if task.is_qa:
+            runs.append(TaskRun(task=task, weight=entry.weight, **qa_run_fields(task, data, glue)))
+            continue
         train = data["train"].remove_columns([*task.text_fields, "idx"])
         train = train.add_column("row", list(range(len(train))))
         dev = {s: data[s].remove_columns(["idx"]) for s in task.dev_splits}
@@ -95,13 +100,15 @@ def task_runs(config, glue, args, tokenizer):
 
 
 def attach_teachers(runs, config, glue, args, model, collate) -> dict:
-    """Each task with a teacher gets its objectives (the task stage's, on the logits) and its teacher's logits
-    over its training rows (the task stage's cache); returns a record per task."""
+    """Each task with a teacher gets its objectives (the task stage's, on the logits; a QA task's on its start and
+    end logits, :func:`glue_eval.multitask.qa.attach_qa_teacher`) and its teacher's logits over its training rows
+    (the task stage's cache); returns a record per task."""
     from distill.objective import terms
 
     from ..distillation import load_teacher, stage_objectives
     from ..teacher_cache import CachePlan, TeacherCache
     from ..trainer import teacher_autocast
+    from .qa import attach_qa_teacher
 
     weights = config.distill_weights or dict(terms.TASK_WEIGHTS)
     check_distill_weights(weights)
@@ -109,6 +116,10 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
     for run in runs:
         path = config.entry(run.name).teacher
         if path is None:
+            continue
+        record[run.name] = {"teacher": path, "weights": weights, "cached_rows": len(run.train)}
+        if run.task.is_qa:
+            attach_qa_teacher(run, path, weights, glue, args, model, collate)
             continue
         teacher = load_teacher(path, run.task, eager=False)
         rows = model.encoder.get_input_embeddings().num_embeddings
@@ -124,7 +135,6 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
                                            batch_size=args.per_device_eval_batch_size, device=args.device,
                                            autocast=lambda: teacher_autocast(args))
             run.soft.to(args.device)
-        record[run.name] = {"teacher": path, "weights": weights, "cached_rows": len(run.train)}
         del teacher
     return record
 
@@ -170,18 +180,34 @@ def settings_of(config, glue, args) -> dict:
                                                             for e in config.tasks},
         "sampling": vars(config.sampling), "schedule": vars(config.schedule), "gradient": config.gradient,
         "distill_weights": config.distill_weights, "temperature": glue.temperature,
-        "max_seq_length": glue.max_seq_length, "learning_rate": args.learning_rate,
+        "max_seq_length": glue.max_seq_length, **qa_settings(config, glue), "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size, "num_train_epochs": args.num_train_epochs,
         "max_steps": args.max_steps, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
         "seed": args.seed, "bf16": args.bf16,
     }
 
 
-def write_outputs(out: str, model, tokenizer, scores: dict, record: dict, settings: dict, single: dict) -> None:
+def qa_settings(config, glue) -> dict:
+    """The windowing and decoding settings, when a task is extractive QA."""
+    if not any(e.task.is_qa for e in config.tasks):
+        return {}
+    return {k: getattr(glue, k) for k in ("doc_stride", "max_answer_length", "n_best_size", "null_score_diff_threshold")}
+
+
+def write_outputs(out: str, model, tokenizer, scores: dict, record: dict, settings: dict, single: dict,
+                  predictions: dict | None = None) -> None:
+    """OUT/model, OUT/result.json, OUT/multitask.md, and each QA task's answers per dev split (``predictions``:
+    task -> split -> question id -> text) in OUT/predictions/<task>_<split>.json, as a single-task QA cell writes
+    them."""
     from distill.common.io import atomic_write_text
 
     from .card import model_card
     from .model import save_multitask
+
+    for name, by_split in (predictions or {}).items():
+        for split, answers in by_split.items():
+            atomic_write_text(os.path.join(out, "predictions", f"{name}_{split}.json"),
+                              json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
 
     card = model_card(model.tasks, scores, settings["model"], settings)
     save_multitask(model, os.path.join(out, "model"), tokenizer, card=card, extra={"dev": scores})
@@ -201,12 +227,14 @@ def main(argv: list[str]) -> int:
     from ..model import check_vocabulary
     from .config import load_config
     from .model import build_multitask
+    from .qa import check_qa_tasks
     from .train import evaluate_tasks, train_multitask
 
     glue, args, precision_line = parse(argv)
     config = load_config(glue.multitask or "")
     if config.distill_weights:
         check_distill_weights(config.distill_weights)
+    check_qa_tasks(config, glue)
     if os.path.exists(os.path.join(args.output_dir, "result.json")) and not args.overwrite_output_dir:
         raise UsageError(f"{args.output_dir} already holds a multi-task result: use another --output_dir or pass "
                          "--overwrite_output_dir")
@@ -224,9 +252,11 @@ def main(argv: list[str]) -> int:
         print(precision_line)
     trained = train_multitask(model, runs, config, args, collate, rank, world)
     scores = evaluate_tasks(model, runs, collate, args.per_device_eval_batch_size, args.device)
+    predictions = {name: s.pop("predictions") for name, s in scores.items() if "predictions" in s}
     if rank == 0:
         record = {**asdict(trained), "examples": {r.name: len(r.train) for r in runs}, "teachers": teachers}
-        write_outputs(args.output_dir, model, tokenizer, scores, record, settings_of(config, glue, args), single)
+        write_outputs(args.output_dir, model, tokenizer, scores, record, settings_of(config, glue, args), single,
+                      predictions)
         print(table(scores, single), end="")
         print(f"model: {args.output_dir}/model (load_multitask); results: {args.output_dir}/result.json")
     return 0

@@ -25,6 +25,7 @@ from .combine import weighted_sum
 from .config import MultitaskConfig
 from .model import MultitaskModel, task_loss
 from .pcgrad import all_reduce_mean_, distributed_pcgrad
+from .qa import SPAN_COLUMNS, evaluate_span_task, span_run_loss
 from .sampling import HybridSchedule, TaskSampler
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -34,7 +35,10 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class TaskRun:
     """One task's part of the run. train: tokenized rows (``input_ids`` ..., ``label``, ``row``); dev: split ->
     tokenized rows. soft / hard: the teacher's objectives (:func:`glue_eval.distillation.stage_objectives`)
-    and cache (:class:`glue_eval.teacher_cache.TeacherCache`, logits per row), or None for the task loss."""
+    and cache (:class:`glue_eval.teacher_cache.TeacherCache`, logits per row), or None for the task loss.
+    An extractive-QA task (:mod:`glue_eval.multitask.qa`): train and dev hold windows (train with
+    ``start_positions``/``end_positions``), ``examples`` each dev split's questions, ``decoding`` the n-best
+    settings; its soft terms and cache are the span ones (:mod:`glue_eval.qa_distill`)."""
 
     task: Task
     weight: float
@@ -43,6 +47,8 @@ class TaskRun:
     soft: object = None
     hard: object = None
     cache: object = None
+    examples: dict | None = None
+    decoding: dict | None = None
 
     @property
     def name(self) -> str:
@@ -53,7 +59,7 @@ class BatchStream:
     """Endless seeded batches of one task: a new permutation per pass, this rank's share of it."""
 
     def __init__(self, dataset, batch_size: int, collate, seed: int, rank: int = 0, world: int = 1):
-        columns = [c for c in (*INPUTS, "label", "row") if c in dataset.column_names]
+        columns = [c for c in (*INPUTS, "label", *SPAN_COLUMNS, "row") if c in dataset.column_names]
         self.rows = dataset.select_columns(columns)
         self.batch_size, self.collate, self.rank, self.world = batch_size, collate, rank, world
         self.rng = np.random.default_rng(seed)
@@ -92,6 +98,8 @@ def total_steps(config: MultitaskConfig, streams: list[BatchStream], epochs: flo
 def run_loss(model: MultitaskModel, run: TaskRun, batch: dict, device) -> tuple[torch.Tensor, dict]:
     """(loss, unweighted terms) of one task's batch: its own loss, or its teacher's objective."""
     batch = {k: v.to(device) for k, v in batch.items()}
+    if run.task.is_qa:
+        return span_run_loss(model, run, batch)
     out = model(task=run.name, **{k: batch[k] for k in INPUTS if k in batch})
     labels = batch["labels"]
     if run.soft is None and run.hard is None:
@@ -229,10 +237,14 @@ def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: Multitas
 @torch.no_grad()
 def evaluate_tasks(model: MultitaskModel, runs: list[TaskRun], collate, batch_size: int, device) -> dict:
     """Task -> ``{"dev": {split: metrics}, "score_by_split", "score"}`` (fractions; the task's score is the mean
-    over its splits of the mean of its metrics, as for single-task runs)."""
+    over its splits of the mean of its metrics, as for single-task runs; an extractive-QA task's: EM/F1 per split,
+    its selection split's mean of the two, and ``predictions``, :func:`glue_eval.multitask.qa.evaluate_span_task`)."""
     model.to(device).eval()
     out = {}
     for run in runs:
+        if run.task.is_qa:
+            out[run.name] = evaluate_span_task(model, run, collate, batch_size, device)
+            continue
         dev = {}
         for split, ds in run.dev.items():
             rows = ds.select_columns([c for c in (*INPUTS, "label") if c in ds.column_names])
