@@ -108,6 +108,15 @@ class GlueTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N update steps."})
+    length_groups: int = field(default=1, metadata={
+        "help": "Run each training batch as up to N groups of rows of similar length, each trimmed to its own "
+                "longest row, so the models compute on less padding (student and teacher; the loss is the "
+                "batch's, up to float rounding). 1: one forward per batch. See docs/speed.md."})
+
+    def __post_init__(self):
+        if self.length_groups < 1:
+            raise UsageError(f"--length_groups {self.length_groups}: give 1 (one forward per batch) or more")
+        super().__post_init__()
 
 
 def apply_precision(glue: GlueArguments, args: TrainingArguments) -> tuple[TrainingArguments, str | None]:

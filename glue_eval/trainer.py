@@ -17,11 +17,15 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distill.models.frozen import prepare_teacher
-from distill.models.loading import Features, extract
+from distill.models.groups import extract_in_groups, length_groups, right_padded
+from distill.models.loading import Features
 from distill.train.signals import EXIT_STOPPED, StopRequest, end_run
 
 # Batch columns the distillation trainer reads itself; the model never sees them.
 ROW, LABELLED = "row", "labelled"
+
+# the batch columns that run along the sequence (a length group trims them to its longest row)
+SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 # SIGTERM, SIGINT, SIGUSR1 (distill/train/signals.py): a grid installs it, a trainer arms it while it trains
 STOP = StopRequest(armed=False)
@@ -79,6 +83,32 @@ class GlueTrainer(Trainer):
             for folder in glob.glob(os.path.join(self.args.output_dir, "checkpoint-*")):
                 shutil.rmtree(folder, ignore_errors=True)
         return out
+
+    @property
+    def groups(self) -> int:
+        """``--length_groups``: how many length groups a training batch runs as (1: one forward)."""
+        return getattr(self.args, "length_groups", 1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss; in training with ``--length_groups N`` over N length groups of the batch (see
+        :mod:`distill.models.groups`): each group's mean loss weighted by its share of the rows, which is the
+        batch's mean (the sequence-level heads' losses are means over rows)."""
+        groups, mask = self.groups, inputs.get("attention_mask")
+        if groups <= 1 or not model.training or mask is None or not right_padded(mask):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        lengths = mask.sum(1).tolist()
+        total, logits, runs = 0.0, [], length_groups(lengths, groups)
+        for run in runs:
+            rows = torch.tensor(run, device=mask.device)
+            cols = max(lengths[i] for i in run)
+            part = {k: v[rows, :cols] if k in SEQUENCE_COLUMNS else v[rows] for k, v in inputs.items()}
+            loss, out = super().compute_loss(model, part, True, None)
+            total = total + loss * (len(run) / len(lengths))
+            logits.append(out["logits"])
+        if not return_outputs:
+            return total
+        order = torch.tensor([i for run in runs for i in run], device=mask.device)
+        return total, {"logits": torch.cat(logits)[torch.argsort(order)]}
 
     def stopped(self):
         where = f"in {self.args.output_dir} after step {self.state.global_step}"
@@ -157,9 +187,10 @@ class DistillationTrainer(GlueTrainer):
         # The teacher first: its temporary activations are freed before the student's are saved for backward
         # (the other order peaked 108 MB higher in bench.peers' memory probe).
         teacher = self.teacher_features(inputs) if self.soft is not None else None
-        student = extract(model, ids, mask, token_type_ids=types, sequence_logits=True,
-                          hidden=bool(request and request.hidden), attentions=bool(request and request.attentions),
-                          value_layers=request.value_layers if request else ())
+        student = extract_in_groups(model, ids, mask, groups=self.groups, token_type_ids=types,
+                                    sequence_logits=True, hidden=bool(request and request.hidden),
+                                    attentions=bool(request and request.attentions),
+                                    value_layers=request.value_layers if request else ())
         total, terms = None, {}
         if self.soft is not None:
             batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -184,9 +215,10 @@ class DistillationTrainer(GlueTrainer):
             return cache.features(inputs[ROW], mask)
         self.teacher_forwards += 1
         with torch.no_grad(), self._teacher_autocast():
-            out = extract(self.teacher, inputs["input_ids"], mask, token_type_ids=inputs.get("token_type_ids"),
-                          hidden=request.hidden, attentions=request.attentions, value_layers=request.value_layers,
-                          sequence_logits=True)
+            out = extract_in_groups(self.teacher, inputs["input_ids"], mask, groups=self.groups,
+                                    token_type_ids=inputs.get("token_type_ids"), hidden=request.hidden,
+                                    attentions=request.attentions, value_layers=request.value_layers,
+                                    sequence_logits=True)
         if cache is not None and ROW in inputs:  # representations did not fit: the logits still come from the cache
             out.logits = cache.logits[inputs[ROW].tolist()].to(mask.device)
         return out
