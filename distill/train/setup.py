@@ -7,7 +7,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,12 @@ class Run:
     teacher_config: object
     total_steps: int
     global_batch: int
+    teachers: list = field(default_factory=list)  # the teachers the step runs (several: one per objective)
+
+    def step_teachers(self):
+        """What :class:`StudentStep` runs: the one teacher, or the list of several."""
+        return self.teachers if len(self.teachers) > 1 or (self.teachers and self.teachers[0] is not self.teacher
+                                                            ) else self.teacher
 
 
 @dataclass
@@ -166,28 +172,27 @@ def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str], Path]:
 
 def build_run(cfg: DistillConfig, env: Dist) -> Run:
     """Configs first, so every config error comes before a weight load; then the models, the batches."""
-    from distill.models.frozen import prepare_teacher
     from distill.models.sentence import pipeline_source, read_pipeline
-    from distill.objective.plan import Objective
     from distill.train.electra import check_recipe
     from distill.train.precision import Precision
+    from distill.train.teachers import build_objective, load_teachers, read_teachers
 
-    teacher_path = resolve_teacher(cfg.teacher)
-    teacher_config = load_config(teacher_path, "teacher")
+    teachers = read_teachers(cfg, resolve_teacher)  # every teacher's config; which of them teach, and how much
+    teacher_path, teacher_config = teachers.first  # the student is built from the first teacher
     check_recipe(cfg, teacher_config)  # ELECTRA recipes: teacher, generator and rtd terms agree
     layers, student_config, size = student_plan(cfg, teacher_config)
     source = pipeline_source(teacher_path, cfg.student)  # sentence-transformers in, sentence-transformers out
     sentence = read_pipeline(source, student_config) if source else None
-    objective = Objective.from_config(settings=cfg, student_config=student_config, teacher_config=teacher_config,
-                                      student_layers=layers)
+    objective = build_objective(cfg, teachers, student_config, layers)
     precision = Precision.from_config(cfg.precision, cfg.fp16_opt_level, device=env.device, force_o3=cfg.force_o3,
                                       amp_backend=cfg.amp_backend)
     set_seed(cfg.seed)
     teacher, student, tokenizer, pooler_start = load_models(cfg, env, teacher_path, teacher_config, layers, size,
                                                             objective)
-    prepare_teacher(teacher, objective.requests()["teacher"].attention_layers, precision.autocast_dtype)
+    taught_by = load_teachers(teachers, teacher, student, tokenizer, objective, env.device, cfg.block_size,
+                              precision.autocast_dtype)
     return build_data(cfg, env, Run(teacher, student, tokenizer, objective, precision, None, None, layers, size,
-                                    sentence, pooler_start, teacher_config, 0, 0))
+                                    sentence, pooler_start, teacher_config, 0, 0, taught_by))
 
 
 def load_models(cfg: DistillConfig, env: Dist, teacher_path: str, teacher_config, layers, size, objective):
@@ -250,7 +255,8 @@ def calibrate_only(cfg: DistillConfig, run: Run, out: Path) -> str:
     from distill.objective.calibrate import run_calibration
     from distill.train.step import StudentStep
 
-    step_module = StudentStep(run.student, run.objective, run.teacher, getattr(run.batches, "trained_generator", None))
+    step_module = StudentStep(run.student, run.objective, run.step_teachers(),
+                              getattr(run.batches, "trained_generator", None))
     run_calibration(step_module, run.student.parameters(), (run.batches.chunk(k, 0) for k in range(cfg.calibrate)),
                     run.precision.autocast, out)
     return str(out)
@@ -267,8 +273,8 @@ def optimisation(cfg: DistillConfig, run: Run, env: Dist) -> Optimisation:
     if run.generator is not None:  # ELECTRA with train_generator
         run.precision.prepare(run.generator)
     if cfg.compile:  # each model's forward apart: the teacher's under no_grad, the student's with its backward
-        compile_models(run.teacher, run.student)
-    step_module = StudentStep(run.student, run.objective, run.teacher, run.generator)
+        compile_models(*dict.fromkeys([run.teacher, *run.teachers]), run.student)
+    step_module = StudentStep(run.student, run.objective, run.step_teachers(), run.generator)
     if env.world > 1:
         freeze_unused(step_module, run.batches.chunk(0, 0), run.precision)
     # fused AdamW where the device has it (make_optimizer's default): one kernel for all parameters
@@ -309,7 +315,7 @@ def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[
         print(run.precision.auto_reason, file=sys.stderr)
     print(f"threads: {threads[0]} ({threads[1]})", file=sys.stderr)
     print(f"distilling {sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M-parameter student from "
-          f"{cfg.teacher} on {env.world} x {env.device.type}, {run.precision.description}; {run.total_steps} steps "
+          f"{cfg.teacher}{f' and {len(cfg.other_teachers)} more teacher(s)' if cfg.other_teachers else ''} on {env.world} x {env.device.type}, {run.precision.description}; {run.total_steps} steps "
           f"of {run.global_batch} x {cfg.block_size} tokens; terms {run.objective.describe()}", file=sys.stderr)
     if not cfg.resume and cfg.layer_map is None:
         note_self_copies(run)

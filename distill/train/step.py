@@ -23,17 +23,31 @@ class StudentStep(nn.Module):
         self.student = student
         self.objective = objective
         self.generator = generator
-        self._teacher = (teacher,)  # a tuple keeps it out of parameters(), state_dict() and DDP
+        # a tuple keeps them out of parameters(), state_dict() and DDP; several teachers: a list, one per objective
+        # of the objective's TeacherMix (distill.objective.mixture)
+        self._teacher = tuple(teacher) if isinstance(teacher, (list, tuple)) else (teacher,)
+        self._several = isinstance(teacher, (list, tuple))
+
+    def teacher_features(self, batch: dict):
+        """What the teacher(s) give for ``batch``, under ``no_grad``: one Features, or a list for several."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if not self._several:
+            if not self.objective.needs_teacher:  # e.g. an mlm-only objective asks nothing of the teacher
+                return Features()
+            with torch.no_grad():
+                return extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        if not self.objective.needs_teacher:
+            return [Features() for _ in self._teacher]
+        with torch.no_grad():
+            return [extract(t, ids, mask, **self.objective.extract_kwargs(batch, "teacher", k))
+                    for k, t in enumerate(self._teacher)]
 
     def forward(self, batch: dict):
         gen_loss = None
         if self.generator is not None:
             batch, gen_loss = self.generator(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        teacher_out = Features()
-        if self.objective.needs_teacher:  # e.g. an mlm-only objective asks nothing of the teacher
-            with torch.no_grad():
-                teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        teacher_out = self.teacher_features(batch)
         student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
         loss, terms = self.objective(student_out, teacher_out, batch)
         if gen_loss is not None:
@@ -48,10 +62,7 @@ class StudentStep(nn.Module):
             with torch.no_grad():
                 batch, _ = self.generator(batch, with_loss=False)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        teacher_out = Features()
-        if self.objective.needs_teacher:
-            with torch.no_grad():
-                teacher_out = extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
+        teacher_out = self.teacher_features(batch)
         student_out = extract(self.student, ids, mask, **self.objective.extract_kwargs(batch, "student"))
         return objective_terms(self.objective, student_out, teacher_out, batch)
 
