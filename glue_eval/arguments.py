@@ -74,8 +74,9 @@ class GlueArguments(TaskSettings):
         "help": "The second and later teachers, comma-separated (what repeating --teacher sets)."})
     teacher_gate: str = field(default="none", metadata={
         "choices": ["none", "softmax", "top1"],
-        "help": "Several teachers: weigh them per example with a gating network trained on the mixture's task loss "
-                "plus --gate_balance x the load-balancing loss (softmax; top1: one teacher per example) "
+        "help": "Several teachers: weigh them per example (per window for extractive QA) with a gating network "
+                "trained on the mixture's task loss plus --gate_balance x the load-balancing loss (softmax; top1: "
+                "one teacher per example) "
                 "instead of fixed --teacher_weights (glue_eval.gate)."})
     gate_layers: str = field(default="1", metadata={"help": "Layers of the first teacher that the gate's encoder keeps."})
     gate_balance: float = field(default=0.1, metadata={
