@@ -120,7 +120,8 @@ RATIO_NAMES = ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "di
                "student4_vs_teacher_inference", "demo_step_auto_vs_fp32", "demo_step_bf16_vs_fp32",
                "demo_step_vs_baseline", "demo_step_malloc_tuned_vs_default", "teacher12_step_vs_autocast_eager",
                "teacher12_cast_vs_autocast", "teacher12_eager_mapped_vs_all_eager", "teacher_depth_cut_vs_whole",
-               "demo_step_compiled_vs_eager", "demo_teacher_compiled_vs_eager")
+               "demo_step_compiled_vs_eager", "demo_teacher_compiled_vs_eager",
+               "task_prediction_length_groups_vs_one_forward", "task_intermediate_length_groups_vs_one_forward")
 TARGETS = {"distill_step_vs_plain_masked": (">=", 1.3), "distill_step_vs_plain_full": (">=", 1.0),
            "distill_step_over_floor": ("<=", 1.15), "prep_vs_loop": (">=", 10.0),
            "student4_vs_teacher_inference": (">=", 2.8), "demo_step_vs_baseline": (">=", 1.3),
@@ -696,11 +697,12 @@ def task_stage_collate(items: list[dict]) -> dict:
 
 
 def task_stage_data(n: int, batch: int, device: torch.device):
-    """``(dataset, its batches on device, lengths)``: ``n`` labelled examples of 64..128 random tokens."""
+    """``(dataset, its batches on device, lengths)``: ``n`` labelled examples of 32..128 random tokens (uniform,
+    as bench.peers' task batch; GLUE's sentences are mostly shorter)."""
     import datasets
 
     g = torch.Generator().manual_seed(2)
-    lengths = torch.randint(64, SEQ + 1, (n,), generator=g).tolist()
+    lengths = torch.randint(32, SEQ + 1, (n,), generator=g).tolist()
     rows = {"input_ids": [[101] + torch.randint(999, 30522, (k - 2,), generator=g).tolist() + [102] for k in lengths]}
     rows.update(attention_mask=[[1] * k for k in lengths], label=[i % 2 for i in range(n)], row=list(range(n)),
                 labelled=[1] * n)
@@ -709,67 +711,81 @@ def task_stage_data(n: int, batch: int, device: torch.device):
     return data, [{k: v.to(device) for k, v in b.items()} for b in batches], lengths
 
 
+TASK_GROUPS = 4  # --length_groups in the task stage's grouped variants
+
+
 def bench_task_stage(cfg: dict, device: torch.device, clock: Clock) -> dict:
     """One KD epoch of ``glue-eval --teacher`` (``DistillationTrainer.distillation_loss``, backward, AdamW step per
-    batch) with the teacher's outputs cached against a teacher forward per batch (``--no_teacher_cache``).
+    batch) with the teacher's outputs cached against a teacher forward per batch (``--no_teacher_cache``), each
+    also with ``--length_groups 4`` (the batch run as up to 4 groups of similar length).
 
     Teacher: BertForSequenceClassification of ``SHAPE``, 12 layers, random; student: 4 layers of the same width.
-    Examples of 64..128 tokens (padded per batch). Two objectives: the prediction stage ``kl + hard_ce`` (logits
+    Examples of 32..128 tokens (padded per batch). Two objectives: the prediction stage ``kl + hard_ce`` (logits
     cached) and the intermediate stage ``hid_mse + att_mse`` over teacher layers 3,6,9,12 (representations
     cached). The cache's one-off build (one teacher pass) is reported beside the epoch times.
     Run it with ``python -m bench.speed --task-stage`` (or ``--only task_stage``).
     """
-    from transformers import TrainingArguments
-
-    from glue_eval.distillation import stage_objectives
-    from glue_eval.teacher_cache import TeacherCache, plan_for
-    from glue_eval.trainer import DistillationTrainer
+    from glue_eval.arguments import GlueTrainingArguments
 
     n, batch = (32, 8) if cfg["batch"] <= 4 else (64, 16)
     teacher, student = task_stage_models(device)
     data, batches, lengths = task_stage_data(n, batch, device)
-    collate = task_stage_collate
-
-    class Glue:  # the two settings stage_objectives reads
-        temperature, student_layers = 1.0, "3,6,9,12"
-
-    out = {"examples": n, "batch": batch, "tokens": sum(lengths), "objectives": {}}
+    out = {"examples": n, "batch": batch, "tokens": sum(lengths), "length_groups": TASK_GROUPS,
+           "padded_positions": sum(b["attention_mask"].numel() for b in batches), "objectives": {}}
     tmp = tempfile.mkdtemp(prefix="bench-taskstage-")
     try:
-        args = TrainingArguments(output_dir=tmp, use_cpu=device.type == "cpu", report_to=[])
+        args = {g: GlueTrainingArguments(output_dir=tmp, use_cpu=device.type == "cpu", report_to=[],
+                                         length_groups=g) for g in (1, TASK_GROUPS)}
         for kind, weights in (("prediction", {"kl": 1.0, "hard_ce": 1.0}),
                               ("intermediate", {"hid_mse": 1.0, "att_mse": 1.0})):
             log(f"task stage, {kind} terms: {n} examples, batch {batch}")
-            soft, hard = stage_objectives(weights, Glue, student, teacher)
-            t0 = clock.now()
-            cache = TeacherCache.build(teacher, data, collate, plan_for([soft]), batch_size=batch, device=device)
-            build_s = clock.now() - t0
-            trainers = {name: DistillationTrainer(model=student, args=args, teacher=teacher, soft=soft, hard=hard,
-                                                  teacher_cache=c, data_collator=collate)
-                        for name, c in (("cached", cache), ("teacher_forward", None))}
-            optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-
-            def epoch(trainer):
-                def run():
-                    for b in batches:
-                        loss = trainer.distillation_loss(student, dict(b))[0]
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                return run
-
-            student.train()
-            times = interleaved({k: epoch(t) for k, t in trainers.items()}, cfg["repeats"], cfg["warmup"], clock)
-            speedup = paired_ratio(times, "teacher_forward", "cached")
-            out["objectives"][kind] = {
-                "weights": weights, "cache_build_s": build_s, "representations_cached": cache.has_representations,
-                "variants": {k: summary(t, sum(lengths)) for k, t in times.items()},
-                "epoch_speedup": speedup,
-            }
-            log(f"  {kind}: cached epoch {speedup['value']:.2f}x faster; cache built in {build_s:.2f}s")
+            out["objectives"][kind] = task_stage_epochs(weights, (teacher, student), (data, batches, lengths), args,
+                                                       cfg, device, clock)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def task_stage_epochs(weights: dict, models, data, args: dict, cfg: dict, device: torch.device, clock: Clock) -> dict:
+    """The four epoch variants of one objective (cached or not, one forward or length groups), interleaved."""
+    from glue_eval.distillation import stage_objectives
+    from glue_eval.teacher_cache import TeacherCache, plan_for
+    from glue_eval.trainer import DistillationTrainer
+
+    from glue_eval.arguments import GlueArguments
+
+    (teacher, student), (dataset, batches, lengths) = models, data
+    from distill.models.frozen import prepare_teacher
+
+    soft, hard = stage_objectives(weights, GlueArguments(temperature=1.0, student_layers="3,6,9,12"), student, teacher)
+    prepare_teacher(teacher, soft.requests()["teacher"].attention_layers)  # as the trainers will (an earlier
+    t0 = clock.now()                                                        # objective's left it sdpa)
+    size = len(batches[0]["input_ids"])
+    cache = TeacherCache.build(teacher, dataset, task_stage_collate, plan_for([soft]), batch_size=size, device=device)
+    build_s = clock.now() - t0
+    trainers = {f"{name}{'' if g == 1 else '_groups'}": DistillationTrainer(
+        model=student, args=args[g], teacher=teacher, soft=soft, hard=hard, teacher_cache=c,
+        data_collator=task_stage_collate) for name, c in (("cached", cache), ("teacher_forward", None)) for g in args}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+    def epoch(trainer):
+        def run():
+            for b in batches:
+                loss = trainer.distillation_loss(student, dict(b))[0]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    student.train()
+    times = interleaved({k: epoch(t) for k, t in trainers.items()}, cfg["repeats"], cfg["warmup"], clock)
+    speedup = paired_ratio(times, "teacher_forward", "cached")
+    groups = {k: paired_ratio(times, k, f"{k}_groups") for k in ("teacher_forward", "cached")}
+    log(f"  cached epoch {speedup['value']:.2f}x faster; length groups {groups['teacher_forward']['value']:.2f}x "
+        f"(teacher forward), {groups['cached']['value']:.2f}x (cached); cache built in {build_s:.2f}s")
+    return {"weights": weights, "cache_build_s": build_s, "representations_cached": cache.has_representations,
+            "variants": {k: summary(t, sum(lengths)) for k, t in times.items()},
+            "epoch_speedup": speedup, "length_groups_speedup": groups}
 
 
 # --------------------------------------------------------------------------------------- report
@@ -841,8 +857,27 @@ def render(report: dict) -> str:
                 rows.append([batch, name, f"{v['median_s'] * 1000:.1f}", f"{v['tokens_per_s']:,.0f}",
                              f"{speedup:.2f}"])
         parts.append(fmt_table(["batch", "model", "ms (median)", "tokens/s", "speed-up over teacher"], rows))
+    parts.append(render_task_stage(report.get("task_stage")))
     parts.append(render_levers(report))
     return "\n".join(parts)
+
+
+def render_task_stage(t: dict | None) -> str:
+    """The task stage's epochs: teacher cached or run per batch, one forward or length groups."""
+    if not t:
+        return ""
+    real = t["tokens"] / t.get("padded_positions", t["tokens"])
+    out = [f"\n### Task stage (glue-eval --teacher): one epoch of {t['examples']} examples, batch {t['batch']}, "
+           f"real tokens {real:.0%} of the padded positions; --length_groups {t.get('length_groups', '-')}\n"]
+    rows = [[kind, name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}"]
+            for kind, o in t["objectives"].items() for name, v in o["variants"].items()]
+    out.append(fmt_table(["terms", "variant", "epoch s (median)", "tokens/s"], rows))
+    rows = [[kind, f"{o['epoch_speedup']['value']:.2f}",
+             *(f"{o['length_groups_speedup'][k]['value']:.2f}" if "length_groups_speedup" in o else "-"
+               for k in ("teacher_forward", "cached"))] for kind, o in t["objectives"].items()]
+    out.append("\n" + fmt_table(["terms", "cache vs teacher forward", "length groups (teacher forward)",
+                                 "length groups (cached)"], rows))
+    return "\n".join(out)
 
 
 def named_ratios(report: dict) -> dict:
@@ -864,6 +899,9 @@ def named_ratios(report: dict) -> dict:
     if report.get("demo"):
         out["demo_step_auto_vs_fp32"] = report["demo"]["ratios"]["fp32_over_auto"]
         out["demo_step_bf16_vs_fp32"] = report["demo"]["ratios"]["fp32_over_bf16"]
+    for kind, o in (report.get("task_stage") or {}).get("objectives", {}).items():
+        if "length_groups_speedup" in o:
+            out[f"task_{kind}_length_groups_vs_one_forward"] = o["length_groups_speedup"]["teacher_forward"]["value"]
     if report.get("inference"):
         i = report["inference"]
         out["student4_vs_teacher_inference"] = i["batches"][str(i["throughput_batch"])]["ratios"]["student4_speedup"]

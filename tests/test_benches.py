@@ -31,6 +31,17 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     assert json.loads(out.read_text())["command"] == "python -m bench.speed --smoke --out speed.json"
 
 
+def test_speed_bench_smoke_times_the_task_stage_with_and_without_length_groups():
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--only", "task_stage"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line and " " not in line.split(":")[0])
+    for figure in ("task_prediction_length_groups_vs_one_forward", "task_intermediate_length_groups_vs_one_forward"):
+        assert float(printed[figure]) > 0, figure
+    assert "| intermediate | teacher_forward_groups |" in done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bench, args, figures", [
     ("relations", ["--quick", "--batch", "2", "--seq", "16", "--width", "64", "--relation_heads", "4",
