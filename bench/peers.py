@@ -123,13 +123,15 @@ SMOKE = dict(agnostic_batch=1, task_batch=2, repeats=1)
 SMOKE_SHAPE = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
 FIGURES = ("loss_match_textbrewer", "vs_textbrewer_full", "vs_textbrewer_masked", "vs_textbrewer_full_default_adamw",
            "loss_match_torchdistill", "vs_torchdistill_task", "vs_torchdistill_task_uncached",
-           "vs_torchdistill_task_cached_with_build_1_epoch", "vs_torchdistill_task_default_adamw")
+           "vs_torchdistill_task_cached_with_build_1_epoch", "vs_torchdistill_task_default_adamw",
+           "vs_torchdistill_task_uncached_length_groups")
 # vs_torchdistill_task is glue-eval's default step (teacher cache); the other two are its honest brackets.
 TARGETS = {"loss_match_textbrewer": ("<=", 1e-5), "vs_textbrewer_full": (">=", 1.3),
            "vs_textbrewer_masked": (">=", 1.5), "loss_match_torchdistill": ("<=", 1e-5),
            "vs_torchdistill_task": (">=", 1.1), "vs_torchdistill_task_uncached": None,
            "vs_torchdistill_task_cached_with_build_1_epoch": None, "vs_textbrewer_full_default_adamw": None,
-           "vs_torchdistill_task_default_adamw": None}
+           "vs_torchdistill_task_default_adamw": None, "vs_torchdistill_task_uncached_length_groups": None}
+TASK_GROUPS = 3  # --length_groups of the uncached step's grouped variant (the batch as up to 3 length groups)
 # Every side steps with torch's AdamW fused (one kernel over all parameters): what distill-train and the Trainer
 # build, and what each peer builds when asked. The *_default_adamw brackets give the peer torch's default AdamW
 # (a Python loop over the parameters), which is what its own examples and configs build unless told otherwise.
@@ -448,7 +450,8 @@ def pad_rows(rows: list[dict]) -> dict:
     return {k: torch.tensor([r[k] + [0] * (longest - len(r[k])) for r in rows]) for k in rows[0] if k != "row"}
 
 
-def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str, cache_over: dict | None = None):
+def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str, cache_over: dict | None = None,
+                      length_groups: int = 1):
     """``glue-eval --teacher``'s trainer for this student, built as ``train_with_teacher`` builds it: the checked
     teacher, the stage's (soft, hard) objectives (kl at T=1 + hard_ce), and, with ``cache_over`` (a batch), the
     teacher cache glue-eval uses by default, built over that batch's rows. Returns (trainer, cache build s or
@@ -464,7 +467,7 @@ def ours_task_trainer(teacher_dir: str, student, device: torch.device, work: str
                                  learning_rate=TASK_OPTIM["lr"], adam_beta1=TASK_OPTIM["betas"][0],
                                  adam_beta2=TASK_OPTIM["betas"][1], adam_epsilon=TASK_OPTIM["eps"],
                                  weight_decay=TASK_OPTIM["weight_decay"], max_grad_norm=TASK_CLIP,
-                                 per_device_train_batch_size=32, disable_tqdm=True)
+                                 per_device_train_batch_size=32, disable_tqdm=True, length_groups=length_groups)
     task = get_task("SST-2")
     teacher = load_checked_teacher(glue, task, student, needs_attention(TASK_WEIGHTS))
     soft, hard = stage_objectives(TASK_WEIGHTS, glue, student, teacher)
@@ -654,6 +657,8 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
 
     ours_student = copy.deepcopy(student0).train()
     trainer, _ = ours_task_trainer(teacher_dir, ours_student, device, work)
+    grouped, _ = ours_task_trainer(teacher_dir, copy.deepcopy(student0).train(), device, work,
+                                   length_groups=TASK_GROUPS)
     cached_student = copy.deepcopy(student0).train()
     cached, build_cache = ours_task_trainer(teacher_dir, cached_student, device, work, cache_over=batch)
     cached_batch = rows_of(batch)[1]
@@ -667,10 +672,13 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     def rebuild_cache() -> None:  # None: the clock reads a returned value as phase times
         build_cache()
 
-    peaks = {"ours_task": [], "ours_task_cached": [], "torchdistill_task": [], "torchdistill_task_default_adamw": []}
+    peaks = {"ours_task": [], "ours_task_cached": [], "torchdistill_task": [], "torchdistill_task_default_adamw": [],
+             "ours_task_length_groups": []}
     variants = {"ours_task_cached": _measured(lambda: ours_task_step(cached, cached_batch), memory,
                                               peaks["ours_task_cached"]),
                 "ours_task": _measured(lambda: ours_task_step(trainer, batch), memory, peaks["ours_task"]),
+                "ours_task_length_groups": _measured(lambda: ours_task_step(grouped, batch), memory,
+                                                     peaks["ours_task_length_groups"]),
                 "torchdistill_task": _measured(lambda: torchdistill_step(box, batch), memory,
                                                peaks["torchdistill_task"]),
                 "torchdistill_task_default_adamw": _measured(lambda: torchdistill_step(box_default, batch), memory,
@@ -683,6 +691,7 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
     assert cached.teacher_forwards == 0, "the cached step ran the teacher"
     ratios = {"task": paired_ratio(times, "torchdistill_task", "ours_task_cached"),
               "task_uncached": paired_ratio(times, "torchdistill_task", "ours_task"),
+              "task_uncached_length_groups": paired_ratio(times, "torchdistill_task", "ours_task_length_groups"),
               "task_default_adamw": paired_ratio(times, "torchdistill_task_default_adamw", "ours_task_cached")}
     # peaks of the timed rounds only: the warm-up steps also allocate AdamW's state
     steps = {n: {**summary(t), "peak_memory_mb": _mb(max(peaks[n][-cfg["repeats"]:]))} for n, t in times.items()}
@@ -701,6 +710,7 @@ def bench_torchdistill(cfg: dict, device: torch.device, clock: Clock, work: str,
         "ratio_details": ratios,
         "vs_torchdistill_task": ratios["task"]["value"],
         "vs_torchdistill_task_uncached": ratios["task_uncached"]["value"],
+        "vs_torchdistill_task_uncached_length_groups": ratios["task_uncached_length_groups"]["value"],
         "vs_torchdistill_task_cached_with_build_1_epoch": ratios["task_cached_with_build_1_epoch"]["value"],
         "vs_torchdistill_task_default_adamw": ratios["task_default_adamw"]["value"],
         "memory_probe": probe,
@@ -991,7 +1001,8 @@ def main(argv=None) -> int:
                    "on an idle machine, 1 when the load average says other processes hold the cores (as bench.speed)")
     p.add_argument("--profile", action="store_true", help="also a torch.profiler table of one step of each side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(ROOT / "docs" / "peers"), help="writes OUT.json and OUT.md")
+    p.add_argument("--out", help="writes OUT.json and OUT.md (default docs/peers; --smoke writes nothing unless "
+                                 "given one: its figures are not to quote)")
     args = p.parse_args(argv)
     quiet_library_progress()
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -1024,9 +1035,11 @@ def main(argv=None) -> int:
                                   else None)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report["figures"] = {name: (report[part] or {}).get(name) for part in PEERS for name in FIGURES if part in name}
-    atomic_write_json(args.out + ".json", report)
-    atomic_write_text(args.out + ".md", report_markdown(report))
-    log(f"wrote {args.out}.json and {args.out}.md in {report['wall_s']} s")
+    out = args.out or (None if args.smoke else str(ROOT / "docs" / "peers"))
+    if out:
+        atomic_write_json(out + ".json", report)
+        atomic_write_text(out + ".md", report_markdown(report))
+        log(f"wrote {out}.json and {out}.md in {report['wall_s']} s")
     for name in FIGURES:
         value = report["figures"].get(name)
         if value is not None:
