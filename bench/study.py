@@ -335,6 +335,13 @@ def clip_words(text: str, n: int) -> str:
     return text if m is None else text[:m.end()].rstrip()
 
 
+def subset_spec_path(name: str, ns) -> str:
+    """Where :func:`subset_task` writes the task spec of ``name``'s subset (bench.study_multitask names it in its
+    multi-task configs)."""
+    folder = os.path.join(ns.work_dir, "data", f"{name}-{ns.max_train}-{ns.max_dev}-w{ns.max_seq_length}")
+    return os.path.join(folder, f"{name}.json")
+
+
 def subset_task(task, ns):
     """The first N train / dev rows of any task (GLUE or local) as a local spec in work_dir, each text clipped to
     max_seq_length words (:func:`clip_words`: the models see the same tokens)."""
@@ -343,8 +350,8 @@ def subset_task(task, ns):
     from glue_eval.data import load_splits
     from glue_eval.tasks import load_task_spec
 
-    folder = os.path.join(ns.work_dir, "data", f"{task.name}-{ns.max_train}-{ns.max_dev}-w{ns.max_seq_length}")
-    spec_path = os.path.join(folder, f"{task.name}.json")
+    spec_path = subset_spec_path(task.name, ns)
+    folder = os.path.dirname(spec_path)
     if not os.path.isfile(spec_path):
         os.makedirs(folder, exist_ok=True)
         splits = load_splits(task, ["train", task.selection_split], ns.data_dir)
