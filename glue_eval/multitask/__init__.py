@@ -10,6 +10,8 @@
   the heads beside it, and :func:`glue_eval.multitask.model.load_multitask`.
 - ``train``, ``run``: the loop (one task per batch, meta-batches, hybrid; plain or PCGrad; soft targets of each
   task's own teacher) and ``glue-eval --multitask CONFIG.json``.
+- ``qa``: an extractive-QA task among them: its windows, span loss (or its teacher's span terms), and EM/F1 by
+  the single-task decoding.
 
 Pure parts (config, sampling, combine, pcgrad) import no model code. docs/multitask.md is the user's page.
 """
