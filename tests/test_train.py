@@ -309,3 +309,21 @@ def test_recipe_script_runs_through_torchrun_and_keeps_the_global_batch(quiet_te
     assert recipe["weights"] == {"ce": 5.0, "mlm": 2.0, "cos": 1.0} and recipe["student_type"] == "distilbert"
     assert recipe["gradient_accumulation_steps"] == 8  # one GPU: the recipe's own accumulation
     assert json.loads((out / "config.json").read_text())["n_layers"] == 2
+
+
+def test_the_seed_fixes_the_width_projections_too(quiet_teacher, corpus, tmp_path):
+    """A narrower student learns through hid_mse's student->teacher projection, created with the objective: the
+    same --seed gives the same weights whatever the process drew before (the projection was once built before
+    the seed was set)."""
+    saved = []
+    for i, noise in enumerate((123, 456)):
+        torch.manual_seed(noise)
+        random.seed(noise)
+        out = tmp_path / f"run{i}"
+        train(make_config(run_config(quiet_teacher, corpus, out, tmp_path, student_layers=None, student_num_layers=2,
+                                     student_hidden_size=16, student_num_heads=2, weights={"hid_mse": 1.0}, layer_map=[[1, 2], [2, 4]],
+                                     max_steps=3)))
+        saved.append(weights(out))
+    assert saved[0].keys() == saved[1].keys()
+    for name in saved[0]:
+        assert torch.equal(saved[0][name], saved[1][name]), name

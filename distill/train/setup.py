@@ -183,10 +183,10 @@ def build_run(cfg: DistillConfig, env: Dist) -> Run:
     layers, student_config, size = student_plan(cfg, teacher_config)
     source = pipeline_source(teacher_path, cfg.student)  # sentence-transformers in, sentence-transformers out
     sentence = read_pipeline(source, student_config) if source else None
+    set_seed(cfg.seed)  # before the objective: its width projections are drawn when it is built
     objective = build_objective(cfg, teachers, student_config, layers)
     precision = Precision.from_config(cfg.precision, cfg.fp16_opt_level, device=env.device, force_o3=cfg.force_o3,
                                       amp_backend=cfg.amp_backend)
-    set_seed(cfg.seed)
     teacher, student, tokenizer, pooler_start = load_models(cfg, env, teacher_path, teacher_config, layers, size,
                                                             objective)
     taught_by = load_teachers(teachers, teacher, student, tokenizer, objective, env.device, cfg.block_size,
