@@ -409,7 +409,7 @@ def setup_lines(ns, tasks, summary) -> list[str]:
         "- Multi-task runs: `glue-eval --multitask` (docs/multitask.md), one linear head per task on the first "
         "token (dropout 0.1; the single-task students use transformers' pooler and classifier); an epoch is one "
         "pass over every task's batches; hybrid: sum steps until the mean summed loss of "
-        f"{hybrid['window']} steps stops improving for {hybrid['patience']} windows, then one task per batch with "
+        f"{hybrid['window']} steps stops improving for {hybrid['patience']} window(s), then one task per batch with "
         f"a sum step every {hybrid['sum_every']} (its sum steps take a batch of every task, so it sees more "
         "batches than the per-task row)",
         f"- Teachers: kl + hard_ce at T={study.TASK_KD_TEMPERATURE:g}, weight 1 each (bench.study's task-KD rows), "
@@ -501,8 +501,9 @@ def report(ns, rows, tasks, state: dict, command: str) -> None:
 def main(argv=None) -> int:
     ns = parse_args(argv)
     ns.train_precision = study.auto_precision()[0] if ns.precision == "auto" else ns.precision
-    command = study.run_command(argv if argv is not None else sys.argv[1:], ns).replace(
-        "bench.study ", "bench.study_multitask ", 1).rstrip()
+    # bench.study's form of the command (report-only flags out, paths shown without this machine's folders)
+    command = "python -m bench.study_multitask" + study.run_command(argv if argv is not None else sys.argv[1:],
+                                                                   ns).removeprefix("python -m bench.study")
     if ns.prepare:
         from bench.prepare_study_data import build_l3, prepare_tasks
 
