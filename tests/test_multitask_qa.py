@@ -173,16 +173,24 @@ def _single_task_evaluation(model_dir, head_file, squad, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{"schedule": "per_task", "sampling": "uniform"},
-                                   {"schedule": "sum", "gradient": "pcgrad"}])
+                                   {"schedule": "sum", "gradient": "pcgrad", "teacher": True}])
 def test_a_qa_task_trains_beside_a_classification_task_and_scores_as_single_task_qa(
         tmp_path, tasks, squad, bert_mlm_dir, extra):  # noqa: F811
-    from transformers import AutoModel
+    from transformers import AutoModel, BertForQuestionAnswering
 
+    extra = dict(extra)
+    if extra.pop("teacher", False):  # a QA teacher: its span terms train the QA task
+        torch.manual_seed(3)
+        BertForQuestionAnswering(tiny.make_config("bert")).save_pretrained(str(tmp_path / "qa_teacher"))
+        extra.update(qa={"teacher": str(tmp_path / "qa_teacher")}, distill_weights={"kl": 1.0, "hard_ce": 1.0})
     config = _mixed_config(tmp_path, tasks, squad, **extra)
     out = tmp_path / "out"
     assert main(["--multitask", config, "--model", bert_mlm_dir, "--output_dir", str(out), "--seed", "0",
                  "--max_steps", "6", *FAST]) == 0
     result = json.loads((out / "result.json").read_text())
+    if "distill_weights" in extra:
+        assert list(result["train"]["teachers"]) == ["years"]
+        assert {"kl", "hard_ce"} <= set(result["train"]["logs"][-1]["terms"]["years"])
     years = result["tasks"]["years"]
     assert set(years["dev"]["validation"]) == {"exact_match", "f1"}
     assert years["score"] == pytest.approx(sum(years["dev"]["validation"].values()) / 2)
