@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench import study
-from bench.prepare_study_data import L3_NAME, default_cache_dir
+import torch
 
-import torch  # noqa: E402  (after bench.study: it sets the offline environment first)
+from bench import study  # first of the toolkit: it sets the offline environment (bench/study.py's module top)
+from bench.prepare_study_data import L3_NAME, default_cache_dir
 
 MODES = ("sum", "per_task", "hybrid", "pcgrad")
 MODE_LABELS = {"sum": "sum of the task losses (meta-batches)", "per_task": "one task per batch, proportional "
