@@ -106,7 +106,7 @@ def parse_args(argv=None):
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, "runs-multitask" + ("-quick" if ns.quick else ""))
     ns.out = ns.out or ("docs/study-multitask" + ("-quick" if ns.quick else ""))
     ns.encoder_path = os.path.join(ns.cache_dir, "models", L3_NAME) if ns.encoder == "l3" else ns.encoder
-    # what bench.study's helpers read: the teacher models are kept for the KD rows; no term reads a layer map
+    # what bench.study's functions read: the teacher models are kept for the KD rows; no term reads a layer map
     ns.task_kd, ns.layer_map = not ns.no_teachers, "init"
     return ns
 
