@@ -174,6 +174,14 @@ def command_line(module: str, argv: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` at ``path``, whole or not at all; the folder is made when missing."""
+    from distill.common.io import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+
+
 def write_json(path: str | os.PathLike, report: dict) -> None:
     """``report`` as indented JSON at ``path``, whole or not at all (a temporary file, then a rename); the folder is
     made when missing."""

@@ -5,7 +5,9 @@ A bench that no test runs breaks silently when the engine changes under it (the 
 deferred vocabulary head); this runs it as a user would, in its own process.
 """
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.slow
 def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     out = tmp_path / "speed.json"
-    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--out", str(out)],
+    page = tmp_path / "speed.md"
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--out", str(out), "--markdown", str(page)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -26,9 +29,18 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     for figure in ("distill_step_vs_plain_masked", "distill_step_vs_plain_full", "distill_step_over_floor",
                    "prep_vs_loop", "student4_vs_teacher_inference"):
         assert float(printed[figure]) > 0, figure
+        assert f"| {figure} | {float(printed[figure]):.2f} |" in page.read_text(), figure  # the page's ratio table
     import json
 
-    assert json.loads(out.read_text())["command"] == "python -m bench.speed --smoke --out speed.json"
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m bench.speed --smoke --out speed.json")
+    # the page again from the JSON alone: the same text
+    from bench import speed
+
+    again = tmp_path / "again.md"
+    assert speed.main(["--render", str(out), "--markdown", str(again)]) == 0
+    assert again.read_text() == page.read_text()
+    assert report["machine"]["description"] in page.read_text()
 
 
 def test_speed_bench_smoke_times_the_task_stage_with_and_without_length_groups():
@@ -112,3 +124,34 @@ def test_speed_bench_refuses_a_baseline_that_is_no_commit_before_any_work(tmp_pa
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --baseline 'no-such-rev-24' is not a commit")
     assert not out.exists()
+
+
+def test_length_groups_bench_runs_a_real_epoch_both_ways(tmp_path, vocab_dir):
+    """bench.length_groups on a prepared task folder and a saved model: both variants train, one figure printed."""
+    from transformers import BertForSequenceClassification
+
+    from tests import tiny
+
+    model = tmp_path / "model"
+    BertForSequenceClassification(tiny.make_config("bert_mlm", num_labels=2)).save_pretrained(model)
+    tiny.save_tokenizer(model)
+    task = tmp_path / "cache" / "data" / "polarity"
+    task.mkdir(parents=True)
+    (task / "polarity.json").write_text(json.dumps({"name": "polarity", "train": "train.csv", "dev": "dev.csv",
+                                                    "text_columns": ["text"], "label_column": "label",
+                                                    "labels": ["negative", "positive"]}))
+    rows = ["text,label"] + [f"{' '.join(tiny.WORDS[: 3 + 7 * (i % 4)])},{('negative', 'positive')[i % 2]}"
+                             for i in range(24)]
+    (task / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "groups.json"
+    done = subprocess.run([sys.executable, "-m", "bench.length_groups", "--model", str(model), "--cache_dir",
+                           str(tmp_path / "cache"), "--rows", "24", "--batch", "8", "--rounds", "1", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    lengths = [3 + 7 * (i % 4) + 2 for i in range(24)]  # words are single tokens, plus [CLS] and [SEP]
+    random.Random(0).shuffle(lengths)  # the bench's documented shuffle, then batches of 8 padded to their longest
+    padded = sum(8 * max(lengths[s:s + 8]) for s in range(0, 24, 8))
+    assert report["real_token_share"] == pytest.approx(sum(lengths) / padded)
+    assert f"length_groups_vs_one_forward: {report['length_groups_vs_one_forward']['value']:.2f}" in done.stdout
