@@ -88,10 +88,10 @@ QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train
 STUDIES = {
     "minilm": dict(teacher="offline:all-MiniLM-L6-v2", inits=["2,4,6", "1,2,3", "4,5,6"],
                    objectives="none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel",
-                   other_objectives="none", layer_map="uniform", reference="auto", out="docs/study"),
+                   other_objectives="none", layer_map="uniform", reference="auto", out="docs/study", length_groups=1),
     "mpnet": dict(teacher="offline:all-mpnet-base-v2", inits=["1,5,8,12", "3,6,9,12", "2,4,6,8,10,12"],
                   objectives="none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel", other_objectives="same",
-                  layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet"),
+                  layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet", length_groups=3),
 }
 # Per-study presets where they differ from FULL / QUICK. mpnet's distillation budget: 150 steps of 16 x 128 tokens
 # (307k tokens a row), sized from a measured 12 -> 4 layer hid_mse+att_mse step in bf16 (docs/study-mpnet.md says
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=1e-4, help="fine-tuning learning rate (all rows)")
     p.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch size")
     p.add_argument("--max_seq_length", type=int, default=64, help="fine-tuning and evaluation truncation (tokens)")
+    p.add_argument("--length_groups", type=int, default=None,
+                   help="glue-eval --length_groups of every fine-tuning (minilm 1, as docs/study.md ran; mpnet 3: "
+                        "its short-sentence tasks computed 2x their tokens as one padded batch)")
     p.add_argument("--max_train", type=int, default=None, help="use the first N training examples of each task (full 1000, quick 160; 0: all)")
     p.add_argument("--max_dev", type=int, default=None, help="use the first N dev examples of each task")
     p.add_argument("--precision", default="auto",
@@ -705,7 +708,8 @@ def finetune_cells(row: dict, folder: str, tasks, seed: int, ns) -> list[dict]:
         output_dir=out, num_train_epochs=ns.epochs, learning_rate=ns.learning_rate,
         per_device_train_batch_size=ns.batch_size, warmup_steps=0.1, weight_decay=0.01, seed=seed,
         bf16=ns.train_precision == "bf16", fp16=ns.train_precision == "fp16", use_cpu=not torch.cuda.is_available(), report_to=[],
-        disable_tqdm=True, logging_strategy="no", eval_strategy="no", save_strategy="no")
+        disable_tqdm=True, logging_strategy="no", eval_strategy="no", save_strategy="no",
+        length_groups=getattr(ns, "length_groups", None) or 1)
     records = []
     for task in tasks:
         t0 = time.perf_counter()
@@ -992,7 +996,9 @@ def setup_lines(ns, tasks, summary) -> list[str]:
         + (f" (first {ns.max_train} examples of each train split" if ns.max_train else " (whole train splits")
         + (f", first {ns.max_dev} of each dev split)" if ns.max_dev else ", whole dev splits)")
         + f"; fine-tuning: lr {ns.learning_rate:g}, batch {ns.batch_size}, {ns.epochs:g} epochs, warm-up 10%, "
-          f"weight decay 0.01, max_seq_length {ns.max_seq_length}, {ns.train_precision}; seeds "
+          f"weight decay 0.01, max_seq_length {ns.max_seq_length}, {ns.train_precision}"
+          + (f", each batch as up to {ns.length_groups} length groups" if (getattr(ns, "length_groups", None) or 1) > 1 else "")
+          + "; seeds "
           f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
         f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size} tokens of "
         f"`{shown_path(ns.corpus, ns)}`, "
