@@ -173,9 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=1e-4, help="fine-tuning learning rate (all rows)")
     p.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch size")
     p.add_argument("--max_seq_length", type=int, default=64, help="fine-tuning and evaluation truncation (tokens)")
-    p.add_argument("--length_groups", type=int, default=None,
-                   help="glue-eval --length_groups of every fine-tuning (minilm 1, as docs/study.md ran; mpnet 3: "
-                        "its short-sentence tasks computed 2x their tokens as one padded batch)")
+    p.add_argument("--length_groups", type=int, default=None, help="glue-eval --length_groups of every fine-tuning "
+                   "(minilm 1, as docs/study.md ran; mpnet 3: short sentences, half padding in one batch)")
     p.add_argument("--max_train", type=int, default=None, help="use the first N training examples of each task (full 1000, quick 160; 0: all)")
     p.add_argument("--max_dev", type=int, default=None, help="use the first N dev examples of each task")
     p.add_argument("--precision", default="auto",
