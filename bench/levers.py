@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 from bench.common import ROOT, SEQ, Clock, interleaved, log, make_batch, paired_ratio, summary, teacher_config
+from distill.common.hardware import MALLOC_ENV
 
 BEFORE_ISSUE_24 = "96f599d"  # the last commit before the levers: the engine they are measured against
 WORKER = Path(__file__).resolve().parent / "engine_worker.py"
 # glibc's allocator kept from handing memory back: large blocks stay in the heap (mmap threshold at glibc's
 # 32 MiB maximum instead of its sliding default), the top of the heap is not trimmed under 1 GiB, 256 MiB of
 # slack per extension: fewer page faults per step. Read by glibc at process start, so only a worker gets it.
-MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-                "MALLOC_TOP_PAD_": str(256 << 20)}
+MALLOC_TUNED = dict(MALLOC_ENV)  # the values distill-train applies itself on a CPU (--malloc_tuning)
 TEACHER12_LAYERS = [1, 5, 8, 12]
 TEACHER12_WEIGHTS = {"hid_mse": 1.0, "att_mse": 1.0}
 

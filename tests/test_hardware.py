@@ -2,6 +2,7 @@
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -246,3 +247,43 @@ def test_glue_eval_explicit_precision_and_trainer_flags(monkeypatch):
     assert args.bf16 and line is None
     with pytest.raises(UsageError, match="--precision fp32 disagrees with Trainer's --bf16"):
         _glue(monkeypatch, ["--precision", "fp32", "--bf16"])
+
+
+MALLINFO_PROBE = r"""
+import ctypes, json, sys
+from distill.common.hardware import tune_malloc
+
+libc = ctypes.CDLL("libc.so.6")
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+
+def mmapped_by(size):
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    grew = libc.mallinfo2().hblkhd - before
+    libc.free(ctypes.c_void_p(block))
+    return grew
+
+fresh = mmapped_by(4 << 20)
+line = tune_malloc() if sys.argv[1] == "tune" else None
+print(json.dumps({"fresh": fresh, "after": mmapped_by(16 << 20), "line": line}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_malloc_tuning_keeps_a_training_sized_block_off_mmap():
+    """distill-train's --malloc_tuning (tune_malloc): in a fresh process glibc serves a 4 MiB block by mmap (and
+    returns it to the kernel on free); tuned, a 16 MiB block comes from the heap and stays with the process."""
+    import subprocess
+
+    runs = {}
+    for mode in ("tune", "keep"):
+        done = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[mode] = json.loads(done.stdout)
+    assert runs["tune"]["fresh"] >= 4 << 20 and runs["keep"]["fresh"] >= 4 << 20  # glibc's default: mmap
+    assert runs["tune"]["after"] == 0 and "--malloc_tuning false" in runs["tune"]["line"]
+    assert runs["keep"]["after"] >= 16 << 20  # untuned, a larger block still goes to mmap

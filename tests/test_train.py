@@ -314,16 +314,19 @@ def test_recipe_script_runs_through_torchrun_and_keeps_the_global_batch(quiet_te
 def test_the_seed_fixes_the_width_projections_too(quiet_teacher, corpus, tmp_path):
     """A narrower student learns through hid_mse's student->teacher projection, created with the objective: the
     same --seed gives the same weights whatever the process drew before (the projection was once built before
-    the seed was set)."""
+    the seed was set), with glibc's allocator tuned or not."""
     saved = []
     for i, noise in enumerate((123, 456)):
         torch.manual_seed(noise)
         random.seed(noise)
         out = tmp_path / f"run{i}"
         train(make_config(run_config(quiet_teacher, corpus, out, tmp_path, student_layers=None, student_num_layers=2,
-                                     student_hidden_size=16, student_num_heads=2, weights={"hid_mse": 1.0}, layer_map=[[1, 2], [2, 4]],
-                                     max_steps=3)))
+                                     student_hidden_size=16, student_num_heads=2, weights={"hid_mse": 1.0},
+                                     layer_map=[[1, 2], [2, 4]], max_steps=3, malloc_tuning=i == 0)))
         saved.append(weights(out))
+        resolved = json.loads((out / "distill_config.json").read_text())["_resolved"]
+        if sys.platform.startswith("linux"):  # the allocator's tuning is recorded; it changes no weight (below)
+            assert resolved["allocator"].startswith("glibc malloc tuned" if i == 0 else "the allocator's defaults")
     assert saved[0].keys() == saved[1].keys()
     for name in saved[0]:
         assert torch.equal(saved[0][name], saved[1][name]), name

@@ -147,9 +147,10 @@ class Optimisation:
     scheduler: object
 
 
-def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str], Path]:
-    """This process's rank and device, its torch threads (and why), and the checked output folder."""
-    from distill.common.hardware import resolve_threads
+def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str, str], Path]:
+    """This process's rank and device, its torch threads (and why, and the allocator's settings), and the checked
+    output folder."""
+    from distill.common.hardware import resolve_threads, tune_malloc
     from distill.common.io import check_output_dir
     from distill.train.checkpoints import CHECKPOINTS, check_resume_config, latest_checkpoint
     from distill.train.distributed import setup_distributed
@@ -158,6 +159,8 @@ def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str], Path]:
     # torchrun on a CPU: the processes of this node share its cores
     threads = resolve_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads[0])
+    allocator = tune_malloc() if cfg.malloc_tuning and env.device.type == "cpu" else None
+    threads = (*threads, allocator or "the allocator's defaults")
     out = Path(cfg.output_dir)
     if cfg.calibrate:
         check_calibrate(cfg, env)  # it writes only calibration.json: any output folder will do
@@ -296,7 +299,7 @@ def compile_models(*models: nn.Module) -> None:
         model.base_model.compile()
 
 
-def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[int, str], start_step: int):
+def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[int, str, str], start_step: int):
     """The main process records the recipe with what "auto" became here, opens the logs and says what runs;
     the logger (None on the other ranks)."""
     from distill.common.hardware import machine_description
@@ -308,12 +311,13 @@ def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[
     (out / LOGS).mkdir(parents=True, exist_ok=True)
     # what the "auto" fields became on this machine, next to them ("_" keys: the file stays a valid recipe)
     resolved = {"precision": run.precision.mode, "precision_reason": run.precision.auto_reason,
-                "threads": threads[0], "threads_reason": threads[1], "machine": machine_description()}
+                "threads": threads[0], "threads_reason": threads[1], "allocator": threads[2],
+                "machine": machine_description()}
     atomic_write_json(out / "distill_config.json", {**cfg.to_dict(), "_resolved": resolved})
     logger = Logger(out / LOGS, cfg.progress, run.total_steps, start_step)
     if run.precision.auto_reason:
         print(run.precision.auto_reason, file=sys.stderr)
-    print(f"threads: {threads[0]} ({threads[1]})", file=sys.stderr)
+    print(f"threads: {threads[0]} ({threads[1]}); {threads[2]}", file=sys.stderr)
     print(f"distilling {sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M-parameter student from "
           f"{cfg.teacher}{f' and {len(cfg.other_teachers)} more teacher(s)' if cfg.other_teachers else ''} on {env.world} x {env.device.type}, {run.precision.description}; {run.total_steps} steps "
           f"of {run.global_batch} x {cfg.block_size} tokens; terms {run.objective.describe()}", file=sys.stderr)
