@@ -46,6 +46,9 @@ def check_qa_run(glue, args, tasks) -> None:
     for flag in ("augment", "unlabelled_file", "predict_test"):
         if getattr(glue, flag):
             raise UsageError(f"--{flag} is for sentence tasks; {qa[0].display} is extractive QA")
+    if getattr(args, "length_groups", 1) > 1:  # the span loss softmaxes over padded positions too: trimming moves it
+        raise UsageError(f"--length_groups {args.length_groups} is for sentence tasks ({qa[0].display}'s span loss "
+                         "counts every position of a window, padding included): leave it at 1")
     if args.eval_strategy != "no":
         raise UsageError(f"--eval_strategy {args.eval_strategy}: {qa[0].display} is scored after training (EM/F1 "
                          "need every window of an example decoded); leave it at no")

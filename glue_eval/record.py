@@ -75,6 +75,9 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         **(qa_cell_settings(glue) if task_data and task_data.get("kind") == EXTRACTIVE_QA else {}),
         **({"teachers": teacher_paths(glue), "teacher_weights": mixture_weights(glue)}
            if len(teacher_paths(glue)) > 1 else {}),
+        # recorded when set; a cell recorded before the option existed is reused (its batches ran as one forward:
+        # the same distribution, other dropout masks), so it is not in RECORDED_WHEN_SET
+        **({"length_groups": args.length_groups} if getattr(args, "length_groups", 1) > 1 else {}),
         **({k: getattr(glue, k) for k in ("teacher_gate", "gate_layers", "gate_balance", "gate_epochs",
                                            "gate_learning_rate")} if glue.teacher and glue.teacher_gate != "none" else {}),
     }

@@ -144,3 +144,25 @@ def test_distillation_loss_and_gradients_equal_one_forward(tmp_path):
         torch.testing.assert_close(t3[name], t1[name], atol=1e-6, rtol=1e-5, msg=name)
     for name in g1:
         torch.testing.assert_close(g3[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_cell_records_its_length_groups_and_a_recorded_cell_is_not_reused_for_one_forward(tmp_path):
+    """glue-eval's cell settings: length_groups joins them when above 1; a cell recorded with 3 is refused for a run
+    of 1, and a cell recorded before the option (no key) is reused by either."""
+    import json
+
+    from distill.common.errors import UsageError
+    from glue_eval.arguments import GlueArguments, GlueTrainingArguments
+    from glue_eval.record import describe, done
+
+    glue = GlueArguments(model="m", task="rte")
+    settings = {g: describe(glue, GlueTrainingArguments(output_dir=str(tmp_path), length_groups=g)) for g in (1, 3)}
+    assert "length_groups" not in settings[1] and settings[3]["length_groups"] == 3
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "result.json").write_text(json.dumps({"settings": settings[3]}))
+    assert done(str(cell), settings[3])
+    with pytest.raises(UsageError, match="length_groups"):
+        done(str(cell), settings[1])
+    (cell / "result.json").write_text(json.dumps({"settings": settings[1]}))  # as recorded before the option
+    assert done(str(cell), settings[3]) and done(str(cell), settings[1])

@@ -219,6 +219,7 @@ def test_a_tasks_teacher_terms_are_computed_from_the_teachers_own_logits(tasks, 
     (["--task", "sst2"], {}, "--task does not go with --multitask: the tasks are the config's"),
     (["--teacher", "somewhere"], {}, "--teacher does not go with --multitask: teachers are per task"),
     ([], {"gradient": "pcgrad"}, "one task per batch has nothing to project"),
+    (["--length_groups", "2"], {}, "--length_groups 2 does not go with --multitask"),
     ([], {"distill_weights": {"hid_mse": 1.0}, "teacher": True}, "'hid_mse' compares intermediate features"),
 ])
 def test_bad_input_is_one_line_with_nothing_written(tasks, bert_mlm_dir, tmp_path, capsys, extra_args,

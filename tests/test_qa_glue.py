@@ -75,6 +75,7 @@ def test_bad_qa_inputs_are_refused_in_one_line(tmp_path, paragraphs, bert_mlm_di
         (["--task", "squad", "--data_dir", str(data), "--eval_files", str(tmp_path / "none.json")], "does not exist"),
         (["--task", "squad", "--data_dir", str(data), "--eval_strategy", "epoch"], "scored after training"),
         (["--task", "squad", "--data_dir", str(data), "--doc_stride", "48"], "--doc_stride 48"),
+        (["--task", "squad", "--data_dir", str(data), "--length_groups", "3"], "--length_groups 3 is for sentence"),
         (["--task", "rte", "--eval_files", str(data / "dev-v1.1.json")], "for extractive QA tasks"),
     ]
     for extra, message in cases:

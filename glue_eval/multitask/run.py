@@ -52,6 +52,9 @@ def parse(argv: list[str]):
     for name, why in NOT_HERE.items():
         if getattr(glue, name):
             raise UsageError(f"--{name} does not go with --multitask: {why}")
+    if args.length_groups > 1:
+        raise UsageError(f"--length_groups {args.length_groups} does not go with --multitask (its loop runs each batch "
+                         "as one forward): leave it at 1")
     args, line = apply_precision(glue, args)
     precision_check(args)
     if args.fp16:
