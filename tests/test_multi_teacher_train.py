@@ -245,3 +245,20 @@ def test_each_teacher_runs_only_what_its_terms_read(teachers):
     assert all(r.logits is None and not r.attentions for r in requests)
     features = StudentStep(student, objective, models).teacher_features(batch)
     assert [f.logits for f in features] == [None, None]
+
+
+def test_a_command_line_teacher_replaces_a_recipes_whole_list_and_its_weights():
+    """--teacher on the command line names every teacher: a two-teacher recipe's others and weights (which were for
+    its own list) go; --teacher_weights given beside it stands; --other_teachers and a repeated --teacher clash."""
+    from distill.common.errors import UsageError
+    from distill.settings.config import parse_config
+
+    recipe = str(Path(__file__).resolve().parents[1] / "student_configs" / "bert_4l_multi_teacher.json")
+    both = parse_config(["--config", recipe])
+    assert len(both.other_teachers) == 1 and both.teacher_weights is not None
+    one = parse_config(["--config", recipe, "--teacher", "bert-base-uncased"])
+    assert (one.teacher, one.other_teachers, one.teacher_weights) == ("bert-base-uncased", [], None)
+    two = parse_config(["--config", recipe, "--teacher", "a", "--teacher", "b", "--teacher_weights", "1,3"])
+    assert (two.teacher, two.other_teachers, two.teacher_weights) == ("a", ["b"], "1,3")
+    with pytest.raises(UsageError, match="--other_teachers and a repeated --teacher"):
+        parse_config(["--teacher", "a", "--other_teachers", "b", "--teacher", "c"])

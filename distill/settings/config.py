@@ -238,10 +238,16 @@ def parse_config(argv=None) -> DistillConfig:
     pre.add_argument("--student_num_layers", "--student-num-layers")
     known, _ = pre.parse_known_args(argv)
     values = load_config_file(known.config) if known.config else dict(DEMO_RECIPE)
-    argv, teachers_given = gather_repeated(list(sys.argv[1:] if argv is None else argv), "--teacher", "--other_teachers")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    flags = [a.partition("=")[0] for a in raw]
+    if flags.count("--teacher") > 1 and "--other_teachers" in flags:
+        raise UsageError("--other_teachers and a repeated --teacher both name the later teachers: use one of them")
+    argv, teachers_given = gather_repeated(raw, "--teacher", "--other_teachers")
     values = _teacher_values(values)
-    if teachers_given:  # --teacher on the command line names the whole list: the recipe's others go
-        values["other_teachers"] = []
+    if teachers_given:  # --teacher on the command line names the whole list: the recipe's others go, and its
+        values["other_teachers"] = []  # weights, which were for its own list
+        if "--teacher_weights" not in flags:
+            values["teacher_weights"] = None
     if not known.config and (known.student is not None or known.student_num_layers is not None):
         # the demo with a student folder (its student_init.json says how it was built) or of chosen size:
         # the demo's own layer selection was not asked for
