@@ -34,7 +34,7 @@ BUDGET_NOTE = (
     "(about 8 hours), or stop the run at 8 hours (every row gets seed 1 first). The teacher's first cell "
     "(polarity, seed 1) took 44 min of wall clock here, niced beside other jobs. Fine-tuning then ran each batch as "
     "up to 3 length groups (`--length_groups 3`): polarity's and uncertainty's padded batches computed twice their "
-    "real tokens, and the teacher's polarity epochs ran 1.36x faster so on an idle machine (BBC's 64-token rows "
+    "real tokens, and the teacher's polarity epochs ran 1.42x faster so with nothing else running (BBC's 64-token rows "
     "gain nothing); that takes about a sixth off the fine-tuning, about 9.5-10 hours in all (`--seeds 1,2` about "
     "6.5-7). These are estimates until the run's own timings (the table's compute columns) and "
     "`--remeasure_distill 20` on an idle machine replace them")

@@ -4,7 +4,7 @@ same encoder, with and without a teacher per task. Real encoder, real tasks, off
 Run from the repository root::
 
     python -m bench.prepare_study_data          # once: the local tasks and the converted paraphrase-MiniLM-L3-v2
-    python -m bench.study_multitask --quick     # every row on tiny subsets, 1 seed (under 10 min on 2 cores)
+    python -m bench.study_multitask --quick     # every row on tiny subsets, 1 seed (about 10-15 min on 2 cores)
     python -m bench.study_multitask             # the full study: 3 seeds
 
 Rows: the teacher (all-MiniLM-L6-v2 fine-tuned on each task: the per-task teachers); single-task students (the
@@ -58,7 +58,7 @@ TARGET_POINTS = 0.5  # the multi-task student within this many points of the sin
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, 1 epoch (under 10 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 seed, 1 epoch (about 10-15 min on 2 cores)")
     p.add_argument("--teacher", default="offline:all-MiniLM-L6-v2", help="the per-task teachers' model, fine-tuned "
                    "on each task (hub id, folder, offline alias)")
     p.add_argument("--encoder", default="l3", help="the shared encoder of every student: a folder, or 'l3' (the "
