@@ -95,7 +95,9 @@ def _main(argv=None) -> int:
     from .distillation import run_stages
     from .teachers import check_teachers
 
-    check_teachers(glue, [s["weights"] for t in tasks if glue.teacher for s in run_stages(glue, t)])
+    weights = {qa: [s["weights"] for t in tasks if glue.teacher and t.is_qa == qa for s in run_stages(glue, t)]
+               for qa in (False, True)}  # sentence tasks' stages, extractive QA's
+    check_teachers(glue, weights[False], weights[True])
     records = run_grid(tasks, cells, base, glue, args.output_dir, announce=precision_line)
     for r in records:
         parts = ", ".join(f"{split} " + " ".join(f"{k} {100 * v:.1f}" for k, v in m.items())

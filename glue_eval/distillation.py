@@ -220,11 +220,16 @@ def load_checked_teacher(glue, task: Task, student, eager: bool):
     return teacher
 
 
-def stage_objectives(weights: dict, glue, student, teacher):
+def stage_objectives(weights: dict, glue, student, teacher, each_teacher: bool = False):
     """(soft, hard) objectives of one stage: the terms that read the teacher, and those against the gold labels
-    (the registry's ``teacher=False`` terms, which the unlabelled and augmented rows must not reach); either None."""
+    (the registry's ``teacher=False`` terms, which the unlabelled and augmented rows must not reach); either None.
+    ``each_teacher``: ``teacher`` is a :class:`glue_eval.teachers.TeacherMixture` whose teachers each take their
+    own terms (representation terms with several teachers): ``soft`` is their
+    :class:`distill.objective.mixture.TeacherMix`."""
     from distill.objective.plan import Objective
     from distill.objective.settings import task_values
+
+    from .teachers import mixture_objective
 
     def build(part):
         if not part:
@@ -234,7 +239,17 @@ def stage_objectives(weights: dict, glue, student, teacher):
 
     soft = {k: v for k, v in weights.items() if terms.TERMS[k].teacher and v}
     hard = {k: v for k, v in weights.items() if not terms.TERMS[k].teacher and v}
+    if each_teacher and soft:
+        return mixture_objective(soft, glue, student, teacher), build(hard)
     return build(soft), build(hard)
+
+
+def each_teacher_terms(teacher, stages) -> bool:
+    """Whether several teachers each take their own terms: a (fixed- or entropy-weighted) mixture and a stage that
+    compares teachers' layers (:func:`glue_eval.teachers.representation_terms`)."""
+    from .teachers import TeacherMixture, representation_terms
+
+    return isinstance(teacher, TeacherMixture) and bool(representation_terms(s["weights"] for s in stages))
 
 
 def attention_needed(glue, task: Task) -> bool:
@@ -264,24 +279,20 @@ def run_teacher_stages(model, train, trainer_kwargs: dict, args, glue, task: Tas
     """Every stage of a --teacher run on ``model``: (the last trainer, a record of the stages, the cache's size)."""
     from distill.models.loading import set_attention_dropout
 
-    from .teacher_cache import TeacherCache, plan_for
-    from .trainer import DistillationTrainer, teacher_autocast
+    from .trainer import DistillationTrainer
 
     stages = run_stages(glue, task)
     teacher = load_checked_teacher(glue, task, model, any(needs_attention(s["weights"]) for s in stages))
     from .gate import gated_teacher
 
     teacher, gate = gated_teacher(teacher, train, trainer_kwargs["data_collator"], args, glue)  # (teacher, None)
-    objectives = [stage_objectives(s["weights"], glue, model, teacher) for s in stages]
+    each = each_teacher_terms(teacher, stages)
+    objectives = [stage_objectives(s["weights"], glue, model, teacher, each) for s in stages]
     cache, cache_record = None, {"enabled": bool(glue.teacher_cache), **({"gate": gate} if gate else {})}
     if glue.teacher_cache:
-        teacher.to(args.device)
-        plan = plan_for(soft for soft, _ in objectives)
-        cache = TeacherCache.build(teacher, train, trainer_kwargs["data_collator"], plan,
-                                   limit_mb=glue.teacher_cache_mb, batch_size=args.per_device_eval_batch_size,
-                                   device=args.device, autocast=lambda: teacher_autocast(args))
-        cache_record.update(rows=len(cache.logits), representations=cache.has_representations,
-                            representations_requested=not plan.empty, limit_mb=glue.teacher_cache_mb)
+        cache, built = build_teacher_cache(teacher, [soft for soft, _ in objectives], train,
+                                           trainer_kwargs["data_collator"], args, glue, each)
+        cache_record.update(built)
     dropout = _attention_dropout(model)
     trainer, record = None, []
     for stage, (soft, hard) in zip(stages, objectives):
@@ -303,9 +314,33 @@ def run_teacher_stages(model, train, trainer_kwargs: dict, args, glue, task: Tas
                        "max_steps": stage_args.max_steps, "learning_rate": stage_args.learning_rate,
                        "steps": out.global_step, "loss": out.training_loss, "logs": logs,
                        "teacher_forwards": trainer.teacher_forwards,
-                       "runtime_s": round(out.metrics.get("train_runtime", 0.0), 2)})
+                       "runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),
+                       **({"teachers": soft.to_dict()["teachers"]} if each and soft is not None else {})})
     set_attention_dropout(model, dropout)
     return trainer, record, cache_record
+
+
+def build_teacher_cache(teacher, softs: list, train, collate, args, glue, each: bool):
+    """The teacher cache of a run (``softs``: each stage's soft objective, None skipped) and its record. With
+    ``each`` (several teachers each taking their own terms) one :class:`glue_eval.teacher_cache.TeacherCache` per
+    teacher, their representations kept only if all of them fit ``--teacher_cache_mb`` together."""
+    from .teacher_cache import TeacherCache, build_each, plan_for
+    from .trainer import teacher_autocast
+
+    teacher.to(args.device)
+    options = dict(batch_size=args.per_device_eval_batch_size, device=args.device,
+                   autocast=lambda: teacher_autocast(args))
+    if each:
+        plans = [plan_for(soft.objectives[k] for soft in softs if soft is not None)
+                 for k in range(len(teacher.teachers))]
+        caches = build_each(list(teacher.teachers), train, collate, plans, limit_mb=glue.teacher_cache_mb, **options)
+        return caches, {"rows": len(caches[0].logits), "per_teacher": len(caches),
+                        "representations": all(c.has_representations for c in caches),
+                        "representations_requested": any(not p.empty for p in plans), "limit_mb": glue.teacher_cache_mb}
+    plan = plan_for(softs)
+    cache = TeacherCache.build(teacher, train, collate, plan, limit_mb=glue.teacher_cache_mb, **options)
+    return cache, {"rows": len(cache.logits), "representations": cache.has_representations,
+                   "representations_requested": not plan.empty, "limit_mb": glue.teacher_cache_mb}
 
 
 def _attention_dropout(model) -> float:

@@ -12,6 +12,10 @@ teacher forward again for every batch of every epoch. :class:`TeacherCache` hold
 Rows are the training set's row numbers (its ``row`` column); representations are kept
 for real tokens only and put back into the padded ``[B, S, ...]`` layout of each batch,
 so they equal a fresh teacher forward on that batch (padding never counts in a loss).
+
+Several teachers mixed on their logits alone are one teacher here (the mixture's logits). Several teachers
+whose representation terms are each their own (:func:`glue_eval.teachers.mixture_objective`) get one cache
+each (:func:`build_each`): each teacher's logits, and its representations when all of them fit the limit.
 """
 
 from __future__ import annotations
@@ -172,3 +176,16 @@ class TeacherCache:
             values[t] = x
         return Features(hidden_states=hidden, attentions=attentions, values=values,
                         logits=self.logits[rows].to(device))
+
+
+def build_each(teachers: list, dataset, collate, plans: list[CachePlan], *, limit_mb: float = DEFAULT_LIMIT_MB,
+               **options) -> list[TeacherCache]:
+    """One :class:`TeacherCache` per teacher (``plans[k]``: what teacher k's own terms read). The representations
+    are kept only if every teacher's fit ``limit_mb`` MiB together; otherwise each cache holds its teacher's logits
+    alone (and the trainer runs the teachers for their representations). ``options``: as :meth:`TeacherCache.build`."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    total = sum(representation_bytes(lengths, plan, t.config) for t, plan in zip(teachers, plans))
+    if total > limit_mb * 2**20:
+        plans = [CachePlan()] * len(teachers)
+    return [TeacherCache.build(t, dataset, collate, plan, limit_mb=limit_mb, **options)
+            for t, plan in zip(teachers, plans)]

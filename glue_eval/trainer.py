@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from distill.models.frozen import prepare_teacher
 from distill.models.groups import extract_in_groups, length_groups, right_padded
 from distill.models.loading import Features
+from distill.objective.mixture import TeacherMix
 from distill.train.signals import EXIT_STOPPED, StopRequest, end_run
 
 # Batch columns the distillation trainer reads itself; the model never sees them.
@@ -142,8 +143,9 @@ class DistillationTrainer(GlueTrainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.soft = soft.to(self.args.device) if soft is not None else None
-        if self.soft is not None:  # this stage's teacher: eager attention only where its terms read maps, cast once
-            prepare_teacher(self.teacher, self.soft.requests()["teacher"].attention_layers, teacher_dtype(self.args))
+        for model, objective in self.teacher_objectives():
+            # this stage's teacher: eager attention only where its terms read maps, cast once
+            prepare_teacher(model, objective.requests()["teacher"].attention_layers, teacher_dtype(self.args))
         self.hard = hard.to(self.args.device) if hard is not None else None
         self.teacher_cache = teacher_cache
         self._terms = defaultdict(float)
@@ -205,23 +207,42 @@ class DistillationTrainer(GlueTrainer):
             total = student.logits.sum() * 0.0
         return total, terms, student
 
-    def teacher_features(self, inputs) -> Features:
-        """The teacher's features for the batch: from the cache where it holds them, else one forward."""
+    def teacher_objectives(self) -> list:
+        """``(teacher model, its objective)`` pairs: one, or with several teachers that each take their own terms
+        (``soft`` a :class:`distill.objective.mixture.TeacherMix`) one per teacher; none without ``soft``."""
+        if self.soft is None:
+            return []
+        if isinstance(self.soft, TeacherMix):
+            return list(zip(self.teacher.teachers, self.soft.objectives))
+        return [(self.teacher, self.soft)]
+
+    def teacher_features(self, inputs) -> Features | list[Features]:
+        """The teacher's features for the batch (from the cache where it holds them, else one forward); with
+        several teachers that each take their own terms, each teacher's, in order (the cache a list, one each)."""
+        pairs = self.teacher_objectives()
+        caches = self.teacher_cache if isinstance(self.teacher_cache, list) else [self.teacher_cache] * len(pairs)
+        ran = [self.one_teacher_features(model, objective, cache, inputs)
+               for (model, objective), cache in zip(pairs, caches, strict=True)]
+        self.teacher_forwards += any(forward for _, forward in ran)  # batches on which a teacher ran
+        features = [f for f, _ in ran]
+        return features if isinstance(self.soft, TeacherMix) else features[0]
+
+    def one_teacher_features(self, model, objective, cache, inputs) -> tuple[Features, bool]:
+        """One teacher's features for the batch and whether it ran: from ``cache`` where it holds what
+        ``objective`` reads, else one forward of ``model`` (the logits still from ``cache`` when it has them)."""
         mask = inputs["attention_mask"]
-        cache = self.teacher_cache
-        request = self.soft.requests()["teacher"]
+        request = objective.requests()["teacher"]
         needs_representations = bool(request.hidden or request.attentions or request.value_layers)
         if cache is not None and ROW in inputs and (cache.has_representations or not needs_representations):
-            return cache.features(inputs[ROW], mask)
-        self.teacher_forwards += 1
+            return cache.features(inputs[ROW], mask), False
         with torch.no_grad(), self._teacher_autocast():
-            out = extract_in_groups(self.teacher, inputs["input_ids"], mask, groups=self.groups,
+            out = extract_in_groups(model, inputs["input_ids"], mask, groups=self.groups,
                                     token_type_ids=inputs.get("token_type_ids"), hidden=request.hidden,
                                     attentions=request.attentions, value_layers=request.value_layers,
                                     sequence_logits=True)
         if cache is not None and ROW in inputs:  # representations did not fit: the logits still come from the cache
             out.logits = cache.logits[inputs[ROW].tolist()].to(mask.device)
-        return out
+        return out, True
 
     def _teacher_autocast(self):
         # The teacher is not wrapped by accelerate, so it would run in fp32 under --bf16/--fp16.

@@ -139,7 +139,7 @@ def test_teachers_that_cannot_be_mixed_are_refused_in_one_line(tmp_path, two_tea
         (["--teacher", two_teachers[0], "--teacher", two_teachers[1], "--teacher_weights", "1,2,3"], "give 2 numbers"),
         (["--teacher", two_teachers[0], "--teacher_weights", "1"], "give --teacher more than once"),
         (["--teacher", two_teachers[0], "--teacher", two_teachers[1], "--distill_weights", '{"hid_mse": 1}',
-          "--student_layers", "1,2,3,4"], "with several teachers use the logit terms"),
+          "--student_layers", "1,2,3,4", "--teacher_gate", "softmax"], "which the gate does not weigh"),
         (["--teacher", two_teachers[0], "--teacher", str(tmp_path / "none")], "is not a model folder"),
     ]
     for extra, message in cases:
