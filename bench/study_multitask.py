@@ -211,18 +211,37 @@ def run_multitask(row: dict, seed: int, sources: dict, ns) -> None:
     from glue_eval.multitask.run import main as multitask_main
 
     out = run_dir(row, seed, ns)
+    config_path = os.path.join(out, "config.json")
+    wanted = {"config": multitask_config(row, seed, sources, ns), "argv": multitask_argv(config_path, out, row, seed, ns)}
     if os.path.isfile(os.path.join(out, "result.json")):
+        check_same_run(out, wanted)
         return
     os.makedirs(out, exist_ok=True)
-    config_path = os.path.join(out, "config.json")
-    Path(config_path).write_text(json.dumps(multitask_config(row, seed, sources, ns), indent=2) + "\n",
-                                 encoding="utf-8")
-    multitask_main(multitask_argv(config_path, out, row, seed, ns))
+    Path(config_path).write_text(json.dumps(wanted["config"], indent=2) + "\n", encoding="utf-8")
+    Path(out, SETTINGS_FILE).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+    multitask_main(wanted["argv"])
     model = load_multitask(os.path.join(out, "model"))
     params = {"total": sum(p.numel() for p in model.parameters()),
               "heads": sum(p.numel() for p in model.heads.parameters())}
     Path(out, "params.json").write_text(json.dumps(params) + "\n", encoding="utf-8")
     shutil.rmtree(os.path.join(out, "model"))
+
+
+SETTINGS_FILE = "study_settings.json"  # the config and the command a finished run was made with
+
+
+def check_same_run(out: str, wanted: dict) -> None:
+    """A finished run is reused only if it was made with this config and command (tasks, learning rate, batch,
+    precision, schedule...); one line and exit otherwise. Runs finished before the file existed are taken as
+    they are."""
+    path = os.path.join(out, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return
+    made = json.loads(Path(path).read_text(encoding="utf-8"))
+    for part in ("config", "argv"):
+        if made.get(part) != wanted[part]:
+            sys.exit(f"{out} holds a run made with another {part} ({made.get(part)!r} there, {wanted[part]!r} "
+                     "now): give another --work_dir, or delete that folder to redo it")
 
 
 def run_cell(row: dict, seed: int, tasks, sources: dict, ns) -> bool:

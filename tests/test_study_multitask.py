@@ -148,3 +148,18 @@ def test_a_rerun_redoes_nothing_and_a_longer_seed_list_reports_what_is_done(stud
     assert study_mt.main(more + ["--report_only"]) == 0
     md = (root / "out" / "mt.md").read_text()
     assert "**Incomplete:** 7 of 7 rows" in md and "bench.study_multitask" in md and "--report_only" not in md
+
+
+def test_a_finished_run_is_reused_only_with_the_config_and_command_it_was_made_with(study_mt, finished, tmp_path):
+    root, _, _, _ = finished
+    made = sorted((root / "work").glob("finetune-*/mt_*/seed*/" + study_mt.SETTINGS_FILE))
+    assert made, "every multi-task run records its config and command"
+    wanted = json.loads(made[0].read_text())
+    assert wanted["config"] == json.loads((made[0].parent / "config.json").read_text())
+    study_mt.check_same_run(str(made[0].parent), wanted)  # the same: reused
+    for part, change in (("config", {"learning_rate": 1.0}), ("argv", ["--learning_rate", "1.0"])):
+        other = {**wanted, part: {**wanted[part], **change} if part == "config" else wanted[part] + change}
+        with pytest.raises(SystemExit) as stop:
+            study_mt.check_same_run(str(made[0].parent), other)
+        assert str(made[0].parent) in str(stop.value) and f"another {part}" in str(stop.value)
+    study_mt.check_same_run(str(tmp_path), wanted)  # a run finished before the file existed: taken as it is
