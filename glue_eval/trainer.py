@@ -56,9 +56,10 @@ class GlueTrainer(Trainer):
     """``Trainer`` told that the loss it gets is a per-batch mean.
 
     transformers 5 skips dividing the loss by the gradient-accumulation steps for every model whose forward
-    takes ``**kwargs`` (BERT's does), assuming the model normalised by ``num_items_in_batch``; the
-    sequence-classification heads do not, so without this ``--gradient_accumulation_steps 2`` doubles the loss
-    and the gradient (and changes what ``--max_grad_norm`` clips).
+    takes ``**kwargs`` (BERT's does), assuming the model normalised by ``num_items_in_batch``, and multiplies it
+    by the process count under torchrun; the sequence-classification heads do neither, so without this
+    ``--gradient_accumulation_steps 2`` doubles the loss and the gradient, and so do 2 processes (and that
+    changes what ``--max_grad_norm`` clips).
     """
 
     loss_is_scaled_for_ga = False
@@ -67,6 +68,10 @@ class GlueTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # A sequence head returns a per-process mean whatever num_items_in_batch says; told that the model takes
+        # loss kwargs (BERT's forward has **kwargs), Trainer would also multiply that mean by the process count
+        # under torchrun, scaling the gradients (and what max_grad_norm clips) by it.
+        self.model_accepts_loss_kwargs = False
         self.add_callback(StopOnSignal(save=self.resumable))
 
     def train(self, resume_from_checkpoint=None, **kwargs):

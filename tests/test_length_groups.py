@@ -166,3 +166,27 @@ def test_a_cell_records_its_length_groups_and_a_recorded_cell_is_not_reused_for_
         done(str(cell), settings[1])
     (cell / "result.json").write_text(json.dumps({"settings": settings[1]}))  # as recorded before the option
     assert done(str(cell), settings[3]) and done(str(cell), settings[1])
+
+
+def test_the_loss_is_the_per_process_mean_under_several_processes_with_or_without_groups(tmp_path, monkeypatch):
+    """Trainer multiplies a loss by the process count when it thinks the model normalised by the global item
+    count; a sequence head does not, so GlueTrainer returns the plain mean on 2 processes, as on one, both ways."""
+    from accelerate import Accelerator
+
+    from glue_eval.arguments import GlueTrainingArguments
+    from glue_eval.trainer import GlueTrainer
+
+    ids, mask, types = padded_batch([4, 16, 9, 15], seq=16)
+    labels = torch.tensor([0, 1, 1, 0])
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    for groups in (1, 2):
+        model = eager_classifier(seed=5, layers=2).train()
+        args = GlueTrainingArguments(output_dir=str(tmp_path / str(groups)), length_groups=groups, report_to=[],
+                                     use_cpu=True, average_tokens_across_devices=True)
+        trainer = GlueTrainer(model=model, args=args)
+        loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                                            "labels": labels}, num_items_in_batch=torch.tensor(8))
+        with torch.no_grad():
+            expected = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask,
+                                                               token_type_ids=types).logits, labels)
+        torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
