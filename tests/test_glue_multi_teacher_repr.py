@@ -45,6 +45,9 @@ def models(tmp_path_factory, vocab_dir):
                 layer.attention.self.query.weight.mul_(scale)
         for layer in b.bert.encoder.layer:
             layer.output.LayerNorm.weight.mul_(2.0)
+        for teacher, scale in ((a, 20.0), (b, 60.0)):  # and surer heads than near-uniform random ones, B the surer
+            teacher.bert.pooler.dense.weight.mul_(50.0)
+            teacher.classifier.weight.mul_(scale)
     out = {"a": _save(a, root / "a", vocab_dir), "b": _save(b, root / "b", vocab_dir),
            "student": _save(tiny.eager_classifier(3, 2), root / "student", vocab_dir)}
     for name, overrides in (("heads8", {"num_attention_heads": 8}), ("wide", {"hidden_size": 48})):
@@ -126,33 +129,37 @@ def _reference(student, teacher, pairs, mask):
     return float(hid), float(att)
 
 
-@pytest.mark.parametrize("cache_mb", [None, 2048, 0])  # teachers per batch; all cached; logits cached only
+# teachers per batch; all cached; logits cached only; entropy weights (equal for the representation terms)
+@pytest.mark.parametrize("cache_mb, mix", [(None, "0.7,0.3"), (2048, "0.7,0.3"), (0, "0.7,0.3"), (2048, "entropy")])
 def test_representation_terms_are_the_weighted_sum_of_each_teachers_own_through_its_own_map(
-        models, vocab_dir, tmp_path, cache_mb):
+        models, vocab_dir, tmp_path, cache_mb, mix):
+    from transformers import AutoModelForSequenceClassification
+
     weights = {"kl": 1.0, "hid_mse": 1.0, "att_mse": 1.0}
-    terms, loss, teacher, soft, trainer, batch = _terms(models, ["a", "b"], weights, vocab_dir, tmp_path, "0.7,0.3",
-                                                        cache_mb)
+    terms, loss, teacher, soft, trainer, batch = _terms(models, ["a", "b"], weights, vocab_dir, tmp_path, mix, cache_mb)
     assert isinstance(teacher, TeacherMixture) and isinstance(soft, TeacherMix)
     # A: the student's own source layers 1,3; B has 6 layers: 1,3 scaled by 6/4 and rounded -> 2,4
     assert [t["layer_map"] for t in soft.to_dict()["teachers"]] == [[[1, 1], [2, 3]], [[1, 2], [2, 4]]]
     assert trainer.teacher_forwards == (0 if cache_mb else 1)
-    from transformers import AutoModelForSequenceClassification
-
     own = [_features64(AutoModelForSequenceClassification.from_pretrained(models[k], attn_implementation="eager")
-                       .eval(), batch) for k in ("a", "b")]
-    student = _features64(AutoModelForSequenceClassification.from_pretrained(models["student"], attn_implementation="eager")
-                         .eval(), batch)
+                       .eval(), batch) for k in ("a", "b", "student")]
     mask = batch["attention_mask"]
-    hid_a, att_a = _reference(student, own[0], [(1, 1), (2, 3)], mask)
-    hid_b, att_b = _reference(student, own[1], [(1, 2), (2, 4)], mask)
-    assert terms["hid_mse"] == pytest.approx(0.7 * hid_a + 0.3 * hid_b, rel=1e-5)
-    assert terms["att_mse"] == pytest.approx(0.7 * att_a + 0.3 * att_b, rel=1e-5)
+    hid_a, att_a = _reference(own[2], own[0], [(1, 1), (2, 3)], mask)
+    hid_b, att_b = _reference(own[2], own[1], [(1, 2), (2, 4)], mask)
+    wa, wb = (0.7, 0.3) if mix != "entropy" else (0.5, 0.5)
+    assert terms["hid_mse"] == pytest.approx(wa * hid_a + wb * hid_b, rel=1e-5)
+    assert terms["att_mse"] == pytest.approx(wa * att_a + wb * att_b, rel=1e-5)
     # the teachers' terms differ: the weights and the maps are what count
     assert abs(hid_a - hid_b) > 0.5 * hid_a and abs(att_a - att_b) > 0.1 * att_a and att_a > 1e-3
-    p = 0.7 * torch.softmax(own[0][2] / T, -1) + 0.3 * torch.softmax(own[1][2] / T, -1)
-    log_q = torch.log_softmax(student[2] / T, -1)
+    if mix == "entropy":  # soft targets: per example, softmax over the teachers of minus their entropy (T = 1)
+        entropy = torch.stack([-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1) for z in (own[0][2],
+                                                                                                    own[1][2])], -1)
+        wa, wb = torch.softmax(-entropy, -1)[:, :1], torch.softmax(-entropy, -1)[:, 1:]
+        assert (wa - 0.5).abs().min() > 0.01  # the weights do differ per example
+    p = wa * torch.softmax(own[0][2] / T, -1) + wb * torch.softmax(own[1][2] / T, -1)
+    log_q = torch.log_softmax(own[2][2] / T, -1)
     kl = float((p * (p.log() - log_q)).sum(-1).mean() * T ** 2)
-    assert terms["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert terms["kl"] == pytest.approx(kl, rel=1e-5) and kl > 1e-2
     assert loss == pytest.approx(terms["kl"] + terms["hid_mse"] + terms["att_mse"], rel=1e-6)
 
 
