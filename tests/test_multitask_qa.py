@@ -220,3 +220,22 @@ def test_one_encoder_learns_the_years_and_the_keyword_together(tmp_path, tasks, 
     result = json.loads((out / "result.json").read_text())
     assert result["tasks"]["city"]["dev"]["validation"]["accuracy"] > 0.8  # chance is 0.5
     assert result["tasks"]["years"]["dev"]["validation"]["f1"] > 0.5  # a year is a whole answer
+
+
+def test_a_teacher_of_hard_ce_alone_records_no_cache(tmp_path, tasks, squad, bert_mlm_dir):  # noqa: F811
+    """hard_ce reads only the gold spans: the teacher's span logits are not cached, and the record says 0 rows."""
+    from transformers import AutoTokenizer, BertForQuestionAnswering, DataCollatorWithPadding, TrainingArguments
+
+    from glue_eval.multitask.run import MultitaskArguments, attach_teachers
+
+    teacher_dir = tmp_path / "qa_teacher"
+    BertForQuestionAnswering(tiny.make_config("bert")).save_pretrained(str(teacher_dir))
+    config = load_config(_mixed_config(tmp_path, tasks, squad, qa={"teacher": str(teacher_dir)},
+                                       distill_weights={"hard_ce": 1.0}))
+    tokenizer = AutoTokenizer.from_pretrained(bert_mlm_dir)
+    run, _ = _qa_run(squad, tokenizer, config)
+    model = build_multitask(bert_mlm_dir, config.tasks).eval()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[])
+    record = attach_teachers([run], config, MultitaskArguments(model=bert_mlm_dir), args, model,
+                             DataCollatorWithPadding(tokenizer))
+    assert record["years"]["cached_rows"] == 0 and run.cache is None and run.soft is None

@@ -120,9 +120,10 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
         path = config.entry(run.name).teacher
         if path is None:
             continue
-        record[run.name] = {"teacher": path, "weights": weights, "cached_rows": len(run.train)}
+        record[run.name] = {"teacher": path, "weights": weights}
         if run.task.is_qa:
             attach_qa_teacher(run, path, weights, glue, args, model, collate)
+            record[run.name]["cached_rows"] = len(run.train) if run.soft is not None else 0
             continue
         teacher = load_teacher(path, run.task, eager=False)
         rows = model.encoder.get_input_embeddings().num_embeddings
@@ -138,6 +139,7 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
                                            batch_size=args.per_device_eval_batch_size, device=args.device,
                                            autocast=lambda: teacher_autocast(args))
             run.soft.to(args.device)
+        record[run.name]["cached_rows"] = len(run.train) if run.soft is not None else 0  # hard_ce alone: no cache
         del teacher
     return record
 
