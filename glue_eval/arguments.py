@@ -69,7 +69,8 @@ class GlueArguments(TaskSettings):
     teacher_weights: str | None = field(default=None, metadata={
         "help": "Several teachers (--teacher A --teacher B): their weights, e.g. 0.7,0.3 (normalised; default equal), or "
                 "entropy (per example, softmax over the teachers of minus their entropy: the surer weighs more); "
-                "the student learns from the weighted mixture of their soft targets (glue_eval.teachers)."})
+                "the student learns from the weighted mixture of their soft targets, and a representation term is "
+                "the weighted sum of each teacher's own through its own layer map (glue_eval.teachers)."})
     other_teachers: str | None = field(default=None, metadata={
         "help": "The second and later teachers, comma-separated (what repeating --teacher sets)."})
     teacher_gate: str = field(default="none", metadata={
