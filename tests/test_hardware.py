@@ -194,6 +194,7 @@ def test_a_run_prints_and_records_the_resolved_precision_and_threads(bert_mlm_di
     err = capsys.readouterr().err
     assert f"precision: auto -> {expect} ({why})" in err.splitlines()
     assert "threads: 1 (set by threads)" in err.splitlines()
+    assert any(line.startswith("allocator: ") for line in err.splitlines())
     record = json.loads((out / "distill_config.json").read_text())
     assert record["precision"] == "auto" and record["threads"] == 1
     resolved = record["_resolved"]

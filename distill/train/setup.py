@@ -317,7 +317,8 @@ def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[
     logger = Logger(out / LOGS, cfg.progress, run.total_steps, start_step)
     if run.precision.auto_reason:
         print(run.precision.auto_reason, file=sys.stderr)
-    print(f"threads: {threads[0]} ({threads[1]}); {threads[2]}", file=sys.stderr)
+    print(f"threads: {threads[0]} ({threads[1]})", file=sys.stderr)
+    print(f"allocator: {threads[2]}", file=sys.stderr)
     print(f"distilling {sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M-parameter student from "
           f"{cfg.teacher}{f' and {len(cfg.other_teachers)} more teacher(s)' if cfg.other_teachers else ''} on {env.world} x {env.device.type}, {run.precision.description}; {run.total_steps} steps "
           f"of {run.global_batch} x {cfg.block_size} tokens; terms {run.objective.describe()}", file=sys.stderr)
