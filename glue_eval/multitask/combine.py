@@ -1,8 +1,22 @@
-"""The weighted sum of the tasks' losses over a meta-batch (one batch of every task)."""
+"""The weighted sum of the tasks' losses over a meta-batch (one batch of every task), and one task's soft and
+hard distillation terms together."""
 
 from __future__ import annotations
 
 import torch
+
+from distill.models.loading import Features
+
+
+def soft_and_hard(run, student: Features, teacher, rows: dict) -> tuple:
+    """One task's distillation loss: ``run.soft`` against ``teacher()`` (called only when there are soft terms)
+    plus ``run.hard`` on the gold labels of ``rows``; (total, unweighted terms)."""
+    total, found = run.soft(student, teacher(), rows) if run.soft is not None else (None, {})
+    if run.hard is not None:
+        value, parts = run.hard(student, Features(), rows)
+        total = value if total is None else total + value
+        found = {**found, **parts}
+    return total, found
 
 
 def weighted_sum(losses: dict, weights: dict) -> torch.Tensor:

@@ -21,6 +21,7 @@ from distill.models.loading import Features
 
 from ..qa import MODEL_COLUMNS, decode
 from ..squad_metrics import squad_scores
+from .combine import soft_and_hard
 from .model import span_loss
 
 SPAN_COLUMNS = ("start_positions", "end_positions")
@@ -87,15 +88,8 @@ def span_run_loss(model, run, batch: dict) -> tuple[torch.Tensor, dict]:
     rows = {"input_ids": torch.cat((ids, ids)), "attention_mask": torch.cat((mask, mask)),
             "labels": torch.cat((starts, ends))}
     student = Features(logits=span_rows(torch.stack((out.start_logits, out.end_logits), dim=1), mask))
-    total, found = None, {}
-    if run.soft is not None:
-        teacher = Features(logits=span_rows(run.cache.features(batch["row"], mask).logits, mask))
-        total, found = run.soft(student, teacher, rows)
-    if run.hard is not None:
-        value, parts = run.hard(student, Features(), rows)
-        total = value if total is None else total + value
-        found = {**found, **parts}
-    return total, found
+    return soft_and_hard(run, student, lambda: Features(logits=span_rows(run.cache.features(batch["row"], mask).logits,
+                                                                          mask)), rows)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from distill.models.loading import Features
 
 from ..metrics import compute_metrics, task_score
 from ..tasks import Task
-from .combine import weighted_sum
+from .combine import soft_and_hard, weighted_sum
 from .config import MultitaskConfig
 from .model import MultitaskModel, task_loss
 from .pcgrad import all_reduce_mean_, distributed_pcgrad
@@ -106,16 +106,8 @@ def run_loss(model: MultitaskModel, run: TaskRun, batch: dict, device) -> tuple[
         loss = task_loss(out.logits, labels, run.task.num_labels)
         return loss, {"task": loss.detach()}
     plain = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-    total, terms = None, {}
-    student = Features(logits=out.logits)
-    if run.soft is not None:
-        teacher = run.cache.features(batch["row"], batch["attention_mask"])
-        total, terms = run.soft(student, teacher, plain)
-    if run.hard is not None:
-        value, hard_terms = run.hard(student, Features(), plain)
-        total = value if total is None else total + value
-        terms = {**terms, **hard_terms}
-    return total, terms
+    return soft_and_hard(run, Features(logits=out.logits),
+                         lambda: run.cache.features(batch["row"], batch["attention_mask"]), plain)
 
 
 def _flat_grad(params) -> torch.Tensor:
