@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distill.models.frozen import prepare_teacher
-from distill.models.groups import extract_in_groups, length_groups, right_padded
+from distill.models.groups import batch_groups, extract_in_groups
 from distill.models.loading import Features
 from distill.objective.mixture import TeacherMix
 from distill.train.signals import EXIT_STOPPED, StopRequest, end_run
@@ -99,21 +99,19 @@ class GlueTrainer(Trainer):
         """Trainer's loss; in training with ``--length_groups N`` over N length groups of the batch (see
         :mod:`distill.models.groups`): each group's mean loss weighted by its share of the rows, which is the
         batch's mean (the sequence-level heads' losses are means over rows)."""
-        groups, mask = self.groups, inputs.get("attention_mask")
-        if groups <= 1 or not model.training or mask is None or not right_padded(mask):
+        mask = inputs.get("attention_mask")
+        found = batch_groups(mask, self.groups) if model.training and mask is not None else []
+        if not found:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        lengths = mask.sum(1).tolist()
-        total, logits, runs = 0.0, [], length_groups(lengths, groups)
-        for run in runs:
-            rows = torch.tensor(run, device=mask.device)
-            cols = max(lengths[i] for i in run)
+        total, logits = 0.0, []
+        for run, rows, cols in found:
             part = {k: v[rows, :cols] if k in SEQUENCE_COLUMNS else v[rows] for k, v in inputs.items()}
             loss, out = super().compute_loss(model, part, True, None)
-            total = total + loss * (len(run) / len(lengths))
+            total = total + loss * (len(run) / mask.shape[0])
             logits.append(out["logits"])
         if not return_outputs:
             return total
-        order = torch.tensor([i for run in runs for i in run], device=mask.device)
+        order = torch.tensor([i for run, _, _ in found for i in run], device=mask.device)
         return total, {"logits": torch.cat(logits)[torch.argsort(order)]}
 
     def stopped(self):

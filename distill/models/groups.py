@@ -53,6 +53,18 @@ def right_padded(mask: torch.Tensor) -> bool:
     return bool(torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths))
 
 
+def batch_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[list[int], torch.Tensor, int]]:
+    """A batch's length groups as (row indices, the same as an index tensor, the group's longest row); empty when
+    the batch runs as one forward (``groups`` <= 1, not right-padded, or every row in one group)."""
+    if groups <= 1 or not right_padded(attention_mask):
+        return []
+    lengths = attention_mask.sum(1).tolist()
+    runs = length_groups(lengths, groups)
+    if len(runs) <= 1:
+        return []
+    return [(run, torch.tensor(run, device=attention_mask.device), max(lengths[i] for i in run)) for run in runs]
+
+
 def _pad_to(t: torch.Tensor, length: int, dims: tuple[int, ...]) -> torch.Tensor:
     """``t`` zero-padded on the right of each of ``dims`` (negative) up to ``length``."""
     if not dims:
@@ -96,15 +108,12 @@ def extract_in_groups(model, input_ids, attention_mask, *, groups: int = 1, toke
     sequence-level and representation outputs only)."""
     if "positions" in kwargs:
         raise ValueError("extract_in_groups: per-position logits are ordered by position; use extract")
-    lengths = attention_mask.sum(1).tolist()
-    runs = length_groups(lengths, groups) if groups > 1 and right_padded(attention_mask) else []
-    if len(runs) <= 1:
+    found = batch_groups(attention_mask, groups)
+    if not found:
         return extract(model, input_ids, attention_mask, token_type_ids=token_type_ids, **kwargs)
     parts = []
-    for run in runs:
-        rows = torch.tensor(run, device=input_ids.device)
-        cols = max(lengths[i] for i in run)
+    for _, rows, cols in found:
         types = None if token_type_ids is None else token_type_ids[rows, :cols]
         parts.append(extract(model, input_ids[rows, :cols], attention_mask[rows, :cols], token_type_ids=types,
                              **kwargs))
-    return merge_features(parts, runs, attention_mask.shape[1])
+    return merge_features(parts, [run for run, _, _ in found], attention_mask.shape[1])
