@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
+from bench import carry  # noqa: E402
 from bench.prepare_study_data import CORPUS_FILE, L3_NAME, default_cache_dir  # noqa: E402
 from distill.common.hardware import describe_machine, machine_description  # noqa: E402
 from distill.objective import terms as term_registry  # noqa: E402
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
     p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet)")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
+    p.add_argument("--no_carry", action="store_true",
+                   help="run every cell here: carry none from the committed report OUT.json (bench/carry.py)")
     p.add_argument("--prepare", action="store_true",
                    help="first prepare what the run uses from prepare_study_data.py (the local tasks, the L3 "
                         "reference), each step skipped once done (bench/study.sh passes this)")
@@ -266,6 +269,13 @@ def parse_args(argv=None):
 def objectives_of(layers: str, ns) -> list[str]:
     """The objectives of one initialisation's rows: --objectives for the first, --other_objectives for the rest."""
     return ns.objective_list if layers == ns.inits[0] else ns.other_objective_list
+
+
+def report_settings(ns) -> dict:
+    """The run's settings as its report records them (paths as :func:`shown_path` prints them; bench.carry compares
+    them with a committed report's)."""
+    return {k: shown_path(v, ns) for k, v in vars(ns).items()
+            if k not in ("cache_dir", "work_dir", "embed_why", "carried")}
 
 
 def shown_path(value, ns):
@@ -1106,12 +1116,14 @@ def write_report(ns, rows, tasks, results, speed, params, timings, command, dist
     if incomplete:
         lines += [f"**Incomplete:** {len(incomplete)} of {len(summary)} rows have fewer seeds than asked (column n): "
                   "the run was stopped before their cells.", ""]
+    if carry.note(getattr(ns, "carried", carry.EMPTY)):
+        lines += [carry.note(ns.carried), ""]
     lines += table_lines(summary, tasks, params, speed) + findings_lines(summary, speed, ns)
     lines += ["", "![study](study.png)" if out.name == "study" else f"![study]({out.name}.png)", ""]
     atomic_write_text(str(out) + ".md", "\n".join(lines))
     atomic_write_text(str(out) + ".json", json.dumps({
         "mode": "quick" if ns.quick else "full", "command": command,
-        "settings": {k: shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")},
+        "settings": report_settings(ns), **carry.json_fields(results, ns),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
@@ -1234,6 +1246,8 @@ def main(argv=None) -> int:
     tasks = resolve_task_specs(ns)
     rows = make_rows(ns)
     state = load_state(ns)
+    ns.carried = carry.load(ns, report_settings(ns), log)  # cells finished on an earlier machine
+    carry.into_state(state, ns.carried)
     timings = state.setdefault("timings", {})
     if ns.remeasure_distill:
         measure_distill_speed(rows, ns, state)  # into state["distill_speed"], saved figure by figure
@@ -1251,14 +1265,19 @@ def main(argv=None) -> int:
         # 1. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
         # model folder is made (distilled) when first needed, then fine-tuned on every task
         for seed, row in execution_plan(rows, ns):
+            left = carry.tasks_left(row, seed, tasks, rows, ns.carried)
+            # frozen-embedding scores once the model exists (mpnet), unless done or carried
+            frozen = ns.study == "mpnet" and seed == ns.seed_list[0] and not frozen_done(row, ns)
+            if not left and not frozen:
+                continue
             folder, spent = prepare_model(row, ns)
             if spent:
                 timings[f"prepare {row['name']}"] = round(spent, 1)
                 save_state(ns, state)
             t0 = time.perf_counter()
-            finetune_cells(row, folder, tasks, seed, ns)
+            finetune_cells(row, folder, left, seed, ns)
             spent = time.perf_counter() - t0
-            if ns.study == "mpnet" and seed == ns.seed_list[0]:  # frozen-embedding scores once the model exists
+            if frozen:
                 from bench.study_mpnet import score_frozen
 
                 score_frozen(row, ns)
@@ -1285,9 +1304,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def frozen_done(row: dict, ns) -> bool:
+    from bench.study_mpnet import embed_scores, embeds_row
+
+    return not embeds_row(row) or embed_scores(row, ns) is not None
+
+
 def report(ns, rows, tasks, state: dict, command: str) -> None:
-    """The study's report from what is done: docs/study.md's form, or the mpnet study's own (bench/study_mpnet)."""
-    results = collect_results(rows, tasks, ns)
+    """The study's report from what is done (the cells finished here and those carried from the committed report):
+    docs/study.md's form, or the mpnet study's own (bench/study_mpnet)."""
+    results = carry.merged(collect_results(rows, tasks, ns), getattr(ns, "carried", carry.EMPTY))
     if ns.study == "mpnet":
         from bench import study_mpnet
 

@@ -14,7 +14,7 @@ import os
 import statistics
 from pathlib import Path
 
-from bench import study
+from bench import carry, study
 
 # How the token budget was sized (a measurement on a shared machine, kept with the report that relies on it)
 BUDGET_NOTE = (
@@ -56,7 +56,7 @@ def embed_scores(row: dict, ns) -> dict | None:
     """The row's embed-eval record (``{"scores", "averages"}``), cached under the work dir; None when not done."""
     path = os.path.join(embed_folder(row, ns), "embed_eval.json")
     if not os.path.isfile(path):
-        return None
+        return getattr(ns, "carried", carry.EMPTY)["embed"].get(row["name"])
     (model,) = json.loads(Path(path).read_text(encoding="utf-8"))["models"]
     return {"scores": model["scores"], "averages": model["averages"]}
 
@@ -264,6 +264,8 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
                                            len(rows) * len(ns.seed_list) * len(tasks)), results)
     lines += study.report_title(ns, mode, command)[2:]
     lines += study.setup_lines(ns, tasks, summary) + [f"- Budget: {BUDGET_NOTE}"]
+    if carry.note(getattr(ns, "carried", carry.EMPTY)):
+        lines += [f"- Carried: {carry.note(ns.carried)}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
     lines += table_lines(summary, tasks, params) + ["", "## Findings (computed from the table)", ""]
     lines += [f"- {x}" for x in findings(summary, ns)] + ["", f"![study]({Path(ns.out).name}.png)", ""]
@@ -272,7 +274,8 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     atomic_write_text(str(out) + ".md", "\n".join(lines))
     atomic_write_text(str(out) + ".json", json.dumps({
         "study": ns.study, "mode": "quick" if ns.quick else "full", "command": command,
-        "settings": {k: study.shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir", "embed_why")},
+        "settings": study.report_settings(ns), **carry.json_fields(results, ns),
+        "embed_records": {r["name"]: rec for r in rows if (rec := embed_scores(r, ns))},
         "machine": study.machine_description(), "rows": summary, "params": params, "speeds": state.get("speeds"),
         "timings_s": own, "projected_run": projection, "budget": BUDGET_NOTE,
     }, indent=2, default=str) + "\n")

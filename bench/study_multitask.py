@@ -43,6 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from bench import study  # first of the toolkit: it sets the offline environment (bench/study.py's module top)
+from bench import carry
 from bench.prepare_study_data import L3_NAME, default_cache_dir
 
 MODES = ("sum", "per_task", "hybrid", "pcgrad")
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT.png (default docs/study-multitask, "
                    "quick: docs/study-multitask-quick)")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished cells only")
+    p.add_argument("--no_carry", action="store_true",
+                   help="run every cell here: carry none from the committed report OUT.json (bench/carry.py)")
     p.add_argument("--prepare", action="store_true", help="first prepare the local tasks and the L3 encoder "
                    "(prepare_study_data.py's steps, each skipped once done)")
     return p
@@ -452,6 +455,8 @@ def write_report(ns, rows, tasks, results, params: dict, timings: dict, command:
     if missing:
         lines += [f"**Incomplete:** {len(missing)} of {len(summary)} rows have fewer seeds than asked (column n): "
                   "the run was stopped before their cells, or is still going.", ""]
+    if carry.note(getattr(ns, "carried", carry.EMPTY)):
+        lines += [carry.note(ns.carried), ""]
     lines += table_lines(summary, tasks) + ["", "## Findings (computed from the table)", ""]
     if ns.quick:
         lines += ["Quick mode trains on 160 examples of each task for one epoch: scores sit near chance and the "
@@ -459,9 +464,9 @@ def write_report(ns, rows, tasks, results, params: dict, timings: dict, command:
     lines += [f"- {x}" for x in findings(summary, ns)] + ["", f"![multi-task study]({out.name}.png)", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(out) + ".md", "\n".join(lines))
-    settings = {k: study.shown_path(v, ns) for k, v in vars(ns).items() if k not in ("cache_dir", "work_dir")}
     atomic_write_text(str(out) + ".json", json.dumps({
-        "mode": "quick" if ns.quick else "full", "command": command, "settings": settings,
+        "mode": "quick" if ns.quick else "full", "command": command, "settings": study.report_settings(ns),
+        **carry.json_fields(results, ns),
         "machine": {**machine_description(), "torch_threads": torch.get_num_threads()},
         "rows": summary, "findings": findings(summary, ns),
         "timings_s": {k: v for k, v in timings.items() if k.split(" ")[1] in {r["name"] for r in rows}},
@@ -510,8 +515,8 @@ def plot(summary, path: Path, ns) -> None:
 # --- main ---------------------------------------------------------------------------------------
 
 def report(ns, rows, tasks, state: dict, command: str) -> None:
-    results = {**study.collect_results([r for r in rows if r["kind"] != "multitask"], tasks, ns),
-               **multitask_results(rows, ns)}
+    results = carry.merged({**study.collect_results([r for r in rows if r["kind"] != "multitask"], tasks, ns),
+                            **multitask_results(rows, ns)}, getattr(ns, "carried", carry.EMPTY))
     known = state.setdefault("params", {})
     known.update(parameters([r for r in rows if r["name"] not in known], tasks, ns))
     write_report(ns, rows, tasks, results, known, state.get("timings", {}), command)
@@ -536,10 +541,15 @@ def main(argv=None) -> int:
     tasks = study.resolve_task_specs(ns)
     sources, rows = task_sources(names, tasks, ns), make_rows(ns)
     state = study.load_state(ns)
+    ns.carried = carry.load(ns, study.report_settings(ns), study.log)  # cells finished on an earlier machine
+    carry.into_state(state, ns.carried)
     timings = state.setdefault("timings", {})
     for seed, row in ([] if ns.report_only else execution_plan(rows, ns)):
+        left = carry.tasks_left(row, seed, tasks, rows, ns.carried)
+        if not left:
+            continue
         t0 = time.perf_counter()
-        if run_cell(row, seed, tasks, sources, ns):  # done now, not read from the cache
+        if run_cell(row, seed, left, sources, ns):  # done now, not read from the cache
             spent = time.perf_counter() - t0
             timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
             study.save_state(ns, state)

@@ -163,3 +163,37 @@ def test_a_finished_run_is_reused_only_with_the_config_and_command_it_was_made_w
             study_mt.check_same_run(str(made[0].parent), other)
         assert str(made[0].parent) in str(stop.value) and f"another {part}" in str(stop.value)
     study_mt.check_same_run(str(tmp_path), wanted)  # a run finished before the file existed: taken as it is
+
+
+def test_a_fresh_machine_carries_the_committed_cells_and_runs_only_the_rest(study_mt, finished, tmp_path, capsys):
+    """A new work dir (another machine) with the committed report beside the run: the cells it lists are read, not
+    run; a cell taken out of it is run here, and a task-KD cell brings its seed's teachers with it (their models
+    are not in a report). A setting that changes a result carries nothing."""
+    import shutil
+
+    root, report, argv, _ = finished
+    out = tmp_path / "out" / "mt"
+    out.parent.mkdir()
+    dropped = {"mt_sum_kd", "single"}  # seed 2 of these is left out of the committed report
+    kept = [c for c in report["cells"] if not (c["row"] in dropped and c["seed"] == 2)]
+    out.with_suffix(".json").write_text(json.dumps({**report, "cells": kept}))
+    fresh = [a if a != str(root / "out" / "mt") else str(out) for a in argv]
+    fresh[fresh.index("--work_dir") + 1] = str(tmp_path / "work")
+    assert study_mt.main(fresh) == 0
+    ran = {(row, seed) for row, seed in cell_scores(tmp_path)}
+    assert ran == {("mt_sum_kd", 2), ("single", 2), ("teacher", 2)}
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert {(c["row"], c["seed"], c["task"]) for c in again["cells"]} == {
+        (c["row"], c["seed"], c["task"]) for c in report["cells"]}
+    carried = {(c["row"], c["seed"], c["task"]): c["score"] for c in kept}
+    local = cell_scores(tmp_path)
+    for c in again["cells"]:  # each cell is the carried one, or the one run here when it ran here
+        key = (c["row"], c["seed"])
+        assert c["score"] == (local[key][c["task"]] if key in local else carried[key + (c["task"],)])
+    assert again["earlier_machines"] == [report["machine"]]
+    assert f"{len(kept)} of the finished cells were carried" in out.with_suffix(".md").read_text()
+    shutil.rmtree(tmp_path / "work")
+    other = fresh + ["--learning_rate", "5e-3"]
+    assert study_mt.main(other + ["--report_only"]) == 0
+    assert "nothing carried from mt.json: its settings differ in learning_rate" in capsys.readouterr().err
+    assert json.loads(out.with_suffix(".json").read_text())["cells"] == []

@@ -1,0 +1,132 @@
+"""Finished cells carried from a study's committed report into a run on another machine.
+
+A study (bench.study, bench.study_multitask) runs for longer than a machine may be held: its work dir (finished
+cells, distilled students) stays behind when the machine goes. Its committed report (``OUT.json``) lists every
+finished cell, so a run whose settings are the report's reads them from there and does not redo them: each
+(row, seed, task) score, the frozen-embedding scores of a row, the minutes each piece took and the parameter counts.
+A cell finished in the work dir wins over a carried one. Nothing is carried when a setting that changes a result
+differs (the report's one line says which); the report says how many of its cells were carried.
+
+A row that fine-tunes against the teacher's models of a seed (task KD) needs those models, which a report does not
+hold: the teacher's cells of that seed are then made again here, not carried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# settings that change no cell's result: where things go, what to measure again, which seeds to run now
+IGNORED = frozenset({"out", "report_only", "prepare", "remeasure_speed", "remeasure_distill", "skip_speed", "seeds",
+                     "seed_list", "data_cache", "cache_dir", "work_dir", "embed_why", "carried", "no_carry"})
+EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "machines": [], "source": None, "count": 0}
+
+
+def report_cells(results: dict) -> list[dict]:
+    """``results`` ((row, seed) -> {task: score}) as the report's ``cells`` list, sorted."""
+    return [{"row": name, "seed": seed, "task": task, "score": score}
+            for (name, seed), scores in sorted(results.items()) for task, score in sorted(scores.items())]
+
+
+def _cells_of(report: dict) -> dict:
+    """(row, seed) -> {task: score} from a report: its ``cells``, or (reports written before the list existed) the
+    rows' whole seeds, whose scores are in % and in the order of the row's ``seeds``."""
+    out = {}
+    if "cells" in report:
+        for c in report["cells"]:
+            out.setdefault((c["row"], int(c["seed"])), {})[c["task"]] = float(c["score"])
+        return out
+    for row in report.get("rows", []):
+        for i, seed in enumerate(row.get("seeds", [])):
+            out[(row["name"], int(seed))] = {task: vals[i] / 100 for task, vals in row.get("scores", {}).items()}
+    return out
+
+
+def _embed_of(report: dict) -> dict:
+    """Row -> embed-eval record (``{"scores", "averages"}``); a report without the records gives the averages."""
+    if "embed_records" in report:
+        return dict(report["embed_records"])
+    return {r["name"]: {"scores": None, "averages": r["embed"]} for r in report.get("rows", []) if r.get("embed")}
+
+
+def differing(report: dict, settings: dict) -> list[str]:
+    """The settings (other than :data:`IGNORED`) whose value differs between the report and this run."""
+    theirs = {k: v for k, v in report.get("settings", {}).items() if k not in IGNORED}
+    ours = json.loads(json.dumps({k: v for k, v in settings.items() if k not in IGNORED}, default=str))
+    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+
+
+def load(ns, settings: dict, log) -> dict:
+    """What the committed report ``ns.out + ".json"`` carries into this run (:data:`EMPTY` when there is none, the
+    run is a quick one, ``--no_carry`` is given, or a setting differs: ``log`` says which)."""
+    path = str(ns.out) + ".json"
+    if getattr(ns, "no_carry", False) or getattr(ns, "quick", False) or not os.path.isfile(path):
+        return dict(EMPTY)
+    report = json.load(open(path, encoding="utf-8"))
+    if report.get("mode") != "full":
+        return dict(EMPTY)
+    bad = differing(report, settings)
+    if bad:
+        log(f"nothing carried from {os.path.basename(path)}: its settings differ in {', '.join(bad)} "
+            f"(ours: {', '.join(f'{k}={settings.get(k)!r}' for k in bad)})")
+        return dict(EMPTY)
+    cells = _cells_of(report)
+    machines = [m for m in report.get("earlier_machines", []) + [report.get("machine")] if m]
+    params = report.get("params") or {r["name"]: r["params"] for r in report.get("rows", []) if r.get("params")}
+    carried = {"cells": cells, "embed": _embed_of(report), "timings": dict(report.get("timings_s") or {}),
+               "params": dict(params), "machines": [m for i, m in enumerate(machines) if m not in machines[:i]],
+               "source": os.path.basename(path), "count": sum(len(v) for v in cells.values())}
+    if carried["count"]:
+        log(f"{carried['count']} finished cells carried from {carried['source']} (not run again)")
+    return carried
+
+
+def merged(results: dict, carried: dict) -> dict:
+    """``results`` with the carried cells it lacks (a cell finished here wins)."""
+    out = {key: dict(scores) for key, scores in carried.get("cells", {}).items()}
+    for key, scores in results.items():
+        out.setdefault(key, {}).update(scores)
+    return out
+
+
+def into_state(state: dict, carried: dict) -> None:
+    """The carried minutes and parameter counts, where the work dir has none of its own."""
+    for key, value in carried.get("timings", {}).items():
+        state.setdefault("timings", {}).setdefault(key, value)
+    for key, value in carried.get("params", {}).items():
+        state.setdefault("params", {}).setdefault(key, value)
+
+
+def whole(name: str, seed: int, tasks, carried: dict) -> bool:
+    done = carried.get("cells", {}).get((name, seed), {})
+    return all(t.name in done for t in tasks)
+
+
+def tasks_left(row: dict, seed: int, tasks, rows, carried: dict) -> list:
+    """The tasks of (row, seed) to run here: those not carried. The teacher's cells of a seed all run when a row that
+    reads its fine-tuned models (task KD, a teacher per task) still has that seed to do."""
+    if row["kind"] == "teacher" and any(not whole(r["name"], seed, tasks, carried) for r in rows
+                                        if r.get("task_kd") or r.get("teachers")):
+        return list(tasks)
+    done = carried.get("cells", {}).get((row["name"], seed), {})
+    return [t for t in tasks if t.name not in done]
+
+
+def json_fields(results: dict, ns) -> dict:
+    """What a report's JSON holds for a later run to carry: every finished cell, and the machines that made the
+    carried ones (this run's own is the report's ``machine``)."""
+    carried = getattr(ns, "carried", EMPTY)
+    return {"cells": report_cells(results), "earlier_machines": carried["machines"] if carried.get("count") else []}
+
+
+def _machine(m: dict) -> str:
+    return f"{m.get('cpu', '?')} ({', '.join(m.get('cpu_bf16') or []) or 'no native bf16'}, {m.get('usable_cores', '?')} usable cores)"
+
+
+def note(carried: dict) -> str:
+    """The report's line on carried cells ('' when none)."""
+    if not carried.get("count"):
+        return ""
+    return (f"{carried['count']} of the finished cells were carried from the committed {carried['source']}, made "
+            f"with these settings on {'; '.join(map(_machine, carried['machines'])) or 'an earlier machine'} "
+            "(`--no_carry` runs everything here).")
