@@ -205,3 +205,26 @@ def test_compiled_models_give_the_eager_steps_loss_and_gradients(teacher_dir):
     assert len(got_grads) == len(ref_grads)
     for a, b in zip(ref_grads, got_grads):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_teacher_fp32_gives_the_fp32_teachers_features_under_bf16_autocast(teacher_dir):
+    """--teacher_fp32: inside the run's bf16 autocast the teacher's forward is the fp32 forward, bit for bit;
+    without it the teacher computes in bf16 (its features differ from the fp32 ones)."""
+    teacher = _teacher(teacher_dir)
+    student, _ = build_student(teacher, [1, 3])
+    objective = _objective({"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0}, teacher, student, [1, 3])
+    prepare_teacher(teacher, objective.requests()["teacher"].attention_layers)  # fp32 run: weights stay fp32
+    ids, mask = random_batch(seq=12, pad_last=5)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        ref = extract(teacher, ids, mask, **objective.extract_kwargs(batch, "teacher"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = StudentStep(student, objective, teacher, teacher_fp32=True).teacher_features(batch)
+        cast = StudentStep(student, objective, teacher).teacher_features(batch)
+    assert ref.hidden_states and ref.attentions
+    pairs = [(a, b, c) for a, b, c in zip(ref.hidden_states + ref.attentions, exact.hidden_states + exact.attentions,
+                                          cast.hidden_states + cast.attentions) if a is not None]
+    assert len(pairs) >= 4  # the mapped layers' hidden states and attention maps
+    for a, b, _ in pairs:
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    assert not all(torch.equal(a, c.float()) for a, _, c in pairs)  # bf16 matmuls inside

@@ -193,7 +193,7 @@ def build_run(cfg: DistillConfig, env: Dist) -> Run:
     teacher, student, tokenizer, pooler_start = load_models(cfg, env, teacher_path, teacher_config, layers, size,
                                                             objective)
     taught_by = load_teachers(teachers, teacher, student, tokenizer, objective, env.device, cfg.block_size,
-                              precision.autocast_dtype)
+                              None if cfg.teacher_fp32 else precision.autocast_dtype)
     return build_data(cfg, env, Run(teacher, student, tokenizer, objective, precision, None, None, layers, size,
                                     sentence, pooler_start, teacher_config, 0, 0, taught_by))
 
@@ -259,7 +259,7 @@ def calibrate_only(cfg: DistillConfig, run: Run, out: Path) -> str:
     from distill.train.step import StudentStep
 
     step_module = StudentStep(run.student, run.objective, run.step_teachers(),
-                              getattr(run.batches, "trained_generator", None))
+                              getattr(run.batches, "trained_generator", None), teacher_fp32=cfg.teacher_fp32)
     run_calibration(step_module, run.student.parameters(), (run.batches.chunk(k, 0) for k in range(cfg.calibrate)),
                     run.precision.autocast, out)
     return str(out)
@@ -277,7 +277,8 @@ def optimisation(cfg: DistillConfig, run: Run, env: Dist) -> Optimisation:
         run.precision.prepare(run.generator)
     if cfg.compile:  # each model's forward apart: the teacher's under no_grad, the student's with its backward
         compile_models(*dict.fromkeys([run.teacher, *run.teachers]), run.student)
-    step_module = StudentStep(run.student, run.objective, run.step_teachers(), run.generator)
+    step_module = StudentStep(run.student, run.objective, run.step_teachers(), run.generator,
+                              teacher_fp32=cfg.teacher_fp32)
     if env.world > 1:
         freeze_unused(step_module, run.batches.chunk(0, 0), run.precision)
     # fused AdamW where the device has it (make_optimizer's default): one kernel for all parameters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 from torch import nn
@@ -18,8 +19,10 @@ class StudentStep(nn.Module):
     MLM loss (term ``gen_mlm``) joins the total, so DDP, the optimiser and checkpoints see it.
     """
 
-    def __init__(self, student: nn.Module, objective: nn.Module, teacher: nn.Module, generator=None):
+    def __init__(self, student: nn.Module, objective: nn.Module, teacher: nn.Module, generator=None,
+                 teacher_fp32: bool = False):
         super().__init__()
+        self.teacher_fp32 = teacher_fp32  # the teacher's forward outside autocast (distill-train --teacher_fp32)
         self.student = student
         self.objective = objective
         self.generator = generator
@@ -31,14 +34,12 @@ class StudentStep(nn.Module):
     def teacher_features(self, batch: dict):
         """What the teacher(s) give for ``batch``, under ``no_grad``: one Features, or a list for several."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if not self._several:
-            if not self.objective.needs_teacher:  # e.g. an mlm-only objective asks nothing of the teacher
-                return Features()
-            with torch.no_grad():
+        if not self.objective.needs_teacher:  # e.g. an mlm-only objective asks nothing of the teacher
+            return [Features() for _ in self._teacher] if self._several else Features()
+        fp32 = torch.autocast(ids.device.type, enabled=False) if self.teacher_fp32 else contextlib.nullcontext()
+        with torch.no_grad(), fp32:
+            if not self._several:
                 return extract(self._teacher[0], ids, mask, **self.objective.extract_kwargs(batch, "teacher"))
-        if not self.objective.needs_teacher:
-            return [Features() for _ in self._teacher]
-        with torch.no_grad():
             return [extract(t, ids, mask, **self.objective.extract_kwargs(batch, "teacher", k))
                     for k, t in enumerate(self._teacher)]
 
