@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
     p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet)")
+    p.add_argument("--teacher_fp32", action="store_true",
+                   help="distil with distill-train --teacher_fp32 (the teacher's forward in fp32 under a bf16 run): "
+                        "what the bf16 teacher moves in a cell (its own work dir, CACHE/runs-t32 by default)")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
     p.add_argument("--no_carry", action="store_true",
                    help="run every cell here: carry none from the committed report OUT.json (bench/carry.py)")
@@ -259,7 +262,7 @@ def parse_args(argv=None):
     fill_and_check(p, ns)
     task_kd_rows(p, ns)
     ns.cache_dir = ns.cache_dir or default_cache_dir()
-    runs = "runs" if ns.study == "minilm" else f"runs-{ns.study}"
+    runs = ("runs" if ns.study == "minilm" else f"runs-{ns.study}") + ("-t32" if ns.teacher_fp32 else "")
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, runs + ("-quick" if ns.quick else ""))
     ns.corpus_default = ns.corpus is None
     ns.corpus = ns.corpus or default_corpus(ns.cache_dir)
@@ -487,6 +490,7 @@ def model_folder(row: dict, ns) -> str:
         name += corpus_tag(ns)
         name += f"_rh{ns.relation_heads}" if ns.relation_heads and "qq_rel" in objective_weights(row["objective"]) else ""
         name += f"_cal{calibrate_batches(ns)}" if row["objective"].endswith(CALIBRATED) else ""
+        name += "_t32" if getattr(ns, "teacher_fp32", False) else ""
     return os.path.join(ns.work_dir, "models", name)
 
 
@@ -543,6 +547,8 @@ def distill_settings(row: dict, weights: dict, ns) -> dict:
     }
     if ns.relation_heads:
         settings["relation_heads"] = ns.relation_heads
+    if getattr(ns, "teacher_fp32", False):
+        settings["teacher_fp32"] = True
     return settings
 
 
@@ -1011,7 +1017,8 @@ def setup_lines(ns, tasks, summary) -> list[str]:
           f"{','.join(map(str, seeds_done)) or '-'} of {','.join(map(str, ns.seed_list))}",
         f"- Distillation: {ns.distill_steps} steps of {ns.distill_batch} x {ns.block_size} tokens of "
         f"`{shown_path(ns.corpus, ns)}`, "
-        f"{ns.train_precision}, AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
+        f"{ns.train_precision}" + (" with the teacher's forward in fp32 (--teacher_fp32)" if ns.teacher_fp32 else "")
+        + f", AdamW lr {ns.distill_lr:g} (warm-up 5%, linear decay), loss weights 1 per term; "
         + ("hid_mse/att_mse: student layer i against teacher layer i*Lt/Ls (uniform map: "
            + ",".join(map(str, loss_targets(ns.inits[0], ns) or [])) + " for every initialisation; with the "
            "initialisation's own layers as the map, the terms of a 1,2,3 student compare identical layers and start "

@@ -318,3 +318,17 @@ def test_remeasure_distill_records_each_recipe_s_speed_and_projects_the_whole_ru
 def test_remeasure_distill_needs_a_few_steps(study):
     with pytest.raises(SystemExit):
         study.parse_args(["--remeasure_distill", "2"])
+
+
+def test_teacher_fp32_distils_in_a_work_dir_and_folder_of_its_own(study, bert_mlm_dir):
+    """--teacher_fp32 (what the bf16 teacher moves): distill-train gets teacher_fp32, and neither the distilled
+    folders nor the fine-tuned cells can be mistaken for the bf16 teacher's."""
+    base = ["--teacher", bert_mlm_dir, "--inits", "1,3", "--objectives", "hid_mse+att_mse", "--cache_dir", "/c"]
+    plain, fp32 = study.parse_args(base), study.parse_args(base + ["--teacher_fp32"])
+    plain.train_precision = fp32.train_precision = "bf16"  # what main() sets from --precision
+    (row,) = [r for r in study.make_rows(fp32) if r["kind"] == "student" and r["objective"] != "none"
+              and not r.get("task_kd")]
+    assert fp32.work_dir == plain.work_dir + "-t32"
+    assert study.model_folder(row, fp32).endswith("_t32")
+    assert study.distill_settings(row, {"hid_mse": 1.0}, fp32)["teacher_fp32"] is True
+    assert "teacher_fp32" not in study.distill_settings(row, {"hid_mse": 1.0}, plain)
