@@ -140,3 +140,14 @@ def test_help_shows_each_range(capsys):
     text = " ".join(build_parser().format_help().split())
     assert "peak AdamW learning rate; allowed: (0, 1] (default: 0.0005)" in text
     assert "AdamW beta2; allowed: [0, 1) (default: 0.98)" in text
+
+
+def test_a_value_that_starts_with_a_minus_sign_reaches_its_own_check(capsys):
+    """``--flag -1,2`` / ``--flag -1e-3``: argparse alone reads these as flags ("expected one argument"); the
+    field's own check must word the error, as for ``--flag=-1,2``."""
+    assert _bad(capsys, ["--learning_rate", "-1e-3"]) == (
+        "error: learning_rate=-0.001 is out of range: it must be a finite number in (0, 1]")
+    for argv in (["--teacher", "a", "--teacher", "b", "--teacher_weights", "-1,2"],
+                 ["--teacher", "a", "--teacher", "b", "--teacher_weights=-1,2"]):
+        assert _bad(capsys, argv).startswith("error: --teacher_weights '-1,2': give 2 numbers >= 0")
+    assert "--no_such_field" in _bad(capsys, ["--max_steps", "3", "--no_such_field"])  # flags stay flags

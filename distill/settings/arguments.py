@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 
@@ -138,6 +139,9 @@ class DataclassParser(HfArgumentParser):
         finally:
             for f, hint in declared:
                 f.type = hint
+        # a value that starts with a minus sign and a digit ("-1,2", "-0.5", "-1e-3") is a value, not a flag, so its
+        # field's own check words the error (argparse only takes "-1" and "-0.5" as numbers)
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     @staticmethod
     def _parse_dataclass_field(parser, field: dataclasses.Field):
