@@ -158,18 +158,40 @@ def set_threads(spec: str) -> str:
 # --------------------------------------------------------------------------------------- what a report records
 
 
+# flags whose value a report shows by the file's name alone (it reruns from the folder that should hold the file),
+# and those whose value is a scratch folder of the run (shown as SCRATCH_DIR)
+NAMED_FLAGS = ("--out", "--markdown")
+SCRATCH_FLAGS = ("--work", "--work_dir")
+
+
+def shown_argument(flag: str, value: str) -> str:
+    """A path-valued argument as a committed report shows it: relative to the repository when inside it; else by
+    name (:data:`NAMED_FLAGS`), as SCRATCH_DIR (:data:`SCRATCH_FLAGS`), or under ``~`` when in the home folder, else
+    by name. Values that are not absolute paths stay as given."""
+    if not value.startswith(("/", "~")):
+        return value
+    path = Path(value).expanduser().resolve()
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    if flag in SCRATCH_FLAGS:
+        return "SCRATCH_DIR"
+    home = Path.home().resolve()
+    if flag not in NAMED_FLAGS and path.is_relative_to(home):
+        return str(Path("~") / path.relative_to(home))
+    return path.name
+
+
 def command_line(module: str, argv: list[str]) -> str:
-    """A bench's command as run, for its report: ``python -m MODULE`` and the arguments as given, ``--out`` relative
-    to the repository when it lies inside it, else by its name alone (no directory of the machine it ran on goes into
-    a committed report; such a command reruns from the folder that should hold the file)."""
-    words, out_next = ["python", "-m", module], False
+    """A bench's command as run, for its report: ``python -m MODULE`` and the arguments as given, paths as
+    :func:`shown_argument` shows them (no directory of the machine it ran on goes into a committed report)."""
+    words, flag = ["python", "-m", module], ""
     for word in argv:
-        flag, eq, value = word.partition("=")
-        if out_next or (flag == "--out" and eq):
-            path = Path(word if out_next else value).resolve()
-            shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
-            word = shown if out_next else f"--out={shown}"
-        out_next = word == "--out"
+        name, eq, value = word.partition("=")
+        if name.startswith("--") and eq:
+            word = f"{name}={shown_argument(name, value)}"
+        elif not word.startswith("--"):
+            word = shown_argument(flag, word)
+        flag = word if word.startswith("--") and not eq else ""
         words.append(word)
     return " ".join(shlex.quote(w) for w in words)
 

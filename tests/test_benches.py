@@ -155,3 +155,17 @@ def test_length_groups_bench_runs_a_real_epoch_both_ways(tmp_path, vocab_dir):
     padded = sum(8 * max(lengths[s:s + 8]) for s in range(0, 24, 8))
     assert report["real_token_share"] == pytest.approx(sum(lengths) / padded)
     assert f"length_groups_vs_one_forward: {report['length_groups_vs_one_forward']['value']:.2f}" in done.stdout
+
+
+def test_a_reports_command_names_no_folder_of_the_machine_it_ran_on(tmp_path):
+    """bench.common.command_line: paths inside the repository relative to it; a scratch folder as SCRATCH_DIR; an
+    output file by its name; other paths under ~ or by name; everything else as given."""
+    from bench.common import ROOT, command_line
+
+    home = Path.home() / ".cache" / "m"
+    got = command_line("bench.deploy", ["--work", str(tmp_path), "--out", str(ROOT / "docs" / "d.json"),
+                                        f"--student={home}", "--teacher", str(tmp_path / "t"), "--threads", "2",
+                                        "--markdown", str(tmp_path / "page.md"), "positional"])
+    assert got == ("python -m bench.deploy --work SCRATCH_DIR --out docs/d.json '--student=~/.cache/m' --teacher t "
+                   "--threads 2 --markdown page.md positional")
+    assert str(tmp_path) not in got and str(Path.home()) not in got
