@@ -262,3 +262,28 @@ def test_a_command_line_teacher_replaces_a_recipes_whole_list_and_its_weights():
     assert (two.teacher, two.other_teachers, two.teacher_weights) == ("a", ["b"], "1,3")
     with pytest.raises(UsageError, match="--other_teachers and a repeated --teacher"):
         parse_config(["--teacher", "a", "--other_teachers", "b", "--teacher", "c"])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_two_teachers(tmp_path, vocab_dir, corpus):
+    """Several teachers under torchrun: two processes with the same global batch give one process's student
+    (the teachers' mixture and each teacher's layer map, per process; no dropout, so the runs compare exactly)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    quiet = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    a = tiny.save_model("bert_mlm", tmp_path / "a", vocab_dir, seed=0, **quiet)
+    b = tiny.save_model("bert_mlm", tmp_path / "b", vocab_dir, seed=1, num_hidden_layers=6, **quiet)
+    common = dict(teacher_weights="0.7,0.3", per_device_batch_size=3, max_steps=3, save_steps=0)
+    assert train_main(_argv([a, b], corpus, tmp_path / "one", tmp_path, gradient_accumulation_steps=2, **common)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           shutil.which("distill-train"), *_argv([a, b], corpus, tmp_path / "two", tmp_path, **common)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two, start = (tiny.saved_weights(tmp_path / n) for n in ("one", "two", "a"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(one[k], start[k]) for k in one if k in start) > 10  # the runs trained
