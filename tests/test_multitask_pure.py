@@ -172,9 +172,9 @@ def test_the_weighted_sum_is_the_hand_sum():
 
 # --- PCGrad ----------------------------------------------------------------------------------------
 
-def reference_pcgrad(grads, orders):
+def reference_pcgrad(grads, orders, projections=None):
     """Yu et al.'s Algorithm 1 in float64 Python: project the running g_i off each ORIGINAL g_j it conflicts
-    with, in the given order; sum."""
+    with, in the given order; sum. ``projections``: a list that gets one entry per projection made."""
     grads = [[float(v) for v in g] for g in grads]
     total = [0.0] * len(grads[0])
     for i, order in enumerate(orders):
@@ -184,16 +184,23 @@ def reference_pcgrad(grads, orders):
             if dot < 0:
                 norm = sum(b * b for b in grads[j])
                 g = [a - dot / norm * b for a, b in zip(g, grads[j])]
+                if projections is not None:
+                    projections.append((i, j))
         total = [t + a for t, a in zip(total, g)]
     return total
 
 
 def test_two_conflicting_gradients_give_the_hand_computed_update():
     grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # g1.g2 = -1: g1 -> (0.5, 0.5), g2 -> (0, 1)
-    assert project_conflicts(grads, [[1], [0]]).tolist() == [[0.5, 0.5], [0.0, 1.0]]
-    assert pcgrad(grads, torch.Generator().manual_seed(0)).tolist() == [0.5, 1.5]
+    tally = {}
+    assert project_conflicts(grads, [[1], [0]], tally).tolist() == [[0.5, 0.5], [0.0, 1.0]]
+    assert tally == {"pairs": 2, "conflicts": 2}  # each projected off the other
+    assert pcgrad(grads, torch.Generator().manual_seed(0), tally).tolist() == [0.5, 1.5]
+    assert tally == {"pairs": 4, "conflicts": 4}  # added to, step after step
     agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # no conflict: the plain sum
-    assert pcgrad(agreeing, torch.Generator().manual_seed(0)).tolist() == [2.0, 1.0]
+    none = {}
+    assert pcgrad(agreeing, torch.Generator().manual_seed(0), none).tolist() == [2.0, 1.0]
+    assert none == {"pairs": 2, "conflicts": 0}
 
 
 def test_the_order_of_the_other_tasks_matters_and_is_drawn_from_the_seed():
@@ -220,8 +227,10 @@ def test_pcgrad_matches_the_float64_reference_on_many_conflicting_gradients():
         assert any(float(grads[i] @ grads[j]) < 0 for i, j in itertools.combinations(range(k), 2))
         for seed in range(5):
             orders = projection_orders(k, torch.Generator().manual_seed(seed))
-            got = pcgrad(grads, torch.Generator().manual_seed(seed))
-            ref = np.array(reference_pcgrad(grads.double(), orders))
+            tally, made = {}, []
+            got = pcgrad(grads, torch.Generator().manual_seed(seed), tally)
+            ref = np.array(reference_pcgrad(grads.double(), orders, made))
+            assert tally == {"pairs": k * (k - 1), "conflicts": len(made)} and made
             assert np.allclose(got.double().numpy(), ref, rtol=1e-5, atol=1e-5)
             assert not np.allclose(ref, grads.double().sum(0).numpy(), atol=1e-3)  # surgery changed the sum
 

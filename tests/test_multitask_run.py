@@ -90,6 +90,11 @@ def test_one_student_learns_both_tasks_and_the_saved_model_reproduces_its_scores
         assert accuracy > 0.8  # chance is 0.5: both tasks learnt by one encoder
     if "gradient" in extra:
         assert result["train"]["kinds"]["sum"] > 0 and result["settings"]["gradient"] == "pcgrad"
+        tally = result["train"]["pcgrad"]  # two tasks: each step looks at (1, 2) and (2, 1)
+        assert tally["pairs"] == 2 * result["train"]["kinds"]["sum"] and 0 <= tally["conflicts"] <= tally["pairs"]
+        assert tally["rate"] == pytest.approx(tally["conflicts"] / tally["pairs"])
+    else:
+        assert result["train"]["pcgrad"] is None
 
 
 def _runs(tasks, tokenizer, config):
@@ -164,9 +169,11 @@ def test_pcgrad_in_the_loop_is_the_float64_reference_over_each_tasks_gradient(ta
         heads[run.name] = g[len(shared):]
     assert float(per_task[0] @ per_task[1]) < 0  # they conflict: the projection acts
     streams = [mtrain.BatchStream(r.train, 8, collate, seed=0) for r in runs]
+    tally, made = {}, []
     mtrain.train_step(model, runs, streams, "sum", None, config, "cpu", torch.Generator().manual_seed(5),
-                      contextlib.nullcontext)
-    expected = reference_pcgrad(torch.stack(per_task), projection_orders(2, torch.Generator().manual_seed(5)))
+                      contextlib.nullcontext, tally)
+    expected = reference_pcgrad(torch.stack(per_task), projection_orders(2, torch.Generator().manual_seed(5)), made)
+    assert tally == {"pairs": 2, "conflicts": len(made)} and made
     got = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
                      for p in shared]).double()
     # float32 gradients and projection against float64: the nearly opposite gradients cancel, so the bound is

@@ -28,23 +28,30 @@ def projection_orders(num_tasks: int, generator: torch.Generator) -> list[list[i
     return orders
 
 
-def project_conflicts(grads: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
+def project_conflicts(grads: torch.Tensor, orders: list[list[int]], tally: dict | None = None) -> torch.Tensor:
     """grads: ``[K, P]`` one flat gradient per task. Returns ``[K, P]``, each row projected off the original
-    rows it conflicts with, in ``orders[i]`` (from :func:`projection_orders`)."""
+    rows it conflicts with, in ``orders[i]`` (from :func:`projection_orders`). ``tally``: ``pairs`` (each (i, j)
+    looked at) and ``conflicts`` (each projection made) are added to it, so a run can say how often PCGrad acted."""
     out = grads.clone()
     squares = (grads * grads).sum(dim=1)
+    conflicts = 0
     for i, order in enumerate(orders):
         g = out[i]
         for j in order:
             dot = torch.dot(g, grads[j])
             if dot < 0:  # a conflict; |g_j| > 0 here, or the dot would be 0
                 g -= (dot / squares[j]) * grads[j]
+                conflicts += 1
+    if tally is not None:
+        tally["pairs"] = tally.get("pairs", 0) + sum(len(o) for o in orders)
+        tally["conflicts"] = tally.get("conflicts", 0) + conflicts
     return out
 
 
-def pcgrad(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The PCGrad update ``[P]`` of ``grads`` ``[K, P]``: projected per task, then summed."""
-    return project_conflicts(grads, projection_orders(grads.shape[0], generator)).sum(dim=0)
+def pcgrad(grads: torch.Tensor, generator: torch.Generator, tally: dict | None = None) -> torch.Tensor:
+    """The PCGrad update ``[P]`` of ``grads`` ``[K, P]``: projected per task, then summed (``tally``: as
+    :func:`project_conflicts`)."""
+    return project_conflicts(grads, projection_orders(grads.shape[0], generator), tally).sum(dim=0)
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,7 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def distributed_pcgrad(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def distributed_pcgrad(grads: torch.Tensor, generator: torch.Generator, tally: dict | None = None) -> torch.Tensor:
     """PCGrad of the global batch: every task's gradient averaged over the ranks, then projected (see above).
-    ``generator`` must be seeded alike on every rank; each rank returns the same update."""
-    return pcgrad(all_reduce_mean_(grads), generator)
+    ``generator`` must be seeded alike on every rank; each rank returns the same update (and tally)."""
+    return pcgrad(all_reduce_mean_(grads), generator, tally)

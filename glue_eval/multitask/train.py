@@ -83,6 +83,8 @@ class TrainRecord:
     runtime_s: float
     switched_at: int | None
     logs: list = field(default_factory=list)
+    # PCGrad: the (task i, task j) pairs looked at and the projections made (conflicts); None without PCGrad
+    pcgrad: dict | None = None
 
 
 def total_steps(config: MultitaskConfig, streams: list[BatchStream], epochs: float, max_steps: int) -> int:
@@ -134,7 +136,7 @@ def average_gradients(params) -> None:
     _set_flat_grad(params, all_reduce_mean_(_flat_grad(params)))
 
 
-def pcgrad_backward(model: MultitaskModel, losses: dict, weights: dict, generator) -> None:
+def pcgrad_backward(model: MultitaskModel, losses: dict, weights: dict, generator, tally: dict | None = None) -> None:
     """Each task's weighted loss backward alone; the encoder's gradients projected (PCGrad, over the ranks'
     averaged gradients), the heads' left as their own task made them (and averaged over the ranks)."""
     shared = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -144,13 +146,15 @@ def pcgrad_backward(model: MultitaskModel, losses: dict, weights: dict, generato
         per_task.append(_flat_grad(shared).float())
         for p in shared:
             p.grad = None
-    _set_flat_grad(shared, distributed_pcgrad(torch.stack(per_task), generator))
+    _set_flat_grad(shared, distributed_pcgrad(torch.stack(per_task), generator, tally))
     average_gradients(model.heads.parameters())
 
 
-def train_step(model, runs, streams, kind: str, task: int | None, config, device, generator, autocast):
+def train_step(model, runs, streams, kind: str, task: int | None, config, device, generator, autocast,
+               tally: dict | None = None):
     """One optimisation step's forward and backward (the caller steps the optimiser). Returns the loss (a
-    per-task step: that task's; a meta-batch: the weighted sum) and the terms of each task, by task."""
+    per-task step: that task's; a meta-batch: the weighted sum) and the terms of each task, by task. ``tally``:
+    PCGrad's pairs and conflicts are counted into it."""
     chosen = [task] if kind == "per_task" else range(len(runs))
     losses, terms = {}, {}
     with autocast():
@@ -158,7 +162,7 @@ def train_step(model, runs, streams, kind: str, task: int | None, config, device
             losses[runs[k].name], terms[runs[k].name] = run_loss(model, runs[k], streams[k].next(), device)
     weights = {r.name: (r.weight if kind == "sum" else 1.0) for r in runs}
     if kind == "sum" and config.gradient == "pcgrad":
-        pcgrad_backward(model, losses, weights, generator)
+        pcgrad_backward(model, losses, weights, generator, tally)
         total = weighted_sum({k: v.detach() for k, v in losses.items()}, weights)
     else:
         total = weighted_sum(losses, weights)
@@ -202,10 +206,11 @@ def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: Multitas
     schedule, generator = HybridSchedule(config.schedule), torch.Generator().manual_seed(args.seed)
     autocast, kinds, window, logs = autocast_for(args, device), {"sum": 0, "per_task": 0}, [], []
     start, loss = time.time(), float("nan")
+    tally = {"pairs": 0, "conflicts": 0} if config.gradient == "pcgrad" else None
     for step in range(1, steps + 1):
         kind = schedule.next_kind()
         task = sampler.draw((step - 1) / steps) if kind == "per_task" else None
-        loss, terms = train_step(model, runs, streams, kind, task, config, device, generator, autocast)
+        loss, terms = train_step(model, runs, streams, kind, task, config, device, generator, autocast, tally)
         if args.max_grad_norm and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
@@ -221,9 +226,11 @@ def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: Multitas
             logs.append(entry)
             window.clear()
             if rank == 0:
-                log(f"step {step}/{steps} {kind} loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+                log(f"step {step}/{steps} {kind} loss {entry['loss']:.4f} lr {entry['lr']:.2e}"
+                    + (f" pcgrad conflicts {tally['conflicts']}/{tally['pairs']}" if tally else ""))
     return TrainRecord(steps=steps, kinds=kinds, loss=loss, runtime_s=round(time.time() - start, 2),
-                       switched_at=schedule.switched_at, logs=logs)
+                       switched_at=schedule.switched_at, logs=logs,
+                       pcgrad=None if tally is None else {**tally, "rate": tally["conflicts"] / max(1, tally["pairs"])})
 
 
 @torch.no_grad()
