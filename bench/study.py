@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 O2 on an older GPU, else fp32)")
     p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
-    p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet)")
+    p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet; "
+                                               "--quick: docs/study-quick, docs/study-mpnet-quick)")
     p.add_argument("--teacher_fp32", action="store_true",
                    help="distil with distill-train --teacher_fp32 (the teacher's forward in fp32 under a bf16 run): "
                         "what the bf16 teacher moves in a cell (its own work dir, CACHE/runs-t32 by default)")
@@ -264,6 +265,8 @@ def parse_args(argv=None):
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     runs = ("runs" if ns.study == "minilm" else f"runs-{ns.study}") + ("-t32" if ns.teacher_fp32 else "")
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, runs + ("-quick" if ns.quick else ""))
+    if ns.quick and ns.out == STUDIES[ns.study]["out"]:  # a smoke test never overwrites the study's report
+        ns.out += "-quick"
     ns.corpus_default = ns.corpus is None
     ns.corpus = ns.corpus or default_corpus(ns.cache_dir)
     return ns

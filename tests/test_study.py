@@ -332,3 +332,10 @@ def test_teacher_fp32_distils_in_a_work_dir_and_folder_of_its_own(study, bert_ml
     assert study.model_folder(row, fp32).endswith("_t32")
     assert study.distill_settings(row, {"hid_mse": 1.0}, fp32)["teacher_fp32"] is True
     assert "teacher_fp32" not in study.distill_settings(row, {"hid_mse": 1.0}, plain)
+
+
+def test_a_quick_run_writes_beside_the_studys_report_not_over_it(study):
+    for name in ("minilm", "mpnet"):
+        full, quick = study.parse_args(["--study", name]), study.parse_args(["--study", name, "--quick"])
+        assert quick.out == full.out + "-quick" and quick.work_dir == full.work_dir + "-quick"
+    assert study.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
