@@ -49,23 +49,27 @@ def _embed_of(report: dict) -> dict:
     return {r["name"]: {"scores": None, "averages": r["embed"]} for r in report.get("rows", []) if r.get("embed")}
 
 
-def differing(report: dict, settings: dict) -> list[str]:
-    """The settings (other than :data:`IGNORED`) whose value differs between the report and this run."""
+def differing(report: dict, settings: dict, defaults: dict | None = None) -> list[str]:
+    """The settings (other than :data:`IGNORED`) whose value differs between the report and this run. A setting
+    the report does not record (a flag added since) counts as its default there (``defaults``)."""
     theirs = {k: v for k, v in report.get("settings", {}).items() if k not in IGNORED}
     ours = json.loads(json.dumps({k: v for k, v in settings.items() if k not in IGNORED}, default=str))
-    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    known = json.loads(json.dumps(defaults or {}, default=str))
+    return sorted(k for k in set(theirs) | set(ours)
+                  if theirs.get(k, known.get(k)) != ours.get(k, known.get(k)))
 
 
-def load(ns, settings: dict, log) -> dict:
+def load(ns, settings: dict, log, defaults: dict | None = None) -> dict:
     """What the committed report ``ns.out + ".json"`` carries into this run (:data:`EMPTY` when there is none, the
-    run is a quick one, ``--no_carry`` is given, or a setting differs: ``log`` says which)."""
+    run is a quick one, ``--no_carry`` is given, or a setting differs: ``log`` says which; ``defaults``: the flags'
+    defaults, for settings the report predates)."""
     path = str(ns.out) + ".json"
     if getattr(ns, "no_carry", False) or getattr(ns, "quick", False) or not os.path.isfile(path):
         return dict(EMPTY)
     report = json.load(open(path, encoding="utf-8"))
     if report.get("mode") != "full":
         return dict(EMPTY)
-    bad = differing(report, settings)
+    bad = differing(report, settings, defaults)
     if bad:
         log(f"nothing carried from {os.path.basename(path)}: its settings differ in {', '.join(bad)} "
             f"(ours: {', '.join(f'{k}={settings.get(k)!r}' for k in bad)})")

@@ -1256,7 +1256,7 @@ def main(argv=None) -> int:
     tasks = resolve_task_specs(ns)
     rows = make_rows(ns)
     state = load_state(ns)
-    ns.carried = carry.load(ns, report_settings(ns), log)  # cells finished on an earlier machine
+    ns.carried = carry.load(ns, report_settings(ns), log, vars(build_parser().parse_args([])))  # earlier machines
     carry.into_state(state, ns.carried)
     timings = state.setdefault("timings", {})
     if ns.remeasure_distill:

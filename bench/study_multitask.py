@@ -541,7 +541,8 @@ def main(argv=None) -> int:
     tasks = study.resolve_task_specs(ns)
     sources, rows = task_sources(names, tasks, ns), make_rows(ns)
     state = study.load_state(ns)
-    ns.carried = carry.load(ns, study.report_settings(ns), study.log)  # cells finished on an earlier machine
+    ns.carried = carry.load(ns, study.report_settings(ns), study.log,
+                            vars(build_parser().parse_args([])))  # cells finished on an earlier machine
     carry.into_state(state, ns.carried)
     timings = state.setdefault("timings", {})
     for seed, row in ([] if ns.report_only else execution_plan(rows, ns)):

@@ -57,3 +57,12 @@ def test_the_teacher_runs_again_while_a_row_that_reads_its_models_has_the_seed_t
     assert names(rows[0], 1) == [] and names(rows[1], 1) == ["b"] and names(rows[2], 1) == []
     assert names(rows[0], 2) == ["a", "b"]  # mt has seed 2 to do: it needs the teacher's seed-2 models
     assert names(rows[3], 2) == ["a", "b"] and names(rows[2], 2) == []
+
+
+def test_a_setting_the_report_predates_counts_as_its_default(tmp_path):
+    ns = write(tmp_path, {"mode": "full", "settings": {"lr": 1}, "cells": carry.report_cells({("t", 1): {"a": 0.5}})})
+    defaults = {"lr": None, "new_flag": False}
+    assert carry.load(ns, {"lr": 1, "new_flag": False}, print, defaults)["count"] == 1
+    said = []
+    assert carry.load(ns, {"lr": 1, "new_flag": True}, said.append, defaults)["count"] == 0
+    assert "differ in new_flag" in said[0]
