@@ -92,8 +92,15 @@ def test_the_findings_are_computed_from_the_table(finished):
     for name in ("mt_sum", "mt_pcgrad"):
         line = next(f for f in findings if f.startswith(by[name]["label"] + ":"))
         assert f"{by[name]['vs_single'][0]:+.1f}" in line and f"{by[name]['params_share']:.2f}" in line
+    kd = [by["mt_sum_kd"], by["mt_pcgrad_kd"]]  # multi-task distillation against multi-task fine-tuning alone
+    above = sum(r["vs_plain"][0] > 0 for r in kd)
+    (line,) = [f for f in findings if f.startswith("Target (multi-task distillation")]
+    assert f"in {above} of 2 schedules" in line
+    assert line.endswith(": met.") if above == 2 else f"{2 - above} schedules not above" in line
+    least = min(kd, key=lambda r: r["vs_plain"][0])
+    assert f"the least {least['vs_plain'][0]:+.1f}" in line and least["label"] in line
     best = max((by["mt_sum"], by["mt_pcgrad"]), key=lambda r: r["vs_single"][0])
-    (target,) = [f for f in findings if f.startswith("Target")]
+    (target,) = [f for f in findings if f.startswith("Target (a multi-task student")]
     assert best["label"] in target and ("met" in target or "not met" in target)
     assert best["params_share"] < 0.55  # 2 tasks: one encoder instead of two
     spread = {round(r["avg"], 6) for r in report["rows"]} | {round(x, 6) for r in report["rows"] for x in r["avg_by_seed"]}
