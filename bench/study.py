@@ -1272,6 +1272,7 @@ def main(argv=None) -> int:
         state["speed"] = measure_speed(teacher_path(ns), model_folder(first, ns), ns.quick)
         save_state(ns, state)
     if not (ns.report_only or ns.remeasure_speed or ns.remeasure_distill):
+        state["torch_threads"] = torch.get_num_threads()  # what the run's minutes were measured at
         # 1. (seed, row) cells in the order that answers the study's questions soonest (see execution_plan); a
         # model folder is made (distilled) when first needed, then fine-tuned on every task
         for seed, row in execution_plan(rows, ns):
@@ -1290,7 +1291,10 @@ def main(argv=None) -> int:
             if frozen:
                 from bench.study_mpnet import score_frozen
 
+                t1 = time.perf_counter()
                 score_frozen(row, ns)
+                if frozen_done(row, ns):
+                    timings[f"frozen {row['name']}"] = round(time.perf_counter() - t1, 1)
             if spent > 5:
                 timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
                 save_state(ns, state)

@@ -16,28 +16,11 @@ from pathlib import Path
 
 from bench import carry, study
 
-# How the token budget was sized (a measurement on a shared machine, kept with the report that relies on it)
+# The distillation budget, and why (the run's own minutes, and what is left at those rates: time_lines)
 BUDGET_NOTE = (
-    "The token budget (150 steps of 16 x 128 tokens, 307k tokens a distilled row) was sized from 6 steps of the "
-    "12-layer teacher into the 4-layer 1,5,8,12 student with hid_mse+att_mse in bf16 on this 2-core machine while "
-    "other engineers' jobs shared it (load average 5-12): 61-69 tokens/s of wall clock with the process getting "
-    "about a third of the cores (75 CPU-seconds in 230 s, tokenising included), i.e. about 8 CPU-seconds a step, "
-    "about 500 tokens/s and 10 minutes a row on an idle machine. Fine-tuning at docs/study.md's settings "
-    "dominates the cost: scaled from that study's measured minutes by the non-embedding parameters (the teacher "
-    "8x all-MiniLM-L6-v2's, a 4-layer student 2.7x, a 6-layer one 4x), about 22 min a seed for the teacher, 7 for "
-    "a 4-layer and 10 for a 6-layer student: about 6.5 hours for the 16 rows' 3 seeds without task KD, about 1.5 "
-    "more for the augmented task-KD row (3x the examples, the teacher's passes), about 2 for the 9 distillations "
-    "(relations and 6 layers slower), about 1 for the frozen-embedding scores (444 BBC articles encoded at each "
-    "model's own length, up to 384 tokens, three times; the teacher about 10 min, a 4-layer student 3-4). The "
-    "whole study is therefore about 11 hours on an idle 2-core machine, over the 8 hours asked: the fine-tuning "
-    "settings, fixed by the issue, set that floor, not the distillation budget. Inside 8 hours: `--seeds 1,2` "
-    "(about 8 hours), or stop the run at 8 hours (every row gets seed 1 first). The teacher's first cell "
-    "(polarity, seed 1) took 44 min of wall clock here, niced beside other jobs. Fine-tuning then ran each batch as "
-    "up to 3 length groups (`--length_groups 3`): polarity's and uncertainty's padded batches computed twice their "
-    "real tokens, and the teacher's polarity epochs ran 1.42x faster so with nothing else running (BBC's 64-token rows "
-    "gain nothing); that takes about a sixth off the fine-tuning, about 9.5-10 hours in all (`--seeds 1,2` about "
-    "6.5-7). These are estimates until the run's own timings (the table's compute columns) and "
-    "`--remeasure_distill 20` on an idle machine replace them")
+    "150 steps of 16 x 128 tokens (307k tokens) a distilled row, sized so that the whole study (17 rows, 3 seeds, "
+    "the frozen-embedding scores) fits 8 hours on 2 cores: fine-tuning at docs/study.md's settings, which the "
+    "issue fixes, costs most of it. `--distill_steps N` scales the budget (a distillation's minutes grow with it)")
 PENDING = "pending"
 
 
@@ -77,6 +60,65 @@ def run_embed_eval(row: dict, ns) -> None:
 
 
 # --- speed per architecture ---------------------------------------------------------------------------
+
+def depth(row: dict) -> int | None:
+    return len(row["layers"].split(",")) if row.get("layers") else None
+
+
+def cost_scale(row: dict, rows, params: dict) -> float | None:
+    """A row's non-embedding parameters, or those of a student of the same depth (fine-tuning and encoding costs
+    scale with them; the embeddings are a lookup)."""
+    same = [r["name"] for r in rows if r["name"] == row["name"] or (depth(row) and r["kind"] in ("student", "random")
+                                                                    and depth(r) == depth(row))]
+    found = [params[n]["non_embedding"] for n in same if n in params]
+    if found or not depth(row):
+        return found[0] if found else None
+    # no student of this depth made yet: one of another depth, in proportion (same width, layers alike)
+    other = next((r for r in rows if r["kind"] == "student" and depth(r) and r["name"] in params), None)
+    return params[other["name"]]["non_embedding"] * depth(row) / depth(other) if other else None
+
+
+def time_lines(summary, rows, state: dict, params: dict, ns) -> list[str]:
+    """The minutes this run measured, and what is left at those rates: fine-tuning a (row, seed) and the frozen
+    scores in proportion to the row's non-embedding parameters, a distillation as the mean measured one (the
+    teacher's forward plus three student passes a layer, in proportion)."""
+    timings = state.get("timings", {})
+    left_cells = {r["name"]: len(ns.seed_list) - len(r["seeds"]) for r in summary}
+    by_row = {r["name"]: r for r in rows}
+    plain = [(timings[f"finetune {r['name']} seed {s}"], cost_scale(r, rows, params)) for r in rows
+             for s in ns.seed_list if not r.get("task_kd") and f"finetune {r['name']} seed {s}" in timings]
+    plain = [(t, c) for t, c in plain if c]
+    frozen = [(timings[f"frozen {r['name']}"], cost_scale(r, rows, params)) for r in rows if f"frozen {r['name']}" in timings]
+    frozen = [(t, c) for t, c in frozen if c]
+    units = lambda r: 12 + 3 * len(r["layers"].split(","))  # noqa: E731 - teacher forward + student passes
+    distilled = [r for r in rows if r["kind"] == "student" and r["objective"] != "none" and not r.get("task_kd")]
+    done_d = [(timings[f"prepare {r['name']}"], units(r)) for r in distilled if f"prepare {r['name']}" in timings]
+    if not plain:
+        return []
+    ft_rate = sum(t for t, _ in plain) / sum(c for _, c in plain)
+    fz_rate = sum(t for t, _ in frozen) / sum(c for _, c in frozen) if frozen else None
+    d_rate = sum(t for t, _ in done_d) / sum(u for _, u in done_d) if done_d else None
+    kd_open = [n for n, k in left_cells.items() if k and by_row[n].get("task_kd")]
+    ft_left = sum(k * ft_rate * (cost_scale(by_row[n], rows, params) or 0) for n, k in left_cells.items()
+                  if k and not by_row[n].get("task_kd"))
+    d_left = sum(d_rate * units(r) for r in distilled if f"prepare {r['name']}" not in timings) if d_rate else 0.0
+    fz_left = sum(fz_rate * (cost_scale(by_row[r["name"]], rows, params) or 0) for r in summary
+                  if embeds_row(r) and r["embed"] is None) if fz_rate else 0.0
+    four = next((cost_scale(r, rows, params) for r in rows if depth(r) == 4), None)
+    teacher = params.get("teacher", {}).get("non_embedding")
+    figures = [f"fine-tuning a seed {ft_rate * four / 60:.1f} min for a 4-layer student" if four else "",
+               f"{ft_rate * teacher / 60:.1f} for the teacher" if teacher else "",
+               f"a 4-layer distillation {d_rate * 24 / 60:.1f} min" if d_rate else "",
+               f"frozen-embedding scores {fz_rate * four / 60:.1f} min for a 4-layer student" if fz_rate and four else ""]
+    spent = sum(v for k, v in timings.items() if k.split(" ")[1] in by_row)
+    threads = state.get("torch_threads")
+    return [f"- Time, at the rates this run measured ({threads or '?'} torch threads; wall clock, so a shared "
+            f"machine shows in it): {', '.join(x for x in figures if x)}. Spent so far {spent / 3600:.1f} h; left about "
+            f"{(ft_left + d_left + fz_left) / 3600:.1f} h (fine-tuning {ft_left / 3600:.1f}, distillation "
+            f"{d_left / 3600:.1f}, frozen scores {fz_left / 3600:.1f}"
+            + (f"; the task-KD rows, {len(kd_open)}, not included until one is timed" if kd_open else "")
+            + (")" if d_rate and fz_rate else "; what no run has timed yet is not included)") + "."]
+
 
 def arch_key(folder: str) -> str:
     """``LAYERSxWIDTH`` of a model folder: rows of one architecture share one speed figure."""
@@ -267,6 +309,7 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     if carry.note(getattr(ns, "carried", carry.EMPTY)):
         lines += [f"- Carried: {carry.note(ns.carried)}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
+    lines += time_lines(summary, rows, state, params, ns)
     lines += table_lines(summary, tasks, params) + ["", "## Findings (computed from the table)", ""]
     lines += [f"- {x}" for x in findings(summary, ns)] + ["", f"![study]({Path(ns.out).name}.png)", ""]
     out = Path(ns.out)

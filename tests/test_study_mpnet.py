@@ -188,3 +188,30 @@ def test_a_distillation_stopped_after_a_checkpoint_continues_from_it(study, mpne
     logged = [json.loads(line)["step"] for line in (model / "logs" / "train_log.jsonl").read_text().splitlines()
               if line.strip() and "step" in json.loads(line)]
     assert logged[-1] == 30
+
+
+def test_the_time_left_is_the_measured_rates_times_what_is_left():
+    """study_mpnet.time_lines, by hand: fine-tuning and frozen scores in proportion to non-embedding parameters
+    (a depth not made yet in proportion to its layers), a distillation in proportion to 12 + 3 x student layers."""
+    from types import SimpleNamespace
+
+    from bench import study_mpnet
+
+    rows = [{"name": "teacher", "kind": "teacher"},
+            {"name": "a", "kind": "student", "layers": "1,2,3,4", "objective": "none"},
+            {"name": "b", "kind": "student", "layers": "1,2,3,4", "objective": "x"},
+            {"name": "c", "kind": "student", "layers": "1,2,3,4,5,6", "objective": "x"}]
+    params = {"teacher": {"non_embedding": 120}, "a": {"non_embedding": 40}}
+    timings = {"finetune teacher seed 1": 600.0, "finetune a seed 1": 200.0, "prepare b": 480.0, "frozen a": 80.0}
+    summary = [{"name": "teacher", "seeds": [1], "embed": {"average": 1}}, {"name": "a", "seeds": [1], "embed": {}},
+               {"name": "b", "seeds": [], "embed": None}, {"name": "c", "seeds": [], "embed": None}]
+    ns = SimpleNamespace(seed_list=[1, 2])
+    (line,) = study_mpnet.time_lines(summary, rows, {"timings": timings, "torch_threads": 1}, params, ns)
+    ft = 800 / 160  # seconds per parameter over the timed cells
+    left_ft = ft * (120 + 40 + 2 * 40 + 2 * 60)  # teacher and a: 1 seed each; b: 2; c (6 layers: 60): 2
+    left_d = 480 / 24 * (12 + 18)  # c's distillation
+    left_fz = 80 / 40 * (40 + 60)  # b's and c's frozen scores
+    assert f"left about {(left_ft + left_d + left_fz) / 3600:.1f} h (fine-tuning {left_ft / 3600:.1f}" in line
+    assert f"distillation {left_d / 3600:.1f}, frozen scores {left_fz / 3600:.1f})" in line
+    assert "1 torch threads" in line and f"fine-tuning a seed {ft * 40 / 60:.1f} min for a 4-layer student" in line
+    assert f"Spent so far {(600 + 200 + 480 + 80) / 3600:.1f} h" in line
