@@ -330,3 +330,12 @@ def test_the_seed_fixes_the_width_projections_too(quiet_teacher, corpus, tmp_pat
     assert saved[0].keys() == saved[1].keys()
     for name in saved[0]:
         assert torch.equal(saved[0][name], saved[1][name]), name
+
+
+def test_teacher_fp32_is_said_and_recorded(quiet_teacher, corpus, tmp_path, capsys):
+    out = tmp_path / "t32"
+    train(make_config(run_config(quiet_teacher, corpus, out, tmp_path, max_steps=1, precision="bf16",
+                                 teacher_fp32=True, weights={"hid_mse": 1.0})))
+    (banner,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distilling ")]
+    assert "bf16 (" in banner and "; the teacher in fp32 (teacher_fp32);" in banner
+    assert json.loads((out / "distill_config.json").read_text())["teacher_fp32"] is True

@@ -321,7 +321,8 @@ def announce(cfg: DistillConfig, run: Run, env: Dist, out: Path, threads: tuple[
     print(f"threads: {threads[0]} ({threads[1]})", file=sys.stderr)
     print(f"allocator: {threads[2]}", file=sys.stderr)
     print(f"distilling {sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M-parameter student from "
-          f"{cfg.teacher}{f' and {len(cfg.other_teachers)} more teacher(s)' if cfg.other_teachers else ''} on {env.world} x {env.device.type}, {run.precision.description}; {run.total_steps} steps "
+          f"{cfg.teacher}{f' and {len(cfg.other_teachers)} more teacher(s)' if cfg.other_teachers else ''} on {env.world} x {env.device.type}, {run.precision.description}"
+          f"{'; the teacher in fp32 (teacher_fp32)' if cfg.teacher_fp32 and run.precision.autocast_dtype else ''}; {run.total_steps} steps "
           f"of {run.global_batch} x {cfg.block_size} tokens; terms {run.objective.describe()}", file=sys.stderr)
     if not cfg.resume and cfg.layer_map is None:
         note_self_copies(run)
