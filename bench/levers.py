@@ -7,8 +7,10 @@ Sections of ``python -m bench.speed`` (``--only baseline,teacher12,compile``):
   (``--baseline REV``; by default :data:`BEFORE_ISSUE_24`, the engine as it stood before the levers). REV's
   files come from ``git archive`` into a temporary folder; each engine runs in a worker process of its own
   (:mod:`bench.engine_worker`), built by its own ``build_run``/``optimisation``, on the same batch, the same
-  threads, stepped alternately (A B, B A, ...). ``demo_step_vs_baseline`` = REV's step time / this tree's.
-  A third worker runs this tree with glibc's allocator tuned (:data:`MALLOC_TUNED`):
+  threads, stepped alternately (A B, B A, ...). A third worker runs this tree with glibc's allocator tuned
+  (:data:`MALLOC_TUNED`, what distill-train applies itself on a CPU). ``demo_step_vs_baseline`` = REV's step
+  time / this tree's as each runs by default (on a CPU: this tree's allocator tuned, REV's not);
+  ``demo_step_engine_vs_baseline`` = the same with glibc's defaults on both sides (the engine alone);
   ``demo_step_malloc_tuned_vs_default`` = default / tuned (> 1: the tuning helps).
 - ``teacher12``: a 12-layer, 768-wide BertModel teacher (random weights) into 4 layers (1,5,8,12),
   ``hid_mse + att_mse``, at precision auto, in this process. Variants: ``autocast_eager`` (the teacher as
@@ -18,8 +20,8 @@ Sections of ``python -m bench.speed`` (``--only baseline,teacher12,compile``):
   (``depth_*``): a map onto teacher layers 1-4, the teacher stopped after layer 4 against run whole. Also
   the bf16 teacher's effect on the loss: the objective on the same student features against the teacher's
   features computed in fp32 (``bf16_teacher_loss_relative_difference``).
-- ``compile``: the demo recipe in two workers of this tree, ``compile`` off and on: the step and the teacher's
-  forward alone, and the first step's time (the compilation).
+- ``compile``: the demo recipe in two workers of this tree, ``compile`` off and on (both with the allocator
+  distill-train runs with): the step and the teacher's forward alone, and the first step's time (the compilation).
 """
 
 from __future__ import annotations
@@ -166,6 +168,9 @@ def bench_baseline(cfg: dict, device: torch.device, clock: Clock, rev: str | Non
     ready = {n: w.ready for n, w in workers.items()}
     details = {"baseline_over_current": paired_ratio(times, "baseline", "current"),
                "default_over_malloc_tuned": paired_ratio(times, "current", "current_malloc_tuned")}
+    # as each engine runs by default: distill-train now tunes the allocator itself on a CPU, REV did not
+    details["baseline_over_shipped"] = (paired_ratio(times, "baseline", "current_malloc_tuned")
+                                        if device.type == "cpu" else details["baseline_over_current"])
     return {"baseline": rev or BEFORE_ISSUE_24, "baseline_commit": commit, "batch": cfg.get("demo_batch", 16), "seq": SEQ,
             "precision": ready["current"]["precision"], "threads": ready["current"]["threads"],
             "malloc_tuned": MALLOC_TUNED,
@@ -179,7 +184,8 @@ def bench_baseline(cfg: dict, device: torch.device, clock: Clock, rev: str | Non
 def bench_compile(cfg: dict, device: torch.device, clock: Clock, work: Path) -> dict:
     """The demo recipe with ``compile`` off and on: step, teacher forward, and the first (compiling) step."""
     batch_file, tokens = _demo_batch(cfg, work)
-    workers = _workers({"eager": (ROOT, {"compile": False}, None), "compiled": (ROOT, {"compile": True}, None)},
+    shipped = MALLOC_TUNED if device.type == "cpu" else None  # the allocator distill-train runs with here
+    workers = _workers({"eager": (ROOT, {"compile": False}, shipped), "compiled": (ROOT, {"compile": True}, shipped)},
                        batch_file, device)
     try:
         log("demo step and teacher forward, compile off and on")

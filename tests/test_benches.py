@@ -114,6 +114,20 @@ def test_speed_bench_times_the_levers_and_an_older_engine_in_one_run(tmp_path):
     assert baseline["first_loss_relative_difference"] <= 1e-3
     assert set(baseline["variants"]) == {"current", "baseline", "current_malloc_tuned"}
     assert report["teacher12"]["loss"]["engine_vs_autocast_eager"] <= 1e-3
+    # the headline: each engine as it runs by default (on a CPU distill-train tunes the allocator, REV did not)
+    details = baseline["ratio_details"]
+    assert report["ratios"]["demo_step_vs_baseline"] == details["baseline_over_shipped"]["value"]
+    assert report["ratios"]["demo_step_engine_vs_baseline"] == details["baseline_over_current"]["value"]
+    # --update: one section again, in place; the others kept, the rerun recorded
+    done = subprocess.run([sys.executable, "-m", "bench.speed", "--smoke", "--only", "teacher12", "--threads", "1",
+                           "--update", str(out), "--markdown", str(tmp_path / "page.md")], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["baseline"] == report["baseline"] and again["teacher12"] != report["teacher12"]
+    (rerun,) = again["reruns"]
+    assert rerun["sections"] == ["teacher12"] and "--update levers.json" in rerun["command"]
+    assert f"- Rerun: sections teacher12 by `{rerun['command']}`" in (tmp_path / "page.md").read_text()
 
 
 def test_speed_bench_refuses_a_baseline_that_is_no_commit_before_any_work(tmp_path):
