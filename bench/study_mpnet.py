@@ -53,8 +53,8 @@ def run_embed_eval(row: dict, ns) -> None:
 
     args = embedding.build_parser().parse_args(
         ["--model", study.model_folder(row, ns), "--output_dir", embed_folder(row, ns), "--data_dir", ns.cache_dir,
-         "--overwrite", *(["--n_experiments", "2", "--samples_per_label", "4", "--max_seq_length", "64"]
-                          if ns.quick else [])])  # quick: BBC articles cut to 64 tokens, not each model's 256-512
+         "--overwrite", *(["--n_experiments", "2", "--samples_per_label", "4", "--max_seq_length", "64", "--max_dev", "160"]
+                          if ns.quick else [])])  # quick: 160 dev examples a task, cut to 64 tokens
     study.log(f"frozen-embedding scores of {row['name']}")
     embedding.write(embedding.run(args), args.output_dir, overwrite=True)
 

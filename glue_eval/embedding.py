@@ -29,6 +29,7 @@ import csv
 import json
 import logging
 import os
+import random
 import re
 import sys
 import warnings
@@ -126,16 +127,27 @@ def retrieval_split(texts: list[str], titles: dict[str, tuple[str, str]]):
     return queries, corpus, qrels
 
 
-def load_data(data_dir: str, tasks=TASKS) -> EmbedData:
-    """The offline tasks from the study cache; one clear line naming what is missing and the command."""
+def subset(texts: list[str], labels: list, max_dev: int | None, seed: int = 42) -> tuple[list[str], list]:
+    """At most ``max_dev`` examples, a seeded random choice kept in file order (a split sorted by label keeps
+    every label); all of them when ``max_dev`` is None or not smaller."""
+    if not max_dev or max_dev >= len(texts):
+        return texts, labels
+    keep = sorted(random.Random(seed).sample(range(len(texts)), max_dev))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def load_data(data_dir: str, tasks=TASKS, max_dev: int | None = None) -> EmbedData:
+    """The offline tasks from the study cache (``max_dev``: at most that many dev examples a task, for smoke
+    runs); one clear line naming what is missing and the command."""
     data = EmbedData()
     for task in CLASSIFICATION:
         if task in tasks:
             (train_x, train_y), (dev_x, dev_y) = read_split(data_dir, task, "train"), read_split(data_dir, task, "dev")
+            dev_x, dev_y = subset(dev_x, dev_y, max_dev)
             train_y, dev_y = _as_ints(train_y, dev_y)
             data.classification[task] = {"train": (train_x, train_y), "dev": (dev_x, dev_y)}
     if "bbc_clustering" in tasks or "bbc_retrieval" in tasks:
-        dev_x, dev_y = read_split(data_dir, "bbc", "dev")
+        dev_x, dev_y = subset(*read_split(data_dir, "bbc", "dev"), max_dev)
         if "bbc_clustering" in tasks:
             data.clustering["bbc_clustering"] = (dev_x, _as_ints(dev_y, dev_y)[0])
         if "bbc_retrieval" in tasks:
@@ -301,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="the tasks' seed (MTEB's default: 42)")
     p.add_argument("--batch_size", type=int, default=32, help="encoding batch size")
     p.add_argument("--max_seq_length", type=int, default=None, help="truncate inputs (default: each model's own)")
+    p.add_argument("--max_dev", type=int, default=None,
+                   help="score on at most N dev examples a task (a seeded random choice; smoke runs), default all")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
 
@@ -311,7 +325,7 @@ def check_args(args) -> list[str]:
     if unknown or not tasks:
         raise _usage(f"--tasks {args.tasks!r}: unknown task {unknown[0] if unknown else '(none)'}; choose among "
                      f"{', '.join(TASKS)}")
-    for flag in ("samples_per_label", "n_experiments", "batch_size", "max_seq_length"):
+    for flag in ("samples_per_label", "n_experiments", "batch_size", "max_seq_length", "max_dev"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise _usage(f"--{flag} {value}: give a whole number >= 1")
@@ -324,11 +338,11 @@ def run(args) -> dict:
 
     tasks = check_args(args)
     check_output_dir(args.output_dir, args.overwrite)
-    data = load_data(args.data_dir or default_data_dir(), tasks)
+    data = load_data(args.data_dir or default_data_dir(), tasks, args.max_dev)
     mteb = _mteb()
     record = {"evaluator": f"mteb {mteb.__version__} (AbsTaskClassification, AbsTaskClustering, AbsTaskRetrieval)",
               "settings": {k: getattr(args, k) for k in ("samples_per_label", "n_experiments", "seed", "batch_size",
-                                                           "max_seq_length")} | {"tasks": tasks},
+                                                           "max_seq_length", "max_dev")} | {"tasks": tasks},
               "settings_text": (f"logistic regression (max_iter=100) on {args.samples_per_label} examples per label, "
                                 f"{args.n_experiments} experiments; mini-batch k-means with k = topics, "
                                 f"{args.n_experiments} bootstrap samples; title -> body retrieval by the model's "

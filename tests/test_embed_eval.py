@@ -146,6 +146,26 @@ def test_bbc_retrieval_pairs_each_title_with_its_body_once(tmp_path):
                                                     embedding.read_split(str(cache), "bbc", "dev")[1]]
 
 
+def test_max_dev_keeps_a_seeded_subset_in_file_order_with_its_labels(tmp_path):
+    cache = _study_cache(tmp_path / "cache")
+    whole = embedding.load_data(str(cache), embedding.TASKS)
+    few = embedding.load_data(str(cache), embedding.TASKS, max_dev=5)
+    again = embedding.load_data(str(cache), embedding.TASKS, max_dev=5)
+    for task, parts in whole.classification.items():
+        texts, labels = parts["dev"]
+        got = few.classification[task]["dev"]
+        assert len(got[0]) == min(5, len(texts)) and got == again.classification[task]["dev"]
+        rest = iter(zip(texts, labels))  # a subsequence of the file: in its order, each text with its own label
+        assert all(pair in rest for pair in zip(*got))
+        assert few.classification[task]["train"] == parts["train"]  # the training examples are MTEB's sampling
+    bbc = embedding.read_split(str(cache), "bbc", "dev")
+    kept, _ = embedding.subset(*bbc, 5)
+    assert few.clustering["bbc_clustering"][0] == kept
+    queries, corpus, _ = few.retrieval["bbc_retrieval"]
+    assert 0 < len(queries) <= 5 and all(f"{q['text']} {d['text']}" in kept for q, d in zip(queries, corpus))
+    assert embedding.subset(*bbc, None) == bbc and embedding.subset(*bbc, 10 ** 6) == bbc
+
+
 def test_missing_data_names_the_command_that_prepares_it(tmp_path):
     from distill.common.errors import UsageError
 
