@@ -2,10 +2,11 @@
 
 A study (bench.study, bench.study_multitask) runs for longer than a machine may be held: its work dir (finished
 cells, distilled students) stays behind when the machine goes. Its committed report (``OUT.json``) lists every
-finished cell, so a run whose settings are the report's reads them from there and does not redo them: each
-(row, seed, task) score, the frozen-embedding scores of a row, the minutes each piece took and the parameter counts.
-A cell finished in the work dir wins over a carried one. Nothing is carried when a setting that changes a result
-differs (the report's one line says which); the report says how many of its cells were carried.
+finished cell with the machine that made it, so a run whose settings are the report's reads the cells its own work
+dir lacks from there and does not redo them: each (row, seed, task) score, the frozen-embedding scores of a row, the
+minutes each piece took and the parameter counts. A cell finished in the work dir wins over a carried one. Nothing
+is carried when a setting that changes a result differs (the report's one line says which); the report says how
+many of its cells were carried, and from which machines.
 
 A row that fine-tunes against the teacher's models of a seed (task KD) needs those models, which a report does not
 hold: the teacher's cells of that seed are then made again here, not carried.
@@ -19,12 +20,16 @@ import os
 # settings that change no cell's result: where things go, what to measure again, which seeds to run now
 IGNORED = frozenset({"out", "report_only", "prepare", "remeasure_speed", "remeasure_distill", "skip_speed", "seeds",
                      "seed_list", "data_cache", "cache_dir", "work_dir", "embed_why", "carried", "no_carry"})
-EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "machines": [], "source": None, "count": 0}
+EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "machine_of": {}, "source": None, "count": 0}
 
 
-def report_cells(results: dict) -> list[dict]:
-    """``results`` ((row, seed) -> {task: score}) as the report's ``cells`` list, sorted."""
-    return [{"row": name, "seed": seed, "task": task, "score": score}
+def report_cells(results: dict, carried: dict | None = None, here: str | None = None) -> list[dict]:
+    """``results`` ((row, seed) -> {task: score}) as the report's ``cells`` list, sorted, each with the machine
+    that made it: a carried cell its own, a cell made here ``here``."""
+    made = (carried or {}).get("machine_of", {})
+    used = (carried or {}).get("used", set())
+    return [{"row": name, "seed": seed, "task": task, "score": score,
+             "machine": made.get((name, seed, task)) if (name, seed, task) in used else here}
             for (name, seed), scores in sorted(results.items()) for task, score in sorted(scores.items())]
 
 
@@ -35,11 +40,21 @@ def _cells_of(report: dict) -> dict:
     if "cells" in report:
         for c in report["cells"]:
             out.setdefault((c["row"], int(c["seed"])), {})[c["task"]] = float(c["score"])
-        return out
+        return out  # each cell's machine: _machines_of
     for row in report.get("rows", []):
         for i, seed in enumerate(row.get("seeds", [])):
             out[(row["name"], int(seed))] = {task: vals[i] / 100 for task, vals in row.get("scores", {}).items()}
     return out
+
+
+def _machines_of(report: dict, cells: dict) -> dict:
+    """(row, seed, task) -> the machine that made the cell: as the report lists it, else (reports written before
+    cells named theirs) the first machine the report names: the earliest of its ``earlier_machines``, or its own."""
+    first = (report.get("earlier_machines") or [report.get("machine")])[0]
+    default = _machine(first) if isinstance(first, dict) else "an earlier machine"
+    listed = {(c["row"], int(c["seed"]), c["task"]): c.get("machine") for c in report.get("cells", [])}
+    return {(name, seed, task): listed.get((name, seed, task)) or default
+            for (name, seed), scores in cells.items() for task in scores}
 
 
 def _embed_of(report: dict) -> dict:
@@ -75,21 +90,24 @@ def load(ns, settings: dict, log, defaults: dict | None = None) -> dict:
             f"(ours: {', '.join(f'{k}={settings.get(k)!r}' for k in bad)})")
         return dict(EMPTY)
     cells = _cells_of(report)
-    machines = [m for m in report.get("earlier_machines", []) + [report.get("machine")] if m]
     params = report.get("params") or {r["name"]: r["params"] for r in report.get("rows", []) if r.get("params")}
     carried = {"cells": cells, "embed": _embed_of(report), "timings": dict(report.get("timings_s") or {}),
-               "params": dict(params), "machines": [m for i, m in enumerate(machines) if m not in machines[:i]],
+               "params": dict(params), "machine_of": _machines_of(report, cells), "used": set(),
                "source": os.path.basename(path), "count": sum(len(v) for v in cells.values())}
     if carried["count"]:
-        log(f"{carried['count']} finished cells carried from {carried['source']} (not run again)")
+        log(f"{carried['count']} finished cells in {carried['source']}: those this work dir lacks are not run again")
     return carried
 
 
 def merged(results: dict, carried: dict) -> dict:
-    """``results`` with the carried cells it lacks (a cell finished here wins)."""
+    """``results`` with the carried cells it lacks (a cell finished here wins); ``carried["used"]`` becomes the
+    cells taken from the report."""
     out = {key: dict(scores) for key, scores in carried.get("cells", {}).items()}
     for key, scores in results.items():
         out.setdefault(key, {}).update(scores)
+    if "used" in carried:
+        carried["used"] = {(name, seed, task) for (name, seed), scores in carried.get("cells", {}).items()
+                           for task in scores if task not in results.get((name, seed), {})}
     return out
 
 
@@ -117,10 +135,11 @@ def tasks_left(row: dict, seed: int, tasks, rows, carried: dict) -> list:
 
 
 def json_fields(results: dict, ns) -> dict:
-    """What a report's JSON holds for a later run to carry: every finished cell, and the machines that made the
-    carried ones (this run's own is the report's ``machine``)."""
-    carried = getattr(ns, "carried", EMPTY)
-    return {"cells": report_cells(results), "earlier_machines": carried["machines"] if carried.get("count") else []}
+    """What a report's JSON holds for a later run to carry: every finished cell (``results``, merged) with the
+    machine that made it."""
+    from distill.common.hardware import machine_description
+
+    return {"cells": report_cells(results, getattr(ns, "carried", EMPTY), _machine(machine_description()))}
 
 
 def _machine(m: dict) -> str:
@@ -128,9 +147,11 @@ def _machine(m: dict) -> str:
 
 
 def note(carried: dict) -> str:
-    """The report's line on carried cells ('' when none)."""
-    if not carried.get("count"):
+    """The report's line on the cells it took from the committed report ('' when none; :func:`merged` first)."""
+    used = carried.get("used") or set()
+    if not used:
         return ""
-    return (f"{carried['count']} of the finished cells were carried from the committed {carried['source']}, made "
-            f"with these settings on {'; '.join(map(_machine, carried['machines'])) or 'an earlier machine'} "
-            "(`--no_carry` runs everything here).")
+    machines = sorted({carried["machine_of"].get(key, "an earlier machine") for key in used})
+    return (f"{len(used)} of the table's cells were carried from the committed {carried['source']}, made with these "
+            f"settings on {'; '.join(machines)}; the others were made here (a teacher's cells redone here for the "
+            "models a task-KD row reads replace its carried ones). `--no_carry` runs everything here.")

@@ -946,7 +946,8 @@ def lever_ratios(report: dict) -> dict:
     out = {}
     if report.get("baseline"):
         r = report["baseline"]["ratios"]
-        out["demo_step_vs_baseline"] = r.get("baseline_over_shipped", r["baseline_over_current"])
+        if "baseline_over_shipped" in r:  # reports before it had the engines alone under this name
+            out["demo_step_vs_baseline"] = r["baseline_over_shipped"]
         out["demo_step_engine_vs_baseline"] = r["baseline_over_current"]
         out["demo_step_malloc_tuned_vs_default"] = r["default_over_malloc_tuned"]
     if report.get("teacher12"):
@@ -1005,11 +1006,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def update(args, cfg: dict, device, precisions: tuple, clock: Clock, command: str) -> int:
     """--update JSON: the --only sections run again and replace theirs in the saved report, the rerun recorded."""
-    report = json.loads(Path(args.update).read_text(encoding="utf-8"))
-    if report["machine"].get("description") != machine()["description"] or cfg["threads"] != report["config"]["threads"]:
-        print(f"error: --update {args.update}: that report was made on {report['machine'].get('description')} with "
-              f"{report['config']['threads']} threads, this run has {machine()['description']} and {cfg['threads']}: "
-              "rerun the whole bench instead", file=sys.stderr)
+    try:
+        report = json.loads(Path(args.update).read_text(encoding="utf-8"))
+        made = (report["mode"], report["machine"]["description"], report["config"]["threads"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: --update {args.update}: not a bench.speed report ({type(err).__name__}: {err}); give the JSON "
+              "that --out wrote", file=sys.stderr)
+        return 2
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if made != (mode, machine()["description"], cfg["threads"]):
+        print(f"error: --update {args.update}: that report is a {made[0]} run on {made[1]} with {made[2]} threads, "
+              f"this one a {mode} run on {machine()['description']} with {cfg['threads']}: rerun the whole bench "
+              "instead", file=sys.stderr)
         return 2
     started, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     run_sections(report, args, cfg, device, precisions, clock)

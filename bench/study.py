@@ -265,8 +265,8 @@ def parse_args(argv=None):
     ns.cache_dir = ns.cache_dir or default_cache_dir()
     runs = ("runs" if ns.study == "minilm" else f"runs-{ns.study}") + ("-t32" if ns.teacher_fp32 else "")
     ns.work_dir = ns.work_dir or os.path.join(ns.cache_dir, runs + ("-quick" if ns.quick else ""))
-    if ns.quick and ns.out == STUDIES[ns.study]["out"]:  # a smoke test never overwrites the study's report
-        ns.out += "-quick"
+    if ns.out == STUDIES[ns.study]["out"]:  # a smoke test or a variant never overwrites the study's report
+        ns.out += ("-quick" if ns.quick else "") + ("-t32" if ns.teacher_fp32 else "")
     ns.corpus_default = ns.corpus is None
     ns.corpus = ns.corpus or default_corpus(ns.cache_dir)
     return ns
@@ -1296,7 +1296,8 @@ def main(argv=None) -> int:
                 if frozen_done(row, ns):
                     timings[f"frozen {row['name']}"] = round(time.perf_counter() - t1, 1)
             if spent > 5:
-                timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
+                if len(left) == len(tasks):  # a seed's minutes: only when all its tasks ran here
+                    timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
                 save_state(ns, state)
                 report(ns, rows, tasks, state, command)
         # 2. speed and size, last: the machine is most likely quiet once the run's own work is done (a figure taken

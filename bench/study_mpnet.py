@@ -112,8 +112,8 @@ def time_lines(summary, rows, state: dict, params: dict, ns) -> list[str]:
                f"frozen-embedding scores {fz_rate * four / 60:.1f} min for a 4-layer student" if fz_rate and four else ""]
     spent = sum(v for k, v in timings.items() if k.split(" ")[1] in by_row)
     threads = state.get("torch_threads")
-    return [f"- Time, at the rates this run measured ({threads or '?'} torch threads; wall clock, so a shared "
-            f"machine shows in it): {', '.join(x for x in figures if x)}. Spent so far {spent / 3600:.1f} h; left about "
+    return [f"- Time, at the rates measured for this table's cells (wall clock, {threads or '?'} torch threads in "
+            f"the latest run; a shared machine, and carried cells' own machines, show in it): {', '.join(x for x in figures if x)}. Spent so far {spent / 3600:.1f} h; left about "
             f"{(ft_left + d_left + fz_left) / 3600:.1f} h (fine-tuning {ft_left / 3600:.1f}, distillation "
             f"{d_left / 3600:.1f}, frozen scores {fz_left / 3600:.1f}"
             + (f"; the task-KD rows, {len(kd_open)}, not included until one is timed" if kd_open else "")
@@ -152,9 +152,13 @@ def row_speed(row: dict, ns, speeds: dict) -> dict | None:
     if row["kind"] == "teacher":
         return {"batch1": {"speedup_median": 1.0}, "batch32": {"speedup_median": 1.0}}
     folder = study.model_folder(row, ns)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        return None
-    return speeds.get(arch_key(folder))
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return speeds.get(arch_key(folder))
+    if row["kind"] in ("student", "random") and row.get("layers"):  # not made here (its cells carried): a copy of
+        # the teacher's layers, so its architecture is the layer count at the teacher's width
+        width = json.loads(Path(study.teacher_path(ns), "config.json").read_text(encoding="utf-8"))["hidden_size"]
+        return speeds.get(f"{len(row['layers'].split(','))}x{width}")
+    return None
 
 
 def embed_unavailable(ns) -> str | None:

@@ -568,7 +568,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if run_cell(row, seed, left, sources, ns):  # done now, not read from the cache
             spent = time.perf_counter() - t0
-            timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
+            if len(left) == len(tasks):  # a seed's minutes: only when all its tasks ran here
+                timings[f"finetune {row['name']} seed {seed}"] = round(spent, 1)
             study.save_state(ns, state)
             report(ns, rows, tasks, state, command)
     report(ns, rows, tasks, state, command)

@@ -128,6 +128,13 @@ def test_speed_bench_times_the_levers_and_an_older_engine_in_one_run(tmp_path):
     (rerun,) = again["reruns"]
     assert rerun["sections"] == ["teacher12"] and "--update levers.json" in rerun["command"]
     assert f"- Rerun: sections teacher12 by `{rerun['command']}`" in (tmp_path / "page.md").read_text()
+    from bench import speed
+
+    before = out.read_text()
+    for argv, needle in ((["--quick", "--threads", "1", "--update", str(out)], "that report is a smoke run"),
+                         (["--smoke", "--update", str(tmp_path / "none.json")], "not a bench.speed report")):
+        assert speed.main(argv + ["--only", "prep"]) == 2
+    assert out.read_text() == before  # refused before any work, nothing written
 
 
 def test_speed_bench_refuses_a_baseline_that_is_no_commit_before_any_work(tmp_path):

@@ -328,7 +328,7 @@ def test_teacher_fp32_distils_in_a_work_dir_and_folder_of_its_own(study, bert_ml
     plain.train_precision = fp32.train_precision = "bf16"  # what main() sets from --precision
     (row,) = [r for r in study.make_rows(fp32) if r["kind"] == "student" and r["objective"] != "none"
               and not r.get("task_kd")]
-    assert fp32.work_dir == plain.work_dir + "-t32"
+    assert fp32.work_dir == plain.work_dir + "-t32" and fp32.out == plain.out + "-t32"  # never over the report
     assert study.model_folder(row, fp32).endswith("_t32")
     assert study.distill_settings(row, {"hid_mse": 1.0}, fp32)["teacher_fp32"] is True
     assert "teacher_fp32" not in study.distill_settings(row, {"hid_mse": 1.0}, plain)

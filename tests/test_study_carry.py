@@ -23,7 +23,7 @@ def test_a_report_without_a_cell_list_gives_its_rows_whole_seeds_in_order(tmp_pa
     got = carry.load(ns, {"lr": 1, "out": "elsewhere", "seeds": "1,2"}, print)
     assert got["cells"] == {("t", 1): {"a": 0.8, "b": 0.5}, ("t", 3): {"a": 0.9, "b": 0.7}}
     assert got["embed"] == {"t": {"scores": None, "averages": {"average": 0.5}}} and got["count"] == 4
-    assert got["machines"] == [{"cpu": "X"}]
+    assert set(got["machine_of"].values()) == {"X (no native bf16, ? usable cores)"}  # the report's own machine
     state = {"timings": {"finetune t seed 1": 9.0}}
     carry.into_state(state, got)
     assert state["timings"] == {"finetune t seed 1": 9.0}  # the work dir's own figure wins
@@ -31,7 +31,8 @@ def test_a_report_without_a_cell_list_gives_its_rows_whole_seeds_in_order(tmp_pa
 
 def test_the_cell_list_round_trips_and_a_differing_setting_carries_nothing(tmp_path):
     results = {("t", 1): {"a": 0.25, "b": 0.5}, ("s", 2): {"a": 1 / 3}}
-    ns = write(tmp_path, {"mode": "full", "settings": {"lr": 1, "path": "CACHE/x"}, "cells": carry.report_cells(results)})
+    ns = write(tmp_path, {"mode": "full", "settings": {"lr": 1, "path": "CACHE/x"},
+                          "cells": carry.report_cells(results, here="M")})
     assert carry.load(ns, {"lr": 1, "path": "CACHE/x"}, print)["cells"] == results
     said = []
     assert carry.load(ns, {"lr": 2, "path": "CACHE/x"}, said.append)["count"] == 0
@@ -41,10 +42,16 @@ def test_the_cell_list_round_trips_and_a_differing_setting_carries_nothing(tmp_p
         assert carry.load(off, {"lr": 1, "path": "CACHE/x"}, print)["count"] == 0
 
 
-def test_a_cell_finished_here_wins_over_a_carried_one():
-    carried = {"cells": {("t", 1): {"a": 0.1, "b": 0.2}}}
+def test_a_cell_finished_here_wins_over_a_carried_one_and_only_the_others_count_as_carried():
+    carried = {"cells": {("t", 1): {"a": 0.1, "b": 0.2}, ("u", 2): {"a": 0.5}}, "used": set(), "source": "r.json",
+               "machine_of": {("t", 1, "a"): "M1", ("t", 1, "b"): "M1", ("u", 2, "a"): "M2"}}
     assert carry.merged({("t", 1): {"a": 0.9}, ("s", 1): {"a": 0.3}}, carried) == {
-        ("t", 1): {"a": 0.9, "b": 0.2}, ("s", 1): {"a": 0.3}}
+        ("t", 1): {"a": 0.9, "b": 0.2}, ("s", 1): {"a": 0.3}, ("u", 2): {"a": 0.5}}
+    assert carried["used"] == {("t", 1, "b"), ("u", 2, "a")}
+    assert carry.note(carried).startswith("2 of the table's cells were carried from the committed r.json, made with "
+                                          "these settings on M1; M2;")
+    cells = carry.report_cells({("t", 1): {"a": 0.9, "b": 0.2}}, carried, here="H")
+    assert [(c["task"], c["machine"]) for c in cells] == [("a", "H"), ("b", "M1")]  # each cell names its maker
 
 
 def test_the_teacher_runs_again_while_a_row_that_reads_its_models_has_the_seed_to_do():

@@ -339,3 +339,12 @@ def test_teacher_fp32_is_said_and_recorded(quiet_teacher, corpus, tmp_path, caps
     (banner,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distilling ")]
     assert "bf16 (" in banner and "; the teacher in fp32 (teacher_fp32);" in banner
     assert json.loads((out / "distill_config.json").read_text())["teacher_fp32"] is True
+    from distill.train.distributed import setup_distributed
+    from distill.train.setup import build_run
+
+    for fp32 in (False, True):  # the teacher's linear weights: cast once to bf16, or left in fp32
+        cfg = make_config(run_config(quiet_teacher, corpus, tmp_path / f"b{fp32}", tmp_path, precision="bf16",
+                                     teacher_fp32=fp32, weights={"hid_mse": 1.0}))
+        run = build_run(cfg, setup_distributed(cfg.device))
+        linear = next(m for m in run.teacher.modules() if isinstance(m, torch.nn.Linear))
+        assert linear.weight.dtype == (torch.float32 if fp32 else torch.bfloat16)
