@@ -181,13 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto",
                    help="bf16, fp32 or auto (distill-train's auto: bf16 on a CPU with bf16 instructions or a bf16 GPU, "
                         "fp16 O2 on an older GPU, else fp32)")
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the run's pieces and report go, and what it does (report only, carry, prepare, measure again)."""
     p.add_argument("--cache_dir", default=None, help="the prepared data and models (prepare_study_data.py)")
     p.add_argument("--work_dir", default=None, help="cache of finished pieces (default CACHE/runs or CACHE/runs-quick)")
     p.add_argument("--out", default=None, help="writes OUT.md, OUT.png and OUT.json (docs/study, docs/study-mpnet; "
                                                "--quick: docs/study-quick, docs/study-mpnet-quick)")
     p.add_argument("--teacher_fp32", action="store_true",
                    help="distil with distill-train --teacher_fp32 (the teacher's forward in fp32 under a bf16 run): "
-                        "what the bf16 teacher moves in a cell (its own work dir, CACHE/runs-t32 by default)")
+                        "what the bf16 teacher moves in a cell (a work dir and a report of its own: CACHE/runs-t32, OUT-t32)")
     p.add_argument("--report_only", action="store_true", help="write the report from the finished pieces only")
     p.add_argument("--no_carry", action="store_true",
                    help="run every cell here: carry none from the committed report OUT.json (bench/carry.py)")
@@ -200,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remeasure_distill", type=int, default=0, metavar="N",
                    help="run N distillation steps of each distilled row's recipe with this checkout's engine, "
                         "record its tokens/s and the full run's time at those rates, then write the report")
-    return p
 
 
 def fill_and_check(p, ns) -> None:
