@@ -9,6 +9,7 @@ is measured per architecture (and per outside reference), not once as in the min
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -148,6 +149,12 @@ def measure_speeds(rows, ns, state: dict, again: bool = False) -> None:
         study.save_state(ns, state)
 
 
+@functools.lru_cache(maxsize=4)
+def teacher_width(folder: str) -> int:
+    """The teacher's hidden size, read once (every row of every report asks)."""
+    return json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))["hidden_size"]
+
+
 def row_speed(row: dict, ns, speeds: dict) -> dict | None:
     if row["kind"] == "teacher":
         return {"batch1": {"speedup_median": 1.0}, "batch32": {"speedup_median": 1.0}}
@@ -156,8 +163,7 @@ def row_speed(row: dict, ns, speeds: dict) -> dict | None:
         return speeds.get(arch_key(folder))
     if row["kind"] in ("student", "random") and row.get("layers"):  # not made here (its cells carried): a copy of
         # the teacher's layers, so its architecture is the layer count at the teacher's width
-        width = json.loads(Path(study.teacher_path(ns), "config.json").read_text(encoding="utf-8"))["hidden_size"]
-        return speeds.get(f"{len(row['layers'].split(','))}x{width}")
+        return speeds.get(f"{len(row['layers'].split(','))}x{teacher_width(study.teacher_path(ns))}")
     return None
 
 
