@@ -536,6 +536,39 @@ def test_float64_inputs_stay_float64_so_gradcheck_works():
     assert torch.autograd.gradcheck(lambda x: losses.kl_divergence(x, zt, 2.0, mask), (zs,), fast_mode=True)
 
 
+@pytest.mark.parametrize("slice_entries", [1, S * S, 1 << 16])  # a head, a head exactly, whole batch items
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_mse_gradient_is_the_float64_ones_for_half_maps(monkeypatch, slice_entries, packed):
+    """Slice by slice or whole, the value and both gradients of bf16 maps are the float64 formula's on the same
+    (rounded) maps, the gradients in the maps' dtype; autograd keeps no float32 copy of a map."""
+    monkeypatch.setattr(losses, "_SLICE_ENTRIES", slice_entries)
+    mask = torch.ones(B, S, dtype=torch.long) if packed else make_mask()
+    a_s = attention_probs(90, mask).bfloat16().requires_grad_(True)
+    a_t = attention_probs(91, mask).bfloat16().requires_grad_(True)
+    saved = []
+
+    def pack(x):
+        saved.append((x.dtype, x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        got = losses.attention_mse(a_s, a_t, mask)
+    got.backward()
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] == a_s.shape], saved
+    d_s, d_t = a_s.detach().double().requires_grad_(True), a_t.detach().double().requires_grad_(True)
+    valid = (mask[:, None, :, None] & mask[:, None, None, :]).bool()
+    want = torch.where(valid, d_s - d_t, 0.0).pow(2).sum() / (int(valid.sum()) * HEADS)
+    want.backward()
+    assert float(got) == pytest.approx(ref_att_mse(a_s.detach(), a_t.detach(), mask), rel=1e-6)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for grad, ref in ((a_s.grad, d_s.grad), (a_t.grad, d_t.grad)):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad.double(), ref, rtol=8e-3, atol=1e-9)  # bf16's rounding of the result
+    assert torch.equal(a_t.grad, -a_s.grad)
+    d, e = randn(B, HEADS, S, S, seed=92).double().requires_grad_(True), randn(B, HEADS, S, S, seed=93).double()
+    assert torch.autograd.gradcheck(lambda x: losses.attention_mse(x, e, mask), (d,), fast_mode=True)
+
+
 def test_bad_arguments_are_clear_errors():
     mask = make_mask()
     z = randn(B, S, V)

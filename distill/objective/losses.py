@@ -416,13 +416,71 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     _check_attention(student_attn, teacher_attn, "attention_mse")
     b, h, seq, _ = student_attn.shape
     m = _token_mask(mask, b, seq, student_attn.device)
-    if bool(m.all()):  # nothing padded (a packed batch): every entry counts, no gather and no scatter back
-        return _mean((_wide(student_attn) - _wide(teacher_attn)) ** 2)
-    valid = m[:, None, :, None] & m[:, None, None, :]  # [B, 1, S, S]: the same entries for every head
-    # where() (not * 0): padding garbage reaches neither value nor gradient; and no gather of the kept entries
-    # into a copy and scatter back, 4x slower on the padded batches of the task stage
-    diff = torch.where(valid, _wide(student_attn), 0.0) - torch.where(valid, _wide(teacher_attn), 0.0)
-    return (diff * diff).sum() / max(int(valid.sum()) * h, 1)
+    # nothing padded (a packed batch): every entry counts, no mask at all
+    valid = None if bool(m.all()) else m[:, None, :, None] & m[:, None, None, :]  # [B, 1, S, S]: same for each head
+    count = b * h * seq * seq if valid is None else int(valid.sum()) * h
+    return _AttentionSquaredError.apply(student_attn, teacher_attn, valid, max(count, 1), torch.is_grad_enabled())
+
+
+_SLICE_ENTRIES = 1 << 16  # entries widened at a time: 256 KiB in float32, inside a core's L2 cache
+
+
+class _AttentionSquaredError(torch.autograd.Function):
+    """``sum over valid entries of (a_s - a_t)^2 / count``, widened slice by slice.
+
+    The maps arrive in the compute dtype (bf16 or fp16 under mixed precision). Composed of autograd
+    operations the loss widened both maps to float32 whole, then took the difference, its square and,
+    in the backward, the square's and the cast's gradients: six passes over ``[B, h, S, S]`` float32
+    tensors in memory, a third of the demo step on a CPU whose bandwidth is shared. Here each slice of
+    ``_SLICE_ENTRIES`` is widened, differenced and squared while it sits in cache, the per-slice sums
+    added in float64; the backward widens the slices again and writes ``2 (a_s - a_t) / count`` in the
+    input's dtype. Nothing of float32 size is kept between the passes. The arithmetic is float32's (float64
+    for float64 inputs), as before; invalid entries are selected away by ``where``, so padding garbage
+    (inf, NaN) reaches neither the value nor the gradient.
+
+    ``valid``: ``[B, 1, S, S]`` bool, or None when every entry counts; ``count``: valid entries times heads.
+    """
+
+    @staticmethod
+    def _slices(s: Tensor, valid: Tensor | None):
+        """(index, valid slice or None) over ``[B, h, S, S]``: one batch item's heads, as many as fit."""
+        b, h, seq, _ = s.shape
+        step = max(1, min(h, _SLICE_ENTRIES // (seq * seq)))
+        for i in range(b):
+            for j in range(0, h, step):
+                yield (i, slice(j, j + step)), None if valid is None else valid[i]
+
+    @staticmethod
+    def _diff(s: Tensor, t: Tensor, index, keep: Tensor | None) -> Tensor:
+        d = _wide(s[index]) - _wide(t[index])
+        return d if keep is None else torch.where(keep, d, 0.0)
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, valid: Tensor | None, count: int, grad_enabled: bool):
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for index, keep in _AttentionSquaredError._slices(s, valid):
+            d = _AttentionSquaredError._diff(s, t, index, keep)
+            total += d.mul_(d).sum()
+        if grad_enabled and any(ctx.needs_input_grad[:2]):
+            ctx.save_for_backward(s, t, valid)
+        ctx.count = count
+        return (total / count).to(torch.promote_types(_wide(s[:0]).dtype, _wide(t[:0]).dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        s, t, valid = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[:2]
+        grad_s = torch.empty_like(s) if need_s else None
+        grad_t = torch.empty_like(t) if need_t else None
+        scale = 2.0 / ctx.count * grad_output
+        for index, keep in _AttentionSquaredError._slices(s, valid):
+            d = _AttentionSquaredError._diff(s, t, index, keep).mul_(scale)
+            if need_s:
+                grad_s[index] = d
+            if need_t:
+                grad_t[index] = d.neg_()
+        return grad_s, grad_t, None, None, None
 
 
 @_full_precision
