@@ -4,7 +4,8 @@ A study (bench.study, bench.study_multitask) runs for longer than a machine may 
 cells, distilled students) stays behind when the machine goes. Its committed report (``OUT.json``) lists every
 finished cell with the machine that made it, so a run whose settings are the report's reads the cells its own work
 dir lacks from there and does not redo them: each (row, seed, task) score, the frozen-embedding scores of a row, the
-minutes each piece took and the parameter counts. A cell finished in the work dir wins over a carried one. Nothing
+minutes each piece took, the parameter counts and the inference speed-ups (each names the machine that measured it;
+``--remeasure_speed`` takes them all again on one machine). A cell finished in the work dir wins over a carried one. Nothing
 is carried when a setting that changes a result differs (the report's one line says which); the report says how
 many of its cells were carried, and from which machines.
 
@@ -20,7 +21,8 @@ import os
 # settings that change no cell's result: where things go, what to measure again, which seeds to run now
 IGNORED = frozenset({"out", "report_only", "prepare", "remeasure_speed", "remeasure_distill", "skip_speed", "seeds",
                      "seed_list", "data_cache", "cache_dir", "work_dir", "embed_why", "carried", "no_carry"})
-EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "machine_of": {}, "source": None, "count": 0}
+EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "speeds": {}, "machine_of": {}, "source": None,
+         "count": 0}
 
 
 def report_cells(results: dict, carried: dict | None = None, here: str | None = None) -> list[dict]:
@@ -92,7 +94,8 @@ def load(ns, settings: dict, log, defaults: dict | None = None) -> dict:
     cells = _cells_of(report)
     params = report.get("params") or {r["name"]: r["params"] for r in report.get("rows", []) if r.get("params")}
     carried = {"cells": cells, "embed": _embed_of(report), "timings": dict(report.get("timings_s") or {}),
-               "params": dict(params), "machine_of": _machines_of(report, cells), "used": set(),
+               "params": dict(params), "speeds": dict(report.get("speeds") or {}),
+               "machine_of": _machines_of(report, cells), "used": set(),
                "source": os.path.basename(path), "count": sum(len(v) for v in cells.values())}
     if carried["count"]:
         log(f"{carried['count']} finished cells in {carried['source']}: those this work dir lacks are not run again")
@@ -112,11 +115,10 @@ def merged(results: dict, carried: dict) -> dict:
 
 
 def into_state(state: dict, carried: dict) -> None:
-    """The carried minutes and parameter counts, where the work dir has none of its own."""
-    for key, value in carried.get("timings", {}).items():
-        state.setdefault("timings", {}).setdefault(key, value)
-    for key, value in carried.get("params", {}).items():
-        state.setdefault("params", {}).setdefault(key, value)
+    """The carried minutes, parameter counts and speeds, where the work dir has none of its own."""
+    for field in ("timings", "params", "speeds"):
+        for key, value in carried.get(field, {}).items():
+            state.setdefault(field, {}).setdefault(key, value)
 
 
 def whole(name: str, seed: int, tasks, carried: dict) -> bool:
@@ -137,9 +139,14 @@ def tasks_left(row: dict, seed: int, tasks, rows, carried: dict) -> list:
 def json_fields(results: dict, ns) -> dict:
     """What a report's JSON holds for a later run to carry: every finished cell (``results``, merged) with the
     machine that made it."""
+    return {"cells": report_cells(results, getattr(ns, "carried", EMPTY), machine_here())}
+
+
+def machine_here() -> str:
+    """This machine as a cell names the machine that made it."""
     from distill.common.hardware import machine_description
 
-    return {"cells": report_cells(results, getattr(ns, "carried", EMPTY), _machine(machine_description()))}
+    return _machine(machine_description())
 
 
 def _machine(m: dict) -> str:

@@ -144,7 +144,7 @@ def measure_speeds(rows, ns, state: dict, again: bool = False) -> None:
         if key in measured or (key in speeds and not again):
             continue
         study.log(f"measuring inference speed: teacher against {key} ({row['name']})")
-        speeds[key] = study.measure_speed(teacher, folder, ns.quick)
+        speeds[key] = {**study.measure_speed(teacher, folder, ns.quick), "machine": carry.machine_here()}
         measured.add(key)
         study.save_state(ns, state)
 
@@ -233,7 +233,17 @@ def embed_cell(r: dict) -> str:
             f" / {100 * e.get('retrieval', 0):.1f})")
 
 
-def table_lines(summary, tasks, params) -> list[str]:
+def speed_source(speeds: dict) -> str:
+    """Where and at how many threads the speed-ups were measured ('' before any was)."""
+    def threads(n) -> str:
+        return f"{n} torch thread" + ("" if n == 1 else "s")
+
+    where = sorted({f"{v.get('machine', 'this machine')}, {threads(v.get('threads', '?'))}"
+                    for v in speeds.values() if isinstance(v, dict)})
+    return f" Measured on {'; '.join(where)}." if where else ""
+
+
+def table_lines(summary, tasks, params, speeds: dict | None = None) -> list[str]:
     """The results table, one row per model, and what its columns are."""
     head = ["model", "n", *[t.name for t in tasks], "fine-tuned avg", "% of teacher",
             "frozen-embedding avg (class. / clust. / retr.)", "% of teacher", "params (M)", "speed-up b1",
@@ -256,7 +266,8 @@ def table_lines(summary, tasks, params) -> list[str]:
                     "fine-tuning): the mean of the classification (polarity, uncertainty, BBC topics: accuracy), "
                     "clustering (BBC: V-measure) and retrieval (BBC titles -> bodies: nDCG@10) means, x 100; a "
                     "task-KD row is a set of fine-tuned classifiers and has none. Speed-up: the bare encoder against "
-                    "the teacher, torch fp32, seq 128, median of interleaved repeats, per architecture. Compute: "
+                    "the teacher, torch fp32, seq 128, median of interleaved repeats, per architecture."
+                    + speed_source(speeds or {}) + " Compute: "
                     "wall clock on this (shared) machine, distillation minutes and tokens, fine-tuning minutes a "
                     "seed over all tasks."]
 
@@ -320,7 +331,8 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
         lines += [f"- Carried: {carry.note(ns.carried)}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
     lines += time_lines(summary, rows, state, params, ns)
-    lines += table_lines(summary, tasks, params) + ["", "## Findings (computed from the table)", ""]
+    lines += table_lines(summary, tasks, params, state.get("speeds", {}))
+    lines += ["", "## Findings (computed from the table)", ""]
     lines += [f"- {x}" for x in findings(summary, ns)] + ["", f"![study]({Path(ns.out).name}.png)", ""]
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)

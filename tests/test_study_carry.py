@@ -29,6 +29,20 @@ def test_a_report_without_a_cell_list_gives_its_rows_whole_seeds_in_order(tmp_pa
     assert state["timings"] == {"finetune t seed 1": 9.0}  # the work dir's own figure wins
 
 
+def test_speeds_are_carried_with_their_machine_and_a_speed_measured_here_wins(tmp_path):
+    speeds = {"4x768": {"batch32": {"speedup_median": 3.1}, "machine": "A", "threads": 2},
+              "6x384": {"batch32": {"speedup_median": 2.0}, "machine": "A", "threads": 2}}
+    ns = write(tmp_path, {"mode": "full", "settings": {}, "cells": [], "speeds": speeds})
+    got = carry.load(ns, {}, print)
+    state = {"speeds": {"6x384": {"batch32": {"speedup_median": 2.2}, "machine": "B", "threads": 1}}}
+    carry.into_state(state, got)
+    assert state["speeds"] == {"4x768": speeds["4x768"], "6x384": {"batch32": {"speedup_median": 2.2},
+                                                                   "machine": "B", "threads": 1}}
+    mpnet = tiny.bench_module("study_mpnet")
+    assert mpnet.speed_source(state["speeds"]) == " Measured on A, 2 torch threads; B, 1 torch thread."
+    assert mpnet.speed_source({}) == ""
+
+
 def test_the_cell_list_round_trips_and_a_differing_setting_carries_nothing(tmp_path):
     results = {("t", 1): {"a": 0.25, "b": 0.5}, ("s", 2): {"a": 1 / 3}}
     ns = write(tmp_path, {"mode": "full", "settings": {"lr": 1, "path": "CACHE/x"},

@@ -99,7 +99,7 @@ def report(root):
 
 
 @pytest.mark.slow
-def test_each_architecture_gets_its_own_speed_and_the_table_agrees_with_its_cells(finished):
+def test_each_architecture_gets_its_own_speed_and_the_table_agrees_with_its_cells(study, finished):
     root, argv = finished
     rec, md = report(root)
     rows = {r["name"]: r for r in rec["rows"]}
@@ -109,6 +109,13 @@ def test_each_architecture_gets_its_own_speed_and_the_table_agrees_with_its_cell
     ref_config = json.loads((Path(ref) / "config.json").read_text())
     ref_arch = f"{ref_config['num_hidden_layers']}x{ref_config['hidden_size']}"
     assert set(rec["speeds"]) == {"2x32", "3x32", ref_arch}  # 2-layer students and floor, the 3-layer one, the ref
+    assert {v["machine"] for v in rec["speeds"].values()} == {tiny.bench_module("carry").machine_here()}
+    assert "Measured on " in md
+    # a row whose cells were carried and whose folder was never made here takes its depth's speed at the teacher's width
+    mpnet, ns = tiny.bench_module("study_mpnet"), study.parse_args(argv)
+    elsewhere = {"name": "L1-3-4_none", "kind": "student", "layers": "1,3,4", "objective": "none"}
+    assert mpnet.row_speed(elsewhere, ns, {"3x32": rec["speeds"]["3x32"]}) == rec["speeds"]["3x32"]
+    assert mpnet.row_speed(elsewhere, ns, {"2x32": rec["speeds"]["2x32"]}) is None
     for name, r in rows.items():
         layers = {"teacher": None, "reference": ref_arch, "L1-2-4_none": "3x32"}.get(name, "2x32")
         want = 1.0 if layers is None else rec["speeds"][layers]["batch32"]["speedup_median"]
