@@ -164,6 +164,17 @@ NAMED_FLAGS = ("--out", "--markdown")
 SCRATCH_FLAGS = ("--work", "--work_dir")
 
 
+def under_root(path: Path, roots) -> str | None:
+    """``path`` as ``LABEL/rest`` for the first ``(folder, LABEL)`` of ``roots`` that holds it (an empty label:
+    ``rest`` alone); None when none does. The one way a committed report hides a machine's folders."""
+    for root, label in roots:
+        root = Path(root).expanduser().resolve()
+        if root != Path(root.anchor) and path.is_relative_to(root):
+            rest = path.relative_to(root)
+            return str(Path(label) / rest) if label else str(rest)
+    return None
+
+
 def shown_argument(flag: str, value: str) -> str:
     """A path-valued argument as a committed report shows it: relative to the repository when inside it; else by
     name (:data:`NAMED_FLAGS`), as SCRATCH_DIR (:data:`SCRATCH_FLAGS`), or under ``~`` when in the home folder, else
@@ -171,14 +182,10 @@ def shown_argument(flag: str, value: str) -> str:
     if not value.startswith(("/", "~")):
         return value
     path = Path(value).expanduser().resolve()
-    if path.is_relative_to(ROOT):
-        return str(path.relative_to(ROOT))
-    if flag in SCRATCH_FLAGS:
+    if flag in SCRATCH_FLAGS and not path.is_relative_to(ROOT):
         return "SCRATCH_DIR"
-    home = Path.home().resolve()
-    if flag not in NAMED_FLAGS and path.is_relative_to(home):
-        return str(Path("~") / path.relative_to(home))
-    return path.name
+    roots = [(ROOT, "")] + ([] if flag in NAMED_FLAGS else [("~", "~")])
+    return under_root(path, roots) or path.name
 
 
 def command_line(module: str, argv: list[str]) -> str:

@@ -293,15 +293,11 @@ def shown_path(value, ns):
     """A path as the report prints it: under the study's cache as ``CACHE/...`` (prepare_study_data.py's
     cache directory), under the home directory as ``~/...``; anything else as given. A report names no
     directory of the machine that wrote it."""
+    from bench.common import under_root
+
     if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
         return value
-    path = os.path.realpath(os.path.expanduser(value))
-    roots = [(os.path.realpath(os.path.expanduser(ns.cache_dir)), "CACHE"),
-             (os.path.realpath(os.path.expanduser("~")), "~")]
-    for root, name in roots:
-        if root != os.sep and (path == root or path.startswith(root + os.sep)):
-            return name + path[len(root):]
-    return value
+    return under_root(Path(value).expanduser().resolve(), [(ns.cache_dir, "CACHE"), ("~", "~")]) or value
 
 
 def default_corpus(cache_dir: str) -> str:
