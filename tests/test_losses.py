@@ -536,12 +536,13 @@ def test_float64_inputs_stay_float64_so_gradcheck_works():
     assert torch.autograd.gradcheck(lambda x: losses.kl_divergence(x, zt, 2.0, mask), (zs,), fast_mode=True)
 
 
-@pytest.mark.parametrize("slice_entries", [1, S * S, 1 << 16])  # a head, a head exactly, whole batch items
+# a head, a head exactly, whole batch items (a CPU's slices), the maps at once (an accelerator's one slice)
+@pytest.mark.parametrize("slice_entries", [1, S * S, 1 << 16, None])
 @pytest.mark.parametrize("packed", [False, True])
 def test_attention_mse_gradient_is_the_float64_ones_for_half_maps(monkeypatch, slice_entries, packed):
     """Slice by slice or whole, the value and both gradients of bf16 maps are the float64 formula's on the same
     (rounded) maps, the gradients in the maps' dtype; autograd keeps no float32 copy of a map."""
-    monkeypatch.setattr(losses, "_SLICE_ENTRIES", slice_entries)
+    monkeypatch.setattr(losses, "_slice_entries", lambda device: slice_entries)
     mask = torch.ones(B, S, dtype=torch.long) if packed else make_mask()
     a_s = attention_probs(90, mask).bfloat16().requires_grad_(True)
     a_t = attention_probs(91, mask).bfloat16().requires_grad_(True)

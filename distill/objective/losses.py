@@ -422,30 +422,41 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     return _AttentionSquaredError.apply(student_attn, teacher_attn, valid, max(count, 1), torch.is_grad_enabled())
 
 
-_SLICE_ENTRIES = 1 << 16  # entries widened at a time: 256 KiB in float32, inside a core's L2 cache
+_SLICE_ENTRIES = 1 << 16  # entries widened at a time on a CPU: 256 KiB in float32, inside a core's L2 cache
+
+
+def _slice_entries(device: torch.device) -> int | None:
+    """How many map entries :class:`_AttentionSquaredError` widens at a time on ``device``; None: the whole maps
+    at once (an accelerator streams whole tensors, and a kernel launch per slice would cost more than it saves)."""
+    return _SLICE_ENTRIES if device.type == "cpu" else None
 
 
 class _AttentionSquaredError(torch.autograd.Function):
-    """``sum over valid entries of (a_s - a_t)^2 / count``, widened slice by slice.
+    """``sum over valid entries of (a_s - a_t)^2 / count``, widened slice by slice on a CPU.
 
     The maps arrive in the compute dtype (bf16 or fp16 under mixed precision). Composed of autograd
-    operations the loss widened both maps to float32 whole, then took the difference, its square and,
-    in the backward, the square's and the cast's gradients: six passes over ``[B, h, S, S]`` float32
-    tensors in memory, a third of the demo step on a CPU whose bandwidth is shared. Here each slice of
-    ``_SLICE_ENTRIES`` is widened, differenced and squared while it sits in cache, the per-slice sums
-    added in float64; the backward widens the slices again and writes ``2 (a_s - a_t) / count`` in the
-    input's dtype. Nothing of float32 size is kept between the passes. The arithmetic is float32's (float64
-    for float64 inputs), as before; invalid entries are selected away by ``where``, so padding garbage
-    (inf, NaN) reaches neither the value nor the gradient.
+    operations, the loss widened both maps to float32 whole, took the difference and its square, kept the
+    float32 difference for the backward, and ran the square's and the cast's gradients over whole maps again.
+    Here each slice of :func:`_slice_entries` is widened, differenced and squared while it sits in cache, the
+    per-slice sums added in float64; the backward widens the slices again and writes ``2 (a_s - a_t) / count``
+    in the input's dtype. Nothing of float32 size is kept between the passes (bench.speed's baseline section
+    on the demo step: same speed on a quiet 2-core CPU, 1.07x with the memory bus shared; less memory). The
+    arithmetic is float32's (float64 for float64 inputs), as before; invalid entries are selected away by
+    ``where``, so padding garbage (inf, NaN) reaches neither the value nor the gradient.
 
     ``valid``: ``[B, 1, S, S]`` bool, or None when every entry counts; ``count``: valid entries times heads.
     """
 
     @staticmethod
     def _slices(s: Tensor, valid: Tensor | None):
-        """(index, valid slice or None) over ``[B, h, S, S]``: one batch item's heads, as many as fit."""
+        """(index, valid slice or None) over ``[B, h, S, S]``: one batch item's heads, as many as fit; or the
+        whole maps as one slice where :func:`_slice_entries` says so."""
+        entries = _slice_entries(s.device)
+        if entries is None:
+            yield (slice(None),), valid
+            return
         b, h, seq, _ = s.shape
-        step = max(1, min(h, _SLICE_ENTRIES // (seq * seq)))
+        step = max(1, min(h, entries // (seq * seq)))
         for i in range(b):
             for j in range(0, h, step):
                 yield (i, slice(j, j + step)), None if valid is None else valid[i]
