@@ -107,6 +107,55 @@ def vm_kb(field: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- model FLOPs utilisation
+
+
+def _sdpa_for_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_for_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def counted_flops(fn) -> int:
+    """The floating-point operations of one call of ``fn`` as torch's FlopCounterMode counts them: matmuls and
+    attention, forward and backward (elementwise work is not counted: the usual "model FLOPs"). The CPU's fused
+    attention kernel, which torch's table lacks, is counted by the same formula as the CUDA ones."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_for_cpu
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_for_cpu_backward
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> dict:
+    """This device's own dense matmul rate in ``dtype``: FLOP/s of ``n x n @ n x n``, the best of ``repeats``. The
+    ceiling a step's model FLOPs utilisation is read against, measured here instead of taken from a data sheet
+    (on a CPU no sheet applies; on a GPU it is what the library reaches, below the sheet's peak)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    clock, best = Clock(device), float("inf")
+    a @ b  # warm-up
+    for _ in range(repeats):
+        t0 = clock.now()
+        a @ b
+        best = min(best, clock.now() - t0)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n ** 3 / best}
+
+
 # --------------------------------------------------------------------------------------- machine and threads
 
 

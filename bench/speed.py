@@ -99,10 +99,12 @@ from bench.common import (
     SHAPE,
     Clock,
     command_line,
+    counted_flops,
     interleaved,
     log,
     machine,
     make_batch,
+    matmul_rate,
     paired_ratio,
     set_threads,
     summary,
@@ -265,6 +267,7 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
             torch.cuda.reset_peak_memory_stats(device)
         times = interleaved(variants, cfg["repeats"], cfg["warmup"], clock)
         entry = {"description": prec.description, "variants": {n: summary(t, tokens) for n, t in times.items()}}
+        add_utilisation(entry, variants, prec.autocast_dtype or torch.float32, device, cfg.get("matmul_n"))
         if device.type == "cuda":
             entry["peak_gpu_memory_gb_all_variants"] = torch.cuda.max_memory_allocated(device) / 2**30
         pairs = {"plain_over_engine_masked": ("plain_masked", "engine_masked"),
@@ -278,6 +281,18 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
         entry["ratios"] = {k: v["value"] for k, v in entry["ratio_details"].items()}
         results["precisions"][name] = entry
     return results
+
+
+def add_utilisation(entry: dict, variants: dict, dtype: torch.dtype, device: torch.device, n: int | None) -> None:
+    """Each variant's model FLOPs a step (one more step, counted), the FLOP/s its median step reaches, and that
+    rate over this device's own ``dtype`` matmul rate of ``n``-square matrices (model FLOPs utilisation, MFU)."""
+    rate = matmul_rate(device, dtype, n)
+    entry["matmul_rate"] = rate
+    for name, step in variants.items():
+        v = entry["variants"][name]
+        v["flops"] = counted_flops(step)
+        v["flops_per_s"] = v["flops"] / v["median_s"]
+        v["mfu"] = v["flops_per_s"] / rate["flops_per_s"]
 
 
 DEMO_PRECISIONS = ("auto", "fp32", "bf16")
@@ -813,9 +828,17 @@ def render(report: dict) -> str:
                 rows.append([prec, name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
                              f"{v['median_s'] / base:.2f}",
                              " / ".join(f"{ph[k]:.2f}" for k in ("forward_loss", "backward", "optimizer") if k in ph),
-                             f"{v['cpu_median_s']:.2f}"])
+                             f"{v['cpu_median_s']:.2f}", *utilisation_cells(v)])
         parts.append(fmt_table(["precision", "variant", "step s (median)", "tokens/s", "time / engine_masked",
-                                "forward+loss / backward / optimizer s", "CPU s"], rows))
+                                "forward+loss / backward / optimizer s", "CPU s", "model GFLOP / step",
+                                "GFLOP/s", "MFU"], rows))
+        rates = {p: e["matmul_rate"] for p, e in d["precisions"].items() if "matmul_rate" in e}
+        if rates:
+            parts.append("\nMFU: the step's model FLOPs (matmuls and attention, forward and backward, as "
+                         "torch.utils.flop_counter counts them) per second, over this device's own dense matmul "
+                         "rate in the precision's compute dtype: "
+                         + "; ".join(f"{p} {r['dtype']} {r['flops_per_s'] / 1e9:,.0f} GFLOP/s ({r['n']}^3)"
+                                     for p, r in rates.items()) + ".")
         keys = list(dict.fromkeys(k for e in d["precisions"].values() for k in e["ratios"]))
         rows = [[prec, *(f"{e['ratios'][k]:.2f}" if k in e["ratios"] else "-" for k in keys)]
                 for prec, e in d["precisions"].items()]
@@ -862,6 +885,13 @@ def render(report: dict) -> str:
     parts.append(render_task_stage(report.get("task_stage")))
     parts.append(render_levers(report))
     return "\n".join(parts)
+
+
+def utilisation_cells(v: dict) -> list[str]:
+    """A variant's model GFLOP a step, GFLOP/s and MFU ('-' for reports made before they were counted)."""
+    if "flops" not in v:
+        return ["-", "-", "-"]
+    return [f"{v['flops'] / 1e9:,.1f}", f"{v['flops_per_s'] / 1e9:,.1f}", f"{v['mfu']:.0%}"]
 
 
 def render_task_stage(t: dict | None) -> str:
@@ -1044,7 +1074,7 @@ def run_settings(args: argparse.Namespace, threads_note: str) -> tuple[dict, tor
         SHAPE.update(SMOKE["shape"])
         SMOKE["allow_cpu_fp16"] = True
         cfg.update(repeats=1, prep_repeats=1, infer_repeats=1, infer_repeats_batch1=1, breakdown_repeats=1,
-                   infer_batch=2, legacy_paragraphs=20, demo_repeats=1, demo_batch=2)
+                   infer_batch=2, legacy_paragraphs=20, demo_repeats=1, demo_batch=2, matmul_n=128)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.batch:

@@ -17,6 +17,28 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_model_flops_are_the_hand_count_of_a_bert_step(attention):
+    """bench.common.counted_flops on a tiny BERT's forward and backward: 2mnk a matmul, forward and twice that
+    backward, the same whether attention runs as two bmm's (eager) or the CPU's fused kernel (sdpa)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from bench.common import counted_flops
+
+    layers, hidden, inner, heads, batch, seq = 2, 64, 128, 4, 2, 16
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=inner, vocab_size=100)
+    config._attn_implementation = attention
+    model = BertModel(config)
+    ids = torch.randint(0, 100, (batch, seq))
+    tokens = batch * seq
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + 2 * 2 * batch * seq * seq * hidden
+    pooler = 2 * batch * hidden * hidden  # forward only: the loss below does not read the pooled output
+    want = 3 * layers * per_layer + pooler
+    assert counted_flops(lambda: model(input_ids=ids).last_hidden_state.sum().backward()) == want
+
+
 @pytest.mark.slow
 def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
     out = tmp_path / "speed.json"
@@ -34,6 +56,12 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m bench.speed --smoke --out speed.json")
+    for entry in report["distill"]["precisions"].values():  # model FLOPs and MFU beside each step time
+        v, rate = entry["variants"], entry["matmul_rate"]["flops_per_s"]
+        assert v["engine_full"]["flops"] > v["engine_masked"]["flops"] > 0  # the vocabulary head on every token
+        assert v["engine_masked"]["flops"] < v["plain_masked"]["flops"]  # the plain step's heads see every token
+        for x in v.values():
+            assert x["mfu"] == pytest.approx(x["flops"] / x["median_s"] / rate)
     # the page again from the JSON alone: the same text
     from bench import speed
 
