@@ -156,6 +156,51 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n ** 3 / best}
 
 
+def add_utilisation(entry: dict, variants: dict, dtypes: dict, device: torch.device, n: int | None) -> None:
+    """Each timed variant's model FLOPs a step (one more step, counted), the FLOP/s its median step reaches, and
+    that rate over this device's own matmul rate in the variant's compute dtype (``dtypes[name]``; matrices
+    ``n`` square): its model FLOPs utilisation (MFU). ``entry["matmul_rates"]``: the rates, by dtype."""
+    rates = entry.setdefault("matmul_rates", {})
+    for name, step in variants.items():
+        dtype = str(dtypes[name]).removeprefix("torch.")
+        if dtype not in rates:
+            rates[dtype] = matmul_rate(device, dtypes[name], n)
+        v = entry["variants"][name]
+        v["flops"] = counted_flops(step)
+        v["flops_per_s"] = v["flops"] / v["median_s"]
+        v["mfu"] = v["flops_per_s"] / rates[dtype]["flops_per_s"]
+        v["mfu_dtype"] = dtype
+
+
+UTILISATION_HEADERS = ["model GFLOP / step", "GFLOP/s", "MFU"]
+
+
+def counted(variants) -> bool:
+    """Whether a section's variants carry model FLOPs (reports made before they were counted do not: their tables
+    keep their columns)."""
+    return any("flops" in v for v in variants)
+
+
+def utilisation_cells(v: dict, shown: bool = True) -> list[str]:
+    """A variant's model GFLOP a step, GFLOP/s and MFU (none when the table has no such columns)."""
+    if not shown:
+        return []
+    if "flops" not in v:
+        return ["-", "-", "-"]
+    return [f"{v['flops'] / 1e9:,.1f}", f"{v['flops_per_s'] / 1e9:,.1f}", f"{v['mfu']:.0%}"]
+
+
+def utilisation_note(rate_maps: list[dict]) -> str:
+    """The line under a table with MFU columns: what MFU is read against ('' when nothing was counted)."""
+    rates = {k: r for m in rate_maps for k, r in m.items()}
+    if not rates:
+        return ""
+    return ("\nMFU: the step's model FLOPs (matmuls and attention, forward and backward, as torch.utils.flop_counter "
+            "counts them) per second, over this device's own dense matmul rate in the step's compute dtype, measured "
+            "in the same run: " + "; ".join(f"{k} {r['flops_per_s'] / 1e9:,.0f} GFLOP/s ({r['n']}^3)"
+                                            for k, r in sorted(rates.items())) + ".")
+
+
 # --------------------------------------------------------------------------------------- machine and threads
 
 

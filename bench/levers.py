@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, SEQ, Clock, interleaved, log, make_batch, paired_ratio, summary, teacher_config
+from bench.common import (ROOT, SEQ, UTILISATION_HEADERS, Clock, add_utilisation, counted, interleaved, log, make_batch,
+                          paired_ratio, summary, teacher_config, utilisation_cells, utilisation_note)
 from distill.common.hardware import MALLOC_ENV
 
 BEFORE_ISSUE_24 = "96f599d"  # the last commit before the levers: the engine they are measured against
@@ -301,11 +302,13 @@ def bench_teacher12(cfg: dict, device: torch.device, clock: Clock) -> dict:
              "autocast_eager_over_eager_mapped": ("autocast_eager", "eager_mapped"),
              "depth_whole_over_cut": ("depth_whole", "depth_cut")}
     details = {k: paired_ratio(times, a, b) for k, (a, b) in pairs.items() if a in times and b in times}
-    return {"batch": cfg["batch"], "seq": SEQ, "layers": TEACHER12_LAYERS, "weights": TEACHER12_WEIGHTS,
-            "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-            "loss": teacher_loss_change(objective, student0, teachers, batch, device, dtype),
-            "variants": {n: summary(t, tokens) for n, t in times.items()}, "ratio_details": details,
-            "ratios": {k: v["value"] for k, v in details.items()}}
+    out = {"batch": cfg["batch"], "seq": SEQ, "layers": TEACHER12_LAYERS, "weights": TEACHER12_WEIGHTS,
+           "compute_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+           "loss": teacher_loss_change(objective, student0, teachers, batch, device, dtype),
+           "variants": {n: summary(t, tokens) for n, t in times.items()}, "ratio_details": details,
+           "ratios": {k: v["value"] for k, v in details.items()}}
+    add_utilisation(out, variants, {n: dtype or torch.float32 for n in variants}, device, cfg.get("matmul_n"))
+    return out
 
 
 def teacher_loss_change(objective, student0, teachers: dict, batch: dict, device, dtype) -> dict:
@@ -347,8 +350,13 @@ def render_levers(report: dict) -> str:
         if not section:
             continue
         parts.append(f"\n### {title.format(**section)} (batch {section['batch']} x {section['seq']})\n")
-        rows = [f"| {n} | {v['median_s']:.3f} | {v['tokens_per_s']:,.0f} |" for n, v in section["variants"].items()]
-        parts.append("\n".join(["| variant | step s (median) | tokens/s |", "|---|---|---|", *rows]))
+        shown = counted(section["variants"].values())
+        head = ["variant", "step s (median)", "tokens/s", *(UTILISATION_HEADERS if shown else [])]
+        rows = [[n, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}", *utilisation_cells(v, shown)]
+                for n, v in section["variants"].items()]
+        parts.append("\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                                 *("| " + " | ".join(r) + " |" for r in rows)]))
+        parts += [x for x in [utilisation_note([section.get("matmul_rates", {})])] if x]
         rows = [f"| {k} | {v:.2f} |" for k, v in section["ratios"].items()]
         parts.append("\n" + "\n".join(["| ratio (> 1: the second is faster) | value |", "|---|---|", *rows]))
     if report.get("teacher12"):

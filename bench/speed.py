@@ -99,16 +99,19 @@ from bench.common import (
     SHAPE,
     Clock,
     command_line,
-    counted_flops,
+    add_utilisation,
     interleaved,
     log,
     machine,
     make_batch,
-    matmul_rate,
     paired_ratio,
     set_threads,
     summary,
     teacher_config,
+    UTILISATION_HEADERS,
+    counted,
+    utilisation_cells,
+    utilisation_note,
     vm_kb,
     write_json,
     write_text,
@@ -267,7 +270,8 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
             torch.cuda.reset_peak_memory_stats(device)
         times = interleaved(variants, cfg["repeats"], cfg["warmup"], clock)
         entry = {"description": prec.description, "variants": {n: summary(t, tokens) for n, t in times.items()}}
-        add_utilisation(entry, variants, prec.autocast_dtype or torch.float32, device, cfg.get("matmul_n"))
+        add_utilisation(entry, variants, {n: prec.autocast_dtype or torch.float32 for n in variants}, device,
+                        cfg.get("matmul_n"))
         if device.type == "cuda":
             entry["peak_gpu_memory_gb_all_variants"] = torch.cuda.max_memory_allocated(device) / 2**30
         pairs = {"plain_over_engine_masked": ("plain_masked", "engine_masked"),
@@ -281,18 +285,6 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
         entry["ratios"] = {k: v["value"] for k, v in entry["ratio_details"].items()}
         results["precisions"][name] = entry
     return results
-
-
-def add_utilisation(entry: dict, variants: dict, dtype: torch.dtype, device: torch.device, n: int | None) -> None:
-    """Each variant's model FLOPs a step (one more step, counted), the FLOP/s its median step reaches, and that
-    rate over this device's own ``dtype`` matmul rate of ``n``-square matrices (model FLOPs utilisation, MFU)."""
-    rate = matmul_rate(device, dtype, n)
-    entry["matmul_rate"] = rate
-    for name, step in variants.items():
-        v = entry["variants"][name]
-        v["flops"] = counted_flops(step)
-        v["flops_per_s"] = v["flops"] / v["median_s"]
-        v["mfu"] = v["flops_per_s"] / rate["flops_per_s"]
 
 
 DEMO_PRECISIONS = ("auto", "fp32", "bf16")
@@ -320,10 +312,11 @@ def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
                                       teacher_config=teacher.config, student_layers=layers).to(device)
     batch = {k: v.to(device) for k, v in make_batch(batch_size, teacher.config.vocab_size).items()}
     tokens = int(batch["attention_mask"].sum())
-    variants, descriptions = {}, {}
+    variants, descriptions, dtypes = {}, {}, {}
     for name in DEMO_PRECISIONS:
         prec = Precision.from_config(name, device=device)
         descriptions[name] = prec.auto_reason or prec.description
+        dtypes[name] = prec.autocast_dtype or torch.float32
         if prec.auto_reason:
             log(f"demo step: {prec.auto_reason}")
         student = copy.deepcopy(student0).to(device).train()
@@ -342,10 +335,12 @@ def bench_demo(cfg: dict, device: torch.device, clock: Clock) -> dict:
     log(f"demo recipe step, batch {batch_size} x {SEQ}: {', '.join(DEMO_PRECISIONS)}")
     times = interleaved(variants, cfg["demo_repeats"], 1, clock)
     details = {f"fp32_over_{n}": paired_ratio(times, "fp32", n) for n in DEMO_PRECISIONS if n != "fp32"}
-    return {"batch": batch_size, "seq": SEQ, "student_layers": layers, "weights": DEMO_RECIPE["weights"],
-            "auto_resolves_to": Precision.from_config("auto", device=device).mode, "descriptions": descriptions,
-            "variants": {n: summary(t, tokens) for n, t in times.items()}, "ratio_details": details,
-            "ratios": {k: v["value"] for k, v in details.items()}}
+    out = {"batch": batch_size, "seq": SEQ, "student_layers": layers, "weights": DEMO_RECIPE["weights"],
+           "auto_resolves_to": Precision.from_config("auto", device=device).mode, "descriptions": descriptions,
+           "variants": {n: summary(t, tokens) for n, t in times.items()}, "ratio_details": details,
+           "ratios": {k: v["value"] for k, v in details.items()}}
+    add_utilisation(out, variants, dtypes, device, cfg.get("matmul_n"))
+    return out
 
 
 def _setup(cfg: dict, device: torch.device, precision: str):
@@ -820,7 +815,7 @@ def render(report: dict) -> str:
     if d:
         parts.append(f"### Distillation step (batch {d['batch']} x {d['seq']}, {d['masked_positions']} masked "
                      f"positions; median of {report['config']['repeats']})\n")
-        rows = []
+        rows, shown = [], counted(v for e in d["precisions"].values() for v in e["variants"].values())
         for prec, entry in d["precisions"].items():
             base = entry["variants"]["engine_masked"]["median_s"]
             for name, v in entry["variants"].items():
@@ -828,17 +823,11 @@ def render(report: dict) -> str:
                 rows.append([prec, name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
                              f"{v['median_s'] / base:.2f}",
                              " / ".join(f"{ph[k]:.2f}" for k in ("forward_loss", "backward", "optimizer") if k in ph),
-                             f"{v['cpu_median_s']:.2f}", *utilisation_cells(v)])
+                             f"{v['cpu_median_s']:.2f}", *utilisation_cells(v, shown)])
         parts.append(fmt_table(["precision", "variant", "step s (median)", "tokens/s", "time / engine_masked",
-                                "forward+loss / backward / optimizer s", "CPU s", "model GFLOP / step",
-                                "GFLOP/s", "MFU"], rows))
-        rates = {p: e["matmul_rate"] for p, e in d["precisions"].items() if "matmul_rate" in e}
-        if rates:
-            parts.append("\nMFU: the step's model FLOPs (matmuls and attention, forward and backward, as "
-                         "torch.utils.flop_counter counts them) per second, over this device's own dense matmul "
-                         "rate in the precision's compute dtype: "
-                         + "; ".join(f"{p} {r['dtype']} {r['flops_per_s'] / 1e9:,.0f} GFLOP/s ({r['n']}^3)"
-                                     for p, r in rates.items()) + ".")
+                                "forward+loss / backward / optimizer s", "CPU s",
+                                *(UTILISATION_HEADERS if shown else [])], rows))
+        parts += [x for x in [utilisation_note([e.get("matmul_rates", {}) for e in d["precisions"].values()])] if x]
         keys = list(dict.fromkeys(k for e in d["precisions"].values() for k in e["ratios"]))
         rows = [[prec, *(f"{e['ratios'][k]:.2f}" if k in e["ratios"] else "-" for k in keys)]
                 for prec, e in d["precisions"].items()]
@@ -856,10 +845,13 @@ def render(report: dict) -> str:
     if m:
         parts.append(f"\n### The demo recipe's step (batch {m['batch']} x {m['seq']}, real MiniLM teacher, student "
                      f"layers {','.join(map(str, m['student_layers']))}; auto runs as {m['auto_resolves_to']} here)\n")
+        shown = counted(m["variants"].values())
         rows = [[name, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}",
-                 f"{m['ratios'].get(f'fp32_over_{name}', 1.0):.2f}", m["descriptions"][name]]
-                for name, v in m["variants"].items()]
-        parts.append(fmt_table(["precision", "step s (median)", "tokens/s", "speed-up over fp32", "what ran"], rows))
+                 f"{m['ratios'].get(f'fp32_over_{name}', 1.0):.2f}", *utilisation_cells(v, shown),
+                 m["descriptions"][name]] for name, v in m["variants"].items()]
+        parts.append(fmt_table(["precision", "step s (median)", "tokens/s", "speed-up over fp32",
+                                *(UTILISATION_HEADERS if shown else []), "what ran"], rows))
+        parts += [x for x in [utilisation_note([m.get("matmul_rates", {})])] if x]
     p = report.get("prep")
     if p:
         parts.append(f"\n### Data preparation ({p['paragraphs']:,} Wikipedia paragraphs, "
@@ -885,13 +877,6 @@ def render(report: dict) -> str:
     parts.append(render_task_stage(report.get("task_stage")))
     parts.append(render_levers(report))
     return "\n".join(parts)
-
-
-def utilisation_cells(v: dict) -> list[str]:
-    """A variant's model GFLOP a step, GFLOP/s and MFU ('-' for reports made before they were counted)."""
-    if "flops" not in v:
-        return ["-", "-", "-"]
-    return [f"{v['flops'] / 1e9:,.1f}", f"{v['flops_per_s'] / 1e9:,.1f}", f"{v['mfu']:.0%}"]
 
 
 def render_task_stage(t: dict | None) -> str:
