@@ -4,8 +4,8 @@ A study (bench.study, bench.study_multitask) runs for longer than a machine may 
 cells, distilled students) stays behind when the machine goes. Its committed report (``OUT.json``) lists every
 finished cell with the machine that made it, so a run whose settings are the report's reads the cells its own work
 dir lacks from there and does not redo them: each (row, seed, task) score, the frozen-embedding scores of a row, the
-minutes each piece took, the parameter counts and the inference speed-ups (each names the machine that measured it;
-``--remeasure_speed`` takes them all again on one machine). A cell finished in the work dir wins over a carried one. Nothing
+minutes each piece took, the parameter counts and (the MPNet study's, per architecture) the inference speed-ups,
+each naming the machine that measured it (``--remeasure_speed`` takes them all again on one machine). A cell finished in the work dir wins over a carried one. Nothing
 is carried when a setting that changes a result differs (the report's one line says which); the report says how
 many of its cells were carried, and from which machines.
 
@@ -66,6 +66,14 @@ def _embed_of(report: dict) -> dict:
     return {r["name"]: {"scores": None, "averages": r["embed"]} for r in report.get("rows", []) if r.get("embed")}
 
 
+def _speeds_of(report: dict) -> dict:
+    """Architecture -> speed-ups, each naming its machine (one measured before speeds named theirs: the report's)."""
+    own = report.get("machine")
+    default = _machine(own) if isinstance(own, dict) else "an earlier machine"
+    return {arch: {**sp, "machine": sp.get("machine") or default}
+            for arch, sp in (report.get("speeds") or {}).items() if isinstance(sp, dict)}
+
+
 def differing(report: dict, settings: dict, defaults: dict | None = None) -> list[str]:
     """The settings (other than :data:`IGNORED`) whose value differs between the report and this run. A setting
     the report does not record (a flag added since) counts as its default there (``defaults``)."""
@@ -94,7 +102,7 @@ def load(ns, settings: dict, log, defaults: dict | None = None) -> dict:
     cells = _cells_of(report)
     params = report.get("params") or {r["name"]: r["params"] for r in report.get("rows", []) if r.get("params")}
     carried = {"cells": cells, "embed": _embed_of(report), "timings": dict(report.get("timings_s") or {}),
-               "params": dict(params), "speeds": dict(report.get("speeds") or {}),
+               "params": dict(params), "speeds": _speeds_of(report),
                "machine_of": _machines_of(report, cells), "used": set(),
                "source": os.path.basename(path), "count": sum(len(v) for v in cells.values())}
     if carried["count"]:

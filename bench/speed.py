@@ -270,10 +270,10 @@ def bench_distill(cfg: dict, device: torch.device, precisions, clock: Clock) -> 
             torch.cuda.reset_peak_memory_stats(device)
         times = interleaved(variants, cfg["repeats"], cfg["warmup"], clock)
         entry = {"description": prec.description, "variants": {n: summary(t, tokens) for n, t in times.items()}}
+        if device.type == "cuda":  # before the FLOP count and the matmul rate allocate their own
+            entry["peak_gpu_memory_gb_all_variants"] = torch.cuda.max_memory_allocated(device) / 2**30
         add_utilisation(entry, variants, {n: prec.autocast_dtype or torch.float32 for n in variants}, device,
                         cfg.get("matmul_n"))
-        if device.type == "cuda":
-            entry["peak_gpu_memory_gb_all_variants"] = torch.cuda.max_memory_allocated(device) / 2**30
         pairs = {"plain_over_engine_masked": ("plain_masked", "engine_masked"),
                  "plain_over_engine_full": ("plain_full", "engine_full"),
                  "engine_over_floor_masked": ("engine_masked", "floor_masked"),

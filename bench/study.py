@@ -1241,8 +1241,9 @@ def run_command(argv: list[str], ns) -> str:
             skip = 1
             continue
         if os.path.isabs(a):
-            inside = os.path.realpath(a).startswith(str(ROOT) + os.sep)
-            a = os.path.relpath(a, ROOT) if inside else shown_path(a, ns)
+            from bench.common import under_root
+
+            a = under_root(Path(a).resolve(), [(ROOT, "")]) or shown_path(a, ns)
         out.append(a)
     return " ".join(["python -m bench.study", *out])
 

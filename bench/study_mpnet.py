@@ -240,7 +240,10 @@ def speed_source(speeds: dict) -> str:
 
     where = sorted({f"{v.get('machine', 'this machine')}, {threads(v.get('threads', '?'))}"
                     for v in speeds.values() if isinstance(v, dict)})
-    return f" Measured on {'; '.join(where)}." if where else ""
+    if len(where) > 1:
+        return (f" Measured on more than one machine ({'; '.join(where)}): compare speed-ups across rows only after "
+                "`--remeasure_speed` takes them all on one.")
+    return f" Measured on {where[0]}." if where else ""
 
 
 def table_lines(summary, tasks, params, speeds: dict | None = None) -> list[str]:

@@ -536,38 +536,55 @@ def test_float64_inputs_stay_float64_so_gradcheck_works():
     assert torch.autograd.gradcheck(lambda x: losses.kl_divergence(x, zt, 2.0, mask), (zs,), fast_mode=True)
 
 
-# a head, a head exactly, whole batch items (a CPU's slices), the maps at once (an accelerator's one slice)
-@pytest.mark.parametrize("slice_entries", [1, S * S, 1 << 16, None])
+# a head, two of three heads (a slice that does not divide the heads), whole batch items (a CPU's slices), the
+# maps at once (an accelerator's one slice)
+@pytest.mark.parametrize("slice_entries", [1, 2 * S * S, 1 << 16, None])
 @pytest.mark.parametrize("packed", [False, True])
-def test_attention_mse_gradient_is_the_float64_ones_for_half_maps(monkeypatch, slice_entries, packed):
-    """Slice by slice or whole, the value and both gradients of bf16 maps are the float64 formula's on the same
-    (rounded) maps, the gradients in the maps' dtype; autograd keeps no float32 copy of a map."""
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float32])  # float32: --teacher_fp32
+def test_attention_mse_gradient_is_the_float64_ones_for_half_maps(monkeypatch, slice_entries, packed, teacher_dtype):
+    """Slice by slice or whole, the value and both gradients of bf16 maps (against a bf16 or an fp32 teacher) are
+    the float64 formula's on the same (rounded) maps, each gradient in its map's dtype, garbage in the padding
+    changing nothing; autograd keeps no float32 copy of a map."""
     monkeypatch.setattr(losses, "_slice_entries", lambda device: slice_entries)
+    heads = 3
     mask = torch.ones(B, S, dtype=torch.long) if packed else make_mask()
-    a_s = attention_probs(90, mask).bfloat16().requires_grad_(True)
-    a_t = attention_probs(91, mask).bfloat16().requires_grad_(True)
+    valid = (mask[:, None, :, None] & mask[:, None, None, :]).bool()
+
+    def maps(seed, dtype):
+        scores = randn(B, heads, S, S, seed=seed, scale=2.0).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        return scores.softmax(-1).masked_fill(~valid, float("nan")).to(dtype).requires_grad_(True)
+
+    a_s, a_t = maps(90, torch.bfloat16), maps(91, teacher_dtype)
     saved = []
 
     def pack(x):
-        saved.append((x.dtype, x.shape))
+        saved.append((x.dtype, x.shape, x is a_s or x is a_t))
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         got = losses.attention_mse(a_s, a_t, mask)
     got.backward()
-    assert not [s for s in saved if s[0] == torch.float32 and s[1] == a_s.shape], saved
-    d_s, d_t = a_s.detach().double().requires_grad_(True), a_t.detach().double().requires_grad_(True)
-    valid = (mask[:, None, :, None] & mask[:, None, None, :]).bool()
-    want = torch.where(valid, d_s - d_t, 0.0).pow(2).sum() / (int(valid.sum()) * HEADS)
+    assert not [x for x in saved if x[0] == torch.float32 and x[1] == a_s.shape and not x[2]], saved
+    d_s, d_t = (torch.where(valid, x.detach().double(), 0.0).requires_grad_(True) for x in (a_s, a_t))
+    want = torch.where(valid, d_s - d_t, 0.0).pow(2).sum() / (int(valid.sum()) * heads)
     want.backward()
-    assert float(got) == pytest.approx(ref_att_mse(a_s.detach(), a_t.detach(), mask), rel=1e-6)
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
-    for grad, ref in ((a_s.grad, d_s.grad), (a_t.grad, d_t.grad)):
-        assert grad.dtype == torch.bfloat16
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    for grad, ref, dtype in ((a_s.grad, d_s.grad, torch.bfloat16), (a_t.grad, d_t.grad, teacher_dtype)):
+        assert grad.dtype == dtype and torch.isfinite(grad).all()
         torch.testing.assert_close(grad.double(), ref, rtol=8e-3, atol=1e-9)  # bf16's rounding of the result
-    assert torch.equal(a_t.grad, -a_s.grad)
+    torch.testing.assert_close(a_t.grad.double(), -a_s.grad.double(), rtol=8e-3, atol=1e-9)
+
+
+def test_attention_mse_float64_gradcheck_and_edges():
+    mask = make_mask()
     d, e = randn(B, HEADS, S, S, seed=92).double().requires_grad_(True), randn(B, HEADS, S, S, seed=93).double()
     assert torch.autograd.gradcheck(lambda x: losses.attention_mse(x, e, mask), (d,), fast_mode=True)
+    # no second derivative, said in one line instead of a silently first-order answer
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(losses.attention_mse(d, e, mask), d, create_graph=True)
+    # empty maps: 0, not a division by zero
+    empty = torch.zeros(B, HEADS, 0, 0, requires_grad=True)
+    assert float(losses.attention_mse(empty, empty.detach(), torch.zeros(B, 0, dtype=torch.long))) == 0.0
 
 
 def test_bad_arguments_are_clear_errors():

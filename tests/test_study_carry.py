@@ -39,8 +39,14 @@ def test_speeds_are_carried_with_their_machine_and_a_speed_measured_here_wins(tm
     assert state["speeds"] == {"4x768": speeds["4x768"], "6x384": {"batch32": {"speedup_median": 2.2},
                                                                    "machine": "B", "threads": 1}}
     mpnet = tiny.bench_module("study_mpnet")
-    assert mpnet.speed_source(state["speeds"]) == " Measured on A, 2 torch threads; B, 1 torch thread."
+    assert mpnet.speed_source(state["speeds"]).startswith(" Measured on more than one machine (A, 2 torch threads; "
+                                                          "B, 1 torch thread)")
+    assert mpnet.speed_source({"4x768": speeds["4x768"]}) == " Measured on A, 2 torch threads."
     assert mpnet.speed_source({}) == ""
+    # a speed measured before speeds named their machine: the report's own
+    ns = write(tmp_path, {"mode": "full", "settings": {}, "cells": [], "machine": {"cpu": "X"},
+                          "speeds": {"4x768": {"batch32": {"speedup_median": 3.1}, "threads": 2}}})
+    assert carry.load(ns, {}, print)["speeds"]["4x768"]["machine"] == "X (no native bf16, ? usable cores)"
 
 
 def test_the_cell_list_round_trips_and_a_differing_setting_carries_nothing(tmp_path):
