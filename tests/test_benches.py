@@ -218,3 +218,13 @@ def test_a_reports_command_names_no_folder_of_the_machine_it_ran_on(tmp_path):
     assert got == ("python -m bench.deploy --work SCRATCH_DIR --out docs/d.json '--student=~/.cache/m' --teacher t "
                    "--threads 2 --markdown page.md positional")
     assert str(tmp_path) not in got and str(Path.home()) not in got
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine the script runs for minutes")
+def test_the_gpu_check_refuses_a_machine_without_cuda_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no CUDA device here")
+    assert not out.exists()  # nothing written
