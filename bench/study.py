@@ -1356,14 +1356,21 @@ def priority(row: dict, ns) -> int:
 
 
 def execution_plan(rows, ns) -> list[tuple[int, dict]]:
-    """(seed, row) pairs: the first seed of priorities 0-3, the other seeds of 0-1, then of 2-3, then every seed of
-    4. A run stopped early (a shared machine, a deadline) has then answered the main questions with the most seeds;
-    the table keeps the logical row order."""
+    """(seed, row) pairs: the first seed of priorities 0-3; each other seed of 0-1, followed by that seed's rows
+    that read the teacher's fine-tuned models (task KD); then the other seeds of 2-3; then every seed of 4. A run
+    stopped early (a shared machine, a deadline) has then answered the main questions with the most seeds, and a
+    teacher seed fine-tuned on this machine (a report carries scores, not models) serves its task-KD rows before
+    the machine goes; the table keeps the logical row order."""
     ranked = sorted(enumerate(rows), key=lambda item: (priority(item[1], ns), item[0]))
     first, rest = ns.seed_list[:1], ns.seed_list[1:]
+
+    def reads_teacher(r: dict) -> bool:
+        return bool(r.get("task_kd") or r.get("teachers")) and 2 <= priority(r, ns) <= 3
+
     plan = [(s, r) for s in first for _, r in ranked if priority(r, ns) <= 3]
-    plan += [(s, r) for s in rest for _, r in ranked if priority(r, ns) <= 1]
-    plan += [(s, r) for s in rest for _, r in ranked if 2 <= priority(r, ns) <= 3]
+    for s in rest:
+        plan += [(s, r) for _, r in ranked if priority(r, ns) <= 1 or reads_teacher(r)]
+    plan += [(s, r) for s in rest for _, r in ranked if 2 <= priority(r, ns) <= 3 and not reads_teacher(r)]
     plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 4]
     return plan
 

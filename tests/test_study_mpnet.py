@@ -65,6 +65,13 @@ def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
     assert plan[:5] == [(1, "teacher"), (1, "L1-5-8-12_none"), (1, "L1-5-8-12_hid_mse+att_mse"),
                         (1, "L1-5-8-12_sent_mse"), (1, "L1-5-8-12_qq_rel+kk_rel+vv_rel")]
     assert sorted(plan) == sorted((s, n) for s in (1, 2, 3) for n in want)
+    # a later seed's task-KD row right after that seed's teacher and 1,5,8,12 rows: the teacher's models it reads
+    # were made on this machine (a report carries scores, not models)
+    kd = "L1-5-8-12_hid_mse+att_mse_kd_kl+hard_ce+hid_mse+att_mse_aug2"
+    for seed in (2, 3):
+        assert plan.index((seed, kd)) == plan.index((seed, "L1-5-8-12_qq_rel+kk_rel+vv_rel")) + 1
+        assert plan.index((seed, kd)) > plan.index((seed, "teacher"))
+    assert plan.index((2, kd)) < plan.index((3, "teacher")) < plan.index((2, "L3-6-9-12_none"))
 
 
 def test_the_minilm_study_keeps_its_defaults(study):
