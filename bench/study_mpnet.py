@@ -100,6 +100,10 @@ def time_lines(summary, rows, state: dict, params: dict, ns) -> list[str]:
     fz_rate = sum(t for t, _ in frozen) / sum(c for _, c in frozen) if frozen else None
     d_rate = sum(t for t, _ in done_d) / sum(u for _, u in done_d) if done_d else None
     kd_open = [n for n, k in left_cells.items() if k and by_row[n].get("task_kd")]
+    kd_seed = {n: [timings[f"finetune {n} seed {s}"] for s in ns.seed_list if f"finetune {n} seed {s}" in timings]
+               for n in kd_open}  # a task-KD row's seed: its own measured minutes (an augmented set, a teacher)
+    kd_left = sum(left_cells[n] * statistics.median(t) for n, t in kd_seed.items() if t)
+    kd_untimed = [n for n, t in kd_seed.items() if not t]
     ft_left = sum(k * ft_rate * (cost_scale(by_row[n], rows, params) or 0) for n, k in left_cells.items()
                   if k and not by_row[n].get("task_kd"))
     d_left = sum(d_rate * units(r) for r in distilled if f"prepare {r['name']}" not in timings) if d_rate else 0.0
@@ -115,9 +119,10 @@ def time_lines(summary, rows, state: dict, params: dict, ns) -> list[str]:
     threads = state.get("torch_threads")
     return [f"- Time, at the rates measured for this table's cells (wall clock, {threads or '?'} torch threads in "
             f"the latest run; a shared machine, and carried cells' own machines, show in it): {', '.join(x for x in figures if x)}. Spent so far {spent / 3600:.1f} h; left about "
-            f"{(ft_left + d_left + fz_left) / 3600:.1f} h (fine-tuning {ft_left / 3600:.1f}, distillation "
+            f"{(ft_left + d_left + fz_left + kd_left) / 3600:.1f} h (fine-tuning {ft_left / 3600:.1f}, distillation "
             f"{d_left / 3600:.1f}, frozen scores {fz_left / 3600:.1f}"
-            + (f"; the task-KD rows, {len(kd_open)}, not included until one is timed" if kd_open else "")
+            + (f", task-KD fine-tuning {kd_left / 3600:.1f}" if kd_left else "")
+            + (f"; the task-KD rows, {len(kd_untimed)}, not included until one is timed" if kd_untimed else "")
             + (")" if d_rate and fz_rate else "; what no run has timed yet is not included)") + "."]
 
 

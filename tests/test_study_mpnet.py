@@ -229,3 +229,13 @@ def test_the_time_left_is_the_measured_rates_times_what_is_left():
     assert f"distillation {left_d / 3600:.1f}, frozen scores {left_fz / 3600:.1f})" in line
     assert "1 torch threads" in line and f"fine-tuning a seed {ft * 40 / 60:.1f} min for a 4-layer student" in line
     assert f"Spent so far {(600 + 200 + 480 + 80) / 3600:.1f} h" in line
+    assert "task-KD" not in line
+    # a task-KD row: its seeds left at its own measured seed minutes (the median), none until one is timed
+    rows.append({"name": "k", "kind": "student", "layers": "1,2,3,4", "objective": "x", "task_kd": ["kl"]})
+    summary.append({"name": "k", "seeds": [], "embed": None})
+    ns.seed_list = [1, 2, 3]
+    (line,) = study_mpnet.time_lines(summary, rows, {"timings": timings}, params, ns)
+    assert "the task-KD rows, 1, not included until one is timed" in line
+    summary[-1]["seeds"] = [1]
+    (line,) = study_mpnet.time_lines(summary, rows, {"timings": {**timings, "finetune k seed 1": 1800.0}}, params, ns)
+    assert f", task-KD fine-tuning {2 * 1800 / 3600:.1f}" in line and "not included" not in line
