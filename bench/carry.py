@@ -5,9 +5,9 @@ cells, distilled students) stays behind when the machine goes. Its committed rep
 finished cell with the machine that made it, so a run whose settings are the report's reads the cells its own work
 dir lacks from there and does not redo them: each (row, seed, task) score, the frozen-embedding scores of a row, the
 minutes each piece took, the parameter counts and (the MPNet study's, per architecture) the inference speed-ups,
-each naming the machine that measured it (``--remeasure_speed`` takes them all again on one machine). A cell finished in the work dir wins over a carried one. Nothing
-is carried when a setting that changes a result differs (the report's one line says which); the report says how
-many of its cells were carried, and from which machines.
+each naming the machine that measured it (``--remeasure_speed`` takes them all again on one machine). A cell
+finished in the work dir wins over a carried one. Nothing is carried when a setting that changes a result differs
+(the report's one line says which); the report says how many of its cells were carried, and from which machines.
 
 A row that fine-tunes against the teacher's models of a seed (task KD) needs those models, which a report does not
 hold: the teacher's cells of that seed are then made again here, not carried.

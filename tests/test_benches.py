@@ -61,7 +61,8 @@ def test_speed_bench_smoke_runs_every_path_and_prints_each_figure(tmp_path):
         assert v["engine_full"]["flops"] > v["engine_masked"]["flops"] > 0  # the vocabulary head on every token
         assert v["engine_masked"]["flops"] < v["plain_masked"]["flops"]  # the plain step's heads see every token
         assert v["engine_masked"]["flops"] == v["floor_masked"]["flops"]  # no model FLOPs beyond the floor's
-        assert set(entry["matmul_rates"]) == {x["mfu_dtype"] for x in v.values()} and all(x["mfu"] > 0 for x in v.values())
+        assert set(entry["matmul_rates"]) == {x["mfu_dtype"] for x in v.values()}
+        assert all(x["mfu"] > 0 for x in v.values())
     # the page again from the JSON alone: the same text
     from bench import speed
 

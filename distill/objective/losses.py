@@ -486,7 +486,7 @@ class _AttentionSquaredError(torch.autograd.Function):
         s, t, valid = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         slices = list(_AttentionSquaredError._slices(s, valid))
-        whole = len(slices) == 1 and slices[0][0] == (slice(None),)  # an accelerator's one slice: no copy into
+        whole = len(slices) == 1 and slices[0][0] == (slice(None),)  # an accelerator's: the gradient is the slice
         grad_s = torch.empty_like(s) if need_s and not whole else None
         grad_t = torch.empty_like(t) if need_t and not whole else None
         scale = 2.0 / ctx.count * grad_output
