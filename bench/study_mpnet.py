@@ -386,14 +386,30 @@ def target_agnostic(by: dict, summary, ns) -> list[str]:
     base = by.get(f"{study.init_name(first)}_none")
     if base and base["avg"] is not None:
         gain = best["retained"] - base["retained"]
+        paired = paired_gain(best, base, next(r for r in summary if r["kind"] == "teacher"))
+        matched = bool(paired) and set(paired) != set(best["seeds"]) | set(base["seeds"])
+        if matched:  # the rows' seeds differ: judged seed against seed on the seeds both have
+            gain = statistics.mean(paired.values())
+        spread = f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else ""
+        how = (f"seed against seed on seeds {','.join(map(str, sorted(paired)))}, which both rows have; each row over "
+               f"its own seeds: {best['retained']:.1f}% against {base['retained']:.1f}%" if matched else
+               f"{best['retained']:.1f}% against {base['retained']:.1f}%")
         e_gain = (best["embed_retained"] - base["embed_retained"]) if (
             best["embed_retained"] is not None and base["embed_retained"] is not None) else None
         lines.append(f"Target (distillation beats copying and fine-tuning only, layers {first}, by >= 3 points "
-                     f"fine-tuned and >= 10 frozen): {gain:+.1f} points fine-tuned ({best['retained']:.1f}% against "
-                     f"{base['retained']:.1f}%), " + (f"{e_gain:+.1f} frozen" if e_gain is not None else "frozen pending")
+                     f"fine-tuned and >= 10 frozen): {gain:+.1f}{spread} points fine-tuned ({how}), "
+                     + (f"{e_gain:+.1f} frozen" if e_gain is not None else "frozen pending")
                      + (": pending." if e_gain is None else verdict(ns, gain >= 3 and e_gain >= 10,
                                                                     f"{max(0, 3 - gain):.1f} / {max(0, 10 - e_gain):.1f}")))
     return lines
+
+
+def paired_gain(a: dict, b: dict, teacher: dict) -> dict:
+    """Seed -> points of the teacher's average that row ``a`` keeps above row ``b``, on the seeds both rows (and
+    the teacher) have."""
+    t = dict(zip(teacher["seeds"], teacher["avg_by_seed"]))
+    av, bv = dict(zip(a["seeds"], a["avg_by_seed"])), dict(zip(b["seeds"], b["avg_by_seed"]))
+    return {s: 100 * (av[s] - bv[s]) / t[s] for s in av if s in bv and s in t}
 
 
 def target_minilm(summary, ns) -> list[str]:

@@ -239,3 +239,33 @@ def test_the_time_left_is_the_measured_rates_times_what_is_left():
     summary[-1]["seeds"] = [1]
     (line,) = study_mpnet.time_lines(summary, rows, {"timings": {**timings, "finetune k seed 1": 1800.0}}, params, ns)
     assert f", task-KD fine-tuning {2 * 1800 / 3600:.1f}" in line and "not included" not in line
+
+
+def test_the_copy_target_is_judged_seed_against_seed_when_the_rows_seeds_differ():
+    """Target 2 on rows with different seeds: the gain is taken on the seeds both rows have (a third seed of the
+    copied row alone, luckier or not, does not move it), in points of the teacher's average of each seed."""
+    from types import SimpleNamespace
+
+    from bench import study_mpnet
+
+    def row(name, kind, objective, seeds, avgs, embed=None):
+        return {"name": name, "label": name, "kind": kind, "layers": "1,5,8,12", "objective": objective,
+                "seeds": seeds, "avg_by_seed": avgs, "avg": statistics.mean(avgs), "retained": None,
+                "retained_std": 0.0, "speed": None, "embed_retained": embed}
+
+    teacher = row("teacher", "teacher", None, [1, 2, 3], [80.0, 80.0, 80.0])
+    copied = row("L1-5-8-12_none", "student", "none", [1, 2, 3], [72.0, 72.0, 79.0], embed=60.0)
+    distilled = row("L1-5-8-12_hid", "student", "hid", [1, 2], [76.0, 75.2], embed=90.0)
+    for r in (teacher, copied, distilled):
+        r["retained"] = statistics.mean(100 * a / 80 for a in r["avg_by_seed"])
+    ns = SimpleNamespace(inits=["1,5,8,12"], quick=False)
+    by = {"L1-5-8-12_none": copied, "L1-5-8-12_hid": distilled}
+    line = study_mpnet.target_agnostic(by, [teacher, copied, distilled], ns)[1]
+    gains = [100 * (76 - 72) / 80, 100 * (75.2 - 72) / 80]  # 5.0 and 4.0 points
+    assert f"{statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f} points fine-tuned" in line
+    assert "on seeds 1,2, which both rows have" in line and "+30.0 frozen" in line and line.endswith(": met.")
+    # the same seeds on both rows: each row's mean, and the per-seed spread
+    copied.update(seeds=[1, 2], avg_by_seed=[72.0, 72.0], retained=90.0)
+    line = study_mpnet.target_agnostic(by, [teacher, copied, distilled], ns)[1]
+    assert f"{distilled['retained'] - 90.0:+.1f} ± {statistics.stdev(gains):.1f} points fine-tuned" in line
+    assert "which both rows have" not in line
