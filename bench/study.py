@@ -887,7 +887,9 @@ def gain_lines(by: dict, ns) -> list[str]:
         for o in [o for o in objectives_of(layers, ns) if o != "none"]:
             r = by.get(f"{init_name(layers)}_{o}")
             if r and r["avg"] is not None:
-                parts.append(f"{o} {r['retained'] - base['retained']:+.1f}")
+                uneven = len(r["seeds"]) != len(base["seeds"])  # a row ahead by a seed: say so
+                parts.append(f"{o} {r['retained'] - base['retained']:+.1f}"
+                             + (f" ({len(r['seeds'])} seeds against {len(base['seeds'])})" if uneven else ""))
         if parts:
             lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained; "
                          f"fine-tuned only: {base['retained']:.1f}%): " + ", ".join(parts) + ".")
