@@ -382,7 +382,7 @@ def target_agnostic(by: dict, summary, ns) -> list[str]:
              f"batch 32): {best['label']} at {best['retained']:.1f}% ± {best['retained_std']:.1f} fine-tuned, "
              + (f"{emb:.1f}% frozen" if emb is not None else "frozen pending") + ", "
              + (f"{sp:.2f}x" if sp else "speed pending")
-             + (": pending." if emb is None or sp is None else verdict(ns, met, "see the figures"))]
+             + (": pending." if emb is None or sp is None else verdict(ns, met, shortfall(best["retained"], emb, sp)))]
     base = by.get(f"{study.init_name(first)}_none")
     if base and base["avg"] is not None:
         gain = best["retained"] - base["retained"]
@@ -402,6 +402,13 @@ def target_agnostic(by: dict, summary, ns) -> list[str]:
                      + (": pending." if e_gain is None else verdict(ns, gain >= 3 and e_gain >= 10,
                                                                     f"{max(0, 3 - gain):.1f} / {max(0, 10 - e_gain):.1f}")))
     return lines
+
+
+def shortfall(kept: float, frozen: float, speed: float) -> str:
+    """What target 1 lacks: points of the teacher's fine-tuned and frozen averages, speed-up at batch 32."""
+    parts = [f"{97 - kept:.1f} points fine-tuned" if kept < 97 else "", f"{95 - frozen:.1f} frozen" if frozen < 95
+             else "", f"{2.8 - speed:.2f}x speed" if speed < 2.8 else ""]
+    return " / ".join(p for p in parts if p)
 
 
 def paired_gain(a: dict, b: dict, teacher: dict) -> dict:

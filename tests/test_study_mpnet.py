@@ -269,3 +269,7 @@ def test_the_copy_target_is_judged_seed_against_seed_when_the_rows_seeds_differ(
     line = study_mpnet.target_agnostic(by, [teacher, copied, distilled], ns)[1]
     assert f"{distilled['retained'] - 90.0:+.1f} ± {statistics.stdev(gains):.1f} points fine-tuned" in line
     assert "which both rows have" not in line
+    # target 1 names what it lacks
+    distilled.update(speed={"batch32": 3.1})
+    line = study_mpnet.target_agnostic(by, [teacher, copied, distilled], ns)[0]
+    assert line.endswith(f"not met (short by {97 - distilled['retained']:.1f} points fine-tuned / 5.0 frozen).")
