@@ -190,15 +190,22 @@ def utilisation_cells(v: dict, shown: bool = True) -> list[str]:
     return [f"{v['flops'] / 1e9:,.1f}", f"{v['flops_per_s'] / 1e9:,.1f}", f"{v['mfu']:.0%}"]
 
 
-def utilisation_note(rate_maps: list[dict]) -> str:
-    """The line under a table with MFU columns: what MFU is read against ('' when nothing was counted)."""
+def utilisation_note(rate_maps: list[dict]) -> list[str]:
+    """The line under a table with MFU columns, what MFU is read against (none when nothing was counted)."""
     rates = {k: r for m in rate_maps for k, r in m.items()}
     if not rates:
-        return ""
-    return ("\nMFU: the step's model FLOPs (matmuls and attention, forward and backward, as torch.utils.flop_counter "
+        return []
+    return ["\nMFU: the step's model FLOPs (matmuls and attention, forward and backward, as torch.utils.flop_counter "
             "counts them) per second, over this device's own dense matmul rate in the step's compute dtype, measured "
             "in the same run: " + "; ".join(f"{k} {r['flops_per_s'] / 1e9:,.0f} GFLOP/s ({r['n']}^3)"
-                                            for k, r in sorted(rates.items())) + ".")
+                                            for k, r in sorted(rates.items())) + "."]
+
+
+def fmt_table(headers, rows) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- machine and threads

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (ROOT, SEQ, UTILISATION_HEADERS, Clock, add_utilisation, counted, interleaved, log, make_batch,
-                          paired_ratio, summary, teacher_config, utilisation_cells, utilisation_note)
+from bench.common import (ROOT, SEQ, UTILISATION_HEADERS, Clock, add_utilisation, counted, fmt_table, interleaved, log,
+                          make_batch, paired_ratio, summary, teacher_config, utilisation_cells, utilisation_note)
 from distill.common.hardware import MALLOC_ENV
 
 BEFORE_ISSUE_24 = "96f599d"  # the last commit before the levers: the engine they are measured against
@@ -354,9 +354,8 @@ def render_levers(report: dict) -> str:
         head = ["variant", "step s (median)", "tokens/s", *(UTILISATION_HEADERS if shown else [])]
         rows = [[n, f"{v['median_s']:.3f}", f"{v['tokens_per_s']:,.0f}", *utilisation_cells(v, shown)]
                 for n, v in section["variants"].items()]
-        parts.append("\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                                 *("| " + " | ".join(r) + " |" for r in rows)]))
-        parts += [x for x in [utilisation_note([section.get("matmul_rates", {})])] if x]
+        parts.append(fmt_table(head, rows))
+        parts += utilisation_note([section.get("matmul_rates", {})])
         rows = [f"| {k} | {v:.2f} |" for k, v in section["ratios"].items()]
         parts.append("\n" + "\n".join(["| ratio (> 1: the second is faster) | value |", "|---|---|", *rows]))
     if report.get("teacher12"):

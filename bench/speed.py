@@ -110,6 +110,7 @@ from bench.common import (
     teacher_config,
     UTILISATION_HEADERS,
     counted,
+    fmt_table,
     utilisation_cells,
     utilisation_note,
     vm_kb,
@@ -803,12 +804,6 @@ def task_stage_epochs(weights: dict, models, data, args: dict, cfg: dict, device
 # --------------------------------------------------------------------------------------- report
 
 
-def fmt_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render(report: dict) -> str:
     parts = []
     d = report.get("distill")
@@ -827,7 +822,7 @@ def render(report: dict) -> str:
         parts.append(fmt_table(["precision", "variant", "step s (median)", "tokens/s", "time / engine_masked",
                                 "forward+loss / backward / optimizer s", "CPU s",
                                 *(UTILISATION_HEADERS if shown else [])], rows))
-        parts += [x for x in [utilisation_note([e.get("matmul_rates", {}) for e in d["precisions"].values()])] if x]
+        parts += utilisation_note([e.get("matmul_rates", {}) for e in d["precisions"].values()])
         keys = list(dict.fromkeys(k for e in d["precisions"].values() for k in e["ratios"]))
         rows = [[prec, *(f"{e['ratios'][k]:.2f}" if k in e["ratios"] else "-" for k in keys)]
                 for prec, e in d["precisions"].items()]
@@ -851,7 +846,7 @@ def render(report: dict) -> str:
                  m["descriptions"][name]] for name, v in m["variants"].items()]
         parts.append(fmt_table(["precision", "step s (median)", "tokens/s", "speed-up over fp32",
                                 *(UTILISATION_HEADERS if shown else []), "what ran"], rows))
-        parts += [x for x in [utilisation_note([m.get("matmul_rates", {})])] if x]
+        parts += utilisation_note([m.get("matmul_rates", {})])
     p = report.get("prep")
     if p:
         parts.append(f"\n### Data preparation ({p['paragraphs']:,} Wikipedia paragraphs, "
