@@ -338,7 +338,7 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     if carry.note(getattr(ns, "carried", carry.EMPTY)):
         lines += [f"- Carried: {carry.note(ns.carried)}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]
-    lines += time_lines(summary, rows, state, params, ns)
+    lines += time_lines(summary, rows, state, params, ns) + [""]  # a table needs a blank line above it
     lines += table_lines(summary, tasks, params, state.get("speeds", {}))
     lines += ["", "## Findings (computed from the table)", ""]
     lines += [f"- {x}" for x in findings(summary, ns)] + ["", f"![study]({Path(ns.out).name}.png)", ""]

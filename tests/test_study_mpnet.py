@@ -118,6 +118,8 @@ def test_each_architecture_gets_its_own_speed_and_the_table_agrees_with_its_cell
     assert set(rec["speeds"]) == {"2x32", "3x32", ref_arch}  # 2-layer students and floor, the 3-layer one, the ref
     assert {v["machine"] for v in rec["speeds"].values()} == {tiny.bench_module("carry").machine_here()}
     assert "Measured on " in md
+    lines = md.split("\n")
+    assert lines[lines.index(next(x for x in lines if x.startswith("| model |"))) - 1] == ""  # else no table renders
     # a row whose cells were carried and whose folder was never made here takes its depth's speed at the teacher's width
     mpnet, ns = tiny.bench_module("study_mpnet"), study.parse_args(argv)
     elsewhere = {"name": "L1-3-4_none", "kind": "student", "layers": "1,3,4", "objective": "none"}
