@@ -237,6 +237,39 @@ def test_a_short_two_teacher_run_saves_a_loadable_student_and_resumes_exactly(te
     assert "teacher_weights" in capsys.readouterr().err
 
 
+def test_a_first_teacher_of_weight_0_builds_the_student_and_is_then_let_go(teachers, corpus, tmp_path, monkeypatch):
+    """``--teacher A --teacher B --teacher_weights 0,1``: the student is A's layers, B alone teaches, and A's
+    model is freed once the student is built (not held for the whole run)."""
+    import gc
+    import weakref
+
+    from distill.train import setup
+    from distill.train.distributed import setup_distributed
+
+    a, b = teachers
+    made = {}
+    real = setup.load_models
+
+    def remembered(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made["first"] = weakref.ref(out[0])
+        return out
+
+    monkeypatch.setattr(setup, "load_models", remembered)
+    cfg = make_config({"teacher": [a, b], "teacher_weights": "0,1", "output_dir": str(tmp_path / "o"), "corpus": corpus, "student_layers": [1, 3], "student_type": "bert",
+                       "block_size": 32, "per_device_batch_size": 4, "max_steps": 1, "precision": "fp32",
+                       "device": "cpu", "cache_dir": str(tmp_path / "cache"), "weights": {"hid_mse": 1.0}})
+    run = setup.build_run(cfg, setup_distributed(cfg.device))
+    gc.collect()
+    assert made["first"]() is None  # A's model is gone
+    own_b = AutoModelForMaskedLM.from_pretrained(b)
+    assert run.teacher.config.num_hidden_layers == 6 and run.step_teachers() is run.teacher
+    assert all(torch.equal(p, q) for p, q in zip(run.teacher.state_dict().values(), own_b.state_dict().values()))
+    own_a = AutoModelForMaskedLM.from_pretrained(a)  # the student is still A's layers 1 and 3
+    assert torch.equal(run.student.bert.encoder.layer[1].output.dense.weight,
+                       own_a.bert.encoder.layer[2].output.dense.weight)
+
+
 def test_each_teacher_runs_only_what_its_terms_read(teachers):
     a, b = teachers
     objective, student, models, batch = _setup([a, b], {"hid_mse": 1.0}, "0.7,0.3")

@@ -194,6 +194,10 @@ def build_run(cfg: DistillConfig, env: Dist) -> Run:
                                                             objective)
     taught_by = load_teachers(teachers, teacher, student, tokenizer, objective, env.device, cfg.block_size,
                               None if cfg.teacher_fp32 else precision.autocast_dtype)
+    if not any(model is teacher for model in taught_by):
+        # the first teacher built the student and teaches nothing (weight 0): let it go; the batches read one
+        # that teaches (the teachers share one vocabulary, checked as they loaded)
+        teacher = taught_by[0]
     return build_data(cfg, env, Run(teacher, student, tokenizer, objective, precision, None, None, layers, size,
                                     sentence, pooler_start, teacher_config, 0, 0, taught_by))
 
