@@ -876,8 +876,31 @@ def fmt(vals) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
-def gain_lines(by: dict, ns) -> list[str]:
-    """Per initialisation: each distillation objective's points over fine-tuning alone."""
+def paired_gain(a: dict, b: dict, teacher: dict) -> dict:
+    """Seed -> points of the teacher's average that row ``a`` keeps above row ``b``, on the seeds both rows (and
+    the teacher) have."""
+    t = dict(zip(teacher["seeds"], teacher["avg_by_seed"]))
+    av, bv = dict(zip(a["seeds"], a["avg_by_seed"])), dict(zip(b["seeds"], b["avg_by_seed"]))
+    return {s: 100 * (av[s] - bv[s]) / t[s] for s in av if s in bv and s in t}
+
+
+def gain_text(r: dict, base: dict, teacher: dict | None) -> str:
+    """Row ``r``'s points of the teacher's average over ``base``: seed against seed (mean ± std of the per-seed
+    gains) on the seeds both have, which it names when the rows' seeds differ; each row's own mean when they
+    share no seed."""
+    paired = paired_gain(r, base, teacher) if teacher else {}
+    if not paired:
+        return (f"{r['retained'] - base['retained']:+.1f} (unpaired: {len(r['seeds'])} seeds against "
+                f"{len(base['seeds'])}, none in common)")
+    text = f"{statistics.mean(paired.values()):+.1f}" + (
+        f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else "")
+    if set(paired) != set(r["seeds"]) | set(base["seeds"]):  # a row ahead by a seed: the seeds both have
+        text += f" (seeds {','.join(map(str, sorted(paired)))}, which both rows have)"
+    return text
+
+
+def gain_lines(by: dict, ns, teacher: dict | None) -> list[str]:
+    """Per initialisation: each distillation objective's points over fine-tuning alone, seed against seed."""
     lines = []
     for layers in ns.inits:
         base = by.get(f"{init_name(layers)}_none")
@@ -887,12 +910,10 @@ def gain_lines(by: dict, ns) -> list[str]:
         for o in [o for o in objectives_of(layers, ns) if o != "none"]:
             r = by.get(f"{init_name(layers)}_{o}")
             if r and r["avg"] is not None:
-                uneven = len(r["seeds"]) != len(base["seeds"])  # a row ahead by a seed: say so
-                parts.append(f"{o} {r['retained'] - base['retained']:+.1f}"
-                             + (f" ({len(r['seeds'])} seeds against {len(base['seeds'])})" if uneven else ""))
+                parts.append(f"{o} {gain_text(r, base, teacher)}")
         if parts:
-            lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained; "
-                         f"fine-tuned only: {base['retained']:.1f}%): " + ", ".join(parts) + ".")
+            lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained, "
+                         f"seed against seed; fine-tuned only: {base['retained']:.1f}%): " + ", ".join(parts) + ".")
     return lines
 
 
@@ -980,7 +1001,8 @@ def findings(summary, speed, ns) -> list[str]:
     done = [r for r in summary if r["avg"] is not None]
     if not any(r["kind"] == "teacher" for r in done):
         return ["The teacher has no finished cells yet: no comparison possible."]
-    lines = gain_lines(by, ns) + initialisation_lines(by, ns) + task_kd_lines(summary, by)
+    teacher = next(r for r in done if r["kind"] == "teacher")
+    lines = gain_lines(by, ns, teacher) + initialisation_lines(by, ns) + task_kd_lines(summary, by)
     lines += target_lines(done, by, speed, ns)
     for r in done:
         if r["kind"] in ("random", "reference"):

@@ -386,7 +386,7 @@ def target_agnostic(by: dict, summary, ns) -> list[str]:
     base = by.get(f"{study.init_name(first)}_none")
     if base and base["avg"] is not None:
         gain = best["retained"] - base["retained"]
-        paired = paired_gain(best, base, next(r for r in summary if r["kind"] == "teacher"))
+        paired = study.paired_gain(best, base, next(r for r in summary if r["kind"] == "teacher"))
         matched = bool(paired) and set(paired) != set(best["seeds"]) | set(base["seeds"])
         if matched:  # the rows' seeds differ: judged seed against seed on the seeds both have
             gain = statistics.mean(paired.values())
@@ -409,14 +409,6 @@ def shortfall(kept: float, frozen: float, speed: float) -> str:
     parts = [f"{97 - kept:.1f} points fine-tuned" if kept < 97 else "", f"{95 - frozen:.1f} frozen" if frozen < 95
              else "", f"{2.8 - speed:.2f}x speed" if speed < 2.8 else ""]
     return " / ".join(p for p in parts if p)
-
-
-def paired_gain(a: dict, b: dict, teacher: dict) -> dict:
-    """Seed -> points of the teacher's average that row ``a`` keeps above row ``b``, on the seeds both rows (and
-    the teacher) have."""
-    t = dict(zip(teacher["seeds"], teacher["avg_by_seed"]))
-    av, bv = dict(zip(a["seeds"], a["avg_by_seed"])), dict(zip(b["seeds"], b["avg_by_seed"]))
-    return {s: 100 * (av[s] - bv[s]) / t[s] for s in av if s in bv and s in t}
 
 
 def target_minilm(summary, ns) -> list[str]:
@@ -479,7 +471,9 @@ def findings(summary, ns) -> list[str]:
           if r["kind"] == "student" and not r.get("task_kd")}
     if not any(r["kind"] == "teacher" and r["avg"] is not None for r in summary):
         return ["The teacher has no finished cells yet: no comparison possible."]
-    lines = study.gain_lines(by, ns) + init_question(by, ns) + study.task_kd_lines(summary, by) + kd_base_line(summary, ns)
+    teacher = next(r for r in summary if r["kind"] == "teacher")
+    lines = study.gain_lines(by, ns, teacher) + init_question(by, ns) + study.task_kd_lines(summary, by)
+    lines += kd_base_line(summary, ns)
     lines += target_agnostic(by, summary, ns) + target_minilm(summary, ns)
     for r in summary:
         if r["kind"] in ("random", "reference") and r["avg"] is not None:

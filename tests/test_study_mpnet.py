@@ -275,3 +275,30 @@ def test_the_copy_target_is_judged_seed_against_seed_when_the_rows_seeds_differ(
     distilled.update(speed={"batch32": 3.1})
     line = study_mpnet.target_agnostic(by, [teacher, copied, distilled], ns)[0]
     assert line.endswith(f"not met (short by {97 - distilled['retained']:.1f} points fine-tuned / 5.0 frozen).")
+
+
+def test_distillation_gains_are_taken_seed_against_seed_on_the_seeds_both_rows_have(study):
+    """The findings' "Distillation vs fine-tuning only" line, by hand: per-seed points of that seed's teacher
+    average, mean ± std, on the seeds both rows have (named when the rows' seeds differ); each row's own mean,
+    said to be unpaired, when they share no seed."""
+    from types import SimpleNamespace
+
+    def row(seeds, avgs):
+        return {"seeds": seeds, "avg_by_seed": avgs, "avg": statistics.mean(avgs),
+                "retained": statistics.mean(100 * a / t for a, t in zip(avgs, (80.0, 82.0, 84.0)))}
+
+    teacher = row([1, 2, 3], [80.0, 82.0, 84.0])
+    ns = SimpleNamespace(inits=["1,4"], objective_list=["none", "hid"], other_objective_list=["none"])
+    by = {"L1-4_none": row([1, 2, 3], [70.0, 70.0, 77.0]), "L1-4_hid": row([1, 2], [74.0, 73.0])}
+    (line,) = study.gain_lines(by, ns, teacher)
+    gains = [100 * 4 / 80, 100 * 3 / 82]
+    assert line.endswith(f"hid {statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f} (seeds 1,2, which both "
+                         "rows have).")
+    by["L1-4_hid"] = row([1, 2, 3], [74.0, 73.0, 80.0])  # the same seeds: no note
+    gains.append(100 * 3 / 84)
+    (line,) = study.gain_lines(by, ns, teacher)
+    assert line.endswith(f"hid {statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f}.")
+    by["L1-4_hid"] = {**row([1], [74.0]), "seeds": [4]}  # no seed in common: each row's own mean, said so
+    (line,) = study.gain_lines(by, ns, teacher)
+    assert line.endswith(f"hid {by['L1-4_hid']['retained'] - by['L1-4_none']['retained']:+.1f} (unpaired: 1 seeds "
+                         "against 3, none in common).")
