@@ -890,8 +890,9 @@ def gain_text(r: dict, base: dict, teacher: dict | None) -> str:
     share no seed."""
     paired = paired_gain(r, base, teacher) if teacher else {}
     if not paired:
-        return (f"{r['retained'] - base['retained']:+.1f} (unpaired: {len(r['seeds'])} seeds against "
-                f"{len(base['seeds'])}, none in common)")
+        n, m = len(r["seeds"]), len(base["seeds"])
+        return (f"{r['retained'] - base['retained']:+.1f} (unpaired: {n} seed{'s' * (n != 1)} against {m}, none in "
+                "common)")
     text = f"{statistics.mean(paired.values()):+.1f}" + (
         f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else "")
     if set(paired) != set(r["seeds"]) | set(base["seeds"]):  # a row ahead by a seed: the seeds both have
@@ -940,8 +941,8 @@ def initialisation_lines(by: dict, ns) -> list[str]:
     return lines
 
 
-def task_kd_lines(summary, by: dict) -> list[str]:
-    """Each task-KD row's points over the distilled student it starts from."""
+def task_kd_lines(summary, by: dict, teacher: dict | None) -> list[str]:
+    """Each task-KD row's points over the distilled student it starts from, seed against seed."""
     lines = []
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
@@ -950,7 +951,7 @@ def task_kd_lines(summary, by: dict) -> list[str]:
                          + (f", on {r['augment']} augmented variants of each example too" if r.get("augment") else "")
                          + f") on top of {base['label']} "
                          f"({base['retained']:.1f}%): "
-                         f"{r['retained'] - base['retained']:+.1f} points ({r['retained']:.1f}%).")
+                         f"{gain_text(r, base, teacher)} points ({r['retained']:.1f}%).")
     return lines
 
 
@@ -1002,7 +1003,7 @@ def findings(summary, speed, ns) -> list[str]:
     if not any(r["kind"] == "teacher" for r in done):
         return ["The teacher has no finished cells yet: no comparison possible."]
     teacher = next(r for r in done if r["kind"] == "teacher")
-    lines = gain_lines(by, ns, teacher) + initialisation_lines(by, ns) + task_kd_lines(summary, by)
+    lines = gain_lines(by, ns, teacher) + initialisation_lines(by, ns) + task_kd_lines(summary, by, teacher)
     lines += target_lines(done, by, speed, ns)
     for r in done:
         if r["kind"] in ("random", "reference"):

@@ -300,5 +300,70 @@ def test_distillation_gains_are_taken_seed_against_seed_on_the_seeds_both_rows_h
     assert line.endswith(f"hid {statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f}.")
     by["L1-4_hid"] = {**row([1], [74.0]), "seeds": [4]}  # no seed in common: each row's own mean, said so
     (line,) = study.gain_lines(by, ns, teacher)
-    assert line.endswith(f"hid {by['L1-4_hid']['retained'] - by['L1-4_none']['retained']:+.1f} (unpaired: 1 seeds "
+    assert line.endswith(f"hid {by['L1-4_hid']['retained'] - by['L1-4_none']['retained']:+.1f} (unpaired: 1 seed "
                          "against 3, none in common).")
+
+
+def test_the_targets_read_every_row_that_could_meet_them_and_the_layer_question_gets_an_answer():
+    """Target 1 is met when any distilled 1,5,8,12 row meets all three of its bounds (not only the row of highest
+    fine-tuned share); a row whose seeds the teacher lacks is not compared; the MiniLM target is "not met so far"
+    while 4-layer rows are unscored; 1,5,8,12 against 3,6,9,12 is answered by each set's best row, seed against
+    seed, and settled only beyond the spread."""
+    from types import SimpleNamespace
+
+    from bench import study_mpnet
+
+    def row(name, layers, objective, avgs, retained=None, embed_retained=None, embed=None, kind="student"):
+        seeds = list(range(1, len(avgs) + 1))
+        return {"name": name, "label": name, "kind": kind, "layers": layers, "objective": objective, "seeds": seeds,
+                "avg_by_seed": avgs, "avg": statistics.mean(avgs), "retained_std": 0.5, "speed": {"batch32": 3.0},
+                "retained": retained if retained is not None else statistics.mean(100 * a / 80 for a in avgs),
+                "embed_retained": embed_retained, "embed": embed}
+
+    teacher = row("teacher", None, None, [80.0, 80.0, 80.0], kind="teacher")
+    a = row("A", "1,5,8,12", "hid", [77.76] * 3, embed_retained=94.0)  # 97.2% fine-tuned, 94% frozen
+    b = row("B", "1,5,8,12", "sent", [77.68] * 3, embed_retained=96.0)  # 97.1%, 96%: meets all three
+    ns = SimpleNamespace(inits=["1,5,8,12", "3,6,9,12"], quick=False, objective_list=["none", "hid", "sent"],
+                         other_objective_list=["none", "hid", "sent"])
+    line = study_mpnet.target_agnostic({}, [teacher, a, b], ns)[0]
+    assert line.startswith("Target (best task-agnostic 1,5,8,12 row") and ": B at 97.1%" in line
+    assert line.endswith(": met.")
+    b["embed_retained"] = 94.5  # now neither meets it: the best fine-tuned row, and what it lacks
+    line = study_mpnet.target_agnostic({}, [teacher, a, b], ns)[0]
+    assert ": A at 97.2%" in line and line.endswith("not met (short by 1.0 frozen).")
+    # a row with an average but no share (the teacher lacks its seeds) is left out, not a crash
+    stray = {**row("C", "1,5,8,12", "rel", [79.0]), "seeds": [4], "retained": None}
+    assert study_mpnet.distilled_rows([teacher, a, stray], "1,5,8,12") == [a]
+    # MiniLM: not met so far while a 4-layer row has no frozen score; met stands
+    ref = row("all-MiniLM-L6-v2 (outside reference)", "x", None, [70.0], kind="reference", embed={"average": 0.77})
+    a["embed"], b["embed"] = {"average": 0.76}, None
+    (line,) = study_mpnet.target_minilm([teacher, ref, a, b], ns)
+    assert line.endswith(": not met so far (short by 1.0; 1 4-layer rows' frozen scores pending).")
+    b["embed"] = {"average": 0.78}
+    (line,) = study_mpnet.target_minilm([teacher, ref, a, b], ns)
+    assert line.startswith("Target (best 4-layer student's frozen-embedding average >= all-MiniLM-L6-v2's): B 78.0")
+    assert line.endswith(": met.")
+    # the layer question: each set's best row, per-seed points of the teacher's average
+    by = {"L1-5-8-12_none": row("n1", "1,5,8,12", "none", [74.0, 75.0, 76.0]),
+          "L1-5-8-12_hid": row("h1", "1,5,8,12", "hid", [76.0, 77.0, 76.5]),
+          "L3-6-9-12_none": row("n3", "3,6,9,12", "none", [73.0, 74.2, 74.9])}
+    t975 = 4.302652729911275  # Student's t, 2 degrees of freedom, 97.5th percentile (a printed table's 4.303)
+
+    def interval(gains):
+        half = t975 * statistics.stdev(gains) / 3 ** 0.5
+        return f"95% interval {statistics.mean(gains) - half:+.1f} to {statistics.mean(gains) + half:+.1f}"
+
+    lines = study_mpnet.init_question(by, ns, teacher)  # like against like: only fine-tuned only is on both
+    gains = [100 * (74.0 - 73.0) / 80, 100 * (75.0 - 74.2) / 80, 100 * (76.0 - 74.9) / 80]
+    assert lines[-1] == (f"Which layers: the best row of each, 1,5,8,12 (fine-tuned only, "
+                         f"{by['L1-5-8-12_none']['retained']:.1f}%) against 3,6,9,12 (fine-tuned only, "
+                         f"{by['L3-6-9-12_none']['retained']:.1f}%): {statistics.mean(gains):+.1f} ± "
+                         f"{statistics.stdev(gains):.1f} points of the teacher's average, seed against seed on seeds "
+                         f"1,2,3: 1,5,8,12 is better ({interval(gains)}) (so far: 2 of 3 objectives not finished "
+                         "on both).")
+    by["L3-6-9-12_hid"] = row("h3", "3,6,9,12", "hid", [77.0, 75.0, 77.0])
+    by["L3-6-9-12_sent"] = by["L1-5-8-12_sent"] = row("s", "x", "sent", [60.0, 60.0, 60.0])
+    gains = [100 * (76.0 - 77.0) / 80, 100 * (77.0 - 75.0) / 80, 100 * (76.5 - 77.0) / 80]
+    assert study_mpnet.init_question(by, ns, teacher)[-1].endswith(
+        f"{statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f} points of the teacher's average, seed against "
+        f"seed on seeds 1,2,3: 1,5,8,12 ahead, but the {interval(gains)} holds 0: not settled.")
