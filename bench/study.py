@@ -7,7 +7,7 @@ Run from the repository root (``bench/study.sh [ARGS]`` does the first two steps
     python -m bench.prepare_study_data          # once: fetch the packages, write the splits and corpus, build L3
     python -m bench.study --quick               # every piece on tiny subsets, 1 seed, 15 steps (under 15 min)
     python -m bench.study                       # the full study (under 3 hours on 2 CPU cores)
-    python -m bench.study --study mpnet         # the mission's shape: all-mpnet-base-v2 into 4 and 6 layers
+    python -m bench.study --study mpnet         # 12 layers into 4: all-mpnet-base-v2 into 4 and 6 layers
                                                 # (docs/study-mpnet.md; bench/study_mpnet.py; about 11 hours)
 
     # the same with hub models and GLUE, where they can be had:
@@ -82,7 +82,7 @@ TASK_KD_TEMPERATURE = 1.0
 FULL = dict(seeds="1,2,3", distill_steps=1500, distill_batch=16, epochs=2.0, max_train=1000, max_dev=None, augment=4)
 QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train=160, max_dev=160, augment=1)
 # The studies (--study): each one's models and rows, under the flags left unset. "minilm" is the study of
-# docs/study.md (a 6-layer, 384-wide teacher into 3 layers); "mpnet" the mission's shape, docs/study-mpnet.md: the
+# docs/study.md (a 6-layer, 384-wide teacher into 3 layers); "mpnet" a 12-layer teacher into 4 and 6 layers, docs/study-mpnet.md: the
 # 12-layer, 768-wide all-mpnet-base-v2 into 4 layers (1,5,8,12, the seed report's; 3,6,9,12) and 6 layers, every
 # intermediate term mapped to the layers each student was copied from (the seed report's map), and the real
 # all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 as references ("l3": prepare_study_data.py's converted folder).

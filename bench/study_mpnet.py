@@ -1,6 +1,6 @@
 """The mpnet study's own pieces (``python -m bench.study --study mpnet``; bench/study.py runs it): frozen-embedding
 scores per model (embed-eval, MTEB's protocol), inference speed per student architecture, and the report
-docs/study-mpnet.md with the issue's columns, its targets and what is left of a partial run.
+docs/study-mpnet.md with its columns, its targets and what is left of a partial run.
 
 The teacher is the 12-layer, 768-wide all-mpnet-base-v2; students keep 4 of its layers (1,5,8,12, the seed
 report's; 3,6,9,12) or 6 (2,4,6,8,10,12). Students of different depths run at different speeds, so the speed-up
@@ -21,8 +21,8 @@ from bench import carry, study
 # The distillation budget, and why (the run's own minutes, and what is left at those rates: time_lines)
 BUDGET_NOTE = (
     "150 steps of 16 x 128 tokens (307k tokens) a distilled row, sized so that the whole study (17 rows, 3 seeds, "
-    "the frozen-embedding scores) fits 8 hours on 2 cores: fine-tuning at docs/study.md's settings, which the "
-    "issue fixes, costs most of it. `--distill_steps N` scales the budget (a distillation's minutes grow with it)")
+    "the frozen-embedding scores) fits 8 hours on 2 cores: fine-tuning at docs/study.md's settings (kept, so the "
+    "two studies compare) costs most of it. `--distill_steps N` scales the budget (a distillation's minutes grow with it)")
 PENDING = "pending"
 
 
@@ -330,8 +330,8 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
     projection = (study.projected_run(rows, own, state["distill_speed"], ns) if state.get("distill_speed")
                   else None)
     mode = "QUICK MODE (a smoke test of the pipeline, not a result)" if ns.quick else "full run"
-    lines = ["# Distillation study at the mission's shape: all-mpnet-base-v2 (12 layers, 768 wide) into 4 and 6 "
-             "layers", ""] + status_lines(summary, rows, ns, command,
+    lines = ["# Distillation study, 12 layers into 4: all-mpnet-base-v2 (12 layers, 768 wide) into 4- and 6-layer "
+             "students", ""] + status_lines(summary, rows, ns, command,
                                           (sum(len(v) for v in results.values()),
                                            len(rows) * len(ns.seed_list) * len(tasks)), results)
     lines += study.report_title(ns, mode, command)[2:]
@@ -510,7 +510,7 @@ def kd_base_line(summary, ns) -> list[str]:
         best = max(cands, key=lambda c: c["retained"])
         if best["objective"] == r["objective"]:
             lines.append(f"The task-KD row of layers {r['layers']} starts from its best task-agnostic row "
-                         f"({r['objective']}), as the issue asks.")
+                         f"({r['objective']}), as the study plans (the best of them, then task distillation).")
         else:
             lines.append(f"The task-KD row of layers {r['layers']} starts from {r['objective']}, but {best['objective']} "
                          f"is the best task-agnostic row ({best['retained']:.1f}%): rerun that row with --task_kd "

@@ -1,4 +1,4 @@
-"""bench.study --study mpnet: the mission's shape (a 12-layer MPNet teacher into 4 and 6 layers) with its own rows,
+"""bench.study --study mpnet: 12 layers into 4 (a 12-layer MPNet teacher into 4 and 6 layers) with its own rows,
 references, speed per architecture, frozen-embedding columns and a report that says what is left. Tiny MPNet
 models built here stand in for all-mpnet-base-v2."""
 
@@ -24,7 +24,7 @@ def mpnet_tok(tmp_path_factory):
 
 
 def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
-    """The rows the issue lists, written out: inits 1,5,8,12, 3,6,9,12 and 2,4,6,8,10,12, each copied-only and
+    """The study's rows, written out: inits 1,5,8,12, 3,6,9,12 and 2,4,6,8,10,12, each copied-only and
     distilled with hid_mse+att_mse, sent_mse and the relations over the layers it was copied from (the seed
     report's map: no layer_map given, the engine's default); augmented task KD on the first init's
     hid_mse+att_mse student; a 4-layer random floor; all-MiniLM-L6-v2 and the converted L3 as references."""

@@ -311,6 +311,34 @@ def test_recipe_script_runs_through_torchrun_and_keeps_the_global_batch(quiet_te
     assert json.loads((out / "config.json").read_text())["n_layers"] == 2
 
 
+@pytest.mark.parametrize("gpus, accumulation", [("1", "8"), ("2", "4"), ("8", "1"), ("3", None), ("16", None),
+                                                ("0", None), ("two", None)])
+def test_run_recipe_divides_the_accumulation_by_the_gpu_count_or_refuses_a_count_that_would_change_the_batch(
+        tmp_path, gpus, accumulation):
+    """scripts/run_recipe.sh hands torchrun the recipe with gradient_accumulation_steps / NUM_GPUS (the recipe's
+    8 here); a count that does not divide it is refused in one line, torchrun never started (a stand-in
+    torchrun on PATH records what it is given)."""
+    script = Path(__file__).parent.parent / "scripts" / "run_recipe.sh"
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path / "argv"}\n')
+    fake.chmod(0o755)
+    assert json.loads((script.parent.parent / "student_configs" / "bert_4l_1-5-8-12.json").read_text())[
+        "gradient_accumulation_steps"] == 8
+    done = subprocess.run(["bash", str(script), "bert_4l_1-5-8-12.json", gpus, str(tmp_path / "out"), "--seed", "3"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"})
+    if accumulation is None:
+        assert done.returncode != 0 and not (tmp_path / "argv").exists()
+        (line,) = done.stderr.strip().splitlines()
+        assert f"NUM_GPUS {gpus!r} does not divide" in line and "divides 8" in line
+        return
+    assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[argv.index("--nproc_per_node") + 1] == gpus
+    assert argv[argv.index("--gradient_accumulation_steps") + 1] == accumulation and argv[-2:] == ["--seed", "3"]
+
+
 def test_the_seed_fixes_the_width_projections_too(quiet_teacher, corpus, tmp_path):
     """A narrower student learns through hid_mse's student->teacher projection, created with the objective: the
     same --seed gives the same weights whatever the process drew before (the projection was once built before
