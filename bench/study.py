@@ -1382,7 +1382,8 @@ def priority(row: dict, ns) -> int:
 
 def execution_plan(rows, ns) -> list[tuple[int, dict]]:
     """(seed, row) pairs: the first seed of priorities 0-3; each other seed of 0-1, followed by that seed's rows
-    that read the teacher's fine-tuned models (task KD); then the other seeds of 2-3; then every seed of 4. A run
+    that read the teacher's fine-tuned models (task KD); then the other seeds of 2-3; then every seed of 4, one
+    initialisation after another. A run
     stopped early (a shared machine, a deadline) has then answered the main questions with the most seeds, and a
     teacher seed fine-tuned on this machine (a report carries scores, not models) serves its task-KD rows before
     the machine goes; the table keeps the logical row order."""
@@ -1396,7 +1397,11 @@ def execution_plan(rows, ns) -> list[tuple[int, dict]]:
     for s in rest:
         plan += [(s, r) for _, r in ranked if priority(r, ns) <= 1 or reads_teacher(r)]
     plan += [(s, r) for s in rest for _, r in ranked if 2 <= priority(r, ns) <= 3 and not reads_teacher(r)]
-    plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 4]
+    # the rest init by init, every seed of one before the next: a stopped run has answered "which layers" with
+    # the most seeds (the second init against the first) before the curve's other depths start
+    plan += [(s, r) for layers in ns.inits for s in ns.seed_list for _, r in ranked
+             if priority(r, ns) == 4 and r.get("layers") == layers]
+    plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 4 and r.get("layers") not in ns.inits]
     return plan
 
 

@@ -72,6 +72,14 @@ def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
         assert plan.index((seed, kd)) == plan.index((seed, "L1-5-8-12_qq_rel+kk_rel+vv_rel")) + 1
         assert plan.index((seed, kd)) > plan.index((seed, "teacher"))
     assert plan.index((2, kd)) < plan.index((3, "teacher")) < plan.index((2, "L3-6-9-12_none"))
+    # the distilled rows of the other inits last, init by init: every seed of 3,6,9,12 (the layer question)
+    # before the 6-layer curve
+    rest = plan[plan.index((1, "L3-6-9-12_hid_mse+att_mse")):]
+    assert [n for _, n in rest[:9]] == ["L3-6-9-12_hid_mse+att_mse", "L3-6-9-12_sent_mse",
+                                        "L3-6-9-12_qq_rel+kk_rel+vv_rel"] * 3
+    assert [s for s, _ in rest[:9]] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert {n for _, n in rest[9:]} == {"L2-4-6-8-10-12_hid_mse+att_mse", "L2-4-6-8-10-12_sent_mse",
+                                        "L2-4-6-8-10-12_qq_rel+kk_rel+vv_rel"} and len(rest) == 18
 
 
 def test_the_minilm_study_keeps_its_defaults(study):
