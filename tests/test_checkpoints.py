@@ -161,6 +161,50 @@ def test_a_leftover_temp_folder_of_a_killed_save_is_ignored_then_cleaned(tmp_pat
     assert not leftover.exists()
 
 
+def test_a_step_saved_again_keeps_a_whole_copy_and_replaces_a_damaged_one_without_a_moment_of_none(tmp_path,
+                                                                                                   monkeypatch):
+    """The non-finite stop saves the step just saved: the whole copy stays as it was (its RNG states are the
+    exact ones); a damaged copy is replaced, and at no point is the step's folder removed before the new one
+    is in place (with save_total_limit 1 it may be the only checkpoint)."""
+    parts = tiny_training_state()
+    save(tmp_path, 4, parts, limit=1)
+    folder = tmp_path / "checkpoints" / "step-00000004"
+    before = (folder / "state.pt").read_bytes()
+    parts[0][0].weight.data.add_(1.0)  # a later state under the same step number
+    save(tmp_path, 4, parts, limit=1)
+    assert (folder / "state.pt").read_bytes() == before
+    damage(folder, "truncated")
+    seen = []
+    real_rmtree = ck.shutil.rmtree
+
+    def watched(path, *args, **kwargs):  # whenever anything is removed, step 4 must be whole in place
+        seen.append(ck.check_checkpoint(folder))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", watched)
+    save(tmp_path, 4, parts, limit=1)
+    assert seen and all(problem is None for problem in seen)
+    assert ck.check_checkpoint(folder) is None and (folder / "state.pt").read_bytes() != before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+
+
+def test_a_checkpoint_that_cannot_be_read_is_damaged_and_the_previous_one_used(tmp_path, monkeypatch, capsys):
+    parts = tiny_training_state()
+    save(tmp_path, 10, parts, limit=3)
+    save(tmp_path, 20, parts, limit=3)
+    real = ck.file_digest
+
+    def failing(path):
+        if "step-00000020" in str(path):
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(ck, "file_digest", failing)
+    assert ck.latest_checkpoint(tmp_path).name == "step-00000010"
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "step-00000020" in line and "cannot be read (Input/output error)" in line
+
+
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
     from pathlib import Path

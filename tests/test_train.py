@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from distill.cli import train_main
+from distill.common.errors import UsageError
 from distill.objective import losses, terms
 from distill.settings.config import make_config, parse_config
 from distill.train.loop import train
@@ -140,7 +141,7 @@ def test_non_finite_loss_stops_with_a_clear_message_after_saving(bert_mlm_dir, c
     finally:
         terms.unregister("poisoned_mse")
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: loss is") and "--resume" in err
+    assert err.startswith("error: loss is") and "start a new run" in err and "same batch" in err
     saved = sorted((out / "checkpoints").glob("step-*"))
     assert [p.name for p in saved] == ["step-00000006"], "the last good state (step 6) was not saved"
     state = torch.load(saved[-1] / "state.pt", weights_only=True)
@@ -272,6 +273,29 @@ def test_resume_refuses_a_changed_recipe(capsys, bert_mlm_dir, corpus, tmp_path)
         train_main(cli_args({**values, "resume": True, "gradient_accumulation_steps": 2}))
     err = capsys.readouterr().err.strip()
     assert "gradient_accumulation_steps=2" in err and "started with 1" in err
+
+
+def test_an_overwritten_folder_loses_the_old_runs_checkpoints_and_a_checkpoint_of_another_recipe_is_refused(
+        capsys, bert_mlm_dir, corpus, tmp_path):
+    """--overwrite_output_dir starts afresh: a later --resume must not continue the previous run's checkpoints
+    (once, it would have loaded them under the new recipe's distill_config.json); a checkpoint put there by
+    hand is checked against its own recipe."""
+    old = run_config(bert_mlm_dir, corpus, tmp_path / "o", tmp_path, max_steps=4, save_steps=2, seed=1)
+    train(make_config(old))
+    kept = tmp_path / "old-checkpoint"
+    shutil.copytree(tmp_path / "o" / "checkpoints" / "step-00000002", kept)
+    capsys.readouterr()
+    new = {**old, "seed": 2, "save_steps": 0, "overwrite_output_dir": True}
+    train(make_config(new))
+    assert "removed the previous run's checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoints").exists() or not any((tmp_path / "o" / "checkpoints").iterdir())
+    resumed = make_config({**new, "overwrite_output_dir": False, "resume": True})
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(resumed)
+    shutil.copytree(kept, tmp_path / "o" / "checkpoints" / "step-00000002")
+    with pytest.raises(UsageError) as err:
+        train(resumed)
+    assert "step-00000002" in str(err.value) and "seed=1" in str(err.value) and "this run has 2" in str(err.value)
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -112,11 +112,14 @@ def check_checkpoint(path: Path) -> str | None:
         file = Path(path) / name
         if not file.is_file():
             return f"{name} is missing"
-        size = file.stat().st_size
-        if size != want["size"]:
-            return f"{name} has {size} bytes, its manifest says {want['size']}"
-        if file_digest(file) != want["sha256"]:
-            return f"{name} does not match its manifest's sha256"
+        try:  # a disk that fails a read (EIO) or a file this user cannot read: damaged too, not a crash
+            size = file.stat().st_size
+            if size != want["size"]:
+                return f"{name} has {size} bytes, its manifest says {want['size']}"
+            if file_digest(file) != want["sha256"]:
+                return f"{name} does not match its manifest's sha256"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
     return None
 
 
@@ -210,7 +213,11 @@ def write_checkpoint(folder: Path, state: dict, step: int) -> Path:
     for leftover in folder.glob(f".{PREFIX}*.tmp-*"):  # a save cut short by SIGKILL or a crash
         shutil.rmtree(leftover, ignore_errors=True)
     final = folder / f"{PREFIX}{step:08d}"
+    if final.is_dir() and check_checkpoint(final) is None:
+        # this step saved again (the non-finite stop right after a save): the whole one stays, RNG states and all
+        return final
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.tmp-"))
+    aside = None
     try:
         files = {STATE: _write_synced(tmp / STATE, lambda f: torch.save(state, f))}
         manifest = {"step": step, "version": __version__, "world": state.get("world", 1), "files": files}
@@ -218,13 +225,16 @@ def write_checkpoint(folder: Path, state: dict, step: int) -> Path:
         _write_synced(tmp / MANIFEST, lambda f: f.write(text))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint folder reads like any other
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run redoing it, or the non-finite stop)
-            shutil.rmtree(final)
+        if final.exists():  # a damaged copy of this step: set aside (a temp name), replaced, then removed
+            aside = Path(tempfile.mkdtemp(dir=folder, prefix=f".{final.name}.tmp-"))
+            os.replace(final, aside / final.name)
         os.replace(tmp, final)
         fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -326,8 +336,16 @@ def load_state(path: Path, device="cpu") -> dict:
     return torch.load(Path(path) / STATE, map_location=device, weights_only=True)
 
 
-def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, env: Dist):
+def load_checkpoint(path: Path, step_module, optimizer, scheduler, precision, env: Dist, cfg: DistillConfig | None = None):
     state = load_state(path, env.device)
+    if cfg is not None:  # the checkpoint's own recipe, not only the folder's distill_config.json
+        before, now = state.get("config") or {}, cfg.to_dict()
+        changed = next((name for name in RESUME_FIELDS if name in before and before[name] != now[name]), None)
+        if changed:
+            raise UsageError(
+                f"--resume: checkpoint {str(path)!r} was written with {changed}={json.dumps(before[changed])}, this "
+                f"run has {json.dumps(now[changed])}: it belongs to another run; resume that run's recipe, or start "
+                "a new run in another folder")
     if state.get("world", env.world) != env.world:
         raise UsageError(
             f"--resume on {env.world} processes but {path} was written by a run on {state['world']}: the data "

@@ -58,7 +58,7 @@ def _train(cfg: DistillConfig, stop: StopRequest) -> str:
     start_step, stats = 0, RunStats()
     if cfg.resume:
         start_step, stats = load_checkpoint(latest_checkpoint(out), opt.step_module, opt.optimizer, opt.scheduler,
-                                            run.precision, env)
+                                            run.precision, env, cfg)
     else:
         torch.manual_seed(cfg.seed + env.rank)  # dropout differs per process, as in any DDP run
     logger = announce(cfg, run, env, out, threads, start_step)
@@ -107,7 +107,8 @@ def stop_on_non_finite(cfg, run: Run, opt: Optimisation, env: Dist, out: Path, s
     save_checkpoint(out, step, opt.step_module, opt.optimizer, opt.scheduler, run.precision, stats, cfg, env)
     raise TrainingError(
         f"loss is {[float(x) for x in losses]} at step {step + 1} ({window.last_terms()}): saved step {step} to "
-        f"{out / CHECKPOINTS}; lower learning_rate or check the data, then --resume")
+        f"{out / CHECKPOINTS}; check the data, or lower learning_rate (or max_grad_norm) and start a new run: "
+        "--resume keeps the recipe, so it would meet the same batch with the same weights")
 
 
 def stop_after(cfg, run: Run, opt: Optimisation, env: Dist, out: Path, logger: Logger | None, stats: RunStats,

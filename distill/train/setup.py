@@ -166,6 +166,12 @@ def start_process(cfg: DistillConfig) -> tuple[Dist, tuple[int, str, str], Path]
         check_calibrate(cfg, env)  # it writes only calibration.json: any output folder will do
     elif not cfg.resume:
         check_output_dir(out, cfg.overwrite_output_dir, "--overwrite_output_dir (or --resume to continue)")
+        if env.main and (out / CHECKPOINTS).is_dir():  # overwritten: a later --resume must not find the old run's
+            import shutil
+
+            shutil.rmtree(out / CHECKPOINTS)
+            print(f"--overwrite_output_dir: removed the previous run's checkpoints in {str(out / CHECKPOINTS)!r}",
+                  file=sys.stderr)
     elif not latest_checkpoint(out):
         raise UsageError(f"--resume: no checkpoint in {str(out / CHECKPOINTS)!r}; start without --resume")
     else:
