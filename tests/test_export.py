@@ -21,6 +21,7 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
+from distill.common.errors import UsageError  # noqa: E402
 from distill.export import onnx as export_onnx  # noqa: E402
 from distill.export.cli import main as export_main  # noqa: E402
 from distill.export.runtime import OnnxClassifier, OnnxEncoder, model_file  # noqa: E402
@@ -168,6 +169,26 @@ def test_runner_encode_matches_sentence_transformers_and_classifier_logits(vocab
     logits = OnnxClassifier(clf).predict(BATCH, BATCH[::-1], batch_size=3)
     feed = OnnxClassifier(clf).tokenize(BATCH, BATCH[::-1])
     assert np.abs(logits - torch_reference(clf, "classifier", feed)).max() <= 1e-4
+    # pairs from a generator: read once, not spent by the first batch
+    assert np.array_equal(OnnxClassifier(clf).predict(iter(BATCH), (p for p in BATCH[::-1]), batch_size=3), logits)
+    with pytest.raises(UsageError, match="texts but"):
+        OnnxClassifier(clf).predict(BATCH, BATCH[:2])
+
+
+@pytest.mark.parametrize("pooling", [
+    {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True},  # 2.x
+    {"pooling_mode": "mean_sqrt_len_tokens"},  # 6.x names
+    {"pooling_mode": ["max", "cls"]},
+    {"word_embedding_dimension": 32}])  # no mode on: mean
+def test_the_sentence_graph_pools_as_sentence_transformers_reads_the_config(vocab, tmp_path, pooling):
+    """An old config's modes in the order sentence-transformers concatenates them (not the file's key order),
+    6.x's names, a list of modes and none at all: the ONNX embedding is encode's."""
+    folder = save_tiny("bert", "sentence", tmp_path / "st", vocab, seed=5)
+    add_pipeline(folder, "mean", normalize=False)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    export_main([str(folder), "--quantize", "none"])
+    ours, theirs = OnnxEncoder(folder).encode(BATCH, batch_size=4), st_encode(folder, BATCH)
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-4
 
 
 @pytest.mark.parametrize("was_training", [True, False])

@@ -23,7 +23,7 @@ from distill.models.sentence import MODULES, pooling_mode
 
 HEADS = ("encoder", "sentence", "classifier")
 # pooling modes the exported graph computes (sentence-transformers' names); others are refused at export
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens")
 
 
 def _kind(module: dict) -> str:
@@ -55,7 +55,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
             parts.append(hidden[:, 0])
         elif one == "mean":
             parts.append(_masked_mean(hidden, mask))
-        elif one == "mean_sqrt_len":
+        elif one == "mean_sqrt_len_tokens":
             parts.append(_masked_mean(hidden, mask, sqrt_len=True))
         elif one == "max":
             filled = hidden.masked_fill(mask.unsqueeze(-1) == 0, -1e9)

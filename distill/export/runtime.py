@@ -137,9 +137,12 @@ class OnnxClassifier(_Runner):
 
     def predict(self, texts, pairs=None, batch_size: int = 32) -> np.ndarray:
         texts = list(texts)
+        pairs = None if pairs is None else list(pairs)  # once: a generator would be spent after the first batch
+        if pairs is not None and len(pairs) != len(texts):
+            raise UsageError(f"predict: {len(texts)} texts but {len(pairs)} pairs: give one second text per text")
         rows = []
         for start in range(0, len(texts), batch_size):
-            part = None if pairs is None else list(pairs)[start:start + batch_size]
+            part = None if pairs is None else pairs[start:start + batch_size]
             rows.append(self.logits(self.tokenize(texts[start:start + batch_size], part)))
         return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 

@@ -108,14 +108,13 @@ class SentencePipeline:
 
 
 def pooling_mode(config: dict) -> str:
-    """The pooling mode of a Pooling config, in either layout (6.x ``pooling_mode`` or 2.x booleans)."""
+    """The pooling modes of a Pooling config joined by ``+``, in either layout (6.x ``pooling_mode``, or 2.x
+    booleans read as sentence-transformers reads them: its fixed order, whatever the file's key order, and
+    ``mean`` when none is on), with sentence-transformers' names (``mean_sqrt_len_tokens``)."""
     if "pooling_mode" in config:
         mode = config["pooling_mode"]
         return mode if isinstance(mode, str) else "+".join(mode)
-    modes = [k[len("pooling_mode_"):] for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-    modes = [m[:-len("_tokens")] if m.endswith("_tokens") else m[:-len("_token")] if m.endswith("_token") else m
-             for m in modes]
-    return "+".join(modes) or "?"
+    return "+".join(mode for key, mode in _LEGACY_MODES if config.get(key) is True) or "mean"
 
 
 def is_sentence_model(source: str) -> bool:
@@ -226,10 +225,7 @@ def sentence_pooling(source: str, what: str = "teacher") -> dict | None:
                          "only; distil its token states instead (hid_mse, cos)")
     config_path = _fetch(source, f"{modules[1]['path']}/config.json")
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
-    if "pooling_mode" in config:
-        modes = [config["pooling_mode"]] if isinstance(config["pooling_mode"], str) else list(config["pooling_mode"])
-    else:
-        modes = [mode for key, mode in _LEGACY_MODES if config.get(key) is True] or ["mean"]
+    modes = pooling_mode(config).split("+")
     unknown = [m for m in modes if m not in POOLING_MODES]
     if unknown:
         raise UsageError(f"the {what} {source!r} pools with {unknown[0]!r}: the sentence-embedding terms pool with "
