@@ -32,6 +32,19 @@ def check_fast_tokenizer(tokenizer) -> None:
                          f"{type(tokenizer).__name__} is not one: save the model's tokenizer.json, or pass --tokenizer")
 
 
+def window_collator(tokenizer):
+    """The collator of QA windows: padding after each window's tokens whatever side the tokenizer pads, so the
+    span labels and offsets (token positions) stay where they point; the tokenizer itself is left as it is."""
+    import copy
+
+    from transformers import DataCollatorWithPadding
+
+    if tokenizer.padding_side != "right":
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "right"
+    return DataCollatorWithPadding(tokenizer)
+
+
 def _windows(tokenizer, questions, contexts, max_seq_length: int, doc_stride: int):
     question_first = tokenizer.padding_side == "right"  # the context goes on the side that gets padded
     pair = (questions, contexts) if question_first else (contexts, questions)

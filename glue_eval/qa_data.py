@@ -67,6 +67,13 @@ def load_qa_splits(task: Task, splits, data_dir: str | None) -> dict[str, datase
             out[split] = read_squad_file(path)
     if from_hub:
         out.update(_load_hub(task, from_hub))
+    if not task.version_2:  # v1 scores every question against its answers: one without any is v2's
+        for split in splits:
+            empty = sum(1 for answers in out[split]["answers"] if not answers["text"])
+            if empty:
+                raise UsageError(
+                    f"task {task.name}: {empty} questions of its {split} split have no answer, which SQuAD v1 cannot "
+                    "score: use --task squad_v2 for SQuAD 2.0 files, or \"version_2\": true in the task's spec")
     return {s: out[s] for s in splits}
 
 

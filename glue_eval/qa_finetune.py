@@ -74,12 +74,14 @@ def qa_attention_needed(glue, task: Task) -> bool:
 
 def finetune_qa(task: Task, data: dict, tokenizer, args: TrainingArguments, glue: GlueArguments) -> dict:
     """Fine-tune ``glue.model`` on the training windows, evaluate every dev set; the cell's result record."""
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
+
+    from .qa import window_collator
 
     set_seed(args.seed)  # before the model: the new span head is drawn from this seed
     model = load_qa_model(glue.model, eager=qa_attention_needed(glue, task))
     check_vocabulary(tokenizer, model, glue.model)
-    shared = dict(processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+    shared = dict(processing_class=tokenizer, data_collator=window_collator(tokenizer))
     if glue.teacher:
         from .qa_distill import train_qa_with_teacher
 

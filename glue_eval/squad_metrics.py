@@ -73,8 +73,8 @@ def squad_scores(predictions: dict, answers: dict, version_2: bool = False) -> d
     em_of, f1_of = (exact_match_v2, f1_v2) if version_2 else (exact_match_v1, f1_v1)
     exact, f1, has_answer = {}, {}, {}
     for qid, gold in answers.items():
+        has_answer[qid] = bool(list(gold))  # the v2 script's split: any gold answer given, before normalising
         gold = gold_answers_v2(list(gold)) if version_2 else list(gold)
-        has_answer[qid] = gold != [""]
         prediction = predictions.get(qid)
         if prediction is None:
             exact[qid] = f1[qid] = 0.0

@@ -34,13 +34,14 @@ def test_v1_exact_match_and_f1_take_the_best_gold_answer():
 
 
 def test_v2_no_answer_questions_score_only_an_empty_prediction():
-    # q1 has an answer, q2 none (its only gold answer normalises to nothing: dropped, so no-answer), q3 none.
+    # q1 has an answer; q2's only gold answer normalises to nothing (dropped: scored as no-answer, but counted
+    # among HasAns, as the v2 script splits on the raw answers); q3 none.
     predictions = {"q1": "1871", "q2": "", "q3": "in 1871"}
     answers = {"q1": ["1871", "May 1871"], "q2": ["the"], "q3": []}
     scores = squad_scores(predictions, answers, version_2=True)
     # q1: EM 1, F1 1; q2: "" vs "" -> EM 1, F1 1; q3: "in 1871" vs "" -> 0, 0.
     assert scores == pytest.approx({"exact_match": 2 / 3, "f1": 2 / 3, "HasAns_exact": 1.0, "HasAns_f1": 1.0,
-                                    "NoAns_exact": 0.5, "NoAns_f1": 0.5})
+                                    "NoAns_exact": 0.0, "NoAns_f1": 0.0})
     # v2's F1 when one side has no tokens: 1 only if both are empty; v1 gives 0 for empty against empty
     assert f1_v2("", "") == 1.0 and f1_v2("a", "") == 1.0  # "a" normalises to nothing
     assert f1_v2("x", "") == 0.0 and f1_v1("", "") == 0.0
@@ -128,6 +129,33 @@ def test_windows_point_at_the_answer_wherever_it_falls(kind, tmp_path, passages)
             assert s == e == windows[w]["cls_index"]
             assert windows[w]["input_ids"][s] in (tokenizer.cls_token_id, tokenizer.bos_token_id)
     assert found_later > 0  # some answers sit in a window after an example's first
+
+
+def test_collated_windows_keep_their_labels_on_the_answer_when_the_tokenizer_pads_left(tmp_path, passages):
+    """A batch of windows of different lengths, collated for training: the span labels still index the answer's
+    tokens (left padding would shift every shorter window's tokens under its labels); the tokenizer is unchanged."""
+    from glue_eval.qa import window_collator
+
+    from glue_eval.qa_data import read_squad_file
+
+    tokenizer = _tokenizer("left padding", tmp_path / "tok")
+    folder = qa_sets.write_squad(tmp_path / "data", passages, passages)
+    splits = {"train": read_squad_file(str(folder / "train-v1.1.json")),
+              "validation": read_squad_file(str(folder / "dev-v1.1.json"))}
+    data = encode_splits(get_task("squad"), splits, tokenizer, max_seq_length=256, doc_stride=64)
+    train, windows, examples = data["train"], data["validation"], splits["validation"]
+    answered = [w for w in range(len(train)) if train[w]["start_positions"] != windows[w]["cls_index"]]
+    lengths = {len(train[w]["input_ids"]) for w in answered}
+    assert len(lengths) > 2  # whole contexts of different lengths: the shorter ones get padded
+    batch = window_collator(tokenizer)([train[w] for w in answered])
+    assert tokenizer.padding_side == "left"
+    for row, w in enumerate(answered):
+        example = examples[windows[w]["example"]]
+        s, e = int(batch["start_positions"][row]), int(batch["end_positions"][row])
+        ids = batch["input_ids"][row].tolist()
+        assert ids[s:e + 1] == train[w]["input_ids"][s:e + 1]  # the same tokens under the labels
+        offsets = windows[w]["offsets"]
+        assert example["context"][offsets[s][0]:offsets[e][1]].strip() == example["answers"]["text"][0]
 
 
 @pytest.mark.parametrize("kind", ["wordpiece (bert, distilbert, electra)", "sentencepiece (xlm-roberta)"])

@@ -70,7 +70,11 @@ def test_a_v2_task_spec_scores_no_answer_questions(tmp_path, paragraphs, bert_ml
 def test_bad_qa_inputs_are_refused_in_one_line(tmp_path, paragraphs, bert_mlm_dir, capsys):
     data = qa_sets.write_squad(tmp_path / "squad", paragraphs[:4], paragraphs[4:6])
     (tmp_path / "empty").mkdir()
+    unanswerable = qa_sets.write_squad(tmp_path / "v2-as-v1", paragraphs[:4], paragraphs[4:6], no_answer_every=2)
     cases = [
+        (["--task", "squad", "--data_dir", str(unanswerable)], "2 questions of its train split have no answer"),
+        (["--task", "squad", "--data_dir", str(data), "--eval_files", str(unanswerable / "dev-v1.1.json")],
+         "have no answer, which SQuAD v1 cannot score"),
         (["--task", "squad", "--data_dir", str(tmp_path / "empty")], "missing SQuAD train file"),
         (["--task", "squad", "--data_dir", str(data), "--eval_files", str(tmp_path / "none.json")], "does not exist"),
         (["--task", "squad", "--data_dir", str(data), "--eval_strategy", "epoch"], "scored after training"),

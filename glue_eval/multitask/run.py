@@ -226,10 +226,11 @@ def write_outputs(out: str, model, tokenizer, scores: dict, record: dict, settin
 def main(argv: list[str]) -> int:
     from dataclasses import asdict
 
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     from ..encode import check_model_dir, load_tokenizer
     from ..model import check_vocabulary
+    from ..qa import window_collator
     from .config import load_config
     from .model import build_multitask
     from .qa import check_qa_tasks
@@ -250,7 +251,7 @@ def main(argv: list[str]) -> int:
     set_seed(args.seed)  # before the model: the heads are drawn from this seed
     model = build_multitask(glue.model, config.tasks)
     check_vocabulary(tokenizer, model.encoder, glue.model)
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = window_collator(tokenizer)  # right padding: QA labels and offsets are token positions
     teachers = attach_teachers(runs, config, glue, args, model, collate)
     rank, world = _process()
     if precision_line and rank == 0:
