@@ -131,6 +131,8 @@ def run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueAr
 
 def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueArguments, out: str,
               announce: str | None = None) -> list[dict]:
+    from .trainer import stop_after_cell
+
     check_model_dir(glue.model, glue.tokenizer)
     for task in tasks:
         check_sources(task, splits_needed(task, glue.predict_test), glue.data_dir)
@@ -171,6 +173,7 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
             record = finetune(task, data, tokenizer, cell_args, glue)
             write_result(cell_args.output_dir, record, describe(glue, cell_args, task_data[task.name]))
             write_results_jsonl(out)
+            stop_after_cell(cell_args, cell_args.output_dir)
     write_results_jsonl(out)
     records = []
     for task in tasks:

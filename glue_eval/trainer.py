@@ -75,15 +75,15 @@ class GlueTrainer(Trainer):
         self.add_callback(StopOnSignal(save=self.resumable))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train``, resuming from the cell's newest checkpoint; a signal ends the process (exit 75)."""
+        """``Trainer.train``, resuming from the cell's newest checkpoint; a signal during training ends the process
+        (exit 75) with a checkpoint. One that comes once the last step is done lets the cell finish: the grid
+        records it, then stops (:func:`stop_after_cell`)."""
         if resume_from_checkpoint is None and self.resumable:
             resume_from_checkpoint = whole_checkpoint(self.args.output_dir)
-        STOP.arm()
-        try:
-            out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        finally:
-            STOP.armed = STOP.received is not None  # between cells a signal ends the process at once
-        if STOP.received is not None:
+        STOP.arm()  # stays armed through the cell's evaluation: a signal there is recorded, not fatal
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # every rank agrees (one rank may alone have got it, after the last step's check)
+        if STOP.requested(self.args.world_size, self.args.device) and self.state.global_step < self.state.max_steps:
             self.stopped()
         if self.args.save_strategy == "no" and self.args.should_save:  # the checkpoints a stop left: done with
             for folder in glob.glob(os.path.join(self.args.output_dir, "checkpoint-*")):
@@ -123,6 +123,15 @@ class GlueTrainer(Trainer):
             line = (f"stopped by {STOP.name} {where}: a teacher-stage cell restarts from its beginning; run the same "
                     f"command again (exit status {EXIT_STOPPED})")
         end_run(line, EXIT_STOPPED, main=self.args.process_index == 0)
+
+
+def stop_after_cell(args, cell: str) -> None:
+    """Between cells: a signal that came during the last one (after its training) ends the grid now, the cell
+    recorded; every rank agrees. Then, until the next cell trains, a signal ends the process at once."""
+    if STOP.requested(args.world_size, args.device):
+        end_run(f"stopped by {STOP.name} after cell {cell} was recorded: run the same command to go on (finished "
+                f"cells are skipped) (exit status {EXIT_STOPPED})", EXIT_STOPPED, main=args.process_index == 0)
+    STOP.armed = False
 
 
 class DistillationTrainer(GlueTrainer):

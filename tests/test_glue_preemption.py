@@ -66,3 +66,38 @@ def test_a_grid_stopped_by_sigterm_mid_cell_resumes_to_the_results_of_an_uninter
     assert main(argv) == 0
     assert results(out) == expected  # the resumed cell trained steps 6..12 only and ended where the whole run did
     assert not list(cell.glob("checkpoint-*"))  # a finished cell keeps no checkpoint (save_strategy "no")
+
+
+@pytest.mark.slow  # one grid of two tiny cells, and its second half: about 15 s
+def test_a_signal_during_a_cells_evaluation_keeps_the_cell_and_stops_the_grid_after_recording_it(
+        bert_mlm_dir, tmp_path, capsys, monkeypatch):
+    """Training done, the signal comes while the first cell is scored: the cell is recorded (not trained again
+    on the rerun), the grid exits 75 before the second cell, and the same command runs only the second."""
+    import glue_eval.finetune as finetune_module
+
+    real = finetune_module.evaluate
+    calls = []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded: the handler does not end the process mid-evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "evaluate", signalled)
+    out = tmp_path / "out"
+    argv = grid_argv(bert_mlm_dir, tmp_path, out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == EXIT_STOPPED
+    first, second = out / "rte" / "lr0.0001_bs4_seed7", out / "rte" / "lr0.001_bs4_seed7"
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("stopped by")]
+    assert line == (f"stopped by SIGTERM after cell {first} was recorded: run the same command to go on (finished "
+                    f"cells are skipped) (exit status {EXIT_STOPPED})")
+    assert json.loads((first / "result.json").read_text())["train"]["steps"] == 12 and not second.exists()
+    assert not list(first.glob("checkpoint-*"))
+    started = []
+    monkeypatch.setattr(finetune_module, "evaluate", lambda *a, **k: started.append(1) or real(*a, **k))
+    assert main(argv) == 0
+    assert len(started) == 1 and [r["cell"] for r in results(out)] == ["lr0.0001_bs4_seed7", "lr0.001_bs4_seed7"]
