@@ -324,17 +324,26 @@ def test_apex_backend_when_apex_amp_exists_goes_through_amp(monkeypatch):
 
     def initialize(models, optimizer, opt_level, **kw):
         calls.append(("initialize", opt_level))
+        optimizer._amp_stash = types.SimpleNamespace(already_patched=False)
         return models, optimizer
 
-    class ScaleLoss:
+    class ScaleLoss:  # as apex: an overflow lowers the scale and patches step() to skip, in the exit
         def __init__(self, loss, optimizer):
-            self.loss = loss
+            self.loss, self.optimizer = loss, optimizer
 
         def __enter__(self):
             calls.append("scale_loss")
             return self.loss
 
         def __exit__(self, *exc):
+            if not torch.isfinite(self.loss):
+                Scaler.value /= 2
+                opt, real_step = self.optimizer, self.optimizer.step
+
+                def skip_step(closure=None):
+                    opt.step, opt._amp_stash.already_patched = real_step, False
+
+                opt.step, opt._amp_stash.already_patched = skip_step, True
             return False
 
     amp.initialize, amp.scale_loss = initialize, ScaleLoss
@@ -357,6 +366,13 @@ def test_apex_backend_when_apex_amp_exists_goes_through_amp(monkeypatch):
     result = prec.step(opt, 1.0)
     assert calls == [("initialize", "O2"), "scale_loss"]
     assert not result.skipped and result.scale == 2.0**16 and model.weight.grad is None
+    before = model.weight.detach().clone()
+    with prec.autocast():  # an overflow: the step is skipped, reported so (the scheduler must not step), scale halved
+        loss = model(torch.randn(3, 4)).pow(2).mean() * float("inf")
+    prec.backward(loss)
+    result = prec.step(opt, 1.0)
+    assert result.skipped and result.scale == 2.0**15 and prec.skipped_steps == 1
+    assert torch.equal(model.weight, before)
     prec.load_state_dict(prec.state_dict())
     assert calls[-1] == "load"
 

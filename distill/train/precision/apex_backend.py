@@ -79,14 +79,15 @@ class ApexAmp(Precision):
         from apex import amp
 
         self._check_optimizer(optimizer)
-        scale_before = _apex_loss_scale()
+        # apex finds an overflow in scale_loss's exit (in backward): it lowers the scale there and patches step()
+        # to skip, which its stash records; the scale read here would already be the lowered one
+        skipped = bool(getattr(getattr(optimizer, "_amp_stash", None), "already_patched", False))
         params = list(amp.master_params(optimizer))
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
                                                          clip_value(max_grad_norm)))
         optimizer.step()  # apex patches step() to skip after an overflow
         optimizer.zero_grad(set_to_none=True)
         scale = _apex_loss_scale()
-        skipped = scale < scale_before
         self.skipped_steps += int(skipped)
         return StepResult(skipped=skipped, grad_norm=grad_norm, scale=scale)
 
