@@ -28,6 +28,16 @@ def draws() -> tuple:
     return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist())
 
 
+def test_a_resume_on_a_machine_with_fewer_gpus_sets_the_states_of_the_gpus_it_has(monkeypatch):
+    state = {**ck.rng_state(), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
+    given = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", given.extend)
+    ck.set_rng_state(state)
+    assert [int(s[0]) for s in given] == [0, 1]
+
+
 def test_rng_states_survive_a_weights_only_round_trip_and_replay_the_same_draws(tmp_path):
     random.seed(3)
     np.random.seed(4)

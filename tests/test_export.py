@@ -191,6 +191,19 @@ def test_the_sentence_graph_pools_as_sentence_transformers_reads_the_config(voca
     assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-4
 
 
+def test_a_qa_model_exports_its_encoder_and_says_the_span_head_is_left_out(vocab, tmp_path, capsys):
+    from transformers import AutoTokenizer, BertForQuestionAnswering
+
+    folder = tmp_path / "qa"
+    torch.manual_seed(0)
+    BertForQuestionAnswering(tiny.make_config("bert")).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(vocab).save_pretrained(folder)
+    export_main([str(folder), "--quantize", "none"])
+    err = capsys.readouterr().err
+    assert "note: BertForQuestionAnswering's task head is not exported" in err
+    assert json.loads((folder / "onnx" / "export.json").read_text())["head"] == "encoder"
+
+
 @pytest.mark.parametrize("was_training", [True, False])
 def test_the_torch_model_is_left_as_it_was_found(vocab, tmp_path, was_training):
     from transformers import AutoTokenizer

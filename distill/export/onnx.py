@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def detect_head(folder: str | os.PathLike, config) -> str:
 def check_head(folder: str | os.PathLike, config, head: str) -> str:
     """The head to export (``auto`` detected); one line when the folder cannot give the head asked for."""
     if head == "auto":
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        if arch.endswith(("ForQuestionAnswering", "ForTokenClassification", "ForMultipleChoice")):
+            print(f"note: {arch}'s task head is not exported: the graph gives the encoder's hidden states (the "
+                  "exporter builds encoder, sentence and classifier graphs); apply the head to them", file=sys.stderr)
         return detect_head(folder, config)
     if head not in HEADS:
         raise UsageError(f"head {head!r} is not one the exporter knows: choose auto, {', '.join(HEADS)}")

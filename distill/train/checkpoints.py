@@ -78,8 +78,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU brings this tensor there too
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # a machine with fewer GPUs than the saving one: theirs
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]][:torch.cuda.device_count()])
 
 
 # --- finding and verifying ---------------------------------------------------------------------
