@@ -44,6 +44,30 @@ def task_settings(task: Task) -> dict | None:
     }
 
 
+# TrainingArguments fields (a grid file may set any) that change what a cell trains or how its model is chosen,
+# recorded only when they differ from the defaults: a cell recorded before they were is still reused
+TRAINING_FIELDS = ("max_grad_norm", "label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
+                   "optim_args", "lr_scheduler_kwargs", "load_best_model_at_end", "metric_for_best_model",
+                   "greater_is_better", "eval_strategy", "eval_steps", "dataloader_drop_last",
+                   "train_sampling_strategy", "data_seed", "neftune_noise_alpha", "average_tokens_across_devices")
+
+
+def _plain(value):
+    """A TrainingArguments value as JSON keeps it (enums by their value)."""
+    value = getattr(value, "value", value)
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+
+
+def changed_training_fields(args: TrainingArguments) -> dict:
+    """:data:`TRAINING_FIELDS` whose value differs from a default ``args`` of the same class."""
+    import dataclasses
+
+    defaults = type(args)(output_dir=args.output_dir)
+    return {name: _plain(getattr(args, name)) for name in TRAINING_FIELDS
+            if hasattr(args, name) and _plain(getattr(args, name)) != _plain(getattr(defaults, name))
+            and name in {f.name for f in dataclasses.fields(args)}}
+
+
 def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | None = None) -> dict:
     """The settings that define a cell; a finished cell is reused only if these match. ``task_data``:
     :func:`task_settings` of the cell's task."""
@@ -78,6 +102,7 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         # recorded when set; a cell recorded before the option existed is reused (its batches ran as one forward:
         # the same distribution, other dropout masks), so it is not in RECORDED_WHEN_SET
         **({"length_groups": args.length_groups} if getattr(args, "length_groups", 1) > 1 else {}),
+        **changed_training_fields(args),
         **({k: getattr(glue, k) for k in ("teacher_gate", "gate_layers", "gate_balance", "gate_epochs",
                                            "gate_learning_rate")} if glue.teacher and glue.teacher_gate != "none" else {}),
     }
@@ -108,7 +133,8 @@ def task_stage_settings(glue: GlueArguments) -> dict:
 
 # The cell settings describe() writes only when they are set (so cells recorded before they existed match).
 RECORDED_WHEN_SET = ("layer_map", "stages", "augment", "unlabelled_file", "teachers", "teacher_weights",
-                     "teacher_gate", "gate_layers", "gate_balance", "gate_epochs", "gate_learning_rate")
+                     "teacher_gate", "gate_layers", "gate_balance", "gate_epochs", "gate_learning_rate",
+                     *TRAINING_FIELDS)
 
 
 def done(cell_dir: str, settings: dict) -> bool:

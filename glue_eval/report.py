@@ -16,7 +16,6 @@ from collections import defaultdict
 from distill.common.errors import UsageError
 from distill.common.io import atomic_write_text
 
-from .metrics import task_score
 from .record import read_results
 from .tasks import GLUE_ORDER, GLUE_TASKS
 
@@ -53,6 +52,9 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     Each value: ``best`` (the record), ``best_values`` and ``median_values`` (percent, in display
     order: metrics of the first dev split, then of the next), ``best_score``/``median_score``
     (percent), ``seeds`` (runs in the best run's lr x batch), ``cells`` ((lr, bs) -> [score %]).
+    The median is the seed of median task score (the two middle seeds averaged when the count is even), and its
+    values are that seed's metrics: a two-metric task's values are one run's, not medians taken metric by
+    metric (which may pair numbers no seed had and disagree with the median score).
     """
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -63,7 +65,9 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         key = _config(best)
         same = [r for r in runs if _config(r) == key]
         splits = list(best["dev"])
-        median_dev = {s: {m: statistics.median(r["dev"][s][m] for r in same) for m in best["dev"][s]}
+        ranked = sorted(same, key=lambda r: r["score"])
+        middle = ranked[(len(ranked) - 1) // 2:len(ranked) // 2 + 1]  # one run, or the two middle ones
+        median_dev = {s: {m: statistics.mean(r["dev"][s][m] for r in middle) for m in best["dev"][s]}
                       for s in splits}
         cells = defaultdict(list)
         for r in runs:
@@ -73,7 +77,7 @@ def summarise(records: list[dict]) -> dict[str, dict]:
             "best_values": [100 * best["dev"][s][m] for s in splits for m in best["dev"][s]],
             "median_values": [100 * median_dev[s][m] for s in splits for m in median_dev[s]],
             "best_score": 100 * best["score"],
-            "median_score": 100 * statistics.mean(task_score(median_dev[s]) for s in splits),
+            "median_score": 100 * statistics.median(r["score"] for r in same),
             "seeds": len(same),
             "cells": dict(cells),
         }
@@ -164,8 +168,9 @@ def render(out: str, records: list[dict], student: dict, teacher: dict, teacher_
         "**How to read this.** *best on dev* is the single best run (learning rate, batch size, seed) "
         "chosen on the dev split it is reported on, so it is optimistic: selection and reporting use the "
         "same data. MNLI runs are chosen on matched dev; mismatched is reported for the same run and was "
-        "not used to choose, so it is the honest one of the two. *median over seeds* is the median over the "
-        "seeds of the best run's learning rate and batch size. Scores are percentages; two-metric tasks show "
+        "not used to choose, so it is the honest one of the two. *median over seeds* is the run of median score "
+        "among the seeds of the best run's learning rate and batch size (the two middle runs averaged for an even "
+        "count); that learning rate and batch size were chosen on dev too. Scores are percentages; two-metric tasks show "
         "both (F1/acc, Pearson/Spearman, m/mm) and count their mean in the GLUE score, which is the macro "
         "average over the tasks listed in its row, for every column alike.",
         "",

@@ -1,6 +1,7 @@
 """A 2 x 2 grid on a tiny model: completes, resumes after a kill without redoing cells, and reports."""
 
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -205,6 +206,29 @@ def test_a_run_past_the_position_table_says_where_it_cuts_and_trains(bert_mlm_di
     assert result["settings"]["max_seq_length"] == 100  # the setting as asked: a rerun with it resumes
 
 
+def test_training_arguments_a_grid_may_set_define_the_cell_when_set(tmp_path):
+    """A grid file may set any TrainingArguments field: one that changes training (max_grad_norm, the optimiser,
+    label smoothing...) joins the cell's settings when it differs from the default, so a rerun with another value
+    does not reuse the cell; at the defaults none is written and cells recorded before stay reused."""
+    from distill.common.errors import UsageError
+    from glue_eval.arguments import GlueArguments, GlueTrainingArguments
+    from glue_eval.record import TRAINING_FIELDS, describe, done, write_result
+
+    glue = GlueArguments(model="m", task="rte")
+    plain = describe(glue, GlueTrainingArguments(output_dir=str(tmp_path)))
+    assert not set(TRAINING_FIELDS) & set(plain)
+    changed = describe(glue, GlueTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.5, optim="adamw_torch",
+                                                   label_smoothing_factor=0.1))
+    assert {k: changed[k] for k in set(changed) - set(plain)} == {
+        "max_grad_norm": 0.5, "optim": "adamw_torch", "label_smoothing_factor": 0.1}
+    cell = tmp_path / "cell"
+    write_result(str(cell), {"task": "rte", "score": 0.5}, plain)
+    assert done(str(cell), plain)
+    with pytest.raises(UsageError, match=r"other settings \(label_smoothing_factor: None there, 0.1 now\)"):
+        done(str(cell), changed)
+    json.dumps(changed)  # a result.json can hold them
+
+
 def test_a_cell_is_not_reused_for_a_run_that_sets_an_optional_setting(tmp_path):
     # describe() writes some settings only when they are set; a run that sets one is not the recorded cell
     from distill.common.errors import UsageError
@@ -222,3 +246,23 @@ def test_a_cell_is_not_reused_for_a_run_that_sets_an_optional_setting(tmp_path):
     write_result(str(cell), {"task": "x", "score": 0.5}, {**settings, "layer_map": [[1, 2]]})
     with pytest.raises(UsageError, match=r"layer_map: \[\[1, 2\]\] there, None now"):
         done(str(cell), settings)
+
+
+def test_the_median_over_seeds_is_one_runs_metrics_and_agrees_with_every_cells_median():
+    """Three MRPC seeds with (F1, accuracy) (90, 80), (85, 86), (88, 70): their task scores are 85, 85.5 and 79;
+    the median seed is the first, so the table shows 90/80 and 85 (not the per-metric medians 88/80, score 84,
+    a pair no seed had); with an even count the two middle seeds are averaged, as the score's median is."""
+    from glue_eval.report import summarise
+
+    def run(seed, f1, acc):
+        return {"task": "mrpc", "dev": {"validation": {"f1": f1, "accuracy": acc}}, "score": (f1 + acc) / 2,
+                "selection_score": (f1 + acc) / 2,
+                "settings": {"learning_rate": 1e-4, "per_device_train_batch_size": 32, "seed": seed}}
+
+    runs = [run(1, 0.90, 0.80), run(2, 0.85, 0.86), run(3, 0.88, 0.70)]
+    s = summarise(runs)["mrpc"]
+    assert s["median_values"] == pytest.approx([90.0, 80.0]) and s["median_score"] == pytest.approx(85.0)
+    assert s["median_score"] == pytest.approx(statistics.median(s["cells"][(1e-4, 32)]))
+    s = summarise(runs + [run(4, 0.70, 0.60)])["mrpc"]  # 65, 79, 85, 85.5: the middle two are seeds 3 and 1
+    assert s["median_values"] == pytest.approx([(88 + 90) / 2, (70 + 80) / 2])
+    assert s["median_score"] == pytest.approx((79 + 85) / 2)
