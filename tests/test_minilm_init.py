@@ -54,11 +54,14 @@ def test_distill_init_builds_the_asked_shape_with_the_teachers_tokenizer(request
     assert _field(config, "intermediate_size") == 16 * _field(teacher_config, "intermediate_size") // 32
     assert config.vocab_size == teacher_config.vocab_size
     assert config.max_position_embeddings == teacher_config.max_position_embeddings
+    if student_type == "electra":  # the factorised embedding width too, in the teacher's ratio (16 of 32 wide)
+        assert config.embedding_size == 16 * teacher_config.embedding_size // 32 == 8
 
     model = AUTO_CLASS[role].from_pretrained(out)
     assert type(model).__name__ == FAMILIES[student_type].classes[role]
     base = model.base_model
-    assert base.get_input_embeddings().weight.shape == (teacher_config.vocab_size, 16)
+    assert base.get_input_embeddings().weight.shape == (teacher_config.vocab_size,
+                                                        getattr(config, "embedding_size", 16))
     assert len(base.get_submodule(FAMILIES[student_type].layers_path)) == 2
     AutoModel.from_pretrained(out)  # the base model alone loads too
 

@@ -366,3 +366,19 @@ def test_the_mpnet_script_runs_its_recipe_through_torchrun(tmp_path, mpnet_tok_d
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mpnet" and config["num_hidden_layers"] == 4
     assert SentenceTransformer(str(out), device="cpu").encode(["the city"]).shape == (1, 32)
+
+
+def test_a_students_pipeline_caps_max_seq_length_at_the_positions_its_table_holds(tmp_path, mpnet_tok_dir):
+    """MPNet counts positions from padding_idx + 1: a table of 66 rows holds 64 tokens, and a teacher pipeline
+    asking for 66 is capped there (not at the table's 66 rows, which would index past it)."""
+    from transformers import AutoConfig
+
+    from distill.models.families import max_positions
+    from distill.models.sentence import TRANSFORMER_CONFIG, read_pipeline
+
+    folder = Path(save_sentence_mpnet(tmp_path / "t", mpnet_tok_dir))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 66, "do_lower_case": False}))
+    config = AutoConfig.from_pretrained(folder)
+    assert config.max_position_embeddings == 66 and max_positions(config) == 64
+    pipeline = read_pipeline(str(folder), config)
+    assert json.loads(pipeline.files[TRANSFORMER_CONFIG])["max_seq_length"] == 64

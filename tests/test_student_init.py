@@ -397,3 +397,25 @@ def test_every_family_entrys_paths_name_real_modules(kind):
     if family.pooler_path:
         built = family.build_pooler(model.config)
         assert type(built).__name__.endswith("Pooler") and built.dense.in_features == hidden_size(model)
+
+
+def test_an_untied_bert_teacher_gives_its_distilbert_student_its_own_decoder(tmp_path):
+    """A BERT teacher whose decoder is not its word embeddings (tie_word_embeddings false): the DistilBERT student
+    keeps the teacher's decoder, and its masked-LM logits are those of the BERT student of the same layers."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(tiny.make_config("bert", tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        teacher.cls.predictions.decoder.weight.normal_(0, 0.5)
+    assert not torch.equal(teacher.cls.predictions.decoder.weight, teacher.bert.embeddings.word_embeddings.weight)
+    distil, report = build_student(teacher, [1, 3], "distilbert")
+    bert, _ = build_student(teacher, [1, 3], "bert")
+    assert torch.equal(distil.vocab_projector.weight, teacher.cls.predictions.decoder.weight)
+    assert report.not_copied == [] and not distil.config.tie_word_embeddings
+    ids = torch.tensor([[2, 5, 9, 11, 3, 0], [2, 7, 8, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a = distil.eval()(input_ids=ids, attention_mask=mask).logits
+        b = bert.eval()(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-4)

@@ -171,7 +171,6 @@ _BERT_TO_DISTILBERT = [
     (r"transformer\.layer\.(\d+)\.output_layer_norm\.(weight|bias)", "encoder.layer.{j}.output.LayerNorm.{1}"),
     (r"vocab_transform\.(weight|bias)", "cls.predictions.transform.dense.{0}"),
     (r"vocab_layer_norm\.(weight|bias)", "cls.predictions.transform.LayerNorm.{0}"),
-    (r"vocab_projector\.weight", "embeddings.word_embeddings.weight"),
     (r"vocab_projector\.bias", "cls.predictions.bias"),
 ]
 
@@ -181,6 +180,9 @@ def _bert_to_distilbert_source(key: str, layers: list[int]) -> Source | None:
         # DistilBERT has no token types: fold type 0 into positions so single-segment inputs are unchanged
         desc = "embeddings.position_embeddings.weight + embeddings.token_type_embeddings.weight[0]"
         return desc, lambda t: t["embeddings.position_embeddings.weight"] + t["embeddings.token_type_embeddings.weight"][0]
+    if key == "vocab_projector.weight":  # the teacher's decoder: its own matrix when untied, else the embeddings
+        decoder = "cls.predictions.decoder.weight"
+        return decoder, lambda t: t[decoder] if decoder in t else t["embeddings.word_embeddings.weight"]
     for pattern, template in _BERT_TO_DISTILBERT:
         m = re.fullmatch(pattern, key)
         if m:

@@ -149,7 +149,10 @@ def read_pipeline(source: str, student_config, what: str = "teacher") -> Sentenc
         raise UsageError(f"the {what} {source!r} has modules {kinds}: a student can carry only a pipeline that "
                          "starts with one Transformer module")
     width = student_config.hidden_size if hasattr(student_config, "hidden_size") else student_config.dim
-    max_positions = getattr(student_config, "max_position_embeddings", None)
+    from distill.models.families import max_positions as positions_of
+
+    # the longest input its position table holds (RoBERTa, XLM-R, MPNet: the table less the padding offset)
+    max_positions = positions_of(student_config) if getattr(student_config, "max_position_embeddings", None) else None
 
     files: dict[str, bytes] = {}
     out_modules = []

@@ -202,6 +202,11 @@ def sized_student_config(teacher_config, size: StudentSize, student_type: str | 
     for field_name, value in ((s_family.hidden_size_field, hidden), (s_family.num_heads_field, heads),
                               (s_family.intermediate_size_field, inter)):
         setattr(config, field_name, value)
+    t_embedding = getattr(teacher_config, "embedding_size", None)
+    if t_embedding is not None and hasattr(config, "embedding_size"):
+        # ELECTRA's factorised embeddings scale with the width, in the teacher's ratio (equal when its are): a
+        # narrow student would otherwise keep the teacher's wide embedding table and a projection down
+        config.embedding_size = max(1, round(t_embedding * hidden / t_hidden))
     return config
 
 
