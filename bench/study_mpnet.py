@@ -285,8 +285,8 @@ def cells_left(summary, rows, ns) -> tuple[int, int, list[str]]:
     """(cells done, cells asked, labels of the rows not finished) over row x seed (every task of a seed)."""
     asked = len(summary) * len(ns.seed_list)
     done = sum(len(r["seeds"]) for r in summary)
-    left = [f"{r['label']} ({len(ns.seed_list) - len(r['seeds'])} seeds)" for r in summary
-            if len(r["seeds"]) < len(ns.seed_list)]
+    left = [f"{r['label']} ({n} seed{'s' * (n != 1)})" for r in summary
+            if (n := len(ns.seed_list) - len(r["seeds"])) > 0]
     return done, asked, left
 
 
