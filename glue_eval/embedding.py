@@ -234,6 +234,17 @@ def load_encoder(name: str, max_seq_length: int | None = None, device: str = "cp
         raise _usage(f"cannot load the model {name!r} ({str(err).strip().splitlines()[0][:160]}): give a local "
                      "folder, or fetch the model once with HF_HUB_OFFLINE=0") from None
     if max_seq_length:
+        config = model[0].auto_model.config
+        try:
+            from distill.models.families import max_positions
+
+            limit = max_positions(config)
+        except Exception:  # noqa: BLE001 - a family this toolkit does not know: its table as it is
+            limit = getattr(config, "max_position_embeddings", None)
+        if limit and max_seq_length > limit:
+            print(f"note: --max_seq_length {max_seq_length} is longer than {name} holds ({limit} positions): its "
+                  f"inputs are cut at {limit} tokens", file=sys.stderr)
+            max_seq_length = limit
         model.max_seq_length = max_seq_length
     return model
 
@@ -294,7 +305,8 @@ def markdown(record: dict) -> str:
         cells += [f"{100 * m['averages'][c]:.1f}" if c in m["averages"] else "" for c in cats]
         lines.append(f"| `{m['model']}` | " + " | ".join(cells) + " |")
     lines += ["", "Metrics: " + "; ".join(f"{c} {METRICS[c]}" for c in CATEGORIES) +
-              ". ± is the standard deviation over the repeated experiments.", ""]
+              ". ± is the standard deviation over the repeated experiments. Each category column is the mean of "
+              "its tasks; average is the mean of the category columns (as MTEB's mean over task types).", ""]
     return "\n".join(lines)
 
 
@@ -345,7 +357,9 @@ def run(args) -> dict:
                                                            "max_seq_length", "max_dev")} | {"tasks": tasks},
               "settings_text": (f"logistic regression (max_iter=100) on {args.samples_per_label} examples per label, "
                                 f"{args.n_experiments} experiments; mini-batch k-means with k = topics, "
-                                f"{args.n_experiments} bootstrap samples; title -> body retrieval by the model's "
+                                f"{args.n_experiments} bootstrap samples (each as many articles as the set, drawn "
+                                "with replacement; every article embedded, where MTEB's defaults cap both); "
+                                "title -> body retrieval by the model's "
                                 f"similarity; seed {args.seed}"),
               "data": {"classification": {t: {"train": len(d["train"][0]), "dev": len(d["dev"][0])}
                                           for t, d in data.classification.items()},

@@ -195,6 +195,17 @@ def test_embed_eval_scores_two_models_into_one_table(tmp_path, vocab_dir, capsys
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
 
 
+def test_a_max_seq_length_past_the_models_positions_is_cut_there_with_a_note(tmp_path, vocab_dir, capsys):
+    from tests import tiny
+
+    folder = tiny.save_model("bert_base", tmp_path / "m", vocab_dir, seed=0)  # a 64-row position table
+    model = embedding.load_encoder(folder, max_seq_length=500)
+    assert model.max_seq_length == 64
+    assert "--max_seq_length 500 is longer than" in capsys.readouterr().err
+    assert embedding.load_encoder(folder, max_seq_length=32).max_seq_length == 32
+    model.encode(["word " * 200])  # a long input runs, cut at the table's length
+
+
 def test_bad_tasks_are_one_line_and_nothing_is_written(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         embedding.main(["--model", "x", "--output_dir", str(tmp_path / "o"), "--tasks", "polarity,sst2"])
