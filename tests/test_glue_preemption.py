@@ -27,6 +27,16 @@ def results(out) -> list[dict]:
     return [{k: r[k] for k in ("cell", "dev", "score")} | {"steps": r["train"]["steps"]} for r in rows]
 
 
+def stopped_lines(argv, capsys) -> list[str]:
+    """Run the grid, which must exit 75 and give the signal handlers back; its "stopped by" lines."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == EXIT_STOPPED
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the grid gave the handlers back
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped by")]
+
+
 @pytest.mark.slow  # three grids of two tiny cells: about 25 s
 def test_a_grid_stopped_by_sigterm_mid_cell_resumes_to_the_results_of_an_uninterrupted_grid(bert_mlm_dir, tmp_path,
                                                                                              capsys, monkeypatch):
@@ -47,17 +57,10 @@ def test_a_grid_stopped_by_sigterm_mid_cell_resumes_to_the_results_of_an_uninter
     monkeypatch.setattr(trainer_module.StopOnSignal, "on_step_end", signalling)
     out = tmp_path / "stopped"
     argv = grid_argv(bert_mlm_dir, tmp_path, out)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        main(argv)
-    assert ended.value.code == EXIT_STOPPED
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the grid gave the handlers back
-    err = capsys.readouterr().err
     cell = out / "rte" / "lr0.001_bs4_seed7"
-    lines = [line for line in err.splitlines() if line.startswith("stopped by")]
-    assert lines == [f"stopped by SIGTERM in {cell} after step 5: checkpoint {cell / 'checkpoint-5'}; to resume, run "
-                     "the same command (finished cells are skipped, this one goes on from its checkpoint) (exit status "
-                     f"{EXIT_STOPPED})"], err
+    assert stopped_lines(argv, capsys) == [
+        f"stopped by SIGTERM in {cell} after step 5: checkpoint {cell / 'checkpoint-5'}; to resume, run the same "
+        f"command (finished cells are skipped, this one goes on from its checkpoint) (exit status {EXIT_STOPPED})"]
     assert (cell / "checkpoint-5" / "trainer_state.json").is_file() and not (cell / "result.json").exists()
     assert (out / "rte" / "lr0.0001_bs4_seed7" / "result.json").exists()  # the first cell had finished
 
@@ -87,14 +90,9 @@ def test_a_signal_during_a_cells_evaluation_keeps_the_cell_and_stops_the_grid_af
     monkeypatch.setattr(finetune_module, "evaluate", signalled)
     out = tmp_path / "out"
     argv = grid_argv(bert_mlm_dir, tmp_path, out)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        main(argv)
-    assert ended.value.code == EXIT_STOPPED
     first, second = out / "rte" / "lr0.0001_bs4_seed7", out / "rte" / "lr0.001_bs4_seed7"
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("stopped by")]
-    assert line == (f"stopped by SIGTERM after cell {first} was recorded: run the same command to go on (finished "
-                    f"cells are skipped) (exit status {EXIT_STOPPED})")
+    assert stopped_lines(argv, capsys) == [f"stopped by SIGTERM after cell {first} was recorded: run the same command "
+                                           f"to go on (finished cells are skipped) (exit status {EXIT_STOPPED})"]
     assert json.loads((first / "result.json").read_text())["train"]["steps"] == 12 and not second.exists()
     assert not list(first.glob("checkpoint-*"))
     started = []
