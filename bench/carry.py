@@ -20,7 +20,9 @@ import os
 
 # settings that change no cell's result: where things go, what to measure again, which seeds to run now
 IGNORED = frozenset({"out", "report_only", "prepare", "remeasure_speed", "remeasure_distill", "skip_speed", "seeds",
-                     "seed_list", "data_cache", "cache_dir", "work_dir", "embed_why", "carried", "no_carry"})
+                     "seed_list", "data_cache", "cache_dir", "work_dir", "embed_why", "carried", "no_carry",
+                     # rows added after the others: a cell is its own row's (named by its init and objective)
+                     "extra_objectives", "extra_objective_list"})
 EMPTY = {"cells": {}, "embed": {}, "timings": {}, "params": {}, "speeds": {}, "machine_of": {}, "source": None,
          "count": 0}
 

@@ -66,7 +66,8 @@ OBJECTIVES = {"none": None, "cos": {"cos": 1.0}, "att_mse": {"att_mse": 1.0},
               "hid_mse+att_mse": {"hid_mse": 1.0, "att_mse": 1.0},
               "cos+hid_mse+att_mse": {"cos": 1.0, "hid_mse": 1.0, "att_mse": 1.0},
               "qq_rel+kk_rel+vv_rel": {"qq_rel": 1.0, "kk_rel": 1.0, "vv_rel": 1.0},
-              "sent_mse": {"sent_mse": 1.0}, "sent_mse+hid_mse": {"sent_mse": 1.0, "hid_mse": 1.0}}
+              "sent_mse": {"sent_mse": 1.0}, "sent_mse+hid_mse": {"sent_mse": 1.0, "hid_mse": 1.0},
+              "hid_mse+att_mse+sent_mse": {"hid_mse": 1.0, "att_mse": 1.0, "sent_mse": 1.0}}
 # OBJECTIVE@cal: the same terms with the weights distill-train --calibrate suggests for them (equal gradient shares),
 # measured once per distillation setting on CALIBRATE_BATCHES batches of the distillation corpus
 CALIBRATED = "@cal"
@@ -89,10 +90,14 @@ QUICK = dict(seeds="1", distill_steps=15, distill_batch=8, epochs=1.0, max_train
 STUDIES = {
     "minilm": dict(teacher="offline:all-MiniLM-L6-v2", inits=["2,4,6", "1,2,3", "4,5,6"],
                    objectives="none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,qq_rel+kk_rel+vv_rel",
-                   other_objectives="none", layer_map="uniform", reference="auto", out="docs/study", length_groups=1),
+                   other_objectives="none", layer_map="uniform", reference="auto", out="docs/study", length_groups=1,
+                   extra_objectives=""),
     "mpnet": dict(teacher="offline:all-mpnet-base-v2", inits=["1,5,8,12", "3,6,9,12", "2,4,6,8,10,12"],
                   objectives="none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel", other_objectives="same",
-                  layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet", length_groups=3),
+                  layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet", length_groups=3,
+                  # beyond the issue's rows, run after them: the terms of the shipped recipe
+                  # (student_configs/mpnet_4l_1-5-8-12.json), weighted as it was, by distill-train --calibrate
+                  extra_objectives="hid_mse+att_mse+sent_mse@cal"),
 }
 # Per-study presets where they differ from FULL / QUICK. mpnet's distillation budget: 150 steps of 16 x 128 tokens
 # (307k tokens a row), sized from a measured 12 -> 4 layer hid_mse+att_mse step in bf16 (docs/study-mpnet.md says
@@ -135,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"distillation), each also as OBJECTIVE{CALIBRATED} (its terms with the weights "
                         "distill-train --calibrate suggests); minilm: none,cos,hid_mse+att_mse,hid_mse+att_mse@cal,"
                         "qq_rel+kk_rel+vv_rel; mpnet: none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel")
+    p.add_argument("--extra_objectives", default=None,
+                   help="more rows of the first init, the same choices, run after every other row (a study's own "
+                        "questions are answered first); '' for none; minilm: none; mpnet: hid_mse+att_mse+sent_mse@cal "
+                        "(the terms of student_configs/mpnet_4l_1-5-8-12.json, calibrated as that recipe was)")
     p.add_argument("--other_objectives", default=None,
                    help="rows of every other init, the same choices ('same': those of --objectives); minilm: none "
                         "(the last study measured their distilled rows); mpnet: same")
@@ -223,7 +232,10 @@ def fill_and_check(p, ns) -> None:
     ns.objective_list = [o.strip() for o in ns.objectives.split(",") if o.strip()]
     ns.other_objective_list = (ns.objective_list if ns.other_objectives == "same" else
                                [o.strip() for o in ns.other_objectives.split(",") if o.strip()])
-    for flag, objs in (("--objectives", ns.objective_list), ("--other_objectives", ns.other_objective_list)):
+    ns.extra_objective_list = [o.strip() for o in ns.extra_objectives.split(",")
+                               if o.strip() and o.strip() not in ns.objective_list]
+    for flag, objs in (("--objectives", ns.objective_list), ("--other_objectives", ns.other_objective_list),
+                       ("--extra_objectives", ns.extra_objective_list)):
         for o in objs:
             if objective_base(o) not in OBJECTIVES or o == "none" + CALIBRATED:
                 p.error(f"{flag}: unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}, each distillation "
@@ -278,8 +290,10 @@ def parse_args(argv=None):
 
 
 def objectives_of(layers: str, ns) -> list[str]:
-    """The objectives of one initialisation's rows: --objectives for the first, --other_objectives for the rest."""
-    return ns.objective_list if layers == ns.inits[0] else ns.other_objective_list
+    """The objectives of one initialisation's rows: --objectives and --extra_objectives for the first,
+    --other_objectives for the rest."""
+    extra = getattr(ns, "extra_objective_list", [])
+    return ns.objective_list + extra if layers == ns.inits[0] else ns.other_objective_list
 
 
 def report_settings(ns) -> dict:
@@ -1368,9 +1382,12 @@ def report(ns, rows, tasks, state: dict, command: str) -> None:
 def priority(row: dict, ns) -> int:
     """0 teacher; 1 the first initialisation's rows (does distillation help, which objective); 2 every other
     initialisation fine-tuned only (how much the initialisation matters); 3 the floor and the outside reference;
-    4 the rest (other initialisations distilled)."""
+    4 the rest (other initialisations distilled); 5 the rows of --extra_objectives."""
     if row["kind"] == "teacher":
         return 0
+    if (row["kind"] == "student" and row["objective"] in getattr(ns, "extra_objective_list", [])
+            and row["layers"] == ns.inits[0]):
+        return 5
     if row.get("task_kd") and ns.study == "mpnet":  # the costliest rows: after every init fine-tuned only
         return 2
     if row["kind"] == "student" and row["layers"] == ns.inits[0]:
@@ -1402,6 +1419,7 @@ def execution_plan(rows, ns) -> list[tuple[int, dict]]:
     plan += [(s, r) for layers in ns.inits for s in ns.seed_list for _, r in ranked
              if priority(r, ns) == 4 and r.get("layers") == layers]
     plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 4 and r.get("layers") not in ns.inits]
+    plan += [(s, r) for s in ns.seed_list for _, r in ranked if priority(r, ns) == 5]
     return plan
 
 

@@ -336,6 +336,12 @@ def write_report(ns, rows, tasks, results, state: dict, command: str) -> None:
                                            len(rows) * len(ns.seed_list) * len(tasks)), results)
     lines += study.report_title(ns, mode, command)[2:]
     lines += study.setup_lines(ns, tasks, summary) + [f"- Budget: {BUDGET_NOTE}"]
+    if getattr(ns, "extra_objectives", ""):
+        lines += [f"- Rows beyond the study's own, run after all of them (--extra_objectives): "
+                  f"{', '.join(ns.extra_objective_list)} on layers {ns.inits[0]}"
+                  + ("; hid_mse+att_mse+sent_mse@cal is the shipped recipe's terms "
+                     "(student_configs/mpnet_4l_1-5-8-12.json), weighted by distill-train --calibrate as it was"
+                     if "hid_mse+att_mse+sent_mse@cal" in ns.extra_objective_list else "")]
     if carry.note(getattr(ns, "carried", carry.EMPTY)):
         lines += [f"- Carried: {carry.note(ns.carried)}"]
     lines += [x for x in study.method_lines(ns, rows, None, own, projection) if not x.startswith("- Speed")]

@@ -44,6 +44,8 @@ def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
                 "student", init, hid, ["kl", "hard_ce", "hid_mse", "att_mse"], 2)
         want[f"{name}_sent_mse"] = ("student", init, sent, None, 0)
         want[f"{name}_qq_rel+kk_rel+vv_rel"] = ("student", init, rel, None, 0)
+        if init == "1,5,8,12":  # beyond the issue's rows: the shipped recipe's terms, calibrated
+            want[f"{name}_hid_mse+att_mse+sent_mse@cal"] = ("student", init, {**hid, **sent}, None, 0)
     rows = study.make_rows(ns)
     got = {}
     for row in rows:
@@ -74,6 +76,9 @@ def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
     assert plan.index((2, kd)) < plan.index((3, "teacher")) < plan.index((2, "L3-6-9-12_none"))
     # the distilled rows of the other inits last, init by init: every seed of 3,6,9,12 (the layer question)
     # before the 6-layer curve
+    extra = "L1-5-8-12_hid_mse+att_mse+sent_mse@cal"  # run after every other row
+    assert plan[-3:] == [(1, extra), (2, extra), (3, extra)]
+    plan = plan[:-3]
     rest = plan[plan.index((1, "L3-6-9-12_hid_mse+att_mse")):]
     assert [n for _, n in rest[:9]] == ["L3-6-9-12_hid_mse+att_mse", "L3-6-9-12_sent_mse",
                                         "L3-6-9-12_qq_rel+kk_rel+vv_rel"] * 3
@@ -375,3 +380,37 @@ def test_the_targets_read_every_row_that_could_meet_them_and_the_layer_question_
     assert study_mpnet.init_question(by, ns, teacher)[-1].endswith(
         f"{statistics.mean(gains):+.1f} ± {statistics.stdev(gains):.1f} points of the teacher's average, seed against "
         f"seed on seeds 1,2,3: 1,5,8,12 ahead, but the {interval(gains)} holds 0: not settled.")
+
+
+@pytest.mark.slow
+def test_an_extra_calibrated_row_runs_after_the_studys_own_and_is_reported(study, mpnet_tok, tmp_path, capfd):
+    """--extra_objectives hid_mse+att_mse+sent_mse@cal (the mpnet preset's: the shipped recipe's terms): its
+    weights come from distill-train --calibrate on the row's own recipe, it is distilled and fine-tuned after every
+    row of the study's own, and the report has its row and says what it is."""
+    teacher = tiny.save_mpnet("mpnet_mlm", tmp_path / "teacher", mpnet_tok)
+    glue = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["sst2"], sizes=(16, 8, 8))
+    argv = ["--study", "mpnet", "--teacher", teacher, "--tasks", "sst2", "--data_dir", glue, "--inits", "1,4",
+            "--objectives", "none", "--extra_objectives", "hid_mse+att_mse+sent_mse@cal", "--task_kd",
+            "--reference", "none", "--no_random", "--seeds", "1",
+            "--corpus", write_corpus(tmp_path / "corpus.txt", lines=200), "--distill_steps", "2",
+            "--distill_batch", "2", "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
+            "--precision", "fp32", "--skip_speed", "--cache_dir", str(tmp_path / "cache"),
+            "--work_dir", str(tmp_path / "work"), "--data_cache", str(tmp_path / "data_cache"),
+            "--out", str(tmp_path / "out" / "s")]
+    assert study.main(argv) == 0
+    out = "".join(capfd.readouterr())
+    extra = "L1-4_hid_mse+att_mse+sent_mse@cal"
+    assert "calibrating hid_mse+att_mse+sent_mse on 8 batches" in out
+
+    def finished(name):
+        return next((tmp_path / "work").glob(f"finetune-*/{name}/sst2/*/result.json")).stat().st_mtime_ns
+
+    assert finished("teacher") < finished("L1-4_none") < finished(extra)
+    (calibration,) = (tmp_path / "work" / "models").glob(f"{extra}*.calibration/calibration.json")
+    weights = json.loads(calibration.read_text())["suggested_weights"]
+    assert set(weights) == {"hid_mse", "att_mse", "sent_mse"}
+    rec = json.loads((tmp_path / "out" / "s.json").read_text())
+    row = next(r for r in rec["rows"] if r["name"] == extra)
+    assert row["avg"] is not None and row["label"].endswith("hid_mse+att_mse+sent_mse, calibrated weights")
+    assert "run after all of them (--extra_objectives): hid_mse+att_mse+sent_mse@cal" in (
+        tmp_path / "out" / "s.md").read_text()
