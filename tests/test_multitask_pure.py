@@ -12,7 +12,8 @@ import torch
 from distill.common.errors import UsageError
 from glue_eval.multitask.combine import weighted_sum
 from glue_eval.multitask.config import HeadSpec, Sampling, Schedule, load_config
-from glue_eval.multitask.pcgrad import distributed_pcgrad, pcgrad, project_conflicts, projection_orders
+from glue_eval.multitask.pcgrad import (distributed_pcgrad, mean_over_ranks, pcgrad, project_conflicts,
+                                        projection_orders)
 from glue_eval.multitask.sampling import HybridSchedule, TaskSampler, task_probabilities
 
 # --- the config ---------------------------------------------------------------------------------
@@ -261,3 +262,42 @@ def test_under_ddp_each_rank_gets_the_pcgrad_of_the_averaged_task_gradients(tmp_
     # the other order of operations (project on each rank, then average) is another update
     per_rank = sum(np.array(reference_pcgrad(x.double(), orders)) for x in local) / 2
     assert not np.allclose(per_rank, reference_pcgrad(mean, orders), atol=1e-3)
+
+
+# each rank's summed loss on its own shard: rank 0's stops improving early, rank 1's keeps improving longer
+RANK_LOSSES = {0: [5.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+               1: [5.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8]}
+HYBRID = Schedule(mode="hybrid", window=2, patience=1, sum_every=3)
+
+
+def _switch_at(losses) -> int | None:
+    schedule = HybridSchedule(HYBRID)
+    for loss in losses:
+        schedule.observe(schedule.next_kind(), loss)
+    return schedule.switched_at
+
+
+def _hybrid_worker(rank, store, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    seen = [mean_over_ranks(x) for x in RANK_LOSSES[rank]]  # what train_multitask feeds its schedule
+    torch.save({"switch": _switch_at(seen), "own": _switch_at(RANK_LOSSES[rank]), "seen": seen},
+               f"{out}/hybrid{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 15 s
+def test_under_ddp_every_rank_switches_the_hybrid_schedule_on_the_same_step(tmp_path):
+    """Each rank's own loss would switch its schedule on a different step (then one rank runs meta-batches while
+    the other runs per-task steps, and their all-reduces no longer match); the loss averaged over the ranks
+    switches them together, where one process fed the global batch's mean would."""
+    import torch.multiprocessing as mp
+
+    assert _switch_at(RANK_LOSSES[0]) != _switch_at(RANK_LOSSES[1])  # the premise: the ranks' own losses disagree
+    mp.spawn(_hybrid_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"hybrid{r}.pt") for r in (0, 1)]
+    mean = [(a + b) / 2 for a, b in zip(RANK_LOSSES[0], RANK_LOSSES[1])]
+    assert got[0]["seen"] == got[1]["seen"] == pytest.approx(mean)
+    assert got[0]["switch"] == got[1]["switch"] == _switch_at(mean) is not None
+    assert mean_over_ranks(2.5) == 2.5  # one process: its own

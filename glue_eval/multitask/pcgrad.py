@@ -64,6 +64,12 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def mean_over_ranks(value: float, device="cpu") -> float:
+    """``value`` averaged over the ranks (itself on one process): what every rank's hybrid schedule observes, so
+    all of them switch on the same step (each rank's own loss is its shard's, and they differ)."""
+    return float(all_reduce_mean_(torch.tensor([float(value)], dtype=torch.float64, device=device)))
+
+
 def distributed_pcgrad(grads: torch.Tensor, generator: torch.Generator, tally: dict | None = None) -> torch.Tensor:
     """PCGrad of the global batch: every task's gradient averaged over the ranks, then projected (see above).
     ``generator`` must be seeded alike on every rank; each rank returns the same update (and tally)."""

@@ -24,7 +24,7 @@ from ..tasks import Task
 from .combine import soft_and_hard, weighted_sum
 from .config import MultitaskConfig
 from .model import MultitaskModel, task_loss
-from .pcgrad import all_reduce_mean_, distributed_pcgrad
+from .pcgrad import all_reduce_mean_, distributed_pcgrad, mean_over_ranks
 from .qa import SPAN_COLUMNS, evaluate_span_task, span_run_loss
 from .sampling import HybridSchedule, TaskSampler
 
@@ -211,6 +211,7 @@ def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: Multitas
         kind = schedule.next_kind()
         task = sampler.draw((step - 1) / steps) if kind == "per_task" else None
         loss, terms = train_step(model, runs, streams, kind, task, config, device, generator, autocast, tally)
+        loss = mean_over_ranks(loss, device) if world > 1 else loss  # the global batch's: one switch for all ranks
         if args.max_grad_norm and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
