@@ -271,3 +271,47 @@ def test_a_task_learns_from_its_own_teacher_alone_inside_the_multitask_run(tasks
     assert result["train"]["teachers"]["city"]["weights"] == {"kl": 1.0}
     assert result["tasks"]["city"]["dev"]["validation"]["accuracy"] > 0.8  # the train labels are noise
     assert result["tasks"]["school"]["dev"]["validation"]["accuracy"] > 0.8
+
+
+def test_a_regression_tasks_teacher_teaches_through_the_outputs_mse(tasks, bert_mlm_dir, tmp_path):
+    """A regression task in a run whose distill_weights are kl + hard_ce: kl over one output is 0 (the teacher
+    would teach nothing), so its teacher term is the outputs' MSE at kl's weight, equal to a float64 reference;
+    the record says which weights the task got."""
+    from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+
+    from glue_eval.multitask.run import MultitaskArguments, attach_teachers, regression_weights
+
+    assert regression_weights({"kl": 1.0, "hard_ce": 0.5}) == {"out_mse": 1.0, "hard_ce": 0.5}
+    assert regression_weights({"kl": 1.0, "ce": 0.5}) == {"out_mse": 1.5}
+    rng = random.Random(1)
+    for split, n in (("train", 40), ("dev", 20)):
+        with open(tmp_path / f"score_{split}.csv", "w", newline="", encoding="utf-8") as f:
+            rows = [(text, float(len(text.split()))) for text, _ in _rows("city", ("a", "b"), n, rng)]
+            csv.writer(f).writerows([("text", "score"), *rows])
+    (tmp_path / "score.json").write_text(json.dumps({
+        "name": "score", "train": "score_train.csv", "dev": "score_dev.csv", "text_columns": ["text"],
+        "label_column": "score", "regression": True, "metric": "pearson"}))
+    teacher_dir = tmp_path / "teacher"
+    torch.manual_seed(3)
+    BertForSequenceClassification(tiny.make_config("bert", num_labels=1)).save_pretrained(str(teacher_dir))
+    (tmp_path / "mt.json").write_text(json.dumps({"tasks": [{"task": "score.json", "teacher": str(teacher_dir)}],
+                                                  "distill_weights": {"kl": 1.0, "hard_ce": 0.5}}))
+    config = load_config(str(tmp_path / "mt.json"))
+    tokenizer = AutoTokenizer.from_pretrained(bert_mlm_dir)
+    collate = DataCollatorWithPadding(tokenizer)
+    runs = _runs(tmp_path, tokenizer, config)
+    torch.manual_seed(0)
+    model = build_multitask(bert_mlm_dir, config.tasks).eval()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, per_device_eval_batch_size=16)
+    record = attach_teachers(runs, config, MultitaskArguments(model=bert_mlm_dir), args, model, collate)
+    assert record["score"]["weights"] == {"out_mse": 1.0, "hard_ce": 0.5}
+    batch = mtrain.BatchStream(runs[0].train, 8, collate, seed=0).next()
+    loss, terms = mtrain.run_loss(model, runs[0], batch, "cpu")
+    teacher = BertForSequenceClassification.from_pretrained(str(teacher_dir)).eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        zt = teacher(**inputs).logits.double().squeeze(-1)
+        zs = model(task="score", **inputs).logits.double().squeeze(-1)
+    out_mse, hard = ((zs - zt) ** 2).mean(), ((zs - batch["labels"].double()) ** 2).mean()
+    assert float(terms["out_mse"]) == pytest.approx(float(out_mse), rel=1e-4) and float(out_mse) > 0
+    assert float(loss) == pytest.approx(float(out_mse + 0.5 * hard), rel=1e-4)

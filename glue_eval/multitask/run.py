@@ -102,6 +102,18 @@ def task_runs(config, glue, args, tokenizer):
     return runs
 
 
+def regression_weights(weights: dict) -> dict:
+    """The weights for a regression task's teacher: a soft-target term (kl, ce: class distributions, 0 on one
+    output) becomes the outputs' MSE, as the study's single-task rows do; the rest as given."""
+    from ..distillation import regression_terms, soft_terms
+
+    out: dict = {}
+    for name, weight in weights.items():
+        key = regression_terms()[0] if name in soft_terms() else name
+        out[key] = out.get(key, 0.0) + weight
+    return out
+
+
 def attach_teachers(runs, config, glue, args, model, collate) -> dict:
     """Each task with a teacher gets its objectives (the task stage's, on the logits; a QA task's on its start and
     end logits, :func:`glue_eval.multitask.qa.attach_qa_teacher`) and its teacher's logits over its training rows
@@ -120,7 +132,8 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
         path = config.entry(run.name).teacher
         if path is None:
             continue
-        record[run.name] = {"teacher": path, "weights": weights}
+        task_weights = regression_weights(weights) if run.task.is_regression else weights
+        record[run.name] = {"teacher": path, "weights": task_weights}
         if run.task.is_qa:
             attach_qa_teacher(run, path, weights, glue, args, model, collate)
             record[run.name]["cached_rows"] = len(run.train) if run.soft is not None else 0
@@ -133,7 +146,7 @@ def attach_teachers(runs, config, glue, args, model, collate) -> dict:
                              "same token ids")
         student = copy.deepcopy(model.encoder.config)
         student.num_labels = run.task.num_labels
-        run.soft, run.hard = stage_objectives(weights, glue, student, teacher)
+        run.soft, run.hard = stage_objectives(task_weights, glue, student, teacher)
         if run.soft is not None:
             run.cache = TeacherCache.build(teacher.to(args.device), run.train, collate, CachePlan(),
                                            batch_size=args.per_device_eval_batch_size, device=args.device,
