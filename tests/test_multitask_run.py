@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from distill.common.errors import UsageError
+
 from glue_eval.cli import main
 from glue_eval.multitask import train as mtrain
 from glue_eval.multitask.config import load_config
@@ -227,6 +229,9 @@ def test_a_tasks_teacher_terms_are_computed_from_the_teachers_own_logits(tasks, 
     (["--teacher", "somewhere"], {}, "--teacher does not go with --multitask: teachers are per task"),
     ([], {"gradient": "pcgrad"}, "one task per batch has nothing to project"),
     (["--length_groups", "2"], {}, "--length_groups 2 does not go with --multitask"),
+    (["--gradient_accumulation_steps", "4"], {}, "--gradient_accumulation_steps 4 does not go with --multitask (its "
+                                                  "own loop does not read it)"),
+    (["--label_smoothing_factor", "0.1"], {}, "--label_smoothing_factor 0.1 does not go with --multitask"),
     ([], {"distill_weights": {"hid_mse": 1.0}, "teacher": True}, "'hid_mse' compares intermediate features"),
 ])
 def test_bad_input_is_one_line_with_nothing_written(tasks, bert_mlm_dir, tmp_path, capsys, extra_args,
@@ -315,3 +320,21 @@ def test_a_regression_tasks_teacher_teaches_through_the_outputs_mse(tasks, bert_
     out_mse, hard = ((zs - zt) ** 2).mean(), ((zs - batch["labels"].double()) ** 2).mean()
     assert float(terms["out_mse"]) == pytest.approx(float(out_mse), rel=1e-4) and float(out_mse) > 0
     assert float(loss) == pytest.approx(float(out_mse + 0.5 * hard), rel=1e-4)
+
+
+def test_auto_precision_on_a_gpu_without_bf16_trains_in_fp32_not_a_refusal(tmp_path, monkeypatch):
+    """--precision auto picks fp16 on a GPU without bf16 (V100, T4); the multi-task loop trains in fp32 or bf16,
+    so it takes fp32 and says why, instead of refusing a --fp16 the user never gave."""
+    import dataclasses
+
+    from glue_eval.multitask import run
+
+    def fp16_as_auto_would(glue, args):
+        return dataclasses.replace(args, fp16=True, use_cpu=True), "precision: auto -> fp16 O1"
+
+    monkeypatch.setattr("glue_eval.arguments.apply_precision", fp16_as_auto_would)
+    monkeypatch.setattr("glue_eval.arguments.precision_check", lambda args: None)
+    glue, args, line = run.parse(["--multitask", "x.json", "--model", "m", "--output_dir", str(tmp_path / "o")])
+    assert not args.fp16 and not args.bf16 and line.startswith("precision: auto -> fp32")
+    with pytest.raises(UsageError, match="drop --fp16"):  # asked for by name: still refused
+        run.parse(["--multitask", "x.json", "--model", "m", "--output_dir", str(tmp_path / "o"), "--fp16"])

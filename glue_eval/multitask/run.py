@@ -55,11 +55,39 @@ def parse(argv: list[str]):
     if args.length_groups > 1:
         raise UsageError(f"--length_groups {args.length_groups} does not go with --multitask (its loop runs each batch "
                          "as one forward): leave it at 1")
+    unsupported = unsupported_training_flags(args)
+    if unsupported:
+        name, value = unsupported[0]
+        raise UsageError(f"--{name} {value} does not go with --multitask (its own loop does not read it): leave it "
+                         "at its default")
+    fp16_asked = args.fp16
     args, line = apply_precision(glue, args)
+    if args.fp16 and not fp16_asked and glue.precision == "auto":  # a GPU without bf16: auto would pick fp16
+        import dataclasses
+
+        args = dataclasses.replace(args, fp16=False)
+        line = "precision: auto -> fp32 (--multitask trains in fp32 or bf16; this device has no bf16)"
     precision_check(args)
     if args.fp16:
         raise UsageError("--multitask trains in fp32 or bf16: drop --fp16 (or give --precision bf16)")
     return glue, args, line
+
+
+# Trainer flags the multi-task loop does not read (it has its own): refused when set, not silently ignored
+UNREAD_TRAINING_FLAGS = ("gradient_accumulation_steps", "label_smoothing_factor", "optim", "optim_args",
+                         "lr_scheduler_kwargs", "neftune_noise_alpha", "load_best_model_at_end", "eval_strategy",
+                         "save_strategy", "train_sampling_strategy", "gradient_checkpointing", "torch_compile")
+
+
+def unsupported_training_flags(args) -> list[tuple[str, object]]:
+    """(flag, value) of :data:`UNREAD_TRAINING_FLAGS` set away from their defaults."""
+    defaults = type(args)(output_dir=args.output_dir)
+
+    def plain(value):
+        return getattr(value, "value", value)
+
+    return [(name, plain(getattr(args, name))) for name in UNREAD_TRAINING_FLAGS
+            if hasattr(args, name) and plain(getattr(args, name)) != plain(getattr(defaults, name))]
 
 
 def check_distill_weights(weights: dict | None) -> None:
