@@ -301,3 +301,28 @@ def test_under_ddp_every_rank_switches_the_hybrid_schedule_on_the_same_step(tmp_
     assert got[0]["seen"] == got[1]["seen"] == pytest.approx(mean)
     assert got[0]["switch"] == got[1]["switch"] == _switch_at(mean) is not None
     assert mean_over_ranks(2.5) == 2.5  # one process: its own
+
+
+@pytest.mark.parametrize("n, world, batch", [(5, 2, 2), (7, 3, 2), (1, 2, 4), (12, 2, 3)])
+def test_ranks_read_disjoint_full_batches_of_one_permutation_and_reshuffle_together(n, world, batch):
+    """Each rank's stream over one task, the same seed on every rank: in every epoch the ranks' rows are one
+    shuffled order split between them (padded from its start to full batches, as DistributedSampler pads), so
+    every row is read, none twice in a step beyond the padding, and all ranks start a new epoch on the same step
+    (uneven shares once let a rank reshuffle alone and read the rows another rank was reading)."""
+    from datasets import Dataset
+
+    from glue_eval.multitask.train import BatchStream
+
+    rows = Dataset.from_dict({"input_ids": [[i] for i in range(n)], "row": list(range(n))})
+    streams = [BatchStream(rows, batch, lambda xs: [x["row"] for x in xs], seed=9, rank=r, world=world)
+               for r in range(world)]
+    per_epoch = streams[0].per_epoch
+    assert per_epoch == -(-n // (batch * world))
+    for epoch in range(3):
+        steps = [[s.next() for s in streams] for _ in range(per_epoch)]
+        read = [i for step in steps for b in step for i in b]
+        assert all(len(b) == batch for step in steps for b in step)  # full batches on every rank
+        assert sorted(set(read)) == list(range(n)) and len(read) == per_epoch * batch * world
+        assert len(read) - len(set(read)) == per_epoch * batch * world - n  # repeats: the padding only
+    one = BatchStream(rows, batch, lambda xs: [x["row"] for x in xs], seed=9)  # one process: no padding
+    assert sorted(i for _ in range(-(-n // batch)) for i in one.next()) == list(range(n))

@@ -68,7 +68,11 @@ class BatchStream:
 
     def next(self) -> dict:
         if self.position >= len(self.order):
-            self.order = self.rng.permutation(len(self.rows))[self.rank::self.world]
+            order = self.rng.permutation(len(self.rows))
+            if self.world > 1:  # padded from its start to full batches on every rank (DistributedSampler's way):
+                # the ranks' shares are then equally long, so they reshuffle together and never read one row twice
+                order = np.resize(order, self.per_epoch * self.batch_size * self.world)
+            self.order = order[self.rank::self.world]
             self.position = 0
         chosen = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
