@@ -186,6 +186,8 @@ def test_pcgrad_in_the_loop_is_the_float64_reference_over_each_tasks_gradient(ta
     for run in runs:  # a head's gradient is its own task's alone
         for p, g in zip(model.heads[run.name].parameters(), heads[run.name]):
             assert torch.allclose(p.grad, g, atol=1e-7)
+    unused = [n for n, p in model.encoder.named_parameters() if "pooler" in n]
+    assert unused and all(p.grad is None for n, p in model.encoder.named_parameters() if n in unused)
 
 
 def test_a_tasks_teacher_terms_are_computed_from_the_teachers_own_logits(tasks, bert_mlm_dir, tmp_path):

@@ -144,13 +144,17 @@ def pcgrad_backward(model: MultitaskModel, losses: dict, weights: dict, generato
     """Each task's weighted loss backward alone; the encoder's gradients projected (PCGrad, over the ranks'
     averaged gradients), the heads' left as their own task made them (and averaged over the ranks)."""
     shared = [p for p in model.encoder.parameters() if p.requires_grad]
-    per_task = []
+    per_task, reached = [], set()
     for name, loss in losses.items():
         (float(weights[name]) * loss).backward()
+        reached |= {i for i, p in enumerate(shared) if p.grad is not None}
         per_task.append(_flat_grad(shared).float())
         for p in shared:
             p.grad = None
     _set_flat_grad(shared, distributed_pcgrad(torch.stack(per_task), generator, tally))
+    for i, p in enumerate(shared):  # what no task reaches (e.g. the pooler) keeps no gradient, as in a sum step:
+        if i not in reached:  # AdamW then leaves it be instead of decaying it on PCGrad steps only
+            p.grad = None
     average_gradients(model.heads.parameters())
 
 
