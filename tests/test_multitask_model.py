@@ -102,6 +102,9 @@ def test_the_saved_folder_is_the_encoder_for_from_pretrained_and_the_whole_model
     assert AutoTokenizer.from_pretrained(str(folder))("the city")["input_ids"] == \
         AutoTokenizer.from_pretrained(vocab_dir)("the city")["input_ids"]
     assert "MaskedLM" not in (folder / "config.json").read_text()  # the encoder alone, its MLM head dropped
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(str(folder / "README.md")).data.pipeline_tag == "feature-extraction"
 
 
 def test_a_failed_save_leaves_nothing_behind(built, tmp_path, monkeypatch):

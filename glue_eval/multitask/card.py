@@ -9,7 +9,9 @@ def model_card(tasks: dict, scores: dict, encoder: str, settings: dict) -> str:
     """tasks: name -> info (:func:`glue_eval.multitask.model.task_info`); scores: name -> {"score", "dev"}
     (fractions; the dev metrics per split); encoder: where the shared encoder came from; settings: the run's
     recipe (config, sampling, schedule, gradient, optimisation) as JSON-able values."""
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-classification",
+    # feature-extraction: what transformers' own pipeline gets from this folder is the shared encoder (the heads
+    # load with load_multitask); text-classification would build a classifier with a random head
+    lines = ["---", "library_name: transformers", "pipeline_tag: feature-extraction",
              "tags: [multi-task, distillation]", "---", "",
              "# Multi-task student", "",
              f"One shared encoder (from `{encoder}`) and a head per task, trained together with "
