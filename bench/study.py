@@ -95,7 +95,7 @@ STUDIES = {
     "mpnet": dict(teacher="offline:all-mpnet-base-v2", inits=["1,5,8,12", "3,6,9,12", "2,4,6,8,10,12"],
                   objectives="none,hid_mse+att_mse,sent_mse,qq_rel+kk_rel+vv_rel", other_objectives="same",
                   layer_map="init", reference="offline:all-MiniLM-L6-v2,l3", out="docs/study-mpnet", length_groups=3,
-                  # beyond the rows, run after them: the terms of the shipped recipe
+                  # beyond the study's own rows, run after them: the terms of the shipped recipe
                   # (student_configs/mpnet_4l_1-5-8-12.json), weighted as it was, by distill-train --calibrate
                   extra_objectives="hid_mse+att_mse+sent_mse@cal"),
 }
@@ -919,12 +919,12 @@ def gain_lines(by: dict, ns, teacher: dict | None) -> list[str]:
     lines = []
     for layers in ns.inits:
         base = by.get(f"{init_name(layers)}_none")
-        if not base or base["avg"] is None:
+        if not base or base["retained"] is None:  # a share needs the teacher's seeds too
             continue
         parts = []
         for o in [o for o in objectives_of(layers, ns) if o != "none"]:
             r = by.get(f"{init_name(layers)}_{o}")
-            if r and r["avg"] is not None:
+            if r and r["retained"] is not None:
                 parts.append(f"{o} {gain_text(r, base, teacher)}")
         if parts:
             lines.append(f"Distillation vs fine-tuning only, layers {layers} (points of teacher average retained, "
@@ -960,7 +960,7 @@ def task_kd_lines(summary, by: dict, teacher: dict | None) -> list[str]:
     lines = []
     for r in summary:
         base = by.get(f"{init_name(r['layers'])}_{r['objective']}") if r.get("task_kd") else None
-        if base and r["avg"] is not None and base["avg"] is not None:
+        if base and r["retained"] is not None and base["retained"] is not None:
             lines.append(f"Task distillation ({'+'.join(r['task_kd'])}"
                          + (f", on {r['augment']} augmented variants of each example too" if r.get("augment") else "")
                          + f") on top of {base['label']} "

@@ -20,7 +20,7 @@ from bench import carry, study
 
 # The distillation budget, and why (the run's own minutes, and what is left at those rates: time_lines)
 BUDGET_NOTE = (
-    "150 steps of 16 x 128 tokens (307k tokens) a distilled row, sized so that the whole study (17 rows, 3 seeds, "
+    "150 steps of 16 x 128 tokens (307k tokens) a distilled row, sized so that the whole study (18 rows, 3 seeds, "
     "the frozen-embedding scores) fits 8 hours on 2 cores: fine-tuning at docs/study.md's settings (kept, so the "
     "two studies compare) costs most of it. `--distill_steps N` scales the budget (a distillation's minutes grow with it)")
 PENDING = "pending"

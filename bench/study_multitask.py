@@ -366,7 +366,7 @@ def verdict(ns, met: bool, short: str) -> str:
 
 
 def target_lines(summary, ns) -> list[str]:
-    """The issue's target: a multi-task student (no teachers) within 0.5 points of the single-task students'
+    """The study's target: a multi-task student (no teachers) within 0.5 points of the single-task students'
     average, with a third of their parameters (one encoder instead of one per task)."""
     plain = [r for r in summary if r["kind"] == "multitask" and not r.get("teachers") and r["vs_single"]]
     if not plain:
@@ -383,7 +383,7 @@ def target_lines(summary, ns) -> list[str]:
 
 
 def distillation_target(summary, ns) -> list[str]:
-    """The issue's second target: multi-task distillation (a teacher per task) above multi-task fine-tuning alone,
+    """The study's second target: multi-task distillation (a teacher per task) above multi-task fine-tuning alone,
     schedule by schedule, each difference paired by seed; met when every schedule's mean difference is above 0."""
     pairs = [r for r in summary if r["kind"] == "multitask" and r.get("teachers") and r["vs_plain"]]
     if not pairs:

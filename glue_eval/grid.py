@@ -170,8 +170,11 @@ def _run_grid(tasks: list[Task], cells, args: GlueTrainingArguments, glue: GlueA
             if announce and n == 1:
                 print(announce, file=sys.stderr)
             print(f"[{n}/{total}] {task.name} {os.path.basename(cell_args.output_dir)}", file=sys.stderr)
+            # the settings as done() read them before the cell: fine-tuning may adjust its arguments (MNLI's
+            # checkpoint selection names one split), and a resume compares against what was asked
+            settings = describe(glue, cell_args, task_data[task.name])
             record = finetune(task, data, tokenizer, cell_args, glue)
-            write_result(cell_args.output_dir, record, describe(glue, cell_args, task_data[task.name]))
+            write_result(cell_args.output_dir, record, settings)
             write_results_jsonl(out)
             stop_after_cell(cell_args, cell_args.output_dir)
     write_results_jsonl(out)

@@ -45,11 +45,15 @@ def task_settings(task: Task) -> dict | None:
 
 
 # TrainingArguments fields (a grid file may set any) that change what a cell trains or how its model is chosen,
-# recorded only when they differ from the defaults: a cell recorded before they were is still reused
+# recorded only when they differ from the defaults; a record says it holds them (TRAINING_MARKER), so a cell
+# recorded before they were (set or not) is still reused as it was then
 TRAINING_FIELDS = ("max_grad_norm", "label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
                    "optim_args", "lr_scheduler_kwargs", "load_best_model_at_end", "metric_for_best_model",
                    "greater_is_better", "eval_strategy", "eval_steps", "dataloader_drop_last",
                    "train_sampling_strategy", "data_seed", "neftune_noise_alpha", "average_tokens_across_devices")
+
+
+TRAINING_MARKER = "training_fields"
 
 
 def _plain(value):
@@ -102,7 +106,7 @@ def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | Non
         # recorded when set; a cell recorded before the option existed is reused (its batches ran as one forward:
         # the same distribution, other dropout masks), so it is not in RECORDED_WHEN_SET
         **({"length_groups": args.length_groups} if getattr(args, "length_groups", 1) > 1 else {}),
-        **changed_training_fields(args),
+        TRAINING_MARKER: 1, **changed_training_fields(args),
         **({k: getattr(glue, k) for k in ("teacher_gate", "gate_layers", "gate_balance", "gate_epochs",
                                            "gate_learning_rate")} if glue.teacher and glue.teacher_gate != "none" else {}),
     }
@@ -133,8 +137,7 @@ def task_stage_settings(glue: GlueArguments) -> dict:
 
 # The cell settings describe() writes only when they are set (so cells recorded before they existed match).
 RECORDED_WHEN_SET = ("layer_map", "stages", "augment", "unlabelled_file", "teachers", "teacher_weights",
-                     "teacher_gate", "gate_layers", "gate_balance", "gate_epochs", "gate_learning_rate",
-                     *TRAINING_FIELDS)
+                     "teacher_gate", "gate_layers", "gate_balance", "gate_epochs", "gate_learning_rate")
 
 
 def done(cell_dir: str, settings: dict) -> bool:
@@ -146,8 +149,10 @@ def done(cell_dir: str, settings: dict) -> bool:
         old = json.load(f).get("settings", {})
     # A setting newer than the record (absent from it) is not held against it, except those describe() records
     # only when set: for them absence means "not set", so a run that sets one is not the recorded cell.
+    # TRAINING_FIELDS likewise, in a record that holds them (older records did not write them even when set)
+    when_set = RECORDED_WHEN_SET + (TRAINING_FIELDS if old.get(TRAINING_MARKER) else ())
     diff = sorted(k for k in set(old) | set(settings)
-                  if (k in old or k in RECORDED_WHEN_SET) and old.get(k) != settings.get(k))
+                  if (k in old or k in when_set) and old.get(k) != settings.get(k))
     if diff:
         k = diff[0]
         raise UsageError(

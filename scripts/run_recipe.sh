@@ -2,7 +2,7 @@
 # Runs one recipe of student_configs/ with torchrun; the distill_*.sh scripts call this.
 # usage: scripts/run_recipe.sh RECIPE.json [NUM_GPUS=1] [OUTPUT_DIR=runs/<recipe>] [more --field value overrides]
 # The recipe's global batch (per-device batch x accumulation x GPUs) is kept: its gradient_accumulation_steps
-# is divided by NUM_GPUS, which must divide it (1, 2, 4 or 8 GPUs for the recipes' 8 steps).
+# is divided by NUM_GPUS, which must divide it (e.g. 1, 2, 4 or 8 GPUs for a recipe of 8 steps).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CONFIG="$HERE/../student_configs/$1"

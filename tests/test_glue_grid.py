@@ -1,8 +1,8 @@
 """A 2 x 2 grid on a tiny model: completes, resumes after a kill without redoing cells, and reports."""
 
 import json
-import statistics
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -212,7 +212,7 @@ def test_training_arguments_a_grid_may_set_define_the_cell_when_set(tmp_path):
     does not reuse the cell; at the defaults none is written and cells recorded before stay reused."""
     from distill.common.errors import UsageError
     from glue_eval.arguments import GlueArguments, GlueTrainingArguments
-    from glue_eval.record import TRAINING_FIELDS, describe, done, write_result
+    from glue_eval.record import TRAINING_FIELDS, TRAINING_MARKER, describe, done, write_result
 
     glue = GlueArguments(model="m", task="rte")
     plain = describe(glue, GlueTrainingArguments(output_dir=str(tmp_path)))
@@ -227,6 +227,23 @@ def test_training_arguments_a_grid_may_set_define_the_cell_when_set(tmp_path):
     with pytest.raises(UsageError, match=r"other settings \(label_smoothing_factor: None there, 0.1 now\)"):
         done(str(cell), changed)
     json.dumps(changed)  # a result.json can hold them
+    # a record written before these fields were recorded (no marker) is reused as it was, set or not
+    write_result(str(cell), {"task": "rte", "score": 0.5}, {k: v for k, v in plain.items() if k != TRAINING_MARKER})
+    assert done(str(cell), changed) and done(str(cell), plain)
+
+
+def test_an_mnli_cell_that_selects_its_checkpoint_resumes_as_finished(tmp_path, bert_mlm_dir, capsys):
+    """MNLI with --load_best_model_at_end: fine-tuning names the matched split's metric for the selection; the
+    recorded settings are what was asked, so the same command finds the cell finished instead of refusing it."""
+    data = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["mnli"], sizes=(16, 8, 6))
+    argv = ["--model", bert_mlm_dir, "--task", "mnli", "--data_dir", data, "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "--disable_tqdm", "true", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+            "--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end", "true"]
+    assert main(argv) == 0
+    (result,) = (tmp_path / "out").rglob("result.json")
+    before = result.stat().st_mtime_ns
+    assert json.loads(result.read_text())["settings"]["load_best_model_at_end"] is True
+    assert main(argv) == 0 and result.stat().st_mtime_ns == before  # finished: not refused, not redone
 
 
 def test_a_cell_is_not_reused_for_a_run_that_sets_an_optional_setting(tmp_path):

@@ -44,7 +44,7 @@ def test_the_mpnet_study_s_default_rows(study, mpnet_tok, tmp_path):
                 "student", init, hid, ["kl", "hard_ce", "hid_mse", "att_mse"], 2)
         want[f"{name}_sent_mse"] = ("student", init, sent, None, 0)
         want[f"{name}_qq_rel+kk_rel+vv_rel"] = ("student", init, rel, None, 0)
-        if init == "1,5,8,12":  # beyond the rows: the shipped recipe's terms, calibrated
+        if init == "1,5,8,12":  # beyond the study's own rows: the shipped recipe's terms, calibrated
             want[f"{name}_hid_mse+att_mse+sent_mse@cal"] = ("student", init, {**hid, **sent}, None, 0)
     rows = study.make_rows(ns)
     got = {}
@@ -315,6 +315,8 @@ def test_distillation_gains_are_taken_seed_against_seed_on_the_seeds_both_rows_h
     (line,) = study.gain_lines(by, ns, teacher)
     assert line.endswith(f"hid {by['L1-4_hid']['retained'] - by['L1-4_none']['retained']:+.1f} (unpaired: 1 seed "
                          "against 3, none in common).")
+    by["L1-4_hid"]["retained"] = None  # seeds the teacher lacks: no share yet, so no gain line (not a crash)
+    assert study.gain_lines(by, ns, teacher) == []
 
 
 def test_the_targets_read_every_row_that_could_meet_them_and_the_layer_question_gets_an_answer():
