@@ -910,7 +910,7 @@ def gain_text(r: dict, base: dict, teacher: dict | None) -> str:
     text = f"{statistics.mean(paired.values()):+.1f}" + (
         f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else "")
     if set(paired) != set(r["seeds"]) | set(base["seeds"]):  # a row ahead by a seed: the seeds both have
-        text += f" (seeds {','.join(map(str, sorted(paired)))}, which both rows have)"
+        text += f" (seed{'s' * (len(paired) > 1)} {','.join(map(str, sorted(paired)))}, which both rows have)"
     return text
 
 
