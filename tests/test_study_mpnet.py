@@ -105,7 +105,8 @@ def finished(study, mpnet_tok, bert_base_dir, tmp_path_factory):
     teacher = tiny.save_mpnet("mpnet_mlm", root / "teacher", mpnet_tok)
     glue = write_glue_sample(str(root / "glue"), "tsv", tasks=["sst2"], sizes=(24, 12, 8))
     argv = ["--study", "mpnet", "--teacher", teacher, "--tasks", "sst2", "--data_dir", glue, "--inits", "1,4", "1,2,4",
-            "--objectives", "none,hid_mse+att_mse,sent_mse", "--other_objectives", "none", "--task_kd",
+            "--objectives", "none,hid_mse+att_mse,sent_mse", "--other_objectives", "none", "--extra_objectives", "",
+            "--task_kd",
             "--reference", bert_base_dir, "--seeds", "1", "--corpus", write_corpus(root / "corpus.txt", lines=200),
             "--distill_steps", "2", "--distill_batch", "2", "--block_size", "32", "--epochs", "1", "--batch_size", "8",
             "--max_seq_length", "32", "--precision", "fp32", "--cache_dir", str(root / "cache"),
@@ -192,7 +193,8 @@ def test_a_distillation_stopped_after_a_checkpoint_continues_from_it(study, mpne
     teacher = tiny.save_mpnet("mpnet_mlm", tmp_path / "teacher", mpnet_tok)
     glue = write_glue_sample(str(tmp_path / "glue"), "tsv", tasks=["sst2"], sizes=(16, 8, 8))
     argv = ["--study", "mpnet", "--teacher", teacher, "--tasks", "sst2", "--data_dir", glue, "--inits", "1,4",
-            "--objectives", "none,hid_mse+att_mse", "--task_kd", "--reference", "none", "--no_random", "--seeds", "1",
+            "--objectives", "none,hid_mse+att_mse", "--extra_objectives", "", "--task_kd", "--reference", "none",
+            "--no_random", "--seeds", "1",
             "--corpus", write_corpus(tmp_path / "corpus.txt", lines=200), "--distill_steps", "30",
             "--distill_batch", "2", "--block_size", "32", "--epochs", "1", "--batch_size", "8", "--max_seq_length", "32",
             "--precision", "fp32", "--skip_speed", "--cache_dir", str(tmp_path / "cache"),
