@@ -62,14 +62,16 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
 
 
-def changed_training_fields(args: TrainingArguments) -> dict:
-    """:data:`TRAINING_FIELDS` whose value differs from a default ``args`` of the same class."""
-    import dataclasses
-
+def fields_set(args: TrainingArguments, names) -> dict:
+    """Those of ``names`` whose value in ``args`` differs from a default ``args`` of the same class (JSON-able)."""
     defaults = type(args)(output_dir=args.output_dir)
-    return {name: _plain(getattr(args, name)) for name in TRAINING_FIELDS
-            if hasattr(args, name) and _plain(getattr(args, name)) != _plain(getattr(defaults, name))
-            and name in {f.name for f in dataclasses.fields(args)}}
+    return {name: _plain(getattr(args, name)) for name in names
+            if hasattr(args, name) and _plain(getattr(args, name)) != _plain(getattr(defaults, name))}
+
+
+def changed_training_fields(args: TrainingArguments) -> dict:
+    """:data:`TRAINING_FIELDS` whose value differs from the defaults."""
+    return fields_set(args, TRAINING_FIELDS)
 
 
 def describe(glue: GlueArguments, args: TrainingArguments, task_data: dict | None = None) -> dict:

@@ -81,13 +81,9 @@ UNREAD_TRAINING_FLAGS = ("gradient_accumulation_steps", "label_smoothing_factor"
 
 def unsupported_training_flags(args) -> list[tuple[str, object]]:
     """(flag, value) of :data:`UNREAD_TRAINING_FLAGS` set away from their defaults."""
-    defaults = type(args)(output_dir=args.output_dir)
+    from ..record import fields_set
 
-    def plain(value):
-        return getattr(value, "value", value)
-
-    return [(name, plain(getattr(args, name))) for name in UNREAD_TRAINING_FLAGS
-            if hasattr(args, name) and plain(getattr(args, name)) != plain(getattr(defaults, name))]
+    return list(fields_set(args, UNREAD_TRAINING_FLAGS).items())
 
 
 def check_distill_weights(weights: dict | None) -> None:
