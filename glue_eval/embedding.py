@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -127,12 +128,33 @@ def retrieval_split(texts: list[str], titles: dict[str, tuple[str, str]]):
     return queries, corpus, qrels
 
 
-def subset(texts: list[str], labels: list, max_dev: int | None, seed: int = 42) -> tuple[list[str], list]:
-    """At most ``max_dev`` examples, a seeded random choice kept in file order (a split sorted by label keeps
-    every label); all of them when ``max_dev`` is None or not smaller."""
+def subset(texts: list[str], labels: list, max_dev: int | None, seed: int = 42, task: str = "dev") -> tuple[list[str], list]:
+    """At most ``max_dev`` examples, a seeded random choice stratified by label and kept in file order; all of
+    them when ``max_dev`` is None or not smaller.
+
+    Each label keeps its share (largest remainders), and at least one example: a split that lost a label
+    scores differently (MTEB's classification takes a two-label dev set of a multi-class task for a binary
+    one, and its average precision then raises). A ``max_dev`` below the number of labels is refused."""
     if not max_dev or max_dev >= len(texts):
         return texts, labels
-    keep = sorted(random.Random(seed).sample(range(len(texts)), max_dev))
+    by_label: dict = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    if max_dev < len(by_label):
+        raise _usage(f"--max_dev {max_dev} keeps fewer {task} examples than its {len(by_label)} labels: give "
+                     f"--max_dev {len(by_label)} or more, so that every label stays")
+    groups = list(by_label.values())
+    shares = [max_dev * len(g) / len(texts) for g in groups]
+    counts = [max(1, math.floor(s)) for s in shares]
+    for k in sorted(range(len(groups)), key=lambda k: counts[k] - shares[k]):  # the largest remainders first
+        if sum(counts) >= max_dev:
+            break
+        if counts[k] < len(groups[k]):
+            counts[k] += 1
+    while sum(counts) > max_dev:  # the floor of one per label overshot: take from the largest
+        counts[max(range(len(groups)), key=lambda k: counts[k])] -= 1
+    rng = random.Random(seed)
+    keep = sorted(i for g, n in zip(groups, counts) for i in rng.sample(g, n))
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
@@ -143,11 +165,11 @@ def load_data(data_dir: str, tasks=TASKS, max_dev: int | None = None) -> EmbedDa
     for task in CLASSIFICATION:
         if task in tasks:
             (train_x, train_y), (dev_x, dev_y) = read_split(data_dir, task, "train"), read_split(data_dir, task, "dev")
-            dev_x, dev_y = subset(dev_x, dev_y, max_dev)
+            dev_x, dev_y = subset(dev_x, dev_y, max_dev, task=task)
             train_y, dev_y = _as_ints(train_y, dev_y)
             data.classification[task] = {"train": (train_x, train_y), "dev": (dev_x, dev_y)}
     if "bbc_clustering" in tasks or "bbc_retrieval" in tasks:
-        dev_x, dev_y = subset(*read_split(data_dir, "bbc", "dev"), max_dev)
+        dev_x, dev_y = subset(*read_split(data_dir, "bbc", "dev"), max_dev, task="bbc")
         if "bbc_clustering" in tasks:
             data.clustering["bbc_clustering"] = (dev_x, _as_ints(dev_y, dev_y)[0])
         if "bbc_retrieval" in tasks:
@@ -326,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="encoding batch size")
     p.add_argument("--max_seq_length", type=int, default=None, help="truncate inputs (default: each model's own)")
     p.add_argument("--max_dev", type=int, default=None,
-                   help="score on at most N dev examples a task (a seeded random choice; smoke runs), default all")
+                   help="score on at most N dev examples a task (a seeded random choice that keeps each label's share; smoke "
+                        "runs), default all")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
 

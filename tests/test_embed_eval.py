@@ -166,6 +166,28 @@ def test_max_dev_keeps_a_seeded_subset_in_file_order_with_its_labels(tmp_path):
     assert embedding.subset(*bbc, None) == bbc and embedding.subset(*bbc, 10 ** 6) == bbc
 
 
+def test_max_dev_keeps_every_label_at_its_share_and_refuses_fewer_examples_than_labels():
+    from collections import Counter
+
+    from distill.common.errors import UsageError
+
+    # a split sorted by label, as BBC's is: 40 / 30 / 20 / 6 / 4 examples of five topics
+    sizes = {"business": 40, "sport": 30, "tech": 20, "politics": 6, "entertainment": 4}
+    labels = [topic for topic, n in sizes.items() for _ in range(n)]
+    texts = [f"text {i}" for i in range(len(labels))]
+    for max_dev in (5, 10, 37, 99):
+        kept, kept_labels = embedding.subset(texts, labels, max_dev)
+        assert len(kept) == max_dev and set(kept_labels) == set(sizes)  # a uniform draw of 5 loses a topic often
+        assert kept == sorted(kept, key=lambda t: int(t.split()[1]))  # file order
+        assert all(labels[int(t.split()[1])] == y for t, y in zip(kept, kept_labels))
+        counts = Counter(kept_labels)
+        for topic, n in sizes.items():  # its share, give or take the one each label is guaranteed
+            assert abs(counts[topic] - max_dev * n / len(labels)) <= 1, (max_dev, topic, counts)
+    assert embedding.subset(texts, labels, 10, seed=1) != embedding.subset(texts, labels, 10, seed=2)
+    with pytest.raises(UsageError, match=r"--max_dev 4 keeps fewer bbc examples than its 5 labels: give --max_dev 5"):
+        embedding.subset(texts, labels, 4, task="bbc")
+
+
 def test_missing_data_names_the_command_that_prepares_it(tmp_path):
     from distill.common.errors import UsageError
 

@@ -145,6 +145,23 @@ def test_a_meta_batch_with_one_hot_weights_is_a_per_task_step(tasks, bert_mlm_di
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
 
 
+def test_the_task_sampler_and_each_tasks_row_order_draw_from_their_own_random_streams(tasks, bert_mlm_dir):
+    config, runs, collate = _setup(tasks, bert_mlm_dir, "own_streams.json")
+
+    def draws(seed, rank=0, world=1):
+        streams, sampler = mtrain.streams_and_sampler(runs, config, 4, collate, seed, rank, world)
+        return [sampler.rng.random(16)] + [s.rng.random(16) for s in streams]
+
+    first = draws(7)
+    # one seed used to feed both the sampler and task 0's permutations: the same numbers chose the task and the rows
+    for i in range(len(first)):
+        for j in range(i + 1, len(first)):
+            assert not np.allclose(first[i], first[j]), (i, j)
+    assert all(np.array_equal(a, b) for a, b in zip(first, draws(7)))  # the seed repeats the run
+    assert all(np.array_equal(a, b) for a, b in zip(first, draws(7, rank=1, world=2)))  # every rank alike
+    assert not np.allclose(first[0], draws(8)[0])
+
+
 def test_pcgrad_in_the_loop_is_the_float64_reference_over_each_tasks_gradient(tasks, bert_mlm_dir):
     import contextlib
 

@@ -200,17 +200,26 @@ def autocast_for(args, device):
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def streams_and_sampler(runs: list[TaskRun], config: MultitaskConfig, batch_size: int, collate, seed: int,
+                        rank: int = 0, world: int = 1) -> tuple[list[BatchStream], TaskSampler]:
+    """Each task's batch stream and the task sampler, each with its own random stream spawned from ``seed``
+    (numpy's SeedSequence): the sampler's draws and a task's row order never repeat one another, and the
+    same seed gives the same run on every rank."""
+    seeds = np.random.SeedSequence(seed).spawn(len(runs) + 1)
+    streams = [BatchStream(r.train, batch_size, collate, seeds[1 + k], rank, world) for k, r in enumerate(runs)]
+    return streams, TaskSampler([len(r.train) for r in runs], config.sampling, seeds[0])
+
+
 def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: MultitaskConfig, args, collate,
                     rank: int = 0, world: int = 1, log=print) -> TrainRecord:
     """Train ``model`` on ``runs`` as ``config`` says, with ``args`` (TrainingArguments: learning rate, batch,
     epochs or max_steps, warm-up, weight decay, clipping, seed, bf16, logging_steps)."""
     device = args.device
     model.to(device).train()
-    streams = [BatchStream(r.train, args.per_device_train_batch_size, collate, args.seed + 1000 * k, rank, world)
-               for k, r in enumerate(runs)]
+    streams, sampler = streams_and_sampler(runs, config, args.per_device_train_batch_size, collate, args.seed,
+                                           rank, world)
     steps = total_steps(config, streams, args.num_train_epochs, args.max_steps)
     opt, scheduler = optimiser(model, args, steps)
-    sampler = TaskSampler([len(r.train) for r in runs], config.sampling, args.seed)
     schedule, generator = HybridSchedule(config.schedule), torch.Generator().manual_seed(args.seed)
     autocast, kinds, window, logs = autocast_for(args, device), {"sum": 0, "per_task": 0}, [], []
     start, loss = time.time(), float("nan")
