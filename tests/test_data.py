@@ -35,12 +35,14 @@ def random_lines(n, seed=0, max_words=40):
     return lines
 
 
-def encode_lines(tok, lines):
-    """The independent reference: tokenizer.encode, line by line, on the non-empty stripped lines."""
+def encode_lines(tok, lines, sep=None):
+    """The independent reference: tokenizer.encode, line by line, on the non-empty stripped lines (each
+    followed by ``sep`` when given: the packed stream's paragraph ends)."""
     out = []
     for line in lines:
         if line.strip():
             out.extend(tok.encode(line.strip(), add_special_tokens=False))
+            out.extend([] if sep is None else [sep])
     return out
 
 
@@ -190,7 +192,7 @@ def test_packing_gives_exact_blocks_that_reproduce_the_corpus_in_order(tmp_path,
     rows = np.asarray(ds["input_ids"].to_pylist() if hasattr(ds["input_ids"], "to_pylist") else ds["input_ids"])
     assert rows.ndim == 2 and rows.shape[1] == 16 and len(rows) > 100
     assert np.all(rows[:, 0] == tok.cls_token_id) and np.all(rows[:, -1] == tok.sep_token_id)
-    stream = encode_lines(tok, lines)
+    stream = encode_lines(tok, lines, sep=tok.sep_token_id)  # each paragraph ends with [SEP], as run_mlm's do
     packed = rows[:, 1:-1].ravel().tolist()
     assert packed == stream[: len(packed)]
     assert 0 <= len(stream) - len(packed) < 14  # only the tail shorter than one block is dropped
@@ -205,7 +207,7 @@ def test_folder_and_glob_read_files_in_sorted_order_and_num_proc_changes_nothing
     for i, lines in enumerate(parts):
         write(folder / f"part{i}.txt", "\n".join(lines))
     write(folder / ".hidden", "never read")
-    expect = encode_lines(tok, [line for lines in parts for line in lines])
+    expect = encode_lines(tok, [line for lines in parts for line in lines], sep=tok.sep_token_id)
     one = data.load_corpus_blocks(str(folder), tok, 10, tmp_path / "c1")
     two = data.load_corpus_blocks(str(folder / "part*.txt"), tok, 10, tmp_path / "c2", num_proc=2)
     assert one["input_ids"][:] == two["input_ids"][:]

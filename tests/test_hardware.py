@@ -167,7 +167,8 @@ def test_num_proc_auto_and_explicit_processes_build_the_same_blocks(tmp_path, vo
     assert auto["input_ids"][:] == two["input_ids"][:] and len(auto) > 50
     meta = json.loads(next((tmp_path / "auto").glob("tokens-*/meta.json")).read_text())
     assert meta["num_proc"] == 1  # 400 rows: in this process
-    stream = [i for line in _lines(400, seed=1) for i in tok.encode(line, add_special_tokens=False)]
+    stream = [i for line in _lines(400, seed=1)
+              for i in tok.encode(line, add_special_tokens=False) + [tok.sep_token_id]]  # a paragraph ends in [SEP]
     packed = [t for row in auto["input_ids"] for t in row[1:-1]]
     assert packed == stream[: len(packed)]
 

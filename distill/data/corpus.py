@@ -18,9 +18,9 @@ each batch split over the process's share of the cores as tokenizer threads)
 -> cached under ``<cache_dir>/tokens-<key>/`` -> blocks, cached under
 ``<cache_dir>/blocks-<key>/``:
 
-- ``pack`` (default): the token stream, in corpus order, cut into blocks of exactly
-  ``block_size`` tokens ``[CLS] t1 ... tn [SEP]``; no padding anywhere; the tail
-  shorter than one block is dropped.
+- ``pack`` (default): the token stream, in corpus order, each paragraph followed by
+  ``[SEP]``, cut into blocks of exactly ``block_size`` tokens ``[CLS] t1 ... tn [SEP]``;
+  no padding anywhere; the tail shorter than one block is dropped.
 - ``group``: each paragraph on its own, split into pieces of at most ``block_size``
   tokens ``[CLS] ... [SEP]`` (no text is dropped); a ``length`` column lets
   :func:`length_grouped_order` batch similar lengths together.
@@ -714,13 +714,22 @@ def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
 
 
 def _write_packed(tokens, path: Path, block_size: int, cls_id: int, sep_id: int) -> dict:
-    """Cut the token stream into ``[CLS] + (block_size - 2) tokens + [SEP]`` blocks; carry the rest over."""
+    """Cut the token stream into ``[CLS] + (block_size - 2) tokens + [SEP]`` blocks; carry the rest over.
+
+    Each paragraph in the stream ends with ``[SEP]`` (``</s>``), as Hugging Face's run_mlm and RoBERTa's
+    FULL-SENTENCES packing mark where one text ends and the next, unrelated, begins."""
     inner = block_size - 2
     carry = np.empty(0, dtype=np.int32)
-    blocks = 0
+    blocks = separators = 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _BLOCK_SCHEMA) as writer:
         for chunk in _iter_list_column(tokens, "ids"):
-            flat = np.concatenate([carry, chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)])
+            values = chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            doc_len = np.diff(chunk.offsets.to_numpy().astype(np.int64))
+            doc_len = doc_len[doc_len > 0]  # a paragraph the tokenizer emptied gets no separator of its own
+            ends = np.cumsum(doc_len)  # each paragraph's end in the stream of its tokens
+            stream = np.insert(values, ends, sep_id)  # one [SEP] after each paragraph's tokens
+            separators += len(ends)
+            flat = np.concatenate([carry, stream])
             n = len(flat) // inner
             carry = flat[n * inner:].copy()
             if n == 0:
@@ -732,7 +741,8 @@ def _write_packed(tokens, path: Path, block_size: int, cls_id: int, sep_id: int)
             offsets = np.arange(n + 1, dtype=np.int64) * block_size
             writer.write_batch(pa.record_batch([_list_array(out.ravel(), offsets)], schema=_BLOCK_SCHEMA))
             blocks += n
-    return {"num_rows": blocks, "dropped_tail_tokens": int(len(carry)), "padding_tokens": 0}
+    return {"num_rows": blocks, "dropped_tail_tokens": int(len(carry)), "padding_tokens": 0,
+            "paragraph_separators": int(separators)}
 
 
 def _write_grouped(tokens, path: Path, block_size: int, cls_id: int, sep_id: int) -> dict:
@@ -791,6 +801,8 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     tokens_key = tokens_dir.name.split("-", 1)[1]
     payload = {"v": CACHE_VERSION, "tokens": tokens_key, "block_size": block_size, "mode": mode,
                "cls": cls_id, "sep": sep_id}
+    if mode == "pack":
+        payload["paragraph_end"] = "sep"  # blocks packed before paragraphs ended with [SEP] are not reused
     key = _sha(payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"blocks-{key}"
