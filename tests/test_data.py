@@ -111,6 +111,34 @@ def test_hub_wikitext_goes_through_load_dataset_and_the_same_line_cleaning(tmp_p
         data.parse_source("wikitext:wikitext-7")
 
 
+def test_wikitexts_unk_becomes_the_tokenizers_own_unknown_token(tmp_path, tok):
+    import tiny
+
+    bpe = AutoTokenizer.from_pretrained(tiny.save_bpe_tokenizer(tmp_path / "bpe"))
+    assert bpe.unk_token == "<unk>" and tok.unk_token == "[UNK]"
+    path = write(tmp_path / "wiki.train.raw", WIKI_RAW)
+    for tokenizer in (bpe, tok):
+        ds = data.load_corpus_blocks(path, tokenizer, 64, tmp_path / "cache", mode="group")
+        last = ds["input_ids"][-1]  # "The game <unk> began development in 2010 ."
+        expect = tokenizer.encode(f"The game {tokenizer.unk_token} began development in 2010 .",
+                                  add_special_tokens=False)
+        assert last[1:-1] == expect and expect.count(tokenizer.unk_token_id) == 1
+    # "[UNK]" means nothing to a byte-level BPE: it used to become six pieces, and no unknown token at all
+    assert bpe.unk_token_id not in bpe.encode("[UNK]", add_special_tokens=False)
+
+
+def test_a_hub_dataset_other_than_wikitext_is_not_cleaned_as_wikitext(tmp_path, tok, monkeypatch):
+    import datasets
+
+    lines = [" a role @-@ playing game \n", "", " = Not a heading here = \n", "   \n", "plain text"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": lines}))
+    ds = data.load_corpus_blocks("hub:someone/corpus", tok, 64, tmp_path, mode="group")
+    kept = [line.strip() for line in lines if line.strip()]  # only stripped, empty rows dropped
+    assert [row[1:-1] for row in ds["input_ids"]] == [tok.encode(k, add_special_tokens=False) for k in kept]
+    assert data.parse_source("hub:Salesforce/wikitext:wikitext-2-raw-v1").is_wikitext
+    assert not data.parse_source("hub:someone/corpus").is_wikitext
+
+
 # --------------------------------------------------------------------------- MediaWiki dumps
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">

@@ -86,6 +86,13 @@ class CorpusSource:
     def is_hub(self) -> bool:
         return self.hub_id is not None
 
+    @property
+    def is_wikitext(self) -> bool:
+        """Whether wikitext's cleaning applies: the wikitext hub dataset, or a local file in its layout."""
+        if self.is_hub:
+            return self.hub_id.rstrip("/").split("/")[-1].lower() == "wikitext"
+        return any(file_format(f) == "wikitext" for f in self.files)
+
     def fingerprint(self) -> dict:
         """What the cache key depends on: the hub id, or each file's path, size and mtime."""
         if self.is_hub:
@@ -191,29 +198,36 @@ _WIKITEXT_HEADING = re.compile(r"(= )+.*?( =)+")
 _WIKITEXT_JOINERS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
-def clean_wikitext_line(line: str) -> str | None:
+def clean_wikitext_line(line: str, unk: str = "[UNK]") -> str | None:
     """One line of wikitext's layout (``wiki.train.raw`` or the hub's ``text`` column) -> a paragraph or None.
 
     Empty lines and headings (`` = Title = ``, `` = = Sub = = ``) give None. wikitext's
     split markers are joined back (``1 @,@ 000`` -> ``1,000``, ``well @-@ known`` ->
     ``well-known``) so the tokenizer sees ordinary text, and the ``<unk>`` of the
-    non-raw configs becomes ``[UNK]``.
+    non-raw configs becomes ``unk``: the tokenizer's own unknown token (``[UNK]`` for
+    BERT's WordPiece, which would cut ``<unk>`` into four pieces; ``<unk>`` itself for
+    RoBERTa's), so the placeholder stays one unknown token.
     """
     text = line.strip()
     if not text or _WIKITEXT_HEADING.fullmatch(text):
         return None
     for marker, joined in _WIKITEXT_JOINERS:
         text = text.replace(marker, joined)
-    return text.replace("<unk>", "[UNK]")
+    return text.replace("<unk>", unk)
 
 
-def _clean_wikitext_batch(texts: list[str]) -> dict:
+def _clean_wikitext_batch(texts: list[str], unk: str = "[UNK]") -> dict:
     kept = []
     for line in texts:
-        text = clean_wikitext_line(line)
+        text = clean_wikitext_line(line, unk)
         if text is not None:
             kept.append(text)
     return {"text": kept}
+
+
+def _clean_lines_batch(texts: list[str]) -> dict:
+    """Any other hub dataset's ``text`` column: each row stripped, empty rows dropped (nothing else touched)."""
+    return {"text": [t.strip() for t in texts if t and t.strip()]}
 
 
 # --------------------------------------------------------------------------- cleaning: MediaWiki dumps
@@ -357,11 +371,12 @@ def iter_mediawiki_articles(path: str) -> Iterator[tuple[str, str]]:
 # --------------------------------------------------------------------------- documents
 
 
-def iter_documents(path: str, fmt: str | None = None) -> Iterator[list[str]]:
+def iter_documents(path: str, fmt: str | None = None, unk: str = "[UNK]") -> Iterator[list[str]]:
     """Documents of one local file, each a list of clean paragraphs (never empty).
 
     text: one document per non-empty line. wikitext: one per line that
-    :func:`clean_wikitext_line` keeps. mediawiki: one per article, split into paragraphs.
+    :func:`clean_wikitext_line` keeps (its ``<unk>`` becoming ``unk``). mediawiki: one per
+    article, split into paragraphs.
     """
     fmt = fmt or file_format(path)
     if fmt == "mediawiki":
@@ -376,7 +391,7 @@ def iter_documents(path: str, fmt: str | None = None) -> Iterator[list[str]]:
                 yield paragraphs
     elif fmt == "wikitext":
         for line in _iter_lines(path):
-            text = clean_wikitext_line(line)
+            text = clean_wikitext_line(line, unk)
             if text is not None:
                 yield [text]
     elif fmt == "text":
@@ -388,21 +403,21 @@ def iter_documents(path: str, fmt: str | None = None) -> Iterator[list[str]]:
         raise UsageError(f"unknown corpus format {fmt!r}: use mediawiki, wikitext or text")
 
 
-def iter_paragraphs(files: Sequence[str], max_documents: int | None = None) -> Iterator[str]:
+def iter_paragraphs(files: Sequence[str], max_documents: int | None = None, unk: str = "[UNK]") -> Iterator[str]:
     """Clean paragraphs of ``files`` in order; at most ``max_documents`` documents."""
     if max_documents is not None and max_documents <= 0:
         return
     seen = 0
     for path in files:
-        for doc in iter_documents(path):
+        for doc in iter_documents(path, unk=unk):
             yield from doc
             seen += 1
             if max_documents is not None and seen >= max_documents:
                 return  # before the next document is read (and, for a dump, parsed)
 
 
-def _generate_text_rows(files: list[str], max_documents: int | None = None):
-    for text in iter_paragraphs(files, max_documents):
+def _generate_text_rows(files: list[str], max_documents: int | None = None, unk: str = "[UNK]"):
+    for text in iter_paragraphs(files, max_documents, unk):
         yield {"text": text}
 
 
@@ -557,8 +572,10 @@ def _no_text_error(source: CorpusSource) -> UsageError:
                       "heading, redirect or non-article page); check the path and the file format")
 
 
-def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_documents: int | None):
-    """An Arrow dataset with one ``text`` row per clean paragraph (nothing held in RAM).
+def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_documents: int | None,
+                       unk: str = "[UNK]"):
+    """An Arrow dataset with one ``text`` row per clean paragraph (nothing held in RAM); ``unk`` replaces
+    wikitext's ``<unk>``. A hub dataset gets wikitext's cleaning only if it is wikitext.
 
     ``num_proc``: processes, or ``"auto"`` (hardware.resolve_num_proc: from the hub
     split's rows, or the local files' bytes)."""
@@ -576,29 +593,32 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_docume
         if "text" not in ds.column_names:
             raise UsageError(f"hub dataset {source.hub_id!r} has no 'text' column (it has {ds.column_names})")
         num_proc = resolve_num_proc(num_proc, num_rows=len(ds))
+        wikitext = source.is_wikitext
         ds = ds.map(
-            _clean_wikitext_batch, batched=True, input_columns="text", remove_columns=ds.column_names,
+            _clean_wikitext_batch if wikitext else _clean_lines_batch, batched=True, input_columns="text",
+            fn_kwargs={"unk": unk} if wikitext else None, remove_columns=ds.column_names,
             num_proc=num_proc if num_proc > 1 else None, cache_file_name=str(workdir / "text.arrow"),
-            new_fingerprint=_sha(["text", source.fingerprint()]), features=Features({"text": Value("string")}),
-            desc="cleaning wikitext lines",
+            new_fingerprint=_sha(["text", source.fingerprint(), unk if wikitext else None]),
+            features=Features({"text": Value("string")}),
+            desc="cleaning wikitext lines" if wikitext else "dropping empty lines",
         )
         if max_documents is not None and len(ds) > max_documents:
             ds = ds.select(range(max_documents)).flatten_indices(cache_file_name=str(workdir / "text-head.arrow"))
         return ds
 
     files = list(source.files)
-    if next(iter_paragraphs(files, max_documents), None) is None:  # datasets cannot build an empty split
+    if next(iter_paragraphs(files, max_documents, unk), None) is None:  # datasets cannot build an empty split
         raise _no_text_error(source)
     num_proc = resolve_num_proc(num_proc, num_bytes=sum(os.path.getsize(f) for f in files))
     gen_procs = 1 if max_documents is not None else max(1, min(num_proc, len(files)))
     try:
         if gen_procs == 1:  # in this process: straight to Arrow, without the builder machinery (a second of imports)
-            return _write_text_rows(files, max_documents, workdir / "text.arrow")
+            return _write_text_rows(files, max_documents, workdir / "text.arrow", unk)
         return datasets.Dataset.from_generator(
             _generate_text_rows, features=Features({"text": Value("string")}), cache_dir=str(workdir / "gen"),
-            gen_kwargs={"files": files, "max_documents": max_documents},
+            gen_kwargs={"files": files, "max_documents": max_documents, "unk": unk},
             num_proc=gen_procs if gen_procs > 1 else None,
-            fingerprint=_sha(["gen", source.fingerprint(), max_documents]),
+            fingerprint=_sha(["gen", source.fingerprint(), max_documents, unk]),
         )
     except Exception as err:
         usage = _unwrap_usage_error(err)
@@ -607,14 +627,14 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_docume
         raise
 
 
-def _write_text_rows(files: list[str], max_documents: int | None, path: Path):
+def _write_text_rows(files: list[str], max_documents: int | None, path: Path, unk: str = "[UNK]"):
     """The clean paragraphs of ``files`` as a one-column Arrow file, written ``_READ_ROWS`` rows at a time."""
     from datasets import Dataset
 
     schema = pa.schema([("text", pa.string())])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         rows: list[str] = []
-        for row in _generate_text_rows(files, max_documents):
+        for row in _generate_text_rows(files, max_documents, unk):
             rows.append(row["text"])
             if len(rows) == _READ_ROWS:
                 writer.write_batch(pa.record_batch([pa.array(rows, pa.string())], schema=schema))
@@ -649,6 +669,11 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
     tok_hash = hashlib.sha256(backend.to_str().encode()).hexdigest()[:20]
     key_payload = {"v": CACHE_VERSION, "source": src.fingerprint(), "tokenizer": tok_hash,
                    "max_documents": max_documents}
+    unk = getattr(tokenizer, "unk_token", None) or "<unk>"  # no unknown token: wikitext's placeholder kept as text
+    if src.is_hub:  # which cleaning a hub dataset gets (wikitext's, or empty lines dropped) is part of the key
+        key_payload["cleaning"] = "wikitext" if src.is_wikitext else "lines"
+    if src.is_wikitext:
+        key_payload["unk"] = unk
     key = _sha(key_payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}"
@@ -658,7 +683,7 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
         tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
         try:
             started = time.time()
-            text = _load_text_dataset(src, tmp, num_proc, max_documents)
+            text = _load_text_dataset(src, tmp, num_proc, max_documents, unk)
             if len(text) == 0:
                 raise _no_text_error(src)
             procs = resolve_num_proc(num_proc, num_rows=len(text))
