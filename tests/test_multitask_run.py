@@ -357,3 +357,48 @@ def test_auto_precision_on_a_gpu_without_bf16_trains_in_fp32_not_a_refusal(tmp_p
     assert not args.fp16 and not args.bf16 and line.startswith("precision: auto -> fp32")
     with pytest.raises(UsageError, match="drop --fp16"):  # asked for by name: still refused
         run.parse(["--multitask", "x.json", "--model", "m", "--output_dir", str(tmp_path / "o"), "--fp16"])
+
+
+@pytest.mark.slow  # two torchrun ranks and one process: about 40 s
+def test_under_torchrun_two_ranks_train_what_one_process_trains_on_their_joint_batch(tasks, vocab_dir, tmp_path):
+    """The whole multi-task loop on two gloo ranks of 4 examples each against one process of 8: rank r reads
+    positions r, r+2, ... of the shared permutation, so the two batches together are the one process's batch,
+    and averaging the ranks' mean losses' gradients is its mean's. Without dropout the runs agree."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model = tiny.save_model("bert_mlm", tmp_path / "no_dropout", vocab_dir, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    raw = {"tasks": [{"task": f"{tasks}/city.json", "head": {"layers": [16], "dropout": 0.0}},
+                     {"task": f"{tasks}/school.json", "head": {"dropout": 0.0}}], "schedule": "sum"}
+    (tmp_path / "mt.json").write_text(json.dumps(raw))
+    common = ["--multitask", str(tmp_path / "mt.json"), "--model", model, "--seed", "0", "--max_steps", "6",
+              "--use_cpu", "--learning_rate", "3e-3", "--warmup_steps", "0", "--disable_tqdm", "true",
+              "--logging_steps", "2", "--max_grad_norm", "1.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--no-python", shutil.which("glue-eval"), *common, "--output_dir", str(tmp_path / "two"),
+                          "--per_device_train_batch_size", "4"], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"]) == 0
+    results = [json.loads((tmp_path / run / "result.json").read_text()) for run in ("two", "one")]
+    assert results[0]["train"]["steps"] == results[1]["train"]["steps"] == 6
+    assert results[0]["train"]["kinds"] == {"sum": 6, "per_task": 0}
+    # The logged loss and each task's terms are the global batch's (rank 0 once logged its own shard's terms).
+    # Adam turns the float32 noise of gradients that are nearly zero into whole steps of either sign, so the
+    # two runs part by a little: far less than another batch composition would move them.
+    for two_log, one_log in zip(results[0]["train"]["logs"], results[1]["train"]["logs"], strict=True):
+        assert two_log["loss"] == pytest.approx(one_log["loss"], abs=2e-3)
+        for task in ("city", "school"):
+            assert two_log["terms"][task]["task"] == pytest.approx(one_log["terms"][task]["task"], abs=2e-3)
+    weights = []
+    for run in ("two", "one", "no_dropout"):
+        folder = tmp_path / run / ("model" if run != "no_dropout" else "")
+        weights.append({k.removeprefix("bert."): v for k, v in load_file(folder / "model.safetensors").items()})
+    apart = sum(float((weights[0][k] - weights[1][k]).abs().sum()) for k in weights[1])
+    moved = sum(float((weights[1][k] - weights[2][k]).abs().sum()) for k in weights[1] if k in weights[2])
+    assert moved > 1.0 and apart < 0.02 * moved, (apart, moved)

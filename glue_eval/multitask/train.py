@@ -200,6 +200,18 @@ def autocast_for(args, device):
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def terms_over_ranks(terms: dict, device) -> dict:
+    """Each task's logged terms averaged over the ranks in one all-reduce (every rank took the same tasks and
+    terms this step): rank 0 logs the global batch's values, not its own shard's."""
+    keys = [(t, k) for t, ts in sorted(terms.items()) for k in sorted(ts)]
+    values = all_reduce_mean_(torch.tensor([float(terms[t][k]) for t, k in keys], dtype=torch.float64,
+                                           device=device)).tolist()
+    out: dict = {t: {} for t in terms}
+    for (t, k), v in zip(keys, values):
+        out[t][k] = v
+    return out
+
+
 def streams_and_sampler(runs: list[TaskRun], config: MultitaskConfig, batch_size: int, collate, seed: int,
                         rank: int = 0, world: int = 1) -> tuple[list[BatchStream], TaskSampler]:
     """Each task's batch stream and the task sampler, each with its own random stream spawned from ``seed``
@@ -238,6 +250,7 @@ def train_multitask(model: MultitaskModel, runs: list[TaskRun], config: Multitas
         kinds[kind] += 1
         window.append(loss)
         if step % max(1, int(args.logging_steps)) == 0 or step == steps:
+            terms = terms_over_ranks(terms, device) if world > 1 else terms  # the global batch's, as the loss is
             entry = {"step": step, "loss": round(sum(window) / len(window), 5), "kind": kind,
                      "lr": scheduler.get_last_lr()[0],
                      "terms": {t: {k: round(float(v), 5) for k, v in ts.items()} for t, ts in terms.items()}}
