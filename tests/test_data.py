@@ -139,6 +139,34 @@ def test_a_hub_dataset_other_than_wikitext_is_not_cleaned_as_wikitext(tmp_path, 
     assert not data.parse_source("hub:someone/corpus").is_wikitext
 
 
+def test_a_hub_revision_is_loaded_and_keys_the_cache_and_an_unpinned_key_is_unchanged(tmp_path, tok, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, revision=None):
+        calls.append(revision)
+        return datasets.Dataset.from_dict({"text": [f"text of {revision}"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    src = data.parse_source("hub:someone/corpus:cfg@v1.0")
+    assert (src.hub_id, src.hub_config, src.revision) == ("someone/corpus", "cfg", "v1.0")
+    assert data.parse_source("wikitext:wikitext-2-raw-v1@abc123").revision == "abc123"
+    # the key of a source without a revision is what it was before revisions existed: its caches stay valid
+    assert data.parse_source("hub:someone/corpus:cfg").fingerprint() == {"hub": "someone/corpus", "config": "cfg",
+                                                                         "split": "train"}
+    rows = {}
+    for spec in ("hub:someone/corpus:cfg@v1.0", "hub:someone/corpus:cfg@v2.0", "hub:someone/corpus:cfg"):
+        ds = data.load_corpus_blocks(spec, tok, 32, tmp_path, mode="group")
+        rows[spec] = ds["input_ids"][0][1:-1]
+    assert calls == ["v1.0", "v2.0", None]  # each revision its own cache: loaded, not read from another's
+    assert rows["hub:someone/corpus:cfg@v1.0"] == tok.encode("text of v1.0", add_special_tokens=False)
+    assert rows["hub:someone/corpus:cfg@v2.0"] == tok.encode("text of v2.0", add_special_tokens=False)
+    for bad in ("hub:someone/corpus@", "hub:a@b@c"):
+        with pytest.raises(UsageError, match="write one @<revision>"):
+            data.parse_source(bad)
+
+
 # --------------------------------------------------------------------------- MediaWiki dumps
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">

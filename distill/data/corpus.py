@@ -6,6 +6,9 @@ Sources (:func:`parse_source`):
   ``wikitext:wikitext-103-raw-v1`` or ``wikitext:wikitext-2-raw-v1``.
 - ``hub:<dataset id>[:<config>]``: any hub dataset with a ``text`` column, e.g.
   ``hub:Salesforce/wikitext:wikitext-2-raw-v1``.
+- either hub form may end in ``@<revision>`` (a branch, tag or commit), which is loaded
+  and is part of the cache key; without one, the newest revision is loaded and the
+  cache, keyed by id, config and split, is not rebuilt when the dataset changes.
 - anything else is a local path: a file, a folder (its files, sorted) or a glob.
   A file that starts as MediaWiki XML (``<mediawiki ...>``, e.g. ``*.xml``,
   ``*.xml.bz2``) is a raw Wikipedia dump; ``*.raw`` / ``*.tokens`` is wikitext's own
@@ -80,6 +83,7 @@ class CorpusSource:
     hub_id: str | None = None
     hub_config: str | None = None
     split: str = "train"
+    revision: str | None = None  # a hub dataset's branch, tag or commit (``@<revision>``); None: its newest
     files: tuple[str, ...] = ()
 
     @property
@@ -96,7 +100,8 @@ class CorpusSource:
     def fingerprint(self) -> dict:
         """What the cache key depends on: the hub id, or each file's path, size and mtime."""
         if self.is_hub:
-            return {"hub": self.hub_id, "config": self.hub_config, "split": self.split}
+            key = {"hub": self.hub_id, "config": self.hub_config, "split": self.split}
+            return key | ({"revision": self.revision} if self.revision else {})  # unpinned keys stay as they were
         files = []
         for f in self.files:
             st = os.stat(f)
@@ -112,19 +117,26 @@ def parse_source(spec: str, split: str = "train") -> CorpusSource:
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise UsageError(f"corpus source {spec!r} is empty: {_SOURCE_HELP}")
     spec = str(spec).strip()
-    if spec.startswith("wikitext:"):
-        config = spec.split(":", 1)[1]
+    revision = None
+    if spec.startswith(("wikitext:", "hub:")) and "@" in spec:
+        spec_body, _, revision = spec.rpartition("@")
+        if not revision or "@" in spec_body:
+            raise UsageError(f"corpus source {spec!r}: write one @<revision> (a branch, tag or commit) at the end")
+    else:
+        spec_body = spec
+    if spec_body.startswith("wikitext:"):
+        config = spec_body.split(":", 1)[1]
         if config not in WIKITEXT_CONFIGS:
             raise UsageError(
                 f"unknown wikitext config {config!r} in {spec!r}: use one of {', '.join(WIKITEXT_CONFIGS)}"
             )
-        return CorpusSource(spec, WIKITEXT_HUB_ID, config, split)
-    if spec.startswith("hub:"):
-        rest = spec[4:]
+        return CorpusSource(spec, WIKITEXT_HUB_ID, config, split, revision=revision)
+    if spec_body.startswith("hub:"):
+        rest = spec_body[4:]
         hub_id, _, config = rest.partition(":")
         if not hub_id:
             raise UsageError(f"corpus source {spec!r} names no dataset: write hub:<dataset id>[:<config>]")
-        return CorpusSource(spec, hub_id, config or None, split)
+        return CorpusSource(spec, hub_id, config or None, split, revision=revision)
     return CorpusSource(spec, files=tuple(_resolve_files(spec)))
 
 
@@ -584,11 +596,11 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_docume
 
     if source.is_hub:
         try:
-            ds = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
+            ds = datasets.load_dataset(source.hub_id, source.hub_config, split=source.split, revision=source.revision)
         except Exception as err:  # offline, unknown id or config: one line for the user
             raise UsageError(
                 f"could not load hub dataset {source.hub_id!r} (config {source.hub_config!r}, split "
-                f"{source.split!r}): {type(err).__name__}: {err}. Offline, give a local path instead"
+                f"{source.split!r}, revision {source.revision or 'newest'!r}): {type(err).__name__}: {err}. Offline, give a local path instead"
             ) from err
         if "text" not in ds.column_names:
             raise UsageError(f"hub dataset {source.hub_id!r} has no 'text' column (it has {ds.column_names})")
