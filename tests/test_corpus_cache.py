@@ -67,6 +67,36 @@ def test_a_damaged_cache_is_reported_in_one_line_and_rebuilt_to_the_same_blocks(
     assert "corpus cache" not in capsys.readouterr().err
 
 
+def test_a_second_process_waits_for_the_one_rebuilding_and_never_removes_its_fresh_cache(tmp_path, tok, capsys):
+    """The blocks' lock held elsewhere (another run rebuilding them): a load waits, touching nothing, until it is
+    released; then it finds the cache whole (the other run's rebuild) and reads it without a note. Two runs
+    that both found a cache damaged used to delete each other's rebuild."""
+    import threading
+    import time
+
+    path, expected, blocks = build(tmp_path, tok)
+    damage(blocks / "blocks.arrow", "truncated")
+    done = {}
+    with data._cache_lock(tmp_path / "cache", blocks.name):  # the other process: it rebuilds while it holds this
+        worker = threading.Thread(target=lambda: done.update(rows=data.load_corpus_blocks(
+            path, tok, 16, tmp_path / "cache")["input_ids"][:]))
+        worker.start()
+        time.sleep(1.5)
+        assert worker.is_alive() and "rows" not in done  # waiting
+        assert (blocks / "meta.json").is_file()  # the damaged cache not removed under the holder's feet
+        (blocks / "blocks.arrow").unlink()  # the holder's rebuild, published before it lets go
+        (blocks / "meta.json").unlink()
+        rebuilt = tmp_path / "rebuilt"
+        again = data.load_corpus_blocks(path, tok, 16, rebuilt)
+        fresh = Path(again.cache_files[0]["filename"]).parent
+        for f in fresh.iterdir():
+            (blocks / f.name).write_bytes(f.read_bytes())
+    worker.join(timeout=60)
+    assert done["rows"] == expected
+    err = capsys.readouterr().err
+    assert "another process is building corpus cache" in err and "is damaged" not in err
+
+
 def test_a_damaged_token_count_file_is_counted_again(tmp_path, tok, capsys):
     path, _, blocks = build(tmp_path, tok)
     ds = data.load_corpus_blocks(path, tok, 16, tmp_path / "cache")

@@ -36,6 +36,7 @@ calls :func:`collate`.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -65,6 +66,7 @@ from distill.common.hardware import AUTO, resolve_num_proc, usable_cores
 CACHE_VERSION = 1  # bump when the cached layout or the text cleaning changes
 WIKITEXT_CONFIGS = ("wikitext-103-raw-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-2-v1")
 MODES = ("pack", "group")
+LOCKS_DIR = ".locks"  # under the cache dir: one lock file per cache entry ever built or checked
 _READ_ROWS = 10_000  # rows per Arrow batch read while packing / grouping / counting
 _SOURCE_HELP = (
     "give a text file, a wikitext wiki.train.raw, a MediaWiki .xml/.xml.bz2 dump, a folder or a glob of "
@@ -506,6 +508,35 @@ def _unwrap_usage_error(err: BaseException) -> UsageError | None:
     return None
 
 
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path, name: str):
+    """Hold ``<cache_dir>/.locks/<name>.lock`` (an exclusive ``flock``; the files stay, as flock needs) while one cache entry is checked, rebuilt and
+    published: a second process (another run on the same cache) waits, then finds the entry whole. Without it,
+    two processes that both found an entry damaged could delete the one the other had just rebuilt. Where
+    ``flock`` is missing (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX everywhere this runs
+        yield
+        return
+    try:
+        (cache_dir / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
+        handle = open(cache_dir / LOCKS_DIR / f"{name}.lock", "a+")
+    except OSError:  # a read-only cache (shared, prepared elsewhere) is only read: nothing to lock
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: another process is building corpus cache {cache_dir / name}: waiting for it", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Move a finished build into place in one rename; a concurrent twin's result wins."""
     try:
@@ -689,39 +720,40 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
     key = _sha(key_payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}"
-    meta = _whole_meta(final, contents=verify_contents)
-    if meta is None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
-        try:
-            started = time.time()
-            text = _load_text_dataset(src, tmp, num_proc, max_documents, unk)
-            if len(text) == 0:
-                raise _no_text_error(src)
-            procs = resolve_num_proc(num_proc, num_rows=len(text))
-            threads = max(1, usable_cores() // procs)  # each process's share of the cores
-            tokens = text.map(
-                _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
-                fn_kwargs={"backend": backend, "threads": threads}, num_proc=procs if procs > 1 else None,
-                cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=key,
-                features=Features({"ids": List(Value("int32"))}), desc="tokenising",
-            )
-            files = sorted(os.path.basename(f["filename"]) for f in tokens.cache_files)
-            num_rows, num_tokens = len(tokens), _count_tokens(tokens)
-            del tokens, text
-            for leftover in tmp.iterdir():  # the text rows and datasets' builder files: not needed again
-                if leftover.name not in files:
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-            meta = {**key_payload, "kind": "tokens", "spec": src.spec,
-                    "tokenizer_name": getattr(tokenizer, "name_or_path", ""), "files": files,
-                    "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2),
-                    "num_proc": procs, "threads_per_process": threads}
-            _write_meta(tmp, meta)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        meta = _read_meta(final)
+    with _cache_lock(cache_dir, f"tokens-{key}"):  # checked, rebuilt if damaged, published: one process at a time
+        meta = _whole_meta(final, contents=verify_contents)
+        if meta is None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
+            try:
+                started = time.time()
+                text = _load_text_dataset(src, tmp, num_proc, max_documents, unk)
+                if len(text) == 0:
+                    raise _no_text_error(src)
+                procs = resolve_num_proc(num_proc, num_rows=len(text))
+                threads = max(1, usable_cores() // procs)  # each process's share of the cores
+                tokens = text.map(
+                    _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
+                    fn_kwargs={"backend": backend, "threads": threads}, num_proc=procs if procs > 1 else None,
+                    cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=key,
+                    features=Features({"ids": List(Value("int32"))}), desc="tokenising",
+                )
+                files = sorted(os.path.basename(f["filename"]) for f in tokens.cache_files)
+                num_rows, num_tokens = len(tokens), _count_tokens(tokens)
+                del tokens, text
+                for leftover in tmp.iterdir():  # the text rows and datasets' builder files: not needed again
+                    if leftover.name not in files:
+                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                meta = {**key_payload, "kind": "tokens", "spec": src.spec,
+                        "tokenizer_name": getattr(tokenizer, "name_or_path", ""), "files": files,
+                        "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2),
+                        "num_proc": procs, "threads_per_process": threads}
+                _write_meta(tmp, meta)
+                _publish(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            meta = _read_meta(final)
     return _open_arrow_files(final, meta["files"])
 
 
@@ -843,27 +875,28 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     key = _sha(payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"blocks-{key}"
-    if _whole_meta(final, contents=True) is None:
-        if _whole_meta(tokens_dir, contents=True) is None:  # damaged: removed, so this call rebuilds it
+    with _cache_lock(cache_dir, f"blocks-{key}"):
+        if _whole_meta(final, contents=True) is None:
+            # the tokens' contents checked now, under their own lock: damaged, they are rebuilt
             tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".blocks-{key}.tmp-"))
-        try:
-            started = time.time()
-            write = _write_packed if mode == "pack" else _write_grouped
-            stats = write(tokens, tmp / "blocks.arrow", block_size, cls_id, sep_id)
-            if stats["num_rows"] == 0:
-                total = _read_meta(tokens_dir)["num_tokens"]
-                raise UsageError(
-                    f"corpus {src.spec!r} has {total} tokens, fewer than one block of {block_size} "
-                    f"({block_size - 2} between [CLS] and [SEP]): add text or lower block_size"
-                )
-            meta = {**payload, "kind": "blocks", "spec": src.spec, "tokens_dir": tokens_dir.name, **stats,
-                    "seconds": round(time.time() - started, 2)}
-            _write_meta(tmp, meta)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".blocks-{key}.tmp-"))
+            try:
+                started = time.time()
+                write = _write_packed if mode == "pack" else _write_grouped
+                stats = write(tokens, tmp / "blocks.arrow", block_size, cls_id, sep_id)
+                if stats["num_rows"] == 0:
+                    total = _read_meta(tokens_dir)["num_tokens"]
+                    raise UsageError(
+                        f"corpus {src.spec!r} has {total} tokens, fewer than one block of {block_size} "
+                        f"({block_size - 2} between [CLS] and [SEP]): add text or lower block_size"
+                    )
+                meta = {**payload, "kind": "blocks", "spec": src.spec, "tokens_dir": tokens_dir.name, **stats,
+                        "seconds": round(time.time() - started, 2)}
+                _write_meta(tmp, meta)
+                _publish(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return _open_arrow_files(final, ["blocks.arrow"])
 
 
