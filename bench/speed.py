@@ -527,7 +527,8 @@ def prep_worker(kind: str, text_file: str, cache_dir: str, max_lines: int | None
                 if text:
                     ids.append(tokenizer.encode(text, add_special_tokens=False))
         tokens = sum(len(x) for x in ids)
-        flat = np.fromiter((t for seq in ids for t in seq), dtype=np.int32, count=tokens)
+        # each paragraph followed by [SEP], as the pipeline packs
+        flat = np.fromiter((t for seq in ids for t in (*seq, sep_id)), dtype=np.int32, count=tokens + len(ids))
         inner = SEQ - 2
         n = len(flat) // inner
         out = np.empty((n, SEQ), dtype=np.int32)

@@ -128,7 +128,8 @@ def retrieval_split(texts: list[str], titles: dict[str, tuple[str, str]]):
     return queries, corpus, qrels
 
 
-def subset(texts: list[str], labels: list, max_dev: int | None, seed: int = 42, task: str = "dev") -> tuple[list[str], list]:
+def subset(texts: list[str], labels: list, max_dev: int | None, seed: int = 42,
+           task: str = "dev") -> tuple[list[str], list]:
     """At most ``max_dev`` examples, a seeded random choice stratified by label and kept in file order; all of
     them when ``max_dev`` is None or not smaller.
 
@@ -348,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="encoding batch size")
     p.add_argument("--max_seq_length", type=int, default=None, help="truncate inputs (default: each model's own)")
     p.add_argument("--max_dev", type=int, default=None,
-                   help="score on at most N dev examples a task (a seeded random choice that keeps each label's share; smoke "
-                        "runs), default all")
+                   help="score on at most N dev examples a task (a seeded random choice that keeps each "
+                        "label's share; smoke runs), default all")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
 

@@ -152,9 +152,20 @@ def test_a_hub_revision_is_loaded_and_keys_the_cache_and_an_unpinned_key_is_unch
     src = data.parse_source("hub:someone/corpus:cfg@v1.0")
     assert (src.hub_id, src.hub_config, src.revision) == ("someone/corpus", "cfg", "v1.0")
     assert data.parse_source("wikitext:wikitext-2-raw-v1@abc123").revision == "abc123"
-    # the key of a source without a revision is what it was before revisions existed: its caches stay valid
-    assert data.parse_source("hub:someone/corpus:cfg").fingerprint() == {"hub": "someone/corpus", "config": "cfg",
-                                                                         "split": "train"}
+    # the keys of the sources that had caches before revisions, cleanings and unknown tokens were told apart are
+    # what they were (so those caches stay): the recipes' wikitext for a BERT-style tokenizer, and local text
+    old_keys = {"v", "source", "tokenizer", "max_documents"}
+    wikitext = data.parse_source("wikitext:wikitext-103-raw-v1")
+    assert wikitext.fingerprint() == {"hub": "Salesforce/wikitext", "config": "wikitext-103-raw-v1", "split": "train"}
+    assert data.tokens_key_payload(wikitext, "t", None, "[UNK]").keys() == old_keys
+    assert data.tokens_key_payload(wikitext, "t", None, "<unk>")["unk"] == "<unk>"  # other text: another key
+    other = data.parse_source("hub:someone/corpus:cfg")
+    assert data.tokens_key_payload(other, "t", None, "[UNK]")["cleaning"] == "lines"  # no longer wikitext-cleaned
+    local = data.parse_source(write(tmp_path / "plain.txt", "some text\n"))
+    assert data.tokens_key_payload(local, "t", None, "<unk>").keys() == old_keys
+    from distill.models.card import corpus_dataset  # the card names the dataset, not its revision
+    assert [corpus_dataset(c) for c in ("hub:org/ds@v1", "hub:org/ds:cfg@v1", "wikitext:wikitext-2-raw-v1@abc")] == [
+        "org/ds", "org/ds", "Salesforce/wikitext"]
     rows = {}
     for spec in ("hub:someone/corpus:cfg@v1.0", "hub:someone/corpus:cfg@v2.0", "hub:someone/corpus:cfg"):
         ds = data.load_corpus_blocks(spec, tok, 32, tmp_path, mode="group")

@@ -508,33 +508,49 @@ def _unwrap_usage_error(err: BaseException) -> UsageError | None:
     return None
 
 
+def _open_lock(path: Path) -> int | None:
+    """A descriptor of the lock file ``path`` (created if need be), or None where locks cannot be had: no
+    ``fcntl`` (not POSIX), or a cache folder this user may not write to and that holds no lock file yet.
+    Opened read-only: ``flock`` needs no more, so a cache shared between users locks for all of them."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - POSIX everywhere this runs
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def _cache_lock(cache_dir: Path, name: str):
-    """Hold ``<cache_dir>/.locks/<name>.lock`` (an exclusive ``flock``; the files stay, as flock needs) while one cache entry is checked, rebuilt and
-    published: a second process (another run on the same cache) waits, then finds the entry whole. Without it,
-    two processes that both found an entry damaged could delete the one the other had just rebuilt. Where
-    ``flock`` is missing (not POSIX) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - POSIX everywhere this runs
-        yield
-        return
-    try:
-        (cache_dir / LOCKS_DIR).mkdir(parents=True, exist_ok=True)
-        handle = open(cache_dir / LOCKS_DIR / f"{name}.lock", "a+")
-    except OSError:  # a read-only cache (shared, prepared elsewhere) is only read: nothing to lock
-        yield
-        return
-    with handle:
+    """Hold ``<cache_dir>/.locks/<name>.lock`` (an exclusive ``flock``; the files stay, as flock needs) while
+    one cache entry is checked again, rebuilt and published: a second process (another run on the same
+    cache) waits, then finds the entry whole. Without it, two processes that both found an entry damaged
+    could delete the one the other had just rebuilt. Where no lock can be had (see :func:`_open_lock`, or
+    a file system without ``flock``) the entry is built without one, as before locks existed."""
+    import fcntl
+
+    fd = _open_lock(cache_dir / LOCKS_DIR / f"{name}.lock")
+    problem = None
+    if fd is not None:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"note: another process is building corpus cache {cache_dir / name}: waiting for it", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            print(f"note: another process is building corpus cache {cache_dir / name}: waiting for it",
+                  file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without flock, some FUSE and NFS setups
+            problem = err.strerror or str(err)
+    if problem is not None:
+        print(f"note: corpus cache {cache_dir}: this file system gives no file locks ({problem}); building "
+              f"{name} without one", file=sys.stderr)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases its lock
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -584,13 +600,15 @@ def _cache_problem(folder: Path, meta: dict, contents: bool) -> str | None:
     return None
 
 
-def _whole_meta(folder: Path, contents: bool) -> dict | None:
-    """The cache's meta.json if the cache is whole; a damaged one is reported in one line and removed
-    (the caller then rebuilds it), never read."""
+def _whole_meta(folder: Path, contents: bool, repair: bool = True) -> dict | None:
+    """The cache's meta.json if the cache is whole, else None. A damaged one is never read; with ``repair``
+    (only under the entry's lock) it is reported in one line and removed, and the caller rebuilds it."""
     meta = _read_meta(folder)
     problem = "its meta.json is missing or unreadable" if meta is None else _cache_problem(folder, meta, contents)
     if problem is None or not folder.exists():
         return meta
+    if not repair:
+        return None
     print(f"note: corpus cache {folder} is damaged ({problem}): rebuilding it", file=sys.stderr)
     shutil.rmtree(folder, ignore_errors=True)
     return None
@@ -631,7 +649,8 @@ def _load_text_dataset(source: CorpusSource, workdir: Path, num_proc, max_docume
         except Exception as err:  # offline, unknown id or config: one line for the user
             raise UsageError(
                 f"could not load hub dataset {source.hub_id!r} (config {source.hub_config!r}, split "
-                f"{source.split!r}, revision {source.revision or 'newest'!r}): {type(err).__name__}: {err}. Offline, give a local path instead"
+                f"{source.split!r}, revision {source.revision or 'newest'!r}): {type(err).__name__}: {err}. "
+                "Offline, give a local path instead"
             ) from err
         if "text" not in ds.column_names:
             raise UsageError(f"hub dataset {source.hub_id!r} has no 'text' column (it has {ds.column_names})")
@@ -697,12 +716,11 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
     not depend on it.
 
     Cached under ``<cache_dir>/tokens-<key>/``, key = corpus (files with size and mtime,
-    or hub id/config/split) + tokenizer (its tokenizer.json) + ``max_documents``. A cache whose
-    files do not match the sizes (and, with ``verify_contents``, the sha256) in its meta.json is
-    reported in one line and rebuilt.
+    or hub id/config/split and a pinned revision) + tokenizer (its tokenizer.json) + ``max_documents``
+    (see :func:`tokens_key_payload`). A cache whose files do not match the sizes (and, with
+    ``verify_contents``, the sha256) in its meta.json is reported in one line and rebuilt, by one process
+    at a time (:func:`_cache_lock`).
     """
-    from datasets import Features, List, Value
-
     src = source if isinstance(source, CorpusSource) else parse_source(source, split)
     if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
         raise UsageError(f"max_documents {max_documents!r} must be a positive integer (or None for all)")
@@ -710,51 +728,70 @@ def tokenized_corpus(source, tokenizer, cache_dir, num_proc="auto", max_document
         num_proc = max(1, int(num_proc or 1))
     backend = _backend(tokenizer)
     tok_hash = hashlib.sha256(backend.to_str().encode()).hexdigest()[:20]
-    key_payload = {"v": CACHE_VERSION, "source": src.fingerprint(), "tokenizer": tok_hash,
-                   "max_documents": max_documents}
     unk = getattr(tokenizer, "unk_token", None) or "<unk>"  # no unknown token: wikitext's placeholder kept as text
-    if src.is_hub:  # which cleaning a hub dataset gets (wikitext's, or empty lines dropped) is part of the key
-        key_payload["cleaning"] = "wikitext" if src.is_wikitext else "lines"
-    if src.is_wikitext:
-        key_payload["unk"] = unk
+    key_payload = tokens_key_payload(src, tok_hash, max_documents, unk)
     key = _sha(key_payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"tokens-{key}"
-    with _cache_lock(cache_dir, f"tokens-{key}"):  # checked, rebuilt if damaged, published: one process at a time
-        meta = _whole_meta(final, contents=verify_contents)
-        if meta is None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
-            try:
-                started = time.time()
-                text = _load_text_dataset(src, tmp, num_proc, max_documents, unk)
-                if len(text) == 0:
-                    raise _no_text_error(src)
-                procs = resolve_num_proc(num_proc, num_rows=len(text))
-                threads = max(1, usable_cores() // procs)  # each process's share of the cores
-                tokens = text.map(
-                    _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
-                    fn_kwargs={"backend": backend, "threads": threads}, num_proc=procs if procs > 1 else None,
-                    cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=key,
-                    features=Features({"ids": List(Value("int32"))}), desc="tokenising",
-                )
-                files = sorted(os.path.basename(f["filename"]) for f in tokens.cache_files)
-                num_rows, num_tokens = len(tokens), _count_tokens(tokens)
-                del tokens, text
-                for leftover in tmp.iterdir():  # the text rows and datasets' builder files: not needed again
-                    if leftover.name not in files:
-                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-                meta = {**key_payload, "kind": "tokens", "spec": src.spec,
-                        "tokenizer_name": getattr(tokenizer, "name_or_path", ""), "files": files,
-                        "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2),
-                        "num_proc": procs, "threads_per_process": threads}
-                _write_meta(tmp, meta)
-                _publish(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            meta = _read_meta(final)
+    meta = _whole_meta(final, contents=verify_contents, repair=False)  # whole: read, no lock needed
+    if meta is None:
+        with _cache_lock(cache_dir, f"tokens-{key}"):  # checked again, rebuilt, published: one process at a time
+            meta = _whole_meta(final, contents=verify_contents)
+            if meta is None:
+                _build_tokens(src, tokenizer, backend, key_payload, final, num_proc, max_documents, unk)
+                meta = _read_meta(final)
     return _open_arrow_files(final, meta["files"])
+
+
+def tokens_key_payload(src: CorpusSource, tok_hash: str, max_documents: int | None, unk: str) -> dict:
+    """What a tokenised corpus is keyed by: the source, the tokenizer, ``max_documents``, and what changes the
+    text beyond those: a hub dataset that is not wikitext (stripped lines, not wikitext's cleaning) and a
+    wikitext ``<unk>`` written other than ``[UNK]``. Keys of the sources that had caches before those two
+    were told apart (wikitext for a BERT-style tokenizer, local text) are what they were, so their caches stay."""
+    payload = {"v": CACHE_VERSION, "source": src.fingerprint(), "tokenizer": tok_hash, "max_documents": max_documents}
+    if src.is_hub and not src.is_wikitext:
+        payload["cleaning"] = "lines"
+    if src.is_wikitext and unk != "[UNK]":
+        payload["unk"] = unk
+    return payload
+
+
+def _build_tokens(src: CorpusSource, tokenizer, backend, key_payload: dict, final: Path, num_proc,
+                  max_documents: int | None, unk: str) -> None:
+    """Tokenise ``src`` into a temporary folder beside ``final``, then publish it there in one rename."""
+    from datasets import Features, List, Value
+
+    key, cache_dir = final.name.split("-", 1)[1], final.parent
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tokens-{key}.tmp-"))
+    try:
+        started = time.time()
+        text = _load_text_dataset(src, tmp, num_proc, max_documents, unk)
+        if len(text) == 0:
+            raise _no_text_error(src)
+        procs = resolve_num_proc(num_proc, num_rows=len(text))
+        threads = max(1, usable_cores() // procs)  # each process's share of the cores
+        tokens = text.map(
+            _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
+            fn_kwargs={"backend": backend, "threads": threads}, num_proc=procs if procs > 1 else None,
+            cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=key,
+            features=Features({"ids": List(Value("int32"))}), desc="tokenising",
+        )
+        files = sorted(os.path.basename(f["filename"]) for f in tokens.cache_files)
+        num_rows, num_tokens = len(tokens), _count_tokens(tokens)
+        del tokens, text
+        for leftover in tmp.iterdir():  # the text rows and datasets' builder files: not needed again
+            if leftover.name not in files:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        meta = {**key_payload, "kind": "tokens", "spec": src.spec,
+                "tokenizer_name": getattr(tokenizer, "name_or_path", ""), "files": files,
+                "num_rows": num_rows, "num_tokens": num_tokens, "seconds": round(time.time() - started, 2),
+                "num_proc": procs, "threads_per_process": threads}
+        _write_meta(tmp, meta)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _count_tokens(dataset) -> int:
@@ -875,7 +912,9 @@ def load_corpus_blocks(source, tokenizer, block_size: int, cache_dir, mode: str 
     key = _sha(payload)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"blocks-{key}"
-    with _cache_lock(cache_dir, f"blocks-{key}"):
+    if _whole_meta(final, contents=True, repair=False) is not None:  # whole: read, no lock needed
+        return _open_arrow_files(final, ["blocks.arrow"])
+    with _cache_lock(cache_dir, f"blocks-{key}"):  # checked again, rebuilt, published: one process at a time
         if _whole_meta(final, contents=True) is None:
             # the tokens' contents checked now, under their own lock: damaged, they are rebuilt
             tokens = tokenized_corpus(src, tokenizer, cache_dir, num_proc=num_proc, max_documents=max_documents)

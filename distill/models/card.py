@@ -14,13 +14,15 @@ SENTENCE_TAGS = ["sentence-transformers", "feature-extraction", "sentence-simila
 
 
 def corpus_dataset(corpus: str | None) -> str | None:
-    """The hub dataset id of a corpus spec (``wikitext:...``, ``hub:<id>[:<config>]``); None for local text."""
+    """The hub dataset id of a corpus spec (``wikitext:...``, ``hub:<id>[:<config>][@<revision>]``); None for
+    local text."""
     if not corpus:
         return None
     if corpus.startswith("wikitext:"):
         return WIKITEXT_HUB_ID
     if corpus.startswith("hub:"):
-        return corpus[4:].partition(":")[0] or None
+        body = corpus.rpartition("@")[0] if "@" in corpus else corpus
+        return body[4:].partition(":")[0] or None
     return None
 
 

@@ -59,7 +59,7 @@ class DistillConfig(ObjectiveSettings, ModelSettings):
     train_generator: bool = _f(False, "also train the generator with its MLM loss, as ELECTRA pre-training does")
     generator_weight: float = _f(1.0, "weight of the generator's MLM loss when train_generator is on", range=NON_NEGATIVE)
     # --- data ---
-    corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>], a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
+    corpus: str = _f(DEMO_CORPUS, "wikitext:wikitext-103-raw-v1 (hub), hub:<id>[:<config>] (either may end in @<commit sha>), a text / wiki.train.raw / MediaWiki .xml.bz2 file, folder or glob, or offline:wikipedia-extract")
     block_size: int = _f(128, "tokens per training sequence, [CLS] and [SEP] included", range=Range(3))
     data_mode: str = _f("pack", "pack (fixed blocks, no padding) or group (one paragraph per sequence, batched by length)")
     cache_dir: str | None = _f(None, "where tokenised corpora are cached (default: ~/.cache/distill)", resume=False)
