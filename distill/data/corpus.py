@@ -511,16 +511,22 @@ def _unwrap_usage_error(err: BaseException) -> UsageError | None:
 def _open_lock(path: Path) -> int | None:
     """A descriptor of the lock file ``path`` (created if need be), or None where locks cannot be had: no
     ``fcntl`` (not POSIX), or a cache folder this user may not write to and that holds no lock file yet.
-    Opened read-only: ``flock`` needs no more, so a cache shared between users locks for all of them."""
+    Opened for writing where it may be (NFS emulates ``flock`` with write locks, which need it), else
+    read-only (a local ``flock`` needs no more), so a cache shared between users locks for all of them."""
     try:
         import fcntl  # noqa: F401
     except ImportError:  # pragma: no cover - POSIX everywhere this runs
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError:
-        return None
+        pass
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags, 0o666)
+        except OSError:
+            continue
+    return None
 
 
 @contextlib.contextmanager
