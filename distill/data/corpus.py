@@ -521,7 +521,7 @@ def _open_lock(path: Path) -> int | None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_CREAT, os.O_RDONLY):
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_CREAT):
         try:
             return os.open(path, flags, 0o666)
         except OSError:
@@ -536,11 +536,11 @@ def _cache_lock(cache_dir: Path, name: str):
     cache) waits, then finds the entry whole. Without it, two processes that both found an entry damaged
     could delete the one the other had just rebuilt. Where no lock can be had (see :func:`_open_lock`, or
     a file system without ``flock``) the entry is built without one, as before locks existed."""
-    import fcntl
-
     fd = _open_lock(cache_dir / LOCKS_DIR / f"{name}.lock")
     problem = None
     if fd is not None:
+        import fcntl  # there: _open_lock gives a descriptor only where fcntl imports
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
