@@ -910,8 +910,13 @@ def gain_text(r: dict, base: dict, teacher: dict | None) -> str:
     text = f"{statistics.mean(paired.values()):+.1f}" + (
         f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else "")
     if set(paired) != set(r["seeds"]) | set(base["seeds"]):  # a row ahead by a seed: the seeds both have
-        text += f" (seed{'s' * (len(paired) > 1)} {','.join(map(str, sorted(paired)))}, which both rows have)"
+        text += f" ({seeds_text(paired)}, which both rows have)"
     return text
+
+
+def seeds_text(seeds) -> str:
+    """``seed 1`` or ``seeds 1,2,3``: the seeds (or the keys of a seed -> value dict) in order."""
+    return f"seed{'s' * (len(seeds) > 1)} {','.join(map(str, sorted(seeds)))}"
 
 
 def gain_lines(by: dict, ns, teacher: dict | None) -> list[str]:

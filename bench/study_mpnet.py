@@ -406,9 +406,8 @@ def target_agnostic(by: dict, summary, ns) -> list[str]:
         if matched:  # the rows' seeds differ: judged seed against seed on the seeds both have
             gain = statistics.mean(paired.values())
         spread = f" ± {statistics.stdev(paired.values()):.1f}" if len(paired) > 1 else ""
-        how = (f"seed against seed on seed{'s' * (len(paired) > 1)} {','.join(map(str, sorted(paired)))}, which both "
-               "rows have; each row over "
-               f"its own seeds: {best['retained']:.1f}% against {base['retained']:.1f}%" if matched else
+        how = (f"seed against seed on {study.seeds_text(paired)}, which both rows have; each row over its own "
+               f"seeds: {best['retained']:.1f}% against {base['retained']:.1f}%" if matched else
                f"{best['retained']:.1f}% against {base['retained']:.1f}%")
         e_gain = (best["embed_retained"] - base["embed_retained"]) if (
             best["embed_retained"] is not None and base["embed_retained"] is not None) else None
@@ -501,8 +500,7 @@ def init_answer(by: dict, ns, teacher: dict, a: str, b: str) -> list[str]:
 
     return [f"Which layers: the best row of each, {a} ({named(best[a])}) against {b} ({named(best[b])}): "
             f"{mean:+.1f}" + (f" ± {spread:.1f}" if spread is not None else "")
-            + f" points of the teacher's average, seed against seed on seed{'s' * (len(gains) > 1)} "
-            + f"{','.join(map(str, sorted(gains)))}: "
+            + f" points of the teacher's average, seed against seed on {study.seeds_text(gains)}: "
             + how + (f" (so far: {pending} of {len(objectives)} objectives not finished on both)" if pending else "")
             + "."]
 

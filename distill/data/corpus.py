@@ -757,7 +757,7 @@ def tokens_key_payload(src: CorpusSource, tok_hash: str, max_documents: int | No
     payload = {"v": CACHE_VERSION, "source": src.fingerprint(), "tokenizer": tok_hash, "max_documents": max_documents}
     if src.is_hub and not src.is_wikitext:
         payload["cleaning"] = "lines"
-    if src.is_wikitext and unk != "[UNK]":
+    if unk != "[UNK]" and src.is_wikitext:  # (checked in this order: is_wikitext reads each local file's head)
         payload["unk"] = unk
     return payload
 
